@@ -1,0 +1,5 @@
+"""`python -m egress_router` runs the CLI."""
+
+from .cli import main
+
+main()

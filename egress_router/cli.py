@@ -1,0 +1,143 @@
+"""The command line: the env-driven container behaviour, plus render, validate and demo for people."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__, logs
+from .config import DEFAULT_INTERFACE, MODES, VARIABLES, RouterConfig, load
+from .destinations import GRAMMAR_HELP
+from .errors import EgressRouterError
+from .plan import build_plan, network_commands
+
+
+def _variables_help() -> str:
+    return "\n".join(f"  {name:<21} {meaning} [default: {default}]" for name, (default, meaning) in VARIABLES.items())
+
+
+HELP = f"""Relay pod traffic to outside servers from one reserved source IP.
+
+\b
+With no command, runs the container behaviour driven by the environment:
+{_variables_help()}
+
+\b
+Modes (EGRESS_ROUTER_MODE):
+  init        configure the network and NAT, then exit 0 (the initContainer)
+  legacy      the same, then stay up until SIGTERM/SIGINT
+  unit-test   print the NAT rules the legacy image printed; change nothing
+  http-proxy, dns-proxy   configure the network only (no NAT) and exit 0
+
+\b
+EGRESS_DESTINATION grammar:
+{GRAMMAR_HELP}
+
+\b
+Example:
+  EGRESS_SOURCE=192.0.2.99/24 EGRESS_GATEWAY=192.0.2.1 \\
+  EGRESS_DESTINATION=$'80 tcp 203.0.113.10\\n8080 tcp 203.0.113.11 80\\n203.0.113.12' \\
+  EGRESS_ROUTER_MODE=init egress-router
+"""
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def guarded(action: Callable[[], Any]) -> Any:
+    """Run `action`, turning our own errors into one line on stderr and exit status 1."""
+    try:
+        return action()
+    except EgressRouterError as exc:
+        fail(str(exc))
+
+
+def run_container(env: Mapping[str, str]) -> int:
+    config = guarded(lambda: load(env))
+    if config.mode == "unit-test":
+        from .nat import legacy_lines
+        click.echo("\n".join(legacy_lines(config)))
+        return 0
+    logs.configure(config.debug)
+    from .router import run
+    code: int = guarded(lambda: run(config))
+    return code
+
+
+@click.group(invoke_without_command=True, help=HELP, context_settings={"max_content_width": 100})
+@click.version_option(__version__, prog_name="egress-router")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        sys.exit(run_container(os.environ))
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that mirror the EGRESS_* variables (an option wins over its variable)."""
+    options = [
+        click.option("--mode", envvar="EGRESS_ROUTER_MODE", type=click.Choice(MODES), default="init",
+                     show_default=True, help="EGRESS_ROUTER_MODE"),
+        click.option("--pod-interface", envvar="EGRESS_POD_INTERFACE", help="EGRESS_POD_INTERFACE"),
+        click.option("--interface", envvar="EGRESS_INTERFACE", help="EGRESS_INTERFACE"),
+        click.option("--destination", envvar="EGRESS_DESTINATION", help="EGRESS_DESTINATION (use $'...\\n...')"),
+        click.option("--gateway", envvar="EGRESS_GATEWAY", help="EGRESS_GATEWAY"),
+        click.option("--source", envvar="EGRESS_SOURCE", help="EGRESS_SOURCE"),
+    ]
+    for option in options:
+        command = option(command)
+    return command
+
+
+def config_from_options(**options: str | None) -> RouterConfig:
+    names = {"source": "EGRESS_SOURCE", "gateway": "EGRESS_GATEWAY", "destination": "EGRESS_DESTINATION",
+             "interface": "EGRESS_INTERFACE", "pod_interface": "EGRESS_POD_INTERFACE", "mode": "EGRESS_ROUTER_MODE"}
+    env = {names[key]: value for key, value in options.items() if value is not None}
+    config: RouterConfig = guarded(lambda: load(env))
+    return config
+
+
+@main.command()
+@config_options
+def render(**options: str | None) -> None:
+    """Print what would be applied (network steps and the exact iptables-restore payload). No privileges needed."""
+    config = config_from_options(**options)
+    plan = build_plan(config, config.interface or DEFAULT_INTERFACE)
+    click.echo(f"# network ({config.mode} mode), as iproute2 commands; applied with netlink")
+    click.echo("\n".join(network_commands(plan)))
+    if plan.destinations is None:
+        click.echo("# no NAT rules in this mode")
+        return
+    from .nat import render as render_nat
+    click.echo("# NAT: iptables-restore --noflush (the jumps are added only where missing)")
+    click.echo(render_nat(plan), nl=False)
+
+
+@main.command()
+@config_options
+def validate(**options: str | None) -> None:
+    """Check the configuration; exit 0 with a one-line summary, or 1 with the error."""
+    config = config_from_options(**options)
+    parts = [f"{config.mode} mode", f"source {config.source if config.source_has_prefix else config.source.ip}",
+             f"gateway {config.gateway}"]
+    if config.destinations is not None:
+        fallback = f", fallback {config.destinations.fallback}" if config.destinations.fallback else ", no fallback"
+        parts.append(f"{len(config.destinations.rules)} port rule(s){fallback}")
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo("valid: " + "; ".join(parts))
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Leave the lab up (print how to remove it) instead of tearing it down.")
+def demo(keep: bool) -> None:
+    """Build a namespace lab, run redirect mode in it, send traffic, print where it landed (root)."""
+    if os.geteuid() != 0:
+        fail("the demo creates network namespaces and needs root (sudo egress-router demo)")
+    from .lab import run_demo
+    guarded(lambda: run_demo(keep=keep))

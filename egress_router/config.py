@@ -1,0 +1,133 @@
+"""The environment contract: EGRESS_* variables -> a validated, frozen RouterConfig (pure)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+
+from .destinations import Destinations, parse_destinations, parse_ipv4
+from .errors import ConfigError
+
+MODES = ("init", "legacy", "unit-test", "http-proxy", "dns-proxy")
+DEFAULT_MODE = "legacy"
+NAT_MODES = ("init", "legacy", "unit-test")
+DEFAULT_INTERFACE = "macvlan0"
+DEFAULT_POD_INTERFACE = "eth0"
+
+# name -> (default, meaning); the single list behind --help, the README table and typo warnings.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "EGRESS_SOURCE": ("(required)", "reserved IPv4 source address, optionally with /prefix"),
+    "EGRESS_GATEWAY": ("(required)", "IPv4 address of the LAN gateway"),
+    "EGRESS_DESTINATION": ("(required in init, legacy, unit-test)", "redirect rules, one per line"),
+    "EGRESS_ROUTER_MODE": (DEFAULT_MODE, "one of " + ", ".join(MODES)),
+    "EGRESS_ROUTER_DEBUG": ("(empty)", "non-empty turns on debug logging"),
+    "EGRESS_INTERFACE": (DEFAULT_INTERFACE, "egress (macvlan) interface; if unset and macvlan0 is "
+                         "missing, the only macvlan link is used"),
+    "EGRESS_POD_INTERFACE": (DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic is redirected"),
+}
+
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything the router was asked to do, validated."""
+
+    mode: str
+    source: IPv4Interface
+    source_has_prefix: bool
+    gateway: IPv4Address
+    destinations: Destinations | None
+    interface: str | None  # None: macvlan0, or the only macvlan link if macvlan0 is missing
+    pod_interface: str
+    debug: bool
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def configures_nat(self) -> bool:
+        return self.mode in NAT_MODES
+
+
+def load(env: Mapping[str, str]) -> RouterConfig:
+    """Validate the environment; raise ConfigError naming the first bad variable."""
+    mode = env.get("EGRESS_ROUTER_MODE", "").strip() or DEFAULT_MODE
+    if mode not in MODES:
+        raise ConfigError("EGRESS_ROUTER_MODE", f"{mode!r} is not one of {', '.join(MODES)}")
+    source, has_prefix = parse_source(require(env, "EGRESS_SOURCE"))
+    gateway = parse_gateway(require(env, "EGRESS_GATEWAY"), source, has_prefix)
+    destinations = None
+    if mode in NAT_MODES:
+        destinations = parse_destinations(require(env, "EGRESS_DESTINATION"))
+    interface = env.get("EGRESS_INTERFACE", "").strip() or None
+    if interface is not None:
+        check_ifname("EGRESS_INTERFACE", interface, wildcard=False)
+    pod_interface = env.get("EGRESS_POD_INTERFACE", "").strip() or DEFAULT_POD_INTERFACE
+    check_ifname("EGRESS_POD_INTERFACE", pod_interface, wildcard=True)
+    if interface is not None and interface == pod_interface:
+        raise ConfigError("EGRESS_POD_INTERFACE", f"{pod_interface!r} is also the egress interface (EGRESS_INTERFACE)")
+    return RouterConfig(
+        mode=mode,
+        source=source,
+        source_has_prefix=has_prefix,
+        gateway=gateway,
+        destinations=destinations,
+        interface=interface,
+        pod_interface=pod_interface,
+        debug=bool(env.get("EGRESS_ROUTER_DEBUG", "")),
+        warnings=unknown_variable_warnings(env),
+    )
+
+
+def require(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if not value.strip():
+        raise ConfigError(name, "is not set" if name not in env else "is empty")
+    return value
+
+
+def parse_source(value: str) -> tuple[IPv4Interface, bool]:
+    text = value.strip()
+    address_text, slash, prefix_text = text.partition("/")
+    address = parse_ipv4(address_text, "EGRESS_SOURCE")
+    if not slash:
+        return IPv4Interface(f"{address}/32"), False
+    if not re.fullmatch(r"[0-9]{1,2}", prefix_text) or int(prefix_text) > 32:
+        raise ConfigError("EGRESS_SOURCE", f"{prefix_text!r} in {text!r} is not a prefix length (0-32)")
+    source = IPv4Interface(f"{address}/{int(prefix_text)}")
+    if source.network.prefixlen <= 30 and address in (source.network.network_address,
+                                                       source.network.broadcast_address):
+        which = "network" if address == source.network.network_address else "broadcast"
+        raise ConfigError("EGRESS_SOURCE", f"{text} is the {which} address of {source.network}")
+    return source, True
+
+
+def parse_gateway(value: str, source: IPv4Interface, has_prefix: bool) -> IPv4Address:
+    text = value.strip()
+    gateway = parse_ipv4(text, "EGRESS_GATEWAY")
+    if gateway == source.ip:
+        raise ConfigError("EGRESS_GATEWAY", f"{text} is the same address as EGRESS_SOURCE")
+    net = source.network
+    if has_prefix and net.prefixlen <= 30 and gateway in (net.network_address, net.broadcast_address):
+        raise ConfigError("EGRESS_GATEWAY", f"{text} is the network or broadcast address of {net}")
+    return gateway
+
+
+def check_ifname(variable: str, name: str, *, wildcard: bool) -> None:
+    """Reject names the kernel (or iptables, for `wildcard` names ending in '+') would refuse."""
+    bare = name[:-1] if wildcard and name.endswith("+") else name
+    if len(name) > 15 or not bare or bare in (".", "..") or _IFNAME_BAD.search(bare) or "+" in bare:
+        raise ConfigError(variable, f"{name!r} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")
+
+
+def unknown_variable_warnings(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Warn about EGRESS_* variables we do not know: usually a typo that would otherwise be silently ignored."""
+    warnings = []
+    for name in sorted(env):
+        if name.startswith("EGRESS_") and name not in VARIABLES:
+            close = difflib.get_close_matches(name, VARIABLES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            warnings.append(f"{name} is not a variable egress-router knows; it is ignored{hint}")
+    return tuple(warnings)

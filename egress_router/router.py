@@ -1,0 +1,133 @@
+"""The container behaviour: check everything, then apply the plan, then exit or stay up.
+
+Order matters for "nothing half-applied": every check that can fail without changing anything
+(configuration, privileges, interfaces, tools, the current nat table) runs first; then the
+network steps (each with an undo), then the NAT transaction (all or nothing). If the NAT step
+fails, the network changes are undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import arp, links, nat
+from .config import RouterConfig
+from .errors import SetupError
+from .plan import Plan, build_plan
+
+log = logging.getLogger(__name__)
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+REANNOUNCE_AFTER_SECONDS = 2.0  # as ifup does: a second announcement once switches have settled
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Everything checked and read before the first change."""
+
+    plan: Plan
+    ipr: Any
+    restore_tool: str | None
+    nat_before: nat.NatState | None
+    can_announce: bool
+
+
+def prepare(config: RouterConfig) -> Prepared:
+    """All read-only checks; raises SetupError before anything is changed."""
+    caps = effective_capabilities()
+    if not caps & (1 << CAP_NET_ADMIN):
+        raise SetupError("missing the NET_ADMIN capability: run the container privileged, or add NET_ADMIN "
+                         "and NET_RAW to securityContext.capabilities.add (docker run --cap-add)")
+    tools = nat.find_tools() if config.configures_nat else None
+    ipr = links.open_iproute()
+    interface = links.resolve_interface(ipr, config)
+    if config.configures_nat:
+        links.check_pod_interface(ipr, config.pod_interface)
+    plan = build_plan(config, interface)
+    if not links.forwarding_enabled() and not links.can_enable_forwarding():
+        raise SetupError("IPv4 forwarding is off and /proc/sys is read-only here: run the container "
+                         "privileged, or set the sysctl net.ipv4.ip_forward=1 for the pod "
+                         "(securityContext.sysctls; docker run --sysctl net.ipv4.ip_forward=1)")
+    nat_before = nat.read_state(tools[0]) if tools else None
+    can_announce = bool(caps & (1 << CAP_NET_RAW))
+    if not can_announce:
+        log.warning("No NET_RAW capability: the gratuitous ARP announcement is skipped, so neighbours "
+                    "learn %s's new MAC only when their ARP entries expire; add NET_RAW", plan.address.ip)
+    return Prepared(plan, ipr, tools[1] if tools else None, nat_before, can_announce)
+
+
+def apply(prepared: Prepared) -> tuple[int, int]:
+    """Apply network then NAT; returns (network changes, NAT rules). Undoes the network on failure."""
+    plan = prepared.plan
+    undo = links.Undo()
+    try:
+        changes = links.apply(prepared.ipr, plan, undo)
+        rules = 0
+        if plan.destinations is not None:
+            assert prepared.restore_tool is not None and prepared.nat_before is not None
+            rules = nat.apply(plan, prepared.restore_tool, prepared.nat_before)
+    except BaseException:
+        if undo.actions:
+            log.error("Setup failed; undoing the %d change(s) made so far", len(undo.actions))
+            undo.run()
+        raise
+    return changes, rules
+
+
+def announce(prepared: Prepared) -> None:
+    if not prepared.can_announce:
+        return
+    plan = prepared.plan
+    try:
+        arp.announce(plan.interface, links.mac_address(prepared.ipr, plan.interface), plan.address.ip)
+    except OSError as exc:
+        log.warning("Could not send the gratuitous ARP announcement on %s: %s", plan.interface,
+                    exc.strerror or exc)
+
+
+def run(config: RouterConfig) -> int:
+    """The env-driven container behaviour for every mode but unit-test; returns the exit code."""
+    started = time.monotonic()
+    stay_up = config.mode == "legacy"
+    if stay_up:
+        # Block the stop signals now, so a stop during setup waits until setup is complete.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    prepared = prepare(config)
+    try:
+        changes, rules = apply(prepared)
+        announce(prepared)
+        plan = prepared.plan
+        nat_part = f"{rules} NAT rules" if plan.destinations is not None else "no NAT (proxy mode)"
+        state = f"{changes} network change(s)" if changes else "network already configured"
+        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s)", plan.address, plan.interface, plan.gateway,
+                 nat_part, state, config.mode, time.monotonic() - started)
+        if stay_up:
+            wait_for_stop(prepared)
+    finally:
+        prepared.ipr.close()
+    return 0
+
+
+def wait_for_stop(prepared: Prepared) -> None:
+    """Legacy mode: stay up until SIGTERM/SIGINT; re-announce once meanwhile."""
+    stops = {signal.SIGTERM, signal.SIGINT}
+    received = signal.sigtimedwait(stops, REANNOUNCE_AFTER_SECONDS)
+    if received is None:
+        announce(prepared)
+        received = signal.sigwaitinfo(stops)
+    log.info("Received %s; exiting", signal.Signals(received.si_signo).name)
