@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ GATEWAY_WAN_IP = "203.0.113.1"
 DEST_IPS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
+IFF_UP = 0x1
 
 DEMO_DESTINATION = """\
 # port proto destination [remote port]
@@ -129,6 +131,18 @@ class Lab:
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_WAN_IP)
         self.sysctl("gateway", "net.ipv4.ip_forward", "1")
         self.sysctl("router", "net.ipv4.ip_forward", "1" if self.ip_forward else "0")
+        self.settle()
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every link that is up is operational (the kernel settles that asynchronously)."""
+        deadline = time.monotonic() + timeout
+        for role in ROLES:
+            with self.iproute(role) as ipr:
+                while any(link["flags"] & IFF_UP and link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN")
+                          for link in ipr.get_links()):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"links in {self.ns[role]} did not come up within {timeout} s")
+                    time.sleep(0.01)
 
     def destroy(self) -> None:
         from pyroute2 import netns
@@ -209,7 +223,7 @@ class Lab:
     def snapshot(self, role: str) -> str:
         """The namespace's network state as text: rules, links, addresses, routes, forwarding."""
         parts = []
-        for argv in (["iptables-save"], ["ip", "-d", "link", "show"], ["ip", "addr", "show"],
+        for argv in (["iptables-save"], ["ip", "-d", "link", "show"], ["ip", "-4", "addr", "show"],
                      ["ip", "route", "show", "table", "all"], ["ip", "rule", "show"]):
             result = self.exec(role, argv, check=True)
             lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]

@@ -8,6 +8,7 @@ at all, works with the nft and the legacy backend alike, and leaves other owners
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -115,6 +116,22 @@ def jump_fixups(state: NatState) -> list[str]:
     return lines
 
 
+def rollback_payload(before: NatState) -> str:
+    """The payload that puts our chains and jumps back the way `before` had them."""
+    previous = before.ours()
+    lines = ["*nat"]
+    lines += [f":{chain} - [0:0]" for chain in JUMPS.values()]
+    lines += [f"-A {chain} {spec}" for chain in JUMPS.values() for spec in previous.get(chain, [])]
+    for builtin, target in JUMPS.items():
+        # after apply there is exactly one jump; put back as many as there were (often none)
+        wanted = before.jump_count(builtin, target)
+        lines += [f"-D {builtin} -j {target}"] * max(0, 1 - wanted)
+        lines += [f"-A {builtin} -j {target}"] * max(0, wanted - 1)
+    lines += [f"-X {chain}" for chain in JUMPS.values() if chain not in previous]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
 def render(plan: Plan) -> str:
     """The payload as applied to a namespace that has none of our rules yet."""
     payload = restore_payload(plan, NatState())
@@ -128,7 +145,8 @@ def find_tools() -> tuple[str, str]:
     """Paths of iptables-save and iptables-restore, or a SetupError saying what to install."""
     save, restore = shutil.which("iptables-save"), shutil.which("iptables-restore")
     if not save or not restore:
-        missing = "iptables-restore" if save else "iptables-save"
+        missing = " and ".join(name for name, path in (("iptables-save", save), ("iptables-restore", restore))
+                               if not path)
         raise SetupError(f"{missing} not found on PATH: install the iptables package "
                          "(either the nft or the legacy backend works)")
     return save, restore
@@ -141,7 +159,7 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
         raise SetupError(f"cannot run {argv[0]}: {exc.strerror}") from None
     if done.returncode != 0:
         detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
-        raise SetupError(f"{' '.join(argv[:2])} failed: {detail}")
+        raise SetupError(f"{os.path.basename(argv[0])} failed: {detail}")
     return done.stdout
 
 
@@ -154,7 +172,7 @@ def restore(restore_tool: str, payload: str) -> None:
     try:
         _run([restore_tool, "--noflush", "--wait", RESTORE_WAIT_SECONDS], stdin=payload)
     except SetupError as exc:
-        raise SetupError(f"{exc}{failed_line_hint(str(exc), payload)}; nothing was changed") from None
+        raise SetupError(f"{exc}{failed_line_hint(str(exc), payload)}") from None
 
 
 def failed_line_hint(message: str, payload: str) -> str:
@@ -166,13 +184,20 @@ def failed_line_hint(message: str, payload: str) -> str:
     return f" (the rule was {lines[int(found.group(1)) - 1]!r})"
 
 
-def apply(plan: Plan, restore_tool: str, before: NatState) -> int:
-    """Converge the nat table (last read as `before`) to the plan; returns the number of our rules."""
+def apply(plan: Plan, restore_tool: str, before: NatState) -> tuple[int, bool]:
+    """Converge the nat table (last read as `before`) to the plan.
+
+    Returns the number of our rules and whether anything was changed.
+    """
     payload = restore_payload(plan, before)
     count = sum(len(rules) for rules in desired_chains(plan).values())
     if payload is None:
         log.info("NAT rules already in place (%d rules in %s, %s)", count, DNAT_CHAIN, SNAT_CHAIN)
-        return count
+        return count, False
     restore(restore_tool, payload)
     log.info("Applied %d NAT rules (%s, %s) in one iptables-restore", count, DNAT_CHAIN, SNAT_CHAIN)
-    return count
+    return count, True
+
+
+def roll_back(restore_tool: str, before: NatState) -> None:
+    restore(restore_tool, rollback_payload(before))

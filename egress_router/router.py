@@ -1,9 +1,8 @@
 """The container behaviour: check everything, then apply the plan, then exit or stay up.
 
 Order matters for "nothing half-applied": every check that can fail without changing anything
-(configuration, privileges, interfaces, tools, the current nat table) runs first; then the
-network steps (each with an undo), then the NAT transaction (all or nothing). If the NAT step
-fails, the network changes are undone.
+(configuration, privileges, interfaces, tools, the current nat table) runs first; then the NAT
+transaction (all or nothing), then the network steps, each recorded with its undo.
 """
 
 from __future__ import annotations
@@ -70,19 +69,31 @@ def prepare(config: RouterConfig) -> Prepared:
 
 
 def apply(prepared: Prepared) -> tuple[int, int]:
-    """Apply network then NAT; returns (network changes, NAT rules). Undoes the network on failure."""
+    """Apply NAT (one transaction) then the network; returns (network changes, NAT rules).
+
+    NAT goes first because it is the step most likely to fail (a kernel without a module, a
+    broken iptables backend), and it fails whole: then nothing at all was changed. If a network
+    step fails afterwards, the network changes and the NAT rules are put back as they were.
+    """
     plan = prepared.plan
     undo = links.Undo()
     try:
-        changes = links.apply(prepared.ipr, plan, undo)
         rules = 0
         if plan.destinations is not None:
-            assert prepared.restore_tool is not None and prepared.nat_before is not None
-            rules = nat.apply(plan, prepared.restore_tool, prepared.nat_before)
+            restore_tool, before = prepared.restore_tool, prepared.nat_before
+            assert restore_tool is not None and before is not None
+            rules, changed = nat.apply(plan, restore_tool, before)
+            if changed:
+                undo.push("apply NAT rules", lambda: nat.roll_back(restore_tool, before))
+        changes = links.apply(prepared.ipr, plan, undo)
+    except SetupError as exc:
+        if not undo.actions:
+            raise SetupError(f"{exc}; nothing was changed") from None
+        log.error("Setup failed; undoing the %d change(s) made so far", len(undo.actions))
+        undo.run()
+        raise SetupError(f"{exc}; the changes made before it were undone") from None
     except BaseException:
-        if undo.actions:
-            log.error("Setup failed; undoing the %d change(s) made so far", len(undo.actions))
-            undo.run()
+        undo.run()
         raise
     return changes, rules
 
