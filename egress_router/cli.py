@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__, logs
-from .config import DEFAULT_INTERFACE, MODES, VARIABLES, RouterConfig, load
+from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load
 from .destinations import GRAMMAR_HELP
 from .errors import EgressRouterError
 from .plan import build_plan, network_commands
@@ -81,8 +81,8 @@ def main(ctx: click.Context) -> None:
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options that mirror the EGRESS_* variables (an option wins over its variable)."""
     options = [
-        click.option("--mode", envvar="EGRESS_ROUTER_MODE", type=click.Choice(MODES), default="init",
-                     show_default=True, help="EGRESS_ROUTER_MODE"),
+        click.option("--mode", envvar="EGRESS_ROUTER_MODE", type=click.Choice(MODES),
+                     help=f"EGRESS_ROUTER_MODE [default: {DEFAULT_MODE}]"),
         click.option("--pod-interface", envvar="EGRESS_POD_INTERFACE", help="EGRESS_POD_INTERFACE"),
         click.option("--interface", envvar="EGRESS_INTERFACE", help="EGRESS_INTERFACE"),
         click.option("--destination", envvar="EGRESS_DESTINATION", help="EGRESS_DESTINATION (use $'...\\n...')"),
@@ -97,7 +97,8 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def config_from_options(**options: str | None) -> RouterConfig:
     names = {"source": "EGRESS_SOURCE", "gateway": "EGRESS_GATEWAY", "destination": "EGRESS_DESTINATION",
              "interface": "EGRESS_INTERFACE", "pod_interface": "EGRESS_POD_INTERFACE", "mode": "EGRESS_ROUTER_MODE"}
-    env = {names[key]: value for key, value in options.items() if value is not None}
+    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
+    env.update({names[key]: value for key, value in options.items() if value is not None})
     config: RouterConfig = guarded(lambda: load(env))
     return config
 
@@ -114,7 +115,7 @@ def render(**options: str | None) -> None:
         click.echo("# no NAT rules in this mode")
         return
     from .nat import render as render_nat
-    click.echo("# NAT: iptables-restore --noflush (the jumps are added only where missing)")
+    click.echo("# NAT, applied first, in one transaction: iptables-restore --noflush (jumps only where missing)")
     click.echo(render_nat(plan), nl=False)
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .config import DEFAULT_INTERFACE, RouterConfig
@@ -113,7 +114,8 @@ def _step(what: str, action: Callable[[], Any]) -> Any:
     try:
         return action()
     except netlink_error() as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
+        code = getattr(exc, "code", 0)
+        code = code if isinstance(code, int) else 0
         raise SetupError(f"{what} failed: {os.strerror(code) if code else exc}") from None
     except OSError as exc:
         raise SetupError(f"{what} failed: {exc.strerror or exc}") from None
@@ -142,9 +144,11 @@ def ensure_address(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
     for other_ip, other_prefix in present:
         if other_ip == ip:  # same address, other prefix: a changed configuration
             _step(f"removing {ip}/{other_prefix} from {plan.interface}",
-                  lambda p=other_prefix: ipr.addr("del", index=index, address=ip, prefixlen=p))
+                  partial(ipr.addr, "del", index=index, address=ip, prefixlen=other_prefix))
             undo.push(f"remove {ip}/{other_prefix}",
-                      lambda p=other_prefix: ipr.addr("add", index=index, address=ip, prefixlen=p))
+                      partial(ipr.addr, "add", index=index, address=ip, prefixlen=other_prefix))
+            log.info("Removed address %s/%s from %s (the configured prefix changed)", ip, other_prefix,
+                     plan.interface)
         else:
             log.warning("%s also has address %s/%s; left as it is", plan.interface, other_ip, other_prefix)
     _step(f"adding address {plan.address} to {plan.interface}",
@@ -221,7 +225,7 @@ def ensure_default_route(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
           lambda: ipr.route("replace", **wanted.spec()))
     undo.push(f"set default route via {gateway}", lambda: _restore_routes(ipr, wanted, defaults))
     for old in [r for r in main_routes(ipr) if r.dst_len == 0 and r != wanted]:
-        _step(f"removing the old default route ({_describe(old)})", lambda o=old: ipr.route("del", **o.spec()))
+        _step(f"removing the old default route ({_describe(old)})", partial(ipr.route, "del", **old.spec()))
         log.info("Removed old default route %s", _describe(old))
     log.info("Added route default via %s dev %s", gateway, plan.interface)
     return 1

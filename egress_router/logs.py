@@ -8,10 +8,8 @@ import time
 
 
 class _Formatter(logging.Formatter):
-    converter = time.gmtime
-
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", self.converter(record.created))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
