@@ -347,3 +347,28 @@ def test_read_only_proc_sys_is_reported_before_anything_changes(lab: Lab) -> Non
     assert result.stderr.startswith("error: IPv4 forwarding is off and /proc/sys is read-only")
     assert "net.ipv4.ip_forward=1" in result.stderr
     assert lab.snapshot("router") == before
+
+
+def backend_path(tmp_path: Path, backend: str) -> str:
+    """A PATH on which iptables-save/-restore are the given backend's (xtables picks by argv[0])."""
+    bindir = tmp_path / backend
+    bindir.mkdir()
+    for tool in ("iptables-save", "iptables-restore"):
+        target = Path(f"/usr/sbin/{tool.replace('iptables', f'iptables-{backend}')}")
+        if not target.exists():
+            pytest.skip(f"{target} is not installed")
+        (bindir / tool).symlink_to(target.resolve())
+    return f"{bindir}:{os.environ.get('PATH', '')}"
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_both_iptables_backends_work_and_stay_idempotent(served: Lab, tmp_path: Path, backend: str) -> None:
+    env = served.router_env(PATH=backend_path(tmp_path, backend))
+    run_ok(served, env)
+    assert served.request("tcp", ROUTER_POD_IP, 8080).landed == "203.0.113.11:80"
+    assert served.request("udp", ROUTER_POD_IP, 7001).peer_ip == SOURCE_IP
+    save = served.exec("router", [f"iptables-{backend}-save", "-t", "nat"], check=True).stdout
+    assert save.count(f"-A PREROUTING -j {DNAT_CHAIN}") == 1
+    assert f"-A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source {SOURCE_IP}" in save
+    again = run_ok(served, env)
+    assert "NAT rules already in place" in again.stderr
