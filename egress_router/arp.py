@@ -9,6 +9,7 @@ at once, so the init container is not held up; long-running modes repeat them a 
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 from ipaddress import IPv4Address
@@ -19,13 +20,13 @@ ETH_P_ARP = 0x0806
 ARP_REQUEST = 1
 ARP_REPLY = 2
 BROADCAST = b"\xff" * 6
+_MAC = re.compile(r"[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}")
 
 
 def mac_bytes(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6:
+    if not _MAC.fullmatch(mac):
         raise ValueError(f"{mac!r} is not a MAC address")
-    return bytes(int(part, 16) for part in parts)
+    return bytes(int(part, 16) for part in mac.split(":"))
 
 
 def announcement(mac: str, ip: IPv4Address, *, reply: bool) -> bytes:

@@ -75,7 +75,7 @@ def unusable_reason(address: IPv4Address) -> str | None:
 
 
 def parse_port(value: str, variable: str, *, line: int, text: str, what: str) -> int:
-    if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 65535:
+    if len(value) > 5 or not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 65535:
         raise ConfigError(variable, f"{what} {value!r} is not a port number (1-65535)", line=line, text=text)
     return int(value)
 

@@ -78,6 +78,8 @@ def parse_save(text: str) -> NatState:
     chains: dict[str, list[str]] = {}
     in_nat = False
     for line in text.splitlines():
+        if line.startswith("[") and "] " in line:  # iptables-save -c puts rule counters first
+            line = line.split("] ", 1)[1]
         if line.startswith("*"):
             in_nat = line == "*nat"
         elif not in_nat or line.startswith("#") or line == "COMMIT":
