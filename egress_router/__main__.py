@@ -1,5 +1,5 @@
 """`python -m egress_router` runs the CLI."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -41,8 +41,9 @@ def announcement(mac: str, ip: IPv4Address, *, reply: bool) -> bytes:
 
 def announce(interface: str, mac: str, ip: IPv4Address) -> None:
     """Send both announcements on `interface`; raises OSError if the socket cannot be used."""
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
-        sock.bind((interface, ETH_P_ARP))
-        sock.send(announcement(mac, ip, reply=True))
-        sock.send(announcement(mac, ip, reply=False))
+    # Protocol 0 and sendto() instead of bind(): a send-only socket needs no receive hook, and
+    # binding one makes the kernel wait for an RCU grace period (tens of milliseconds).
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+        for reply in (True, False):
+            sock.sendto(announcement(mac, ip, reply=reply), (interface, ETH_P_ARP))
     log.info("Announced %s at %s on %s (gratuitous ARP, reply and request form)", ip, mac, interface)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from . import __version__, logs
+from . import __version__
 from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load
 from .destinations import GRAMMAR_HELP
+from .entry import fail, run_container
 from .errors import EgressRouterError
 from .plan import build_plan, network_commands
 
@@ -45,29 +46,12 @@ Example:
 """
 
 
-def fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
-
-
 def guarded(action: Callable[[], Any]) -> Any:
     """Run `action`, turning our own errors into one line on stderr and exit status 1."""
     try:
         return action()
     except EgressRouterError as exc:
         fail(str(exc))
-
-
-def run_container(env: Mapping[str, str]) -> int:
-    config = guarded(lambda: load(env))
-    if config.mode == "unit-test":
-        from .nat import legacy_lines
-        click.echo("\n".join(legacy_lines(config)))
-        return 0
-    logs.configure(config.debug)
-    from .router import run
-    code: int = guarded(lambda: run(config))
-    return code
 
 
 @click.group(invoke_without_command=True, help=HELP, context_settings={"max_content_width": 100})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -124,10 +123,14 @@ def check_ifname(variable: str, name: str, *, wildcard: bool) -> None:
 
 def unknown_variable_warnings(env: Mapping[str, str]) -> tuple[str, ...]:
     """Warn about EGRESS_* variables we do not know: usually a typo that would otherwise be silently ignored."""
+    unknown = sorted(name for name in env if name.startswith("EGRESS_") and name not in VARIABLES)
+    if not unknown:
+        return ()
+    import difflib  # only on this rare path: it costs start-up time every init container pays
+
     warnings = []
-    for name in sorted(env):
-        if name.startswith("EGRESS_") and name not in VARIABLES:
-            close = difflib.get_close_matches(name, VARIABLES, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            warnings.append(f"{name} is not a variable egress-router knows; it is ignored{hint}")
+    for name in unknown:
+        close = difflib.get_close_matches(name, VARIABLES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a variable egress-router knows; it is ignored{hint}")
     return tuple(warnings)

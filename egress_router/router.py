@@ -8,6 +8,7 @@ transaction (all or nothing), then the network steps, each recorded with its und
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -109,9 +110,18 @@ def announce(prepared: Prepared) -> None:
                     exc.strerror or exc)
 
 
+def seconds_since_process_start() -> float:
+    """Wall time since this process was started (kernel start time, so it includes Python start-up)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def run(config: RouterConfig) -> int:
     """The env-driven container behaviour for every mode but unit-test; returns the exit code."""
-    started = time.monotonic()
     stay_up = config.mode == "legacy"
     if stay_up:
         # Block the stop signals now, so a stop during setup waits until setup is complete.
@@ -125,8 +135,8 @@ def run(config: RouterConfig) -> int:
         plan = prepared.plan
         nat_part = f"{rules} NAT rules" if plan.destinations is not None else "no NAT (proxy mode)"
         state = f"{changes} network change(s)" if changes else "network already configured"
-        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s)", plan.address, plan.interface, plan.gateway,
-                 nat_part, state, config.mode, time.monotonic() - started)
+        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
+                 plan.gateway, nat_part, state, config.mode, seconds_since_process_start())
         if stay_up:
             wait_for_stop(prepared)
     finally:

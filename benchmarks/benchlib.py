@@ -1,0 +1,345 @@
+"""Helpers shared by the benchmarks: tool checks, timed runs in a lab namespace, statistics, RESULTS.md.
+
+Not part of the package. Everything here runs inside the namespace lab (egress_router.lab.Lab)
+and touches no interface of the machine; the only processes it ends are ones it started, by pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+REFERENCE = BENCH / "reference" / "legacy-egress-router.sh"
+WORK = BENCH / ".work"  # scratch files (git-ignored)
+RESULTS = BENCH / "RESULTS.md"
+PYTHON = sys.executable
+
+# After the reference script exits, its background (-U) arping sleeps 2 s and then runs for ~1 s.
+BACKGROUND_WAIT_SECONDS = 6.0
+
+ARPING_HELP = ("the reference needs iputils arping, as the legacy image used: apt-get install iputils-arping "
+               "(on Debian it replaces the package 'arping', Thomas Habets' arping, whose -A and -I mean "
+               "something else), or set ARPING=/path/to/iputils/arping")
+
+
+class BenchError(Exception):
+    """A benchmark run failed or did not do what it should have: the figures would be meaningless."""
+
+
+# ---------------------------------------------------------------- preconditions
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("the benchmarks build network namespaces: run them as root "
+                 "(sudo .venv/bin/python benchmarks/<script>.py)")
+
+
+def check_tools(*, reference: bool = True) -> str | None:
+    """Exit with a clear message if a tool is missing; return the iputils arping to use (if `reference`)."""
+    needed = ["nsenter", "ip", "iptables", "iptables-save", "iptables-restore"]
+    if reference:
+        needed += ["bash", "setsid"]
+    missing = [tool for tool in needed if not shutil.which(tool)]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: apt-get install iproute2 iptables util-linux bash")
+    if not reference:
+        return None
+    return find_arping()
+
+
+def find_arping() -> str:
+    wanted = os.environ.get("ARPING") or "arping"
+    path = shutil.which(wanted)
+    if path is None:
+        sys.exit(f"{wanted} not found: {ARPING_HELP}")
+    try:
+        probe = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sys.exit(f"cannot run {path} -V ({exc}): {ARPING_HELP}")
+    version = (probe.stdout + probe.stderr).strip().splitlines()
+    if not version or "iputils" not in version[0]:
+        sys.exit(f"{path} is not iputils arping ({version[0] if version else 'no version'}): {ARPING_HELP}")
+    return path
+
+
+def arping_version(path: str) -> str:
+    probe = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=10, check=False)
+    return (probe.stdout + probe.stderr).strip().splitlines()[0]
+
+
+# ---------------------------------------------------------------- the machine
+
+def _command_output(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else "unknown"
+
+
+def machine_info(arping: str | None = None) -> dict[str, str]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    iptables = _command_output(["iptables", "--version"])
+    backend = re.search(r"\((\w+)\)", iptables)
+    from egress_router import __version__
+    from egress_router.netlink import iproute_class
+
+    iproute_class()
+    import importlib.metadata
+
+    commit = _command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "egress_router"],
+                            capture_output=True, text=True, timeout=10, check=False)
+    dirty = bool(status.stdout.strip())
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": _command_output(["nproc"]),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "iptables": iptables,
+        "iptables backend": backend.group(1) if backend else "unknown",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "pyroute2": importlib.metadata.version("pyroute2"),
+        "egress-router": f"{__version__} (commit {commit}{', egress_router/ modified' if dirty else ''})",
+        "bash": _command_output(["bash", "-c", "echo $BASH_VERSION"]),
+    }
+    if arping:
+        info["arping"] = f"{arping_version(arping)} ({arping})"
+    stale = stale_bytecode()
+    info["bytecode"] = (f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; "
+                        f"{len(stale)} imported module(s) without an up-to-date .pyc"
+                        + (f" ({', '.join(stale[:6])}{', ...' if len(stale) > 6 else ''})" if stale else ""))
+    info["load average at start"] = load_average()
+    return info
+
+
+def load_average() -> str:
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        return " ".join(handle.read().split()[:3])
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs' time spent not idle over `seconds` (from /proc/stat), before we start."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def busy_warning(info: dict[str, str]) -> str | None:
+    busy = cpu_busy()
+    info["CPU busy just before the start"] = f"{100 * busy:.0f}% (1 s sample of /proc/stat)"
+    if busy > 0.15:
+        return (f"warning: the machine is busy ({100 * busy:.0f}% of its CPUs in the last second, before any "
+                "benchmark work); the figures will be noisier and slower than on a quiet machine")
+    return None
+
+
+def stale_bytecode() -> list[str]:
+    """Modules this process imported (init mode's set) whose .pyc is missing or older than the source:
+    every run compiles those again when bytecode is not written (PYTHONDONTWRITEBYTECODE)."""
+    import importlib.util
+
+    import egress_router.config  # noqa: F401
+    import egress_router.entry  # noqa: F401
+    import egress_router.router  # noqa: F401
+    from egress_router.netlink import netlink_error
+
+    netlink_error()
+    stale = []
+    for name, module in sorted(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if not source or not source.endswith(".py") or name.startswith("__") or Path(source).parent == BENCH:
+            continue
+        cached = importlib.util.cache_from_source(source)
+        if not os.path.exists(cached) or os.path.getmtime(cached) < os.path.getmtime(source):
+            stale.append(name)
+    return stale
+
+
+def machine_lines(info: Mapping[str, str]) -> list[str]:
+    return [f"- {key}: {value}" for key, value in info.items()]
+
+
+# ---------------------------------------------------------------- statistics and tables
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    median: float
+    p90: float
+    low: float
+    high: float
+    mean: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Stats:
+        if not samples:
+            raise ValueError("no samples")
+        ordered = sorted(samples)
+        p90 = statistics.quantiles(ordered, n=10, method="inclusive")[-1] if len(ordered) > 1 else ordered[0]
+        return cls(len(ordered), statistics.median(ordered), p90, ordered[0], ordered[-1], statistics.fmean(ordered))
+
+
+def secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.3f} s"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- timed runs in a lab namespace
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    returncode: int | None  # None: killed at the timeout
+    stdout: str
+    stderr: str
+    started_epoch: float  # time.time() just before the process was started
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        status = "timed out" if self.returncode is None else f"exit status {self.returncode}"
+        tail = "\n".join((self.stdout + self.stderr).strip().splitlines()[-15:])
+        return f"{status} after {secs(self.seconds)}\n{tail}"
+
+
+def in_namespace(lab: Any, role: str, argv: Sequence[str]) -> list[str]:
+    """The command line that runs `argv` in a lab namespace, as lab.exec does it."""
+    return ["nsenter", f"--net={lab.path(role)}", "--", *argv]
+
+
+def timed_run(argv: Sequence[str], env: Mapping[str, str] | None, *, timeout: float,
+              stdin_path: Path | None = None) -> Run:
+    """Wall time of one process from start to exit. It gets a session of its own, so on timeout
+    it and its children (this run's process group, which we created) are killed."""
+    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        started_epoch = time.time()
+        start = time.perf_counter()
+        process = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, stdin=stdin,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = process.communicate(timeout=timeout)
+            code: int | None = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the group of the process we started
+            out, err = process.communicate(timeout=30)
+            code = None
+        seconds = time.perf_counter() - start
+    finally:
+        if stdin_path:
+            stdin.close()  # type: ignore[union-attr]
+    return Run(seconds, code, out.decode(errors="replace"), err.decode(errors="replace"), started_epoch)
+
+
+def settle_background(lab: Any, pidfile: Path, *, bound: float = BACKGROUND_WAIT_SECONDS) -> str:
+    """Wait (bounded) for the reference's background arping job to finish before the lab goes.
+
+    The pid comes from the reference script run we just started. It is acted on only if that
+    process is inside this lab's router namespace (so it is ours, not a reused pid), through a
+    pidfd. Returns 'finished', 'none' or 'killed' (only if it outlived `bound`)."""
+    if not pidfile.exists():
+        return "none"
+    pid = int(pidfile.read_text().strip())
+    pidfile.unlink()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return "finished"
+    try:
+        try:
+            here = os.stat(f"/proc/{pid}/ns/net")
+        except FileNotFoundError:
+            return "finished"
+        router = os.stat(lab.path("router"))
+        if (here.st_dev, here.st_ino) != (router.st_dev, router.st_ino):
+            return "finished"  # the pid now belongs to someone else: ours is gone; leave it alone
+        if select.select([pidfd], [], [], bound)[0]:
+            return "finished"
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], 5)
+        return "killed"
+    finally:
+        os.close(pidfd)
+
+
+def count_lines(text: str, prefix: str, contains: str = "") -> int:
+    return sum(1 for line in text.splitlines() if line.startswith(prefix) and contains in line)
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+RESULTS_HEADER = """# Benchmark results
+
+Written by the scripts in this folder (see README.md for how to run them and what they measure).
+Each script replaces its own section when it runs again; figures are from one run on the machine
+described in that section. The reference runs iputils arping, as the legacy image did (Debian
+package iputils-arping; Debian's package arping is Thomas Habets' arping, whose options differ).
+"""
+
+
+def write_results(section: str, body: str, path: Path = RESULTS) -> None:
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text, encoding="utf-8")
+
+
+class Deadline:
+    """A time bound for a benchmark's loops (on top of their round counts)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.end
