@@ -17,67 +17,57 @@ from typing import Any
 
 from .config import DEFAULT_INTERFACE, RouterConfig
 from .errors import SetupError
-from .netlink import iproute_class, netlink_error
 from .plan import Plan
+from .rtnl import SCOPE_LINK, SCOPE_UNIVERSE, Link, Route, Rtnl
 
 log = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-SCOPE_LINK = 253
 FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 MULTUS_HINT = ("the pod needs a macvlan interface: add the annotation "
                "pod.network.openshift.io/assign-macvlan: \"true\" (OpenShift), attach a macvlan "
                "NetworkAttachmentDefinition with Multus, or set EGRESS_INTERFACE")
 
 
-def open_iproute() -> Any:
-    return iproute_class()()
+def open_rtnl() -> Rtnl:
+    return Rtnl()
 
 
 # ---------------------------------------------------------------- read-only look-ups
 
-def link_index(ipr: Any, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+def link_index(name: str) -> int | None:
+    """The interface's index in the current network namespace (an ioctl: no netlink dump needed)."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
-def link_kind(link: Any) -> str | None:
-    info = link.get("IFLA_LINKINFO")
-    return info.get("IFLA_INFO_KIND") if info is not None else None
-
-
-def resolve_interface(ipr: Any, config: RouterConfig) -> str:
+def resolve_interface(rtnl: Rtnl, config: RouterConfig) -> str:
     """The egress interface: EGRESS_INTERFACE, else macvlan0, else the only macvlan link."""
     if config.interface is not None:
-        if link_index(ipr, config.interface) is None:
+        if link_index(config.interface) is None:
             raise SetupError(f"EGRESS_INTERFACE: interface {config.interface!r} does not exist "
                              "in this network namespace")
         return config.interface
-    if link_index(ipr, DEFAULT_INTERFACE) is not None:
+    if link_index(DEFAULT_INTERFACE) is not None:
         return DEFAULT_INTERFACE
-    macvlans = sorted(link.get("IFLA_IFNAME") for link in ipr.get_links() if link_kind(link) == "macvlan")
+    macvlans = sorted(link.name for link in rtnl.links() if link.kind == "macvlan")
     if len(macvlans) == 1:
         log.info("No %s here; using %s, the only macvlan interface (set EGRESS_INTERFACE to choose)",
                  DEFAULT_INTERFACE, macvlans[0])
-        return str(macvlans[0])
+        return macvlans[0]
     if macvlans:
         raise SetupError(f"no interface {DEFAULT_INTERFACE} and several macvlan interfaces "
                          f"({', '.join(macvlans)}): set EGRESS_INTERFACE to the egress one")
     raise SetupError(f"interface {DEFAULT_INTERFACE} does not exist in this network namespace: {MULTUS_HINT}")
 
 
-def check_pod_interface(ipr: Any, name: str) -> None:
+def check_pod_interface(name: str) -> None:
     if name.endswith("+"):
         return
-    if link_index(ipr, name) is None:
+    if link_index(name) is None:
         raise SetupError(f"EGRESS_POD_INTERFACE: interface {name!r} does not exist in this network "
                          "namespace (set EGRESS_POD_INTERFACE to the pod's cluster interface)")
-
-
-def mac_address(ipr: Any, name: str) -> str:
-    index = link_index(ipr, name)
-    link = ipr.get_links(index)[0]
-    return str(link.get("IFLA_ADDRESS"))
 
 
 def forwarding_enabled() -> bool:
@@ -113,119 +103,81 @@ class Undo:
 def _step(what: str, action: Callable[[], Any]) -> Any:
     try:
         return action()
-    except netlink_error() as exc:
-        code = getattr(exc, "code", 0)
-        code = code if isinstance(code, int) else 0
-        raise SetupError(f"{what} failed: {os.strerror(code) if code else exc}") from None
     except OSError as exc:
         raise SetupError(f"{what} failed: {exc.strerror or exc}") from None
 
 
-def apply(ipr: Any, plan: Plan, undo: Undo) -> int:
-    """Converge links, routes and forwarding to `plan`; returns the number of changes made."""
-    index = link_index(ipr, plan.interface)
+def apply(rtnl: Rtnl, plan: Plan, undo: Undo) -> tuple[int, str]:
+    """Converge links, routes and forwarding to `plan`; returns (changes made, the interface's MAC)."""
+    index = link_index(plan.interface)
     if index is None:
         raise SetupError(f"interface {plan.interface!r} disappeared")
+    link = rtnl.link(index)
     changes = 0
-    changes += ensure_address(ipr, plan, index, undo)
-    changes += ensure_link_up(ipr, plan, index, undo)
-    changes += ensure_gateway_route(ipr, plan, index, undo)
-    changes += ensure_default_route(ipr, plan, index, undo)
+    changes += ensure_address(rtnl, plan, index, undo)
+    changes += ensure_link_up(rtnl, plan, link, undo)
+    changes += ensure_gateway_route(rtnl, plan, index, undo)
+    changes += ensure_default_route(rtnl, plan, index, undo)
     changes += ensure_forwarding(undo)
-    return changes
+    return changes, link.mac or ""
 
 
-def ensure_address(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
+def ensure_address(rtnl: Rtnl, plan: Plan, index: int, undo: Undo) -> int:
     ip, prefix = str(plan.address.ip), plan.address.network.prefixlen
-    present = [(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=socket.AF_INET)]
+    present = rtnl.addresses(index)
     if (ip, prefix) in present:
         log.debug("Address %s already on %s", plan.address, plan.interface)
         return 0
     for other_ip, other_prefix in present:
         if other_ip == ip:  # same address, other prefix: a changed configuration
             _step(f"removing {ip}/{other_prefix} from {plan.interface}",
-                  partial(ipr.addr, "del", index=index, address=ip, prefixlen=other_prefix))
-            undo.push(f"remove {ip}/{other_prefix}",
-                      partial(ipr.addr, "add", index=index, address=ip, prefixlen=other_prefix))
+                  partial(rtnl.address, False, index, ip, other_prefix))
+            undo.push(f"remove {ip}/{other_prefix}", partial(rtnl.address, True, index, ip, other_prefix))
             log.info("Removed address %s/%s from %s (the configured prefix changed)", ip, other_prefix,
                      plan.interface)
         else:
             log.warning("%s also has address %s/%s; left as it is", plan.interface, other_ip, other_prefix)
-    _step(f"adding address {plan.address} to {plan.interface}",
-          lambda: ipr.addr("add", index=index, address=ip, prefixlen=prefix))
-    undo.push(f"add address {plan.address}", lambda: ipr.addr("del", index=index, address=ip, prefixlen=prefix))
+    _step(f"adding address {plan.address} to {plan.interface}", partial(rtnl.address, True, index, ip, prefix))
+    undo.push(f"add address {plan.address}", partial(rtnl.address, False, index, ip, prefix))
     log.info("Added address %s to %s", plan.address, plan.interface)
     return 1
 
 
-def ensure_link_up(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
-    link = ipr.get_links(index)[0]
-    if link["flags"] & 1:  # IFF_UP
+def ensure_link_up(rtnl: Rtnl, plan: Plan, link: Link, undo: Undo) -> int:
+    if link.up:
         log.debug("%s is already up", plan.interface)
         return 0
-    _step(f"setting {plan.interface} up", lambda: ipr.link("set", index=index, state="up"))
-    undo.push(f"set {plan.interface} up", lambda: ipr.link("set", index=index, state="down"))
+    _step(f"setting {plan.interface} up", partial(rtnl.set_up, link.index, True))
+    undo.push(f"set {plan.interface} up", partial(rtnl.set_up, link.index, False))
     log.info("Set %s up", plan.interface)
     return 1
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """The fields of a main-table IPv4 route we compare and restore."""
-
-    dst: str | None
-    dst_len: int
-    gateway: str | None
-    oif: int | None
-    priority: int | None
-    scope: int
-
-    def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {"dst": f"{self.dst or '0.0.0.0'}/{self.dst_len}", "table": MAIN_TABLE,
-                                "scope": self.scope}
-        for key in ("gateway", "oif", "priority"):
-            if getattr(self, key) is not None:
-                spec[key] = getattr(self, key)
-        return spec
-
-
-def main_routes(ipr: Any) -> list[Route]:
-    routes = []
-    for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if msg["type"] != 1:  # RTN_UNICAST only
-            continue
-        routes.append(Route(msg.get("RTA_DST"), msg["dst_len"], msg.get("RTA_GATEWAY"), msg.get("RTA_OIF"),
-                            msg.get("RTA_PRIORITY"), msg["scope"]))
-    return routes
-
-
-def ensure_gateway_route(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
+def ensure_gateway_route(rtnl: Rtnl, plan: Plan, index: int, undo: Undo) -> int:
     gateway = str(plan.gateway)
     wanted = Route(gateway, 32, None, index, None, SCOPE_LINK)
-    existing = [r for r in main_routes(ipr) if r.dst == gateway and r.dst_len == 32]
+    existing = [r for r in rtnl.routes() if r.dst == gateway and r.dst_len == 32]
     if wanted in existing:
         log.debug("Route %s dev %s already present", plan.gateway_route, plan.interface)
         return 0
-    _step(f"adding route {plan.gateway_route} dev {plan.interface}",
-          lambda: ipr.route("replace", **wanted.spec()))
-    undo.push(f"add route {plan.gateway_route}", lambda: _restore_routes(ipr, wanted, existing))
+    _step(f"adding route {plan.gateway_route} dev {plan.interface}", partial(rtnl.route, "replace", wanted))
+    undo.push(f"add route {plan.gateway_route}", partial(_restore_routes, rtnl, wanted, existing))
     log.info("Added route %s dev %s", plan.gateway_route, plan.interface)
     return 1
 
 
-def ensure_default_route(ipr: Any, plan: Plan, index: int, undo: Undo) -> int:
+def ensure_default_route(rtnl: Rtnl, plan: Plan, index: int, undo: Undo) -> int:
     gateway = str(plan.gateway)
-    wanted = Route(None, 0, gateway, index, None, 0)
-    defaults = [r for r in main_routes(ipr) if r.dst_len == 0]
+    wanted = Route(None, 0, gateway, index, None, SCOPE_UNIVERSE)
+    defaults = [r for r in rtnl.routes() if r.dst_len == 0]
     if defaults == [wanted]:
         log.debug("Default route via %s dev %s already present", gateway, plan.interface)
         return 0
     # Replace first, then remove the other defaults: there is never a moment without one.
-    _step(f"setting the default route via {gateway} dev {plan.interface}",
-          lambda: ipr.route("replace", **wanted.spec()))
-    undo.push(f"set default route via {gateway}", lambda: _restore_routes(ipr, wanted, defaults))
-    for old in [r for r in main_routes(ipr) if r.dst_len == 0 and r != wanted]:
-        _step(f"removing the old default route ({_describe(old)})", partial(ipr.route, "del", **old.spec()))
+    _step(f"setting the default route via {gateway} dev {plan.interface}", partial(rtnl.route, "replace", wanted))
+    undo.push(f"set default route via {gateway}", partial(_restore_routes, rtnl, wanted, defaults))
+    for old in [r for r in rtnl.routes() if r.dst_len == 0 and r != wanted]:
+        _step(f"removing the old default route ({_describe(old)})", partial(rtnl.route, "del", old))
         log.info("Removed old default route %s", _describe(old))
     log.info("Added route default via %s dev %s", gateway, plan.interface)
     return 1
@@ -236,13 +188,13 @@ def _describe(route: Route) -> str:
     return text + (f" metric {route.priority}" if route.priority else "")
 
 
-def _restore_routes(ipr: Any, ours: Route, previous: list[Route]) -> None:
-    current = main_routes(ipr)
-    if ours in current and ours not in previous:
-        ipr.route("del", **ours.spec())
+def _restore_routes(rtnl: Rtnl, ours: Route, previous: list[Route]) -> None:
+    if ours not in previous and ours in rtnl.routes():
+        rtnl.route("del", ours)
+    current = rtnl.routes()
     for route in previous:
-        if route not in main_routes(ipr):
-            ipr.route("add", **route.spec())
+        if route not in current:
+            rtnl.route("add", route)
 
 
 def ensure_forwarding(undo: Undo) -> int:

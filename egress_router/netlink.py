@@ -1,10 +1,9 @@
-"""Loads pyroute2's IPRoute without the package's eager top-level imports.
+"""Loads pyroute2 modules without the package's eager top-level imports.
 
 `import pyroute2` imports every netlink family it supports (conntrack, ndb, ipvs, nl80211, ...)
-and costs about 0.2 s, most of the init container's runtime. We need only rtnetlink, so the
-package is registered as a bare namespace first and `pyroute2.iproute.linux` is imported alone.
-Should a pyroute2 release ever need its package __init__ for that, we fall back to the normal
-import, which is only slower.
+and costs about 0.2 s, most of the init container's runtime. The package is registered as a bare
+namespace first, and only the modules asked for are imported. Should a pyroute2 release ever need
+its package __init__ for them, we fall back to the normal import, which is only slower.
 """
 
 from __future__ import annotations
@@ -16,23 +15,32 @@ import types
 from typing import Any
 
 
-def iproute_class() -> Any:
-    if "pyroute2" in sys.modules:
-        return importlib.import_module("pyroute2.iproute.linux").IPRoute
-    spec = importlib.util.find_spec("pyroute2")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("pyroute2 is not installed")
-    shell = types.ModuleType("pyroute2")
-    shell.__path__ = list(spec.submodule_search_locations)
-    sys.modules["pyroute2"] = shell
+def _import(name: str) -> Any:
+    if "pyroute2" not in sys.modules:
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("pyroute2 is not installed")
+        shell = types.ModuleType("pyroute2")
+        shell.__path__ = list(spec.submodule_search_locations)
+        sys.modules["pyroute2"] = shell
     try:
-        return importlib.import_module("pyroute2.iproute.linux").IPRoute
+        return importlib.import_module(name)
     except ImportError:
-        for name in [n for n in sys.modules if n == "pyroute2" or n.startswith("pyroute2.")]:
-            del sys.modules[name]
-        return importlib.import_module("pyroute2").IPRoute
+        for loaded in [n for n in sys.modules if n == "pyroute2" or n.startswith("pyroute2.")]:
+            del sys.modules[loaded]
+        importlib.import_module("pyroute2")
+        return importlib.import_module(name)
 
 
-def netlink_error() -> type[Exception]:
-    iproute_class()
-    return importlib.import_module("pyroute2.netlink.exceptions").NetlinkError  # type: ignore[no-any-return]
+def load_pyroute2_modules() -> types.SimpleNamespace:
+    """pyroute2's rtnetlink message classes (what rtnl.Rtnl sends and decodes)."""
+    return types.SimpleNamespace(
+        ifinfmsg=_import("pyroute2.netlink.rtnl.ifinfmsg").ifinfmsg,
+        ifaddrmsg=_import("pyroute2.netlink.rtnl.ifaddrmsg").ifaddrmsg,
+        rtmsg=_import("pyroute2.netlink.rtnl.rtmsg").rtmsg,
+    )
+
+
+def iproute_class() -> Any:
+    """pyroute2's full IPRoute (used by the lab, where start-up time does not matter)."""
+    return _import("pyroute2.iproute.linux").IPRoute

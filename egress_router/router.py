@@ -12,12 +12,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from . import arp, links, nat
 from .config import RouterConfig
 from .errors import SetupError
 from .plan import Plan, build_plan
+from .rtnl import Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Prepared:
     """Everything checked and read before the first change."""
 
     plan: Plan
-    ipr: Any
+    rtnl: Rtnl
     restore_tool: str | None
     nat_before: nat.NatState | None
     can_announce: bool
@@ -52,25 +52,28 @@ def prepare(config: RouterConfig) -> Prepared:
         raise SetupError("missing the NET_ADMIN capability: run the container privileged, or add NET_ADMIN "
                          "and NET_RAW to securityContext.capabilities.add (docker run --cap-add)")
     tools = nat.find_tools() if config.configures_nat else None
-    ipr = links.open_iproute()
-    interface = links.resolve_interface(ipr, config)
     if config.configures_nat:
-        links.check_pod_interface(ipr, config.pod_interface)
-    plan = build_plan(config, interface)
+        links.check_pod_interface(config.pod_interface)
     if not links.forwarding_enabled() and not links.can_enable_forwarding():
         raise SetupError("IPv4 forwarding is off and /proc/sys is read-only here: run the container "
                          "privileged, or set the sysctl net.ipv4.ip_forward=1 for the pod "
                          "(securityContext.sysctls; docker run --sysctl net.ipv4.ip_forward=1)")
     nat_before = nat.read_state(tools[0]) if tools else None
+    rtnl = links.open_rtnl()
+    try:
+        plan = build_plan(config, links.resolve_interface(rtnl, config))
+    except BaseException:
+        rtnl.close()
+        raise
     can_announce = bool(caps & (1 << CAP_NET_RAW))
     if not can_announce:
         log.warning("No NET_RAW capability: the gratuitous ARP announcement is skipped, so neighbours "
                     "learn %s's new MAC only when their ARP entries expire; add NET_RAW", plan.address.ip)
-    return Prepared(plan, ipr, tools[1] if tools else None, nat_before, can_announce)
+    return Prepared(plan, rtnl, tools[1] if tools else None, nat_before, can_announce)
 
 
-def apply(prepared: Prepared) -> tuple[int, int]:
-    """Apply NAT (one transaction) then the network; returns (network changes, NAT rules).
+def apply(prepared: Prepared) -> tuple[int, int, str]:
+    """Apply NAT (one transaction) then the network; returns (network changes, NAT rules, MAC).
 
     NAT goes first because it is the step most likely to fail (a kernel without a module, a
     broken iptables backend), and it fails whole: then nothing at all was changed. If a network
@@ -86,7 +89,7 @@ def apply(prepared: Prepared) -> tuple[int, int]:
             rules, changed = nat.apply(plan, restore_tool, before)
             if changed:
                 undo.push("apply NAT rules", lambda: nat.roll_back(restore_tool, before))
-        changes = links.apply(prepared.ipr, plan, undo)
+        changes, mac = links.apply(prepared.rtnl, plan, undo)
     except SetupError as exc:
         if not undo.actions:
             raise SetupError(f"{exc}; nothing was changed") from None
@@ -96,18 +99,18 @@ def apply(prepared: Prepared) -> tuple[int, int]:
     except BaseException:
         undo.run()
         raise
-    return changes, rules
+    return changes, rules, mac
 
 
-def announce(prepared: Prepared) -> None:
+def announce(prepared: Prepared, mac: str) -> None:
     if not prepared.can_announce:
         return
     plan = prepared.plan
     try:
-        arp.announce(plan.interface, links.mac_address(prepared.ipr, plan.interface), plan.address.ip)
-    except OSError as exc:
+        arp.announce(plan.interface, mac, plan.address.ip)
+    except (OSError, ValueError) as exc:
         log.warning("Could not send the gratuitous ARP announcement on %s: %s", plan.interface,
-                    exc.strerror or exc)
+                    getattr(exc, "strerror", None) or exc)
 
 
 def seconds_since_process_start() -> float:
@@ -130,25 +133,25 @@ def run(config: RouterConfig) -> int:
         log.warning("%s", warning)
     prepared = prepare(config)
     try:
-        changes, rules = apply(prepared)
-        announce(prepared)
+        changes, rules, mac = apply(prepared)
+        announce(prepared, mac)
         plan = prepared.plan
         nat_part = f"{rules} NAT rules" if plan.destinations is not None else "no NAT (proxy mode)"
         state = f"{changes} network change(s)" if changes else "network already configured"
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
                  plan.gateway, nat_part, state, config.mode, seconds_since_process_start())
         if stay_up:
-            wait_for_stop(prepared)
+            wait_for_stop(prepared, mac)
     finally:
-        prepared.ipr.close()
+        prepared.rtnl.close()
     return 0
 
 
-def wait_for_stop(prepared: Prepared) -> None:
+def wait_for_stop(prepared: Prepared, mac: str) -> None:
     """Legacy mode: stay up until SIGTERM/SIGINT; re-announce once meanwhile."""
     stops = {signal.SIGTERM, signal.SIGINT}
     received = signal.sigtimedwait(stops, REANNOUNCE_AFTER_SECONDS)
     if received is None:
-        announce(prepared)
+        announce(prepared, mac)
         received = signal.sigwaitinfo(stops)
     log.info("Received %s; exiting", signal.Signals(received.si_signo).name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -372,3 +373,47 @@ def test_both_iptables_backends_work_and_stay_idempotent(served: Lab, tmp_path: 
     assert f"-A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source {SOURCE_IP}" in save
     again = run_ok(served, env)
     assert "NAT rules already in place" in again.stderr
+
+
+@pytest.mark.parametrize("failing", ["default route", "forwarding"])
+def test_a_network_step_failing_after_nat_puts_everything_back(lab: Lab, failing: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The undo path, in-process in the router namespace, with one real step made to fail."""
+    from egress_router import links, router
+    from egress_router.config import load
+    from egress_router.errors import SetupError
+    from egress_router.rtnl import NetlinkError, Rtnl
+
+    lab.exec("router", ["ip", "route", "add", "default", "via", CLIENT_IP, "metric", "100"], check=True)
+    lab.exec("router", ["iptables-restore", "--noflush"], stdin="\n".join(MESH) + "\n", check=True)
+    before = lab.snapshot("router")
+    if failing == "default route":
+        real_route = Rtnl.route
+
+        def route(self: Rtnl, command: str, wanted: links.Route) -> None:
+            if command == "replace" and wanted.dst_len == 0:
+                raise NetlinkError(101, "Network is unreachable")
+            real_route(self, command, wanted)
+
+        monkeypatch.setattr(Rtnl, "route", route)
+    else:
+        def write(value: str) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(links, "_write_forwarding", write)
+    with lab.entered("router"):
+        prepared = router.prepare(load(lab.router_env()))
+        try:
+            with pytest.raises(SetupError) as raised:
+                router.apply(prepared)
+        finally:
+            prepared.rtnl.close()
+    assert str(raised.value).endswith("; the changes made before it were undone")
+    # Setting a link up the first time makes the kernel attach its default qdisc (noop -> noqueue),
+    # which stays when the link goes down again: kernel bookkeeping, not configuration we can undo.
+    assert without_qdisc(lab.snapshot("router")) == without_qdisc(before)
+    assert "qdisc noop" in before
+
+
+def without_qdisc(snapshot: str) -> str:
+    return re.sub(r" qdisc \S+ ", " qdisc - ", snapshot)

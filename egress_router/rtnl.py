@@ -1,0 +1,179 @@
+"""A small synchronous rtnetlink client: pyroute2's message classes over a plain netlink socket.
+
+pyroute2 defines and encodes/decodes every rtnetlink message (ifinfmsg, ifaddrmsg, rtmsg); this
+module only sends them and collects the answers. pyroute2's IPRoute would do the same, but in
+0.9 it runs on an asyncio core whose import alone costs 100-200 ms, most of an init container's
+runtime; the message classes cost about a quarter of that (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .netlink import load_pyroute2_modules
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
+F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
+RTM_NEWLINK, RTM_GETLINK = 16, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+IFF_UP = 0x1
+MAIN_TABLE = 254
+RTN_UNICAST = 1
+RTPROT_STATIC = 4
+SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = 0, 253, 255
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request (errno and its text)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    index: int
+    name: str
+    flags: int
+    mac: str | None
+    kind: str | None
+    operstate: str | None
+
+    @property
+    def up(self) -> bool:
+        return bool(self.flags & IFF_UP)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The fields of a main-table IPv4 unicast route that we compare, add and delete."""
+
+    dst: str | None
+    dst_len: int
+    gateway: str | None
+    oif: int | None
+    priority: int | None
+    scope: int
+    proto: int = field(default=RTPROT_STATIC, compare=False)  # kept so an undo re-adds a route as it was
+
+
+class Rtnl:
+    """One NETLINK_ROUTE socket in the current network namespace; requests are answered in order."""
+
+    def __init__(self) -> None:
+        self.messages = load_pyroute2_modules()
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ transport
+    def request(self, cls: Any, msg_type: int, flags: int, fields: dict[str, Any],
+                attrs: list[tuple[str, Any]] | None = None) -> list[Any]:
+        """Send one message; return the decoded answers of a dump, or [] once the kernel acks."""
+        msg = cls()
+        for key, value in fields.items():
+            msg[key] = value
+        msg["attrs"] = [[name, value] for name, value in attrs or []]
+        self.seq += 1
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = flags
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        self.sock.send(msg.data)
+        return self._collect(cls, dump=bool(flags & F_DUMP))
+
+    def _collect(self, cls: Any, *, dump: bool) -> list[Any]:
+        answers: list[Any] = []
+        while True:
+            data = self.sock.recv(1 << 20)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, msg_type, flags, seq, _ = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise NetlinkError(0, "malformed netlink answer")
+                chunk = data[offset:offset + length]
+                offset += (length + 3) & ~3
+                if seq != self.seq:
+                    continue  # a late answer to an earlier request
+                if msg_type == NLMSG_DONE:
+                    return answers
+                if msg_type == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", chunk, _HEADER.size)
+                    if code:
+                        raise NetlinkError(-code, os.strerror(-code))
+                    return answers
+                msg = cls(chunk)
+                msg.decode()
+                answers.append(msg)
+                if not dump and not flags & F_MULTI:
+                    return answers
+
+    # ------------------------------------------------------------ links
+    def links(self) -> list[Link]:
+        result = []
+        for msg in self.request(self.messages.ifinfmsg, RTM_GETLINK, F_REQUEST | F_DUMP, {"family": 0}):
+            info = msg.get("IFLA_LINKINFO")
+            result.append(Link(msg["index"], msg.get("IFLA_IFNAME"), msg["flags"], msg.get("IFLA_ADDRESS"),
+                               info.get("IFLA_INFO_KIND") if info is not None else None, msg.get("IFLA_OPERSTATE")))
+        return result
+
+    def link(self, index: int) -> Link:
+        for link in self.links():
+            if link.index == index:
+                return link
+        raise NetlinkError(19, f"no link with index {index}")
+
+    def set_up(self, index: int, up: bool) -> None:
+        self.request(self.messages.ifinfmsg, RTM_NEWLINK, F_REQUEST | F_ACK,
+                     {"family": 0, "index": index, "flags": IFF_UP if up else 0, "change": IFF_UP})
+
+    # ------------------------------------------------------------ addresses
+    def addresses(self, index: int) -> list[tuple[str, int]]:
+        found = self.request(self.messages.ifaddrmsg, RTM_GETADDR, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
+        return [(msg.get("IFA_ADDRESS"), msg["prefixlen"]) for msg in found if msg["index"] == index]
+
+    def address(self, add: bool, index: int, ip: str, prefixlen: int) -> None:
+        msg_type, flags = (RTM_NEWADDR, F_CREATE | F_EXCL) if add else (RTM_DELADDR, 0)
+        self.request(self.messages.ifaddrmsg, msg_type, F_REQUEST | F_ACK | flags,
+                     {"family": socket.AF_INET, "prefixlen": prefixlen, "index": index, "scope": SCOPE_UNIVERSE},
+                     [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)])
+
+    # ------------------------------------------------------------ routes
+    def routes(self) -> list[Route]:
+        """Main-table IPv4 unicast routes."""
+        found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
+        return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"), m.get("RTA_OIF"), m.get("RTA_PRIORITY"),
+                      m["scope"], m["proto"])
+                for m in found if m.get("RTA_TABLE", m["table"]) == MAIN_TABLE and m["type"] == RTN_UNICAST]
+
+    def route(self, command: str, route: Route) -> None:
+        """command: 'replace', 'add' or 'del'."""
+        msg_type, flags = {"replace": (RTM_NEWROUTE, F_CREATE | F_REPLACE), "add": (RTM_NEWROUTE, F_CREATE | F_EXCL),
+                           "del": (RTM_DELROUTE, 0)}[command]
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", MAIN_TABLE)]
+        if route.dst_len:
+            attrs.append(("RTA_DST", route.dst))
+        if route.gateway is not None:
+            attrs.append(("RTA_GATEWAY", route.gateway))
+        if route.oif is not None:
+            attrs.append(("RTA_OIF", route.oif))
+        if route.priority is not None:
+            attrs.append(("RTA_PRIORITY", route.priority))
+        # A delete matches any protocol and scope (as `ip route del` does); the rest is ours to set.
+        proto, scope = (0, SCOPE_NOWHERE) if command == "del" else (route.proto, route.scope)
+        self.request(self.messages.rtmsg, msg_type, F_REQUEST | F_ACK | flags,
+                     {"family": socket.AF_INET, "dst_len": route.dst_len, "table": MAIN_TABLE,
+                      "proto": proto, "scope": scope, "type": RTN_UNICAST}, attrs)
