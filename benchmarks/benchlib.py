@@ -101,11 +101,9 @@ def machine_info(arping: str | None = None) -> dict[str, str]:
                 break
     iptables = _command_output(["iptables", "--version"])
     backend = re.search(r"\((\w+)\)", iptables)
-    from egress_router import __version__
-    from egress_router.netlink import iproute_class
-
-    iproute_class()
     import importlib.metadata
+
+    from egress_router import __version__
 
     commit = _command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "egress_router"],
@@ -168,9 +166,9 @@ def stale_bytecode() -> list[str]:
     import egress_router.config  # noqa: F401
     import egress_router.entry  # noqa: F401
     import egress_router.router  # noqa: F401
-    from egress_router.netlink import netlink_error
+    from egress_router.netlink import load_pyroute2_modules
 
-    netlink_error()
+    load_pyroute2_modules()
     stale = []
     for name, module in sorted(sys.modules.items()):
         source = getattr(module, "__file__", None)

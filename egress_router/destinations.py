@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import AddressValueError, IPv4Address
 
 from .errors import ConfigError
@@ -11,6 +12,7 @@ from .errors import ConfigError
 PROTOCOLS = ("tcp", "udp", "sctp")
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")
 _DIGITS = re.compile(r"[0-9]+")
+_BROADCAST = IPv4Address("255.255.255.255")
 
 GRAMMAR_HELP = """\
 One rule per line:
@@ -51,21 +53,29 @@ class Destinations:
 def parse_ipv4(value: str, variable: str, *, line: int | None = None, text: str | None = None,
                what: str = "an IPv4 address") -> IPv4Address:
     """Parse a dotted-quad IPv4 address, rejecting ones that can never be a useful endpoint."""
-    try:
-        address = IPv4Address(value)
-    except (AddressValueError, ValueError):
-        raise ConfigError(variable, f"{value!r} is not {what}", line=line, text=text) from None
+    address = _ipv4(value)
+    if address is None:
+        raise ConfigError(variable, f"{value!r} is not {what}", line=line, text=text)
     problem = unusable_reason(address)
     if problem:
         raise ConfigError(variable, f"{value} is {problem}", line=line, text=text)
     return address
 
 
+@lru_cache(maxsize=4096)
+def _ipv4(value: str) -> IPv4Address | None:
+    """Long rule lists repeat a few destinations: parse each spelling once."""
+    try:
+        return IPv4Address(value)
+    except (AddressValueError, ValueError):
+        return None
+
+
 def unusable_reason(address: IPv4Address) -> str | None:
     """Why `address` cannot be a host on the network, or None if it can."""
     if address.is_unspecified:
         return "the unspecified address"
-    if address == IPv4Address("255.255.255.255"):
+    if address == _BROADCAST:
         return "the broadcast address"
     if address.is_loopback:
         return "a loopback address"
