@@ -15,6 +15,7 @@ from .destinations import GRAMMAR_HELP
 from .entry import fail, run_container
 from .errors import EgressRouterError
 from .plan import build_plan, network_commands
+from .proxy.acl import GRAMMAR_HELP as ACL_HELP
 
 
 def _variables_help() -> str:
@@ -32,7 +33,9 @@ Modes (EGRESS_ROUTER_MODE):
   init        configure the network and NAT, then exit 0 (the initContainer)
   legacy      the same, then stay up until SIGTERM/SIGINT
   unit-test   print the NAT rules the legacy image printed; change nothing
-  http-proxy, dns-proxy   configure the network only (no NAT) and exit 0
+  http-proxy  configure the network only (no NAT) and exit 0; with
+              EGRESS_HTTP_PROXY_DESTINATION set, run the HTTP proxy (see http-proxy --help)
+  dns-proxy   configure the network only (no NAT) and exit 0
 
 \b
 EGRESS_DESTINATION grammar:
@@ -92,6 +95,9 @@ def config_from_options(**options: str | None) -> RouterConfig:
 def render(**options: str | None) -> None:
     """Print what would be applied (network steps and the exact iptables-restore payload). No privileges needed."""
     config = config_from_options(**options)
+    if config.source is None:
+        click.echo("# no network set-up: EGRESS_SOURCE is unset, only the proxy runs")
+        return
     plan = build_plan(config, config.interface or DEFAULT_INTERFACE)
     click.echo(f"# network ({config.mode} mode), as iproute2 commands; applied with netlink")
     click.echo("\n".join(network_commands(plan)))
@@ -108,14 +114,55 @@ def render(**options: str | None) -> None:
 def validate(**options: str | None) -> None:
     """Check the configuration; exit 0 with a one-line summary, or 1 with the error."""
     config = config_from_options(**options)
-    parts = [f"{config.mode} mode", f"source {config.source if config.source_has_prefix else config.source.ip}",
-             f"gateway {config.gateway}"]
+    parts = [f"{config.mode} mode"]
+    if config.source is not None:
+        parts += [f"source {config.source if config.source_has_prefix else config.source.ip}",
+                  f"gateway {config.gateway}"]
+    else:
+        parts.append("no network set-up (proxy only)")
+    if config.http_proxy is not None:
+        parts.append(f"HTTP proxy on port {config.http_proxy.port}: {config.http_proxy.acl.describe()}")
     if config.destinations is not None:
         fallback = f", fallback {config.destinations.fallback}" if config.destinations.fallback else ", no fallback"
         parts.append(f"{len(config.destinations.rules)} port rule(s){fallback}")
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo("valid: " + "; ".join(parts))
+
+
+@main.command("http-proxy")
+@click.option("--destination", envvar="EGRESS_HTTP_PROXY_DESTINATION", required=True,
+              help="EGRESS_HTTP_PROXY_DESTINATION: the allow list (use $'...\\n...')")
+@click.option("--port", envvar="EGRESS_HTTP_PROXY_PORT", help="EGRESS_HTTP_PROXY_PORT [default: 8080]")
+@click.option("--workers", envvar="EGRESS_HTTP_PROXY_WORKERS", help="EGRESS_HTTP_PROXY_WORKERS [default: CPUs]")
+@click.option("--access-log/--no-access-log", default=None, help="EGRESS_HTTP_PROXY_ACCESS_LOG")
+@click.option("--connect-timeout", envvar="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT",
+              help="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT, seconds [default: 10]")
+@click.option("--max-connections", envvar="EGRESS_HTTP_PROXY_MAX_CONNECTIONS",
+              help="EGRESS_HTTP_PROXY_MAX_CONNECTIONS [default: 10000]")
+@click.option("--grace", envvar="EGRESS_PROXY_GRACE_SECONDS", help="EGRESS_PROXY_GRACE_SECONDS [default: 10]")
+def http_proxy(destination: str, port: str | None, workers: str | None, access_log: bool | None,
+               connect_timeout: str | None, max_connections: str | None, grace: str | None) -> None:
+    """Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE is set).
+
+    \b
+    EGRESS_HTTP_PROXY_DESTINATION grammar:
+    """
+    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
+    env["EGRESS_HTTP_PROXY_DESTINATION"] = destination
+    env.pop("EGRESS_ROUTER_MODE", None)
+    for name, value in (("EGRESS_HTTP_PROXY_PORT", port), ("EGRESS_HTTP_PROXY_WORKERS", workers),
+                        ("EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", connect_timeout),
+                        ("EGRESS_HTTP_PROXY_MAX_CONNECTIONS", max_connections),
+                        ("EGRESS_PROXY_GRACE_SECONDS", grace)):
+        if value is not None:
+            env[name] = value
+    if access_log is not None:
+        env["EGRESS_HTTP_PROXY_ACCESS_LOG"] = "1" if access_log else "0"
+    sys.exit(run_container(env))
+
+
+http_proxy.help = (http_proxy.help or "") + "\n" + ACL_HELP
 
 
 @main.command()

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv4Interface
 
 from .destinations import Destinations, parse_destinations, parse_ipv4
 from .errors import ConfigError
+from .proxy.settings import HTTP_VARIABLES, HttpProxySettings, http_proxy_requested, load_http_proxy
 
 MODES = ("init", "legacy", "unit-test", "http-proxy", "dns-proxy")
 DEFAULT_MODE = "legacy"
@@ -18,7 +19,8 @@ DEFAULT_POD_INTERFACE = "eth0"
 
 # name -> (default, meaning); the single list behind --help, the README table and typo warnings.
 VARIABLES: dict[str, tuple[str, str]] = {
-    "EGRESS_SOURCE": ("(required)", "reserved IPv4 source address, optionally with /prefix"),
+    "EGRESS_SOURCE": ("(required)", "reserved IPv4 source address, optionally with /prefix "
+                      "(a proxy-only container may leave it and EGRESS_GATEWAY unset)"),
     "EGRESS_GATEWAY": ("(required)", "IPv4 address of the LAN gateway"),
     "EGRESS_DESTINATION": ("(required in init, legacy, unit-test)", "redirect rules, one per line"),
     "EGRESS_ROUTER_MODE": (DEFAULT_MODE, "one of " + ", ".join(MODES)),
@@ -26,6 +28,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EGRESS_INTERFACE": (DEFAULT_INTERFACE, "egress (macvlan) interface; if unset and macvlan0 is "
                          "missing, the only macvlan link is used"),
     "EGRESS_POD_INTERFACE": (DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic is redirected"),
+    **HTTP_VARIABLES,
 }
 
 _IFNAME_BAD = re.compile(r"[/:\s]")
@@ -36,27 +39,39 @@ class RouterConfig:
     """Everything the router was asked to do, validated."""
 
     mode: str
-    source: IPv4Interface
+    source: IPv4Interface | None  # None: a proxy-only container, the network is not touched
     source_has_prefix: bool
-    gateway: IPv4Address
+    gateway: IPv4Address | None
     destinations: Destinations | None
     interface: str | None  # None: macvlan0, or the only macvlan link if macvlan0 is missing
     pod_interface: str
     debug: bool
     warnings: tuple[str, ...] = ()
+    http_proxy: HttpProxySettings | None = None
 
     @property
     def configures_nat(self) -> bool:
         return self.mode in NAT_MODES
 
+    @property
+    def configures_network(self) -> bool:
+        return self.source is not None
+
 
 def load(env: Mapping[str, str]) -> RouterConfig:
     """Validate the environment; raise ConfigError naming the first bad variable."""
-    mode = env.get("EGRESS_ROUTER_MODE", "").strip() or DEFAULT_MODE
-    if mode not in MODES:
-        raise ConfigError("EGRESS_ROUTER_MODE", f"{mode!r} is not one of {', '.join(MODES)}")
-    source, has_prefix = parse_source(require(env, "EGRESS_SOURCE"))
-    gateway = parse_gateway(require(env, "EGRESS_GATEWAY"), source, has_prefix)
+    mode = select_mode(env)
+    http_proxy = load_http_proxy(env) if http_proxy_requested(env) else None
+    source: IPv4Interface | None = None
+    gateway: IPv4Address | None = None
+    has_prefix = False
+    if http_proxy is not None and not env.get("EGRESS_SOURCE", "").strip():
+        if env.get("EGRESS_GATEWAY", "").strip():
+            raise ConfigError("EGRESS_GATEWAY", "is set but EGRESS_SOURCE is not: set both to configure the "
+                              "network before the proxy starts, or neither to run the proxy alone")
+    else:
+        source, has_prefix = parse_source(require(env, "EGRESS_SOURCE"))
+        gateway = parse_gateway(require(env, "EGRESS_GATEWAY"), source, has_prefix)
     destinations = None
     if mode in NAT_MODES:
         destinations = parse_destinations(require(env, "EGRESS_DESTINATION"))
@@ -77,7 +92,22 @@ def load(env: Mapping[str, str]) -> RouterConfig:
         pod_interface=pod_interface,
         debug=bool(env.get("EGRESS_ROUTER_DEBUG", "")),
         warnings=unknown_variable_warnings(env),
+        http_proxy=http_proxy,
     )
+
+
+def select_mode(env: Mapping[str, str]) -> str:
+    """EGRESS_ROUTER_MODE; unset with EGRESS_HTTP_PROXY_DESTINATION set means http-proxy (the legacy proxy
+    container set only the latter)."""
+    mode = env.get("EGRESS_ROUTER_MODE", "").strip()
+    if mode and mode not in MODES:
+        raise ConfigError("EGRESS_ROUTER_MODE", f"{mode!r} is not one of {', '.join(MODES)}")
+    if http_proxy_requested(env):
+        if mode and mode != "http-proxy":
+            raise ConfigError("EGRESS_HTTP_PROXY_DESTINATION", f"is set, but EGRESS_ROUTER_MODE is {mode!r}: the HTTP "
+                              "proxy runs with EGRESS_ROUTER_MODE=http-proxy or unset")
+        return "http-proxy"
+    return mode or DEFAULT_MODE
 
 
 def require(env: Mapping[str, str], name: str) -> str:

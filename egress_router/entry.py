@@ -6,6 +6,7 @@ milliseconds, and the container behaviour needs none of it. Anything with argume
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -30,10 +31,22 @@ def run_container(env: Mapping[str, str]) -> int:
 
             sys.stdout.write("\n".join(legacy_lines(config)) + "\n")
             return 0
-        from . import logs, router
+        from . import logs
 
         logs.configure(config.debug)
-        return router.run(config)
+        for warning in config.warnings:
+            logging.getLogger("egress_router").warning("%s", warning)
+        if config.configures_network:
+            from . import router
+
+            code = router.run(config)
+            if code or config.http_proxy is None:
+                return code
+        if config.http_proxy is not None:
+            from .proxy import http
+
+            return http.run(config.http_proxy)
+        return 0
     except EgressRouterError as exc:
         fail(str(exc))
 

@@ -45,7 +45,7 @@ def dnat_specs(destinations: Destinations, pod_interface: str, *, legacy: bool =
 
 def legacy_lines(config: RouterConfig) -> list[str]:
     """What the legacy image printed in unit-test mode."""
-    assert config.destinations is not None
+    assert config.destinations is not None and config.source is not None
     lines = [f"-A PREROUTING {spec}" for spec in dnat_specs(config.destinations, config.pod_interface, legacy=True)]
     lines.append(f"-A POSTROUTING -j SNAT --to-source {config.source.ip}")
     return lines

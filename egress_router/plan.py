@@ -26,6 +26,7 @@ class Plan:
 
 def build_plan(config: RouterConfig, interface: str) -> Plan:
     """`interface` is the egress interface resolved on the system (see links.resolve_interface)."""
+    assert config.source is not None and config.gateway is not None, "no network to plan"
     return Plan(
         interface=interface,
         pod_interface=config.pod_interface,

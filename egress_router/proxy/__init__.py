@@ -1,0 +1,1 @@
+"""The proxy modes (HTTP, TCP, DNS) and the access rules they enforce."""

@@ -1,0 +1,917 @@
+"""The HTTP proxy worker: absolute-form forwarding with keep-alive both ways, CONNECT tunnels, probes.
+
+Built on asyncio protocols (uvloop when installed) and httptools' C parser: no stream objects,
+no task per request on the fast path. Every request's destination is checked against the allow
+list; names are resolved here and only the addresses the list allows are connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, cast
+
+import httptools
+
+from . import metrics
+from .acl import HostError, normalize_host
+from .metrics import SharedCounters, WorkerCounters
+from .settings import HttpProxySettings
+
+log = logging.getLogger(__name__)
+
+Address = IPv4Address | IPv6Address
+VIA = b"1.1 egress-router"
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
+                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+NO_BODY_STATUS = frozenset({204, 304})
+HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
+POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
+POOL_MAX_PER_KEY = 256
+DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+
+
+class ProxyError(Exception):
+    """Answer the client with `status` and a one-line `message`."""
+
+    def __init__(self, status: int, message: str, counter: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.counter = counter
+
+
+def simple_response(status: int, body: str, *, close: bool, content_type: bytes = b"text/plain") -> bytes:
+    payload = body.encode()
+    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: ".encode() + content_type
+            + f"; charset=utf-8\r\nContent-Length: {len(payload)}\r\nVia: ".encode() + VIA
+            + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
+    return head + payload
+
+
+class Worker:
+    """One process's proxy: its connections, upstream pool and DNS cache."""
+
+    def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int):
+        self.settings = settings
+        self.acl = settings.acl
+        self.shared = shared
+        self.counters: WorkerCounters = shared.row(index)
+        self.index = index
+        self.loop = asyncio.get_event_loop()
+        self.now = self.loop.time()
+        self.clients: set[ClientConnection] = set()
+        self.pool: dict[tuple[str, int], list[Upstream]] = {}
+        self.dns: dict[str, tuple[float, list[Address]]] = {}
+        self.draining = False
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------ life cycle
+    async def run(self, sockets: list[socket.socket]) -> int:
+        servers = [await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+                   for sock in sockets]
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signo, self.stopped.set)
+        sweeper = self.loop.create_task(self.sweep())
+        await self.stopped.wait()
+        for server in servers:
+            server.close()
+        await self.drain()
+        sweeper.cancel()
+        return 0
+
+    async def drain(self) -> None:
+        self.draining = True
+        for client in list(self.clients):
+            if client.idle():
+                client.close()
+        deadline = self.loop.time() + self.settings.grace_seconds
+        while self.clients and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.abort("the grace period ended")
+        for conns in self.pool.values():
+            for upstream in conns:
+                upstream.close()
+
+    async def sweep(self) -> None:
+        """Once a second: the coarse clock, idle and stalled connections, stale pool entries."""
+        settings = self.settings
+        while True:
+            await asyncio.sleep(1.0)
+            self.now = now = self.loop.time()
+            for client in list(self.clients):
+                quiet = now - client.last
+                if client.idle():
+                    limit = HEADER_TIMEOUT if client.parsing is not None else settings.idle_timeout
+                    if quiet > limit or (self.draining and client.parsing is None):
+                        client.close()
+                elif quiet > settings.tunnel_idle_timeout:
+                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
+            for key, conns in list(self.pool.items()):
+                keep = [u for u in conns if now - u.idle_since < POOL_IDLE_SECONDS and not u.closed]
+                for upstream in conns:
+                    if upstream not in keep:
+                        upstream.close()
+                if keep:
+                    self.pool[key] = keep
+                else:
+                    del self.pool[key]
+            for name in [n for n, (expires, _) in self.dns.items() if expires < now]:
+                del self.dns[name]
+
+    # ------------------------------------------------------------ destinations
+    def addresses_for(self, host: str | Address) -> list[Address] | None:
+        """Allowed addresses when known without a lookup; None when the name must be resolved."""
+        if not isinstance(host, str):
+            if not self.acl.address_allowed(None, host):
+                raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+            return [host]
+        verdict = self.acl.name_verdict(host)
+        if verdict is False:
+            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+        cached = self.dns.get(host)
+        if cached is None or cached[0] < self.now:
+            return None
+        return self._allowed(host, cached[1], verdict)
+
+    def _allowed(self, host: str, addresses: list[Address], verdict: bool | None) -> list[Address]:
+        allowed = addresses if verdict else self.acl.allowed_addresses(host, addresses)
+        if not allowed:
+            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+        return allowed
+
+    async def resolve(self, host: str, port: int) -> list[Address]:
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ProxyError(502, f"cannot resolve {host}: {exc.strerror}", metrics.UPSTREAM_ERRORS) from None
+        addresses: list[Address] = []
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                address = ip_address(str(sockaddr[0]).split("%", 1)[0])
+                if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                if address not in addresses:
+                    addresses.append(address)
+        self.dns[host] = (self.now + DNS_TTL, addresses)
+        return self._allowed(host, addresses, self.acl.name_verdict(host))
+
+    async def open_upstream(self, host: str | Address, port: int, addresses: list[Address] | None,
+                            factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, str]:
+        """Connect to the first allowed address that answers; 502 or 504 if none does."""
+        if addresses is None:
+            assert isinstance(host, str)
+            addresses = await self.resolve(host, port)
+        timeout = self.settings.connect_timeout
+        last: ProxyError | None = None
+        for address in addresses:
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    self.loop.create_connection(factory, str(address), port), timeout)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return transport, protocol, str(address)
+            except TimeoutError:
+                last = ProxyError(504, f"timed out connecting to {host} ({address}) port {port}",
+                                  metrics.UPSTREAM_TIMEOUTS)
+            except OSError as exc:
+                last = ProxyError(502, f"cannot connect to {host} ({address}) port {port}: "
+                                       f"{exc.strerror or exc}", metrics.UPSTREAM_ERRORS)
+        assert last is not None
+        raise last
+
+    def pooled(self, key: tuple[str, int]) -> Upstream | None:
+        conns = self.pool.get(key)
+        while conns:
+            upstream = conns.pop()
+            if not upstream.closed:
+                return upstream
+        return None
+
+    def release(self, upstream: Upstream) -> None:
+        conns = self.pool.setdefault(upstream.key, [])
+        if len(conns) >= POOL_MAX_PER_KEY or self.draining:
+            upstream.close()
+            return
+        upstream.client = None
+        upstream.idle_since = self.now
+        conns.append(upstream)
+
+
+class Request:
+    """One request from the client, parsed and being forwarded."""
+
+    __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
+                 "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
+                 "tunnel", "sent")
+
+    def __init__(self, now: float):
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.complete = False
+        self.body: list[bytes] | None = []  # buffered until an upstream takes it; then None
+        self.started = now
+        self.host_text = ""
+        self.port = 0
+        self.upstream: Upstream | None = None
+        self.head_only = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.status = 0
+        self.tunnel = False
+        self.sent = False  # response head sent to the client
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Request | None = None
+        self.current: Request | None = None
+        self.queue: list[Request] = []
+        self.head_size = 0
+        self.last = worker.now
+        self.peer = "-"
+        self.closing = False
+        self.tunnel: asyncio.Transport | None = None
+        self.tunnel_eof = [False, False]  # client side, upstream side
+        self.paused = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        worker = self.worker
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
+            worker.counters.add(metrics.REJECTED)
+            transport.write(simple_response(503, "too many connections\n", close=True))
+            transport.close()
+            self.closing = True
+            return
+        worker.counters.add(metrics.OPEN)
+        worker.clients.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.worker.clients:
+            self.worker.clients.discard(self)
+            self.worker.counters.sub(metrics.OPEN)
+        self.closing = True
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.log_tunnel()
+        current = self.current
+        if current is not None and current.upstream is not None:
+            current.upstream.client = None
+            current.upstream.close()  # mid-response: the upstream connection cannot be reused
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.worker.now
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            self.worker.counters.add(metrics.BYTES_UP, len(data))
+            if self.current is not None:
+                self.current.bytes_up += len(data)
+            return
+        if self.closing:
+            return
+        current = self.current
+        if current is not None and current.tunnel:  # tunnel not open yet: hold the bytes for it
+            if current.body is not None:
+                current.body.append(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded(data[upgrade.args[0]:])
+        except httptools.HttpParserError as exc:
+            self.bad_request(f"malformed request: {exc}")
+        except ProxyError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            self.tunnel_eof[0] = True
+            if self.tunnel.can_write_eof():
+                self.tunnel.write_eof()
+            return not self.tunnel_eof[1]  # keep the other direction open (half-close)
+        if self.current is not None:  # the client is done sending; let its response finish
+            self.current.keep_alive = False
+            for queued in self.queue:
+                queued.keep_alive = False
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        upstream = self.current.upstream if self.current is not None else None
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.current.upstream if self.current is not None else None
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    # ------------------------------------------------------------ httptools callbacks
+    def on_message_begin(self) -> None:
+        self.parsing = Request(self.worker.loop.time())
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > self.worker.settings.header_limit:
+            raise ProxyError(431, "request head too large", metrics.BAD)
+
+    def on_headers_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive() and not self.worker.draining
+        for name, value in request.headers:
+            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                request.chunked = True
+        if self.current is None:
+            self.current = request
+            self.start(request)
+        else:
+            self.queue.append(request)
+            if not self.paused and self.transport is not None:
+                self.transport.pause_reading()
+                self.paused = True
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        if request.body is not None:
+            request.body.append(body)
+        else:
+            self.forward_body(request, body)
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        request.complete = True
+        self.parsing = None
+        if request.body is None:
+            self.forward_body_end(request)
+
+    # ------------------------------------------------------------ requests
+    def start(self, request: Request) -> None:
+        """Decide and dispatch the current request."""
+        try:
+            if request.method == b"CONNECT":
+                self.start_tunnel(request)
+                return
+            url = request.url
+            if url[:1] == b"/":
+                self.origin_form(request)
+                return
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise ProxyError(400, "the request target is not a valid URL", metrics.BAD) from None
+            if parsed.schema is None or parsed.schema.lower() != b"http":
+                raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", metrics.BAD)
+            if parsed.userinfo:
+                raise ProxyError(400, "user information in the URL is not accepted", metrics.BAD)
+            host = self.host_of(parsed.host.decode("latin-1") if parsed.host else "")
+            port = parsed.port or 80
+            request.port = port
+            path = parsed.path or b"/"
+            if parsed.query is not None:
+                path += b"?" + parsed.query
+            request.url = path
+            request.head_only = request.method == b"HEAD"
+            addresses = self.worker.addresses_for(host)
+            if addresses is not None:
+                upstream = self.worker.pooled((str(addresses[0]), port))
+                if upstream is not None:
+                    self.send_request(request, upstream)
+                    return
+            self.worker.loop.create_task(self.dispatch(request, host, port, addresses))
+        except ProxyError as exc:
+            self.fail(exc)
+
+    def host_of(self, text: str) -> str | Address:
+        try:
+            host = normalize_host(text)
+        except HostError as exc:
+            raise ProxyError(400, f"bad host {text!r}: {exc}", metrics.BAD) from None
+        if self.current is not None:
+            self.current.host_text = host if isinstance(host, str) else (
+                f"[{host}]" if isinstance(host, IPv6Address) else str(host))
+        return host
+
+    async def dispatch(self, request: Request, host: str | Address, port: int,
+                       addresses: list[Address] | None) -> None:
+        try:
+            if addresses is None:
+                assert isinstance(host, str)
+                addresses = await self.worker.resolve(host, port)
+                upstream = self.worker.pooled((str(addresses[0]), port))
+                if upstream is not None:
+                    self.send_request(request, upstream)
+                    return
+            transport, upstream, address = await self.worker.open_upstream(
+                host, port, addresses, lambda: Upstream(self.worker))
+            upstream.key = (address, port)
+            if self.closing:
+                transport.close()
+                return
+            self.send_request(request, upstream)
+        except ProxyError as exc:
+            if not self.closing:
+                self.fail(exc)
+
+    def send_request(self, request: Request, upstream: Upstream) -> None:
+        worker = self.worker
+        worker.counters.add(metrics.ALLOWED)
+        request.upstream = upstream
+        upstream.attach(self, request)
+        host_header = request.host_text.encode() + (b"" if request.port == 80 else b":%d" % request.port)
+        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
+        connection_tokens = drop_tokens(request.headers)
+        via = VIA
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower == b"host" or lower in connection_tokens:
+                continue
+            if lower == b"via":
+                via = value + b", " + VIA
+                continue
+            if request.chunked and lower == b"content-length":
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"Via: " + via + b"\r\n")
+        if request.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        assert upstream.transport is not None
+        upstream.transport.write(b"".join(lines))
+        body, request.body = request.body, None
+        for chunk in body or ():
+            self.forward_body(request, chunk)
+        if request.complete:
+            self.forward_body_end(request)
+
+    def forward_body(self, request: Request, chunk: bytes) -> None:
+        upstream = request.upstream
+        if upstream is None or upstream.transport is None or upstream.closed:
+            return
+        request.bytes_up += len(chunk)
+        self.worker.counters.add(metrics.BYTES_UP, len(chunk))
+        if request.chunked:
+            upstream.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            upstream.transport.write(chunk)
+
+    def forward_body_end(self, request: Request) -> None:
+        upstream = request.upstream
+        if request.chunked and upstream is not None and upstream.transport is not None and not upstream.closed:
+            upstream.transport.write(b"0\r\n\r\n")
+
+    # upstream -> client
+    def response_head(self, request: Request, upstream: Upstream, status: int, reason: bytes,
+                      headers: list[tuple[bytes, bytes]], upstream_keep_alive: bool) -> None:
+        request.status = status
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if 100 <= status < 200:  # informational: pass it on, the final response follows
+            transport.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
+            return
+        connection_tokens = drop_tokens(headers)
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        has_length = False
+        chunked_upstream = False
+        via = VIA
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked_upstream = b"chunked" in value.lower()
+                continue
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                continue
+            if lower == b"via":
+                via = value + b", " + VIA
+                continue
+            if lower == b"content-length":
+                has_length = True
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"Via: " + via + b"\r\n")
+        no_body = request.head_only or status in NO_BODY_STATUS
+        upstream.rechunk = False
+        if not no_body and (chunked_upstream or not has_length):
+            if request.version == "1.1":
+                upstream.rechunk = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                request.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
+        if not request.keep_alive or self.worker.draining:
+            request.keep_alive = False
+            lines.append(b"Connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        transport.write(b"".join(lines))
+        request.sent = True
+
+    def response_body(self, request: Request, upstream: Upstream, chunk: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        request.bytes_down += len(chunk)
+        self.worker.counters.add(metrics.BYTES_DOWN, len(chunk))
+        if upstream.rechunk:
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            transport.write(chunk)
+
+    def response_done(self, request: Request, upstream: Upstream, reusable: bool) -> None:
+        if upstream.rechunk and self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
+        request.upstream = None
+        if reusable and request.complete:
+            self.worker.release(upstream)
+        else:
+            upstream.close()
+        self.finish(request)
+
+    def upstream_failed(self, request: Request, message: str) -> None:
+        """The upstream closed or failed before the response was complete."""
+        request.upstream = None
+        if request.sent or self.transport is None:
+            self.abort(message)  # the client has part of a response: it must see the connection end
+            return
+        self.worker.counters.add(metrics.UPSTREAM_ERRORS)
+        self.fail(ProxyError(502, message))
+
+    def finish(self, request: Request) -> None:
+        if self.worker.settings.access_log:
+            self.access_log(request, "allowed" if request.status < 400 else "error")
+        self.current = None
+        if not request.keep_alive or self.closing:
+            self.close()
+            return
+        if self.queue:
+            self.current = self.queue.pop(0)
+            if not self.queue and self.paused and self.transport is not None:
+                self.transport.resume_reading()
+                self.paused = False
+            self.start(self.current)
+
+    def origin_form(self, request: Request) -> None:
+        path = request.url.split(b"?", 1)[0]
+        if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
+            self.reply(request, 200, "ok\n")
+        elif path == b"/metrics" and request.method in (b"GET", b"HEAD"):
+            self.reply(request, 200, metrics.prometheus_http(self.worker.shared),
+                       content_type=b"text/plain; version=0.0.4")
+        else:
+            raise ProxyError(400, "this is a proxy: send absolute-form requests (http://host/path) or CONNECT",
+                             metrics.BAD)
+
+    def reply(self, request: Request, status: int, body: str, *, content_type: bytes = b"text/plain") -> None:
+        request.status = status
+        if self.transport is not None and not self.closing:
+            payload = simple_response(status, body, close=not request.keep_alive, content_type=content_type)
+            if request.method == b"HEAD":
+                payload = payload.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            self.transport.write(payload)
+        if request.complete:
+            self.finish(request)
+        else:
+            request.keep_alive = False  # the body we did not read makes the connection unusable
+            self.finish(request)
+
+    def fail(self, exc: ProxyError) -> None:
+        if exc.counter is not None:
+            self.worker.counters.add(exc.counter)
+        request = self.current
+        if exc.status == 400 or exc.status == 431 or request is None:
+            self.bad_request(exc.message, exc.status)
+            return
+        if self.worker.settings.access_log or exc.status >= 500:
+            log.log(logging.INFO if exc.status < 500 else logging.WARNING, "%s %s %s: %d %s", self.peer,
+                    request.method.decode("latin-1"), request.host_text or request.url[:200].decode("latin-1"),
+                    exc.status, exc.message)
+        request.status = exc.status
+        request.keep_alive = request.keep_alive and request.complete
+        if self.transport is not None and not self.closing:
+            self.transport.write(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
+        self.current = None
+        if not request.keep_alive:
+            self.close()
+        elif self.queue:
+            self.current = self.queue.pop(0)
+            self.start(self.current)
+
+    def bad_request(self, message: str, status: int = 400) -> None:
+        if self.closing:
+            return
+        if self.worker.settings.access_log:
+            log.info("%s bad request: %d %s", self.peer, status, message)
+        if self.transport is not None:
+            self.transport.write(simple_response(status, message + "\n", close=True))
+        self.close()
+
+    # ------------------------------------------------------------ tunnels
+    def start_tunnel(self, request: Request) -> None:
+        target = request.url.decode("latin-1")
+        host_text, sep, port_text = target.rpartition(":")
+        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ProxyError(400, f"CONNECT needs host:port, got {target[:200]!r}", metrics.BAD)
+        host = self.host_of(host_text)
+        request.port = int(port_text)
+        request.tunnel = True
+        addresses = self.worker.addresses_for(host)
+        self.worker.loop.create_task(self.open_tunnel(request, host, addresses))
+
+    def upgraded(self, early: bytes) -> None:
+        """The parser stopped after the CONNECT head; bytes after it belong to the tunnel."""
+        if early and self.current is not None and self.current.tunnel:
+            assert self.current.body is not None
+            self.current.body.append(early)
+
+    async def open_tunnel(self, request: Request, host: str | Address, addresses: list[Address] | None) -> None:
+        try:
+            transport, relay, address = await self.worker.open_upstream(
+                host, request.port, addresses, lambda: TunnelUpstream(self))
+        except ProxyError as exc:
+            if not self.closing:
+                self.fail(exc)
+            return
+        if self.closing or self.transport is None:
+            transport.close()
+            return
+        worker = self.worker
+        worker.counters.add(metrics.ALLOWED)
+        worker.counters.add(metrics.TUNNELS)
+        self.tunnel = transport
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n")
+        request.status = 200
+        for chunk in request.body or ():
+            transport.write(chunk)
+            worker.counters.add(metrics.BYTES_UP, len(chunk))
+        request.body = None
+        request.host_text = f"{request.host_text}:{request.port}"
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.last = self.worker.now
+        if self.transport is not None:
+            self.transport.write(data)
+            self.worker.counters.add(metrics.BYTES_DOWN, len(data))
+            if self.current is not None:
+                self.current.bytes_down += len(data)
+
+    def tunnel_upstream_eof(self) -> bool:
+        self.tunnel_eof[1] = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        return not self.tunnel_eof[0]
+
+    def tunnel_closed(self) -> None:
+        self.log_tunnel()
+        self.tunnel = None
+        self.close()
+
+    def log_tunnel(self) -> None:
+        request = self.current
+        if request is not None and request.tunnel and self.worker.settings.access_log:
+            self.access_log(request, "allowed")
+            request.tunnel = False  # logged once
+
+    # ------------------------------------------------------------ closing
+    def idle(self) -> bool:
+        return self.current is None and self.tunnel is None and not self.queue
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        if self.worker.settings.access_log:
+            log.info("%s connection closed: %s", self.peer, reason)
+        self.closing = True
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def access_log(self, request: Request, verdict: str) -> None:
+        duration = (self.worker.loop.time() - request.started) * 1000
+        target = request.host_text if request.tunnel else request.host_text + request.url[:200].decode("latin-1")
+        log.info("%s %s %s %s %d up=%d down=%d %.1fms", self.peer, request.method.decode("latin-1"), target,
+                 verdict, request.status, request.bytes_up, request.bytes_down, duration)
+
+
+def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in Connection: are hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+class Upstream(asyncio.Protocol):
+    """A keep-alive connection to an origin server; attached to one client request at a time."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.request: Request | None = None
+        self.key: tuple[str, int] = ("", 0)
+        self.closed = False
+        self.idle_since = 0.0
+        self.rechunk = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.done_early = False
+
+    def attach(self, client: ClientConnection, request: Request) -> None:
+        self.client = client
+        self.request = request
+        self.headers = []
+        self.reason = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client, request = self.client, self.request
+        self.client = self.request = None
+        if client is not None and request is not None and request.upstream is self:
+            client.upstream_failed(request, "the upstream server closed the connection"
+                                   + (f" ({exc})" if exc else ""))
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is None:  # data on an idle pooled connection: the server broke protocol
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            client, request = self.client, self.request
+            self.client = self.request = None
+            self.close()
+            if client is not None and request is not None:
+                client.upstream_failed(request, f"invalid response from the upstream server: {exc}")
+            return
+        if self.done_early:  # a response without a body ended at its head: start a fresh parser
+            self.done_early = False
+            self.parser = httptools.HttpResponseParser(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None and not self.client.paused:
+            self.client.transport.resume_reading()
+
+    # httptools callbacks
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        client, request = self.client, self.request
+        if client is None or request is None:
+            return
+        status = self.parser.get_status_code()
+        client.response_head(request, self, status, self.reason, self.headers, self.parser.should_keep_alive())
+        if 100 <= status < 200:
+            self.headers = []
+            self.reason = b""
+            return
+        if request.head_only or status in NO_BODY_STATUS:
+            # httptools would wait for a body the server will not send: the response ends here.
+            self.done_early = True
+            self._complete(self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None and self.request is not None:
+            self.client.response_body(self.request, self, body)
+
+    def on_message_complete(self) -> None:
+        if self.done_early or self.client is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            return
+        self._complete(self.parser.should_keep_alive())
+
+    def _complete(self, keep_alive: bool) -> None:
+        client, request = self.client, self.request
+        self.client = self.request = None
+        if client is not None and request is not None:
+            client.response_done(request, self, keep_alive)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TunnelUpstream(asyncio.Protocol):
+    """The upstream side of a CONNECT tunnel: bytes go straight to the client."""
+
+    def __init__(self, client: ClientConnection):
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self.client.tunnel_data(data)
+
+    def eof_received(self) -> bool:
+        return self.client.tunnel_upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.tunnel_closed()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+
+def worker_main(settings: HttpProxySettings, shared: SharedCounters) -> Callable[[list[socket.socket], int], int]:
+    """What each worker process runs (see server.serve)."""
+
+    def main(sockets: list[socket.socket], index: int) -> int:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        shared.reset_row(index)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(Worker(settings, shared, index).run(sockets))
+        finally:
+            loop.close()
+
+    return main
+
+
+def run(settings: HttpProxySettings) -> int:
+    """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
+    from .server import available_cpus, listen_spec, serve
+
+    workers = settings.workers or available_cpus()
+    shared = SharedCounters(workers)
+    log.info("HTTP proxy allow list: %s", settings.acl.describe())
+    started = time.monotonic()
+    code = serve("HTTP proxy", listen_spec(settings.port), workers, worker_main(settings, shared),
+                 settings.grace_seconds)
+    log.debug("HTTP proxy ran for %.1f s (pid %d)", time.monotonic() - started, os.getpid())
+    return code

@@ -1,0 +1,203 @@
+"""Worker processes sharing listening ports (SO_REUSEPORT), supervised by a small master process.
+
+The master binds one socket per worker and address family before forking, so a port that cannot
+be bound is reported at once, and the kernel spreads new connections evenly over the workers.
+It restarts a worker that dies, forwards SIGTERM/SIGINT, and gives workers the grace period to
+drain before it kills what is left. Each worker runs its own event loop (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import resource
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from ..errors import SetupError
+
+log = logging.getLogger(__name__)
+
+WorkerMain = Callable[[list[socket.socket], int], int]
+RESTART_LIMIT = 5  # restarts within RESTART_WINDOW before the master gives up
+RESTART_WINDOW = 60.0
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if there is one."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-files limit to the hard one (10,000 connections need ~20,000 descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    family: socket.AddressFamily
+    host: str
+    port: int
+
+
+def listen_spec(port: int) -> list[Listen]:
+    return [Listen(socket.AF_INET, "0.0.0.0", port), Listen(socket.AF_INET6, "::", port)]
+
+
+def bind(spec: Listen, backlog: int = 4096) -> socket.socket:
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_all(specs: list[Listen]) -> list[socket.socket]:
+    """Bind every spec; IPv6 is skipped (with a log line) where the namespace has no IPv6."""
+    sockets = []
+    try:
+        for spec in specs:
+            try:
+                sockets.append(bind(spec))
+            except OSError as exc:
+                if spec.family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    log.info("No IPv6 in this network namespace; listening on IPv4 only")
+                    continue
+                family = "IPv6" if spec.family == socket.AF_INET6 else "IPv4"
+                raise SetupError(f"cannot listen on port {spec.port} ({family}): {exc.strerror}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain, grace: float) -> int:
+    """Run `workers` processes until SIGTERM/SIGINT; returns the exit code."""
+    limit = raise_file_limit()
+    log.info("Starting %s: %d worker(s) on port(s) %s (open files limit %d)", name, workers,
+             ",".join(sorted({str(s.port) for s in specs})), limit)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops | {signal.SIGCHLD})
+    children: dict[int, int] = {}  # pid -> worker index
+    sockets: dict[int, list[socket.socket]] = {}
+    for index in range(workers):
+        sockets[index] = bind_all(specs)
+    for index in range(workers):
+        children[spawn(index, sockets, worker_main)] = index
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+    restarts: list[float] = []
+    while True:
+        info = signal.sigwaitinfo(stops | {signal.SIGCHLD})
+        if info.si_signo in stops:
+            log.info("Received %s; draining for up to %g s", signal.Signals(info.si_signo).name, grace)
+            return stop_children(children, grace)
+        for pid, status in reap():
+            if pid not in children:
+                continue
+            index = children.pop(pid)
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+            log.error("Worker %d (pid %d) exited unexpectedly (%s)", index, pid, describe_status(status))
+            if len(restarts) > RESTART_LIMIT:
+                log.error("Workers keep dying (%d restarts in %g s); stopping", len(restarts), RESTART_WINDOW)
+                stop_children(children, 0)
+                return 1
+            fresh = {index: bind_all(specs)}
+            children[spawn(index, fresh, worker_main)] = index
+            for sock in fresh[index]:
+                sock.close()
+
+
+def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: WorkerMain) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for other, socks in sockets.items():
+            if other != index:
+                for sock in socks:
+                    sock.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+        code = worker_main(sockets[index], index)
+    except BaseException:
+        log.exception("Worker %d failed", index)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def reap() -> list[tuple[int, int]]:
+    done: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done.append((pid, status))
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def stop_children(children: dict[int, int], grace: float) -> int:
+    for pid in children:
+        with_suppressed(partial(os.kill, pid, signal.SIGTERM))
+    deadline = time.monotonic() + grace + 1.0
+    code = 0
+    while children and time.monotonic() < deadline:
+        for pid, status in reap():
+            if children.pop(pid, None) is not None and status != 0:
+                code = 1
+        time.sleep(0.02)
+    for pid in list(children):
+        log.warning("Worker pid %d did not finish within the grace period; killing it", pid)
+        with_suppressed(partial(os.kill, pid, signal.SIGKILL))
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        children.pop(pid)
+    log.info("Stopped")
+    return code
+
+
+def with_suppressed(action: Callable[[], object]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        action()

@@ -1,0 +1,89 @@
+"""The proxy modes' settings from the environment (pure): ports, limits, timeouts, logging."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .acl import AccessList, parse_access_list
+
+HTTP_VARIABLES: dict[str, tuple[str, str]] = {
+    "EGRESS_HTTP_PROXY_DESTINATION": ("(unset)", "allow list of the HTTP proxy; set: run the proxy"),
+    "EGRESS_HTTP_PROXY_PORT": ("8080", "port the HTTP proxy listens on (IPv4 and IPv6)"),
+    "EGRESS_HTTP_PROXY_WORKERS": ("(CPUs available)", "worker processes sharing the port"),
+    "EGRESS_HTTP_PROXY_ACCESS_LOG": ("(off)", "1: one log line per request or tunnel"),
+    "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT": ("10", "seconds to connect upstream before answering 504"),
+    "EGRESS_HTTP_PROXY_MAX_CONNECTIONS": ("10000", "concurrent client connections, over all workers"),
+    "EGRESS_HTTP_PROXY_IDLE_TIMEOUT": ("120", "seconds an idle keep-alive client connection is kept"),
+    "EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT": ("900", "seconds a tunnel or response may stall before it is closed"),
+    "EGRESS_PROXY_GRACE_SECONDS": ("10", "on SIGTERM, how long open requests and tunnels may finish"),
+}
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxySettings:
+    acl: AccessList
+    port: int = 8080
+    workers: int | None = None  # None: one per CPU available to the process
+    access_log: bool = False
+    connect_timeout: float = 10.0
+    max_connections: int = 10_000
+    idle_timeout: float = 120.0
+    tunnel_idle_timeout: float = 900.0
+    grace_seconds: float = 10.0
+    header_limit: int = 64 * 1024  # bytes of request line + headers
+
+
+def http_proxy_requested(env: Mapping[str, str]) -> bool:
+    return bool(env.get("EGRESS_HTTP_PROXY_DESTINATION", "").strip())
+
+
+def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
+    """Validate the HTTP proxy variables; raise ConfigError naming the first bad one."""
+    text = env.get("EGRESS_HTTP_PROXY_DESTINATION", "")
+    if not text.strip():
+        raise ConfigError("EGRESS_HTTP_PROXY_DESTINATION", "is not set" if "EGRESS_HTTP_PROXY_DESTINATION" not in env
+                          else "is empty")
+    return HttpProxySettings(
+        acl=parse_access_list(text),
+        port=integer(env, "EGRESS_HTTP_PROXY_PORT", 8080, 1, 65535) or 8080,
+        workers=integer(env, "EGRESS_HTTP_PROXY_WORKERS", None, 1, 256),
+        access_log=flag(env, "EGRESS_HTTP_PROXY_ACCESS_LOG"),
+        connect_timeout=seconds(env, "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", 10.0),
+        max_connections=integer(env, "EGRESS_HTTP_PROXY_MAX_CONNECTIONS", 10_000, 1, 10_000_000) or 10_000,
+        idle_timeout=seconds(env, "EGRESS_HTTP_PROXY_IDLE_TIMEOUT", 120.0),
+        tunnel_idle_timeout=seconds(env, "EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT", 900.0),
+        grace_seconds=seconds(env, "EGRESS_PROXY_GRACE_SECONDS", 10.0, minimum=0.0),
+    )
+
+
+def integer(env: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", value) or not low <= int(value) <= high:
+        raise ConfigError(name, f"{value!r} is not a whole number from {low} to {high}")
+    return int(value)
+
+
+def seconds(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.001) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if not re.fullmatch(r"[0-9]{1,7}(\.[0-9]{1,6})?", value) or float(value) < minimum:
+        raise ConfigError(name, f"{value!r} is not a number of seconds (at least {minimum:g})")
+    return float(value)
+
+
+def flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, f"{value!r} is not one of 1, 0, true, false, yes, no, on, off")
