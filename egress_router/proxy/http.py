@@ -263,8 +263,8 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
-            transport.write(simple_response(503, "too many connections\n", close=True))
-            transport.close()
+            self.transport.write(simple_response(503, "too many connections\n", close=True))
+            self.transport.close()
             self.closing = True
             return
         worker.counters.add(metrics.OPEN)
