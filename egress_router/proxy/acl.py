@@ -124,7 +124,7 @@ class AccessList:
     def name_verdict(self, name: str) -> bool | None:
         """Allow/deny for a normalized name when no address can change it; None: resolve, then allowed_addresses."""
         index = self._first_name_rule(name)
-        if index is not None:
+        if index is not None and index < self._name_boundary:
             return self.rules[index].allow
         return self._name_default
 

@@ -74,6 +74,14 @@ class Worker:
         self.dns: dict[str, tuple[float, list[Address]]] = {}
         self.draining = False
         self.stopped = asyncio.Event()
+        self.dirty: list[Endpoint] = []  # endpoints with output waiting for the end of this callback
+
+    def flush(self) -> None:
+        """Write what this callback queued: one write per connection instead of one per piece."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for endpoint in dirty:
+                endpoint.flush()
 
     # ------------------------------------------------------------ life cycle
     async def run(self, sockets: list[socket.socket]) -> int:
@@ -209,6 +217,27 @@ class Worker:
         conns.append(upstream)
 
 
+class Endpoint:
+    """A connection whose output is gathered during a callback and written once at its end."""
+
+    worker: Worker
+    transport: asyncio.Transport | None
+    out: list[bytes]
+
+    def send(self, data: bytes) -> None:
+        if not self.out:
+            self.worker.dirty.append(self)
+        self.out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
 class Request:
     """One request from the client, parsed and being forwarded."""
 
@@ -237,7 +266,7 @@ class Request:
         self.sent = False  # response head sent to the client
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(Endpoint, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
     def __init__(self, worker: Worker):
@@ -254,11 +283,15 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_eof = [False, False]  # client side, upstream side
         self.paused = False
+        self.out = []
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         worker = self.worker
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
@@ -306,6 +339,7 @@ class ClientConnection(asyncio.Protocol):
             self.bad_request(f"malformed request: {exc}")
         except ProxyError as exc:
             self.fail(exc)
+        self.worker.flush()
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
@@ -445,6 +479,7 @@ class ClientConnection(asyncio.Protocol):
                 upstream = self.worker.pooled((str(addresses[0]), port))
                 if upstream is not None:
                     self.send_request(request, upstream)
+                    self.worker.flush()
                     return
             transport, upstream, address = await self.worker.open_upstream(
                 host, port, addresses, lambda: Upstream(self.worker))
@@ -456,6 +491,7 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as exc:
             if not self.closing:
                 self.fail(exc)
+        self.worker.flush()
 
     def send_request(self, request: Request, upstream: Upstream) -> None:
         worker = self.worker
@@ -480,8 +516,7 @@ class ClientConnection(asyncio.Protocol):
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         lines.append(b"\r\n")
-        assert upstream.transport is not None
-        upstream.transport.write(b"".join(lines))
+        upstream.send(b"".join(lines))
         body, request.body = request.body, None
         for chunk in body or ():
             self.forward_body(request, chunk)
@@ -495,14 +530,14 @@ class ClientConnection(asyncio.Protocol):
         request.bytes_up += len(chunk)
         self.worker.counters.add(metrics.BYTES_UP, len(chunk))
         if request.chunked:
-            upstream.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            upstream.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            upstream.transport.write(chunk)
+            upstream.send(chunk)
 
     def forward_body_end(self, request: Request) -> None:
         upstream = request.upstream
         if request.chunked and upstream is not None and upstream.transport is not None and not upstream.closed:
-            upstream.transport.write(b"0\r\n\r\n")
+            upstream.send(b"0\r\n\r\n")
 
     # upstream -> client
     def response_head(self, request: Request, upstream: Upstream, status: int, reason: bytes,
@@ -512,7 +547,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self.closing:
             return
         if 100 <= status < 200:  # informational: pass it on, the final response follows
-            transport.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
+            self.send(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
             return
         connection_tokens = drop_tokens(headers)
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
@@ -547,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
         elif request.version == "1.0":
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        transport.write(b"".join(lines))
+        self.send(b"".join(lines))
         request.sent = True
 
     def response_body(self, request: Request, upstream: Upstream, chunk: bytes) -> None:
@@ -557,13 +592,13 @@ class ClientConnection(asyncio.Protocol):
         request.bytes_down += len(chunk)
         self.worker.counters.add(metrics.BYTES_DOWN, len(chunk))
         if upstream.rechunk:
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            transport.write(chunk)
+            self.send(chunk)
 
     def response_done(self, request: Request, upstream: Upstream, reusable: bool) -> None:
-        if upstream.rechunk and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        if upstream.rechunk:
+            self.send(b"0\r\n\r\n")
         request.upstream = None
         if reusable and request.complete:
             self.worker.release(upstream)
@@ -611,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
             payload = simple_response(status, body, close=not request.keep_alive, content_type=content_type)
             if request.method == b"HEAD":
                 payload = payload.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-            self.transport.write(payload)
+            self.send(payload)
         if request.complete:
             self.finish(request)
         else:
@@ -632,7 +667,7 @@ class ClientConnection(asyncio.Protocol):
         request.status = exc.status
         request.keep_alive = request.keep_alive and request.complete
         if self.transport is not None and not self.closing:
-            self.transport.write(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
+            self.send(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
         self.current = None
         if not request.keep_alive:
             self.close()
@@ -645,8 +680,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.worker.settings.access_log:
             log.info("%s bad request: %d %s", self.peer, status, message)
-        if self.transport is not None:
-            self.transport.write(simple_response(status, message + "\n", close=True))
+        self.send(simple_response(status, message + "\n", close=True))
         self.close()
 
     # ------------------------------------------------------------ tunnels
@@ -682,6 +716,7 @@ class ClientConnection(asyncio.Protocol):
         worker.counters.add(metrics.ALLOWED)
         worker.counters.add(metrics.TUNNELS)
         self.tunnel = transport
+        self.flush()
         self.transport.write(b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n")
         request.status = 200
         for chunk in request.body or ():
@@ -721,6 +756,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
@@ -749,7 +785,7 @@ def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-class Upstream(asyncio.Protocol):
+class Upstream(Endpoint, asyncio.Protocol):
     """A keep-alive connection to an origin server; attached to one client request at a time."""
 
     def __init__(self, worker: Worker):
@@ -765,6 +801,7 @@ class Upstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.done_early = False
+        self.out = []
 
     def attach(self, client: ClientConnection, request: Request) -> None:
         self.client = client
@@ -799,6 +836,7 @@ class Upstream(asyncio.Protocol):
         if self.done_early:  # a response without a body ended at its head: start a fresh parser
             self.done_early = False
             self.parser = httptools.HttpResponseParser(self)
+        self.worker.flush()
 
     def pause_writing(self) -> None:
         if self.client is not None and self.client.transport is not None:
