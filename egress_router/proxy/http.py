@@ -70,7 +70,7 @@ class Worker:
         self.loop = asyncio.get_event_loop()
         self.now = self.loop.time()
         self.clients: set[ClientConnection] = set()
-        self.pool: dict[tuple[str, int], list[Upstream]] = {}
+        self.pool: dict[tuple[Address, int], list[Upstream]] = {}
         self.dns: dict[str, tuple[float, list[Address]]] = {}
         self.draining = False
         self.stopped = asyncio.Event()
@@ -175,7 +175,7 @@ class Worker:
         return self._allowed(host, addresses, self.acl.name_verdict(host))
 
     async def open_upstream(self, host: str | Address, port: int, addresses: list[Address] | None,
-                            factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, str]:
+                            factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, Address]:
         """Connect to the first allowed address that answers; 502 or 504 if none does."""
         if addresses is None:
             assert isinstance(host, str)
@@ -186,10 +186,7 @@ class Worker:
             try:
                 transport, protocol = await asyncio.wait_for(
                     self.loop.create_connection(factory, str(address), port), timeout)
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return transport, protocol, str(address)
+                return transport, protocol, address
             except TimeoutError:
                 last = ProxyError(504, f"timed out connecting to {host} ({address}) port {port}",
                                   metrics.UPSTREAM_TIMEOUTS)
@@ -199,7 +196,7 @@ class Worker:
         assert last is not None
         raise last
 
-    def pooled(self, key: tuple[str, int]) -> Upstream | None:
+    def pooled(self, key: tuple[Address, int]) -> Upstream | None:
         conns = self.pool.get(key)
         while conns:
             upstream = conns.pop()
@@ -289,10 +286,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         worker = self.worker
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")  # (uvloop and asyncio set TCP_NODELAY themselves)
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
@@ -452,7 +446,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             request.head_only = request.method == b"HEAD"
             addresses = self.worker.addresses_for(host)
             if addresses is not None:
-                upstream = self.worker.pooled((str(addresses[0]), port))
+                upstream = self.worker.pooled((addresses[0], port))
                 if upstream is not None:
                     self.send_request(request, upstream)
                     return
@@ -476,7 +470,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if addresses is None:
                 assert isinstance(host, str)
                 addresses = await self.worker.resolve(host, port)
-                upstream = self.worker.pooled((str(addresses[0]), port))
+                upstream = self.worker.pooled((addresses[0], port))
                 if upstream is not None:
                     self.send_request(request, upstream)
                     self.worker.flush()
@@ -776,13 +770,18 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                  verdict, request.status, request.bytes_up, request.bytes_down, duration)
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection: are hop-by-hop too."""
+    """Header names listed in Connection: are hop-by-hop too (beyond keep-alive/close, rare)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+    tokens.discard(b"keep-alive")
+    tokens.discard(b"close")
+    return frozenset(tokens) if tokens else _NO_TOKENS
 
 
 class Upstream(Endpoint, asyncio.Protocol):
@@ -794,7 +793,7 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.client: ClientConnection | None = None
         self.request: Request | None = None
-        self.key: tuple[str, int] = ("", 0)
+        self.key: tuple[Address, int] = (IPv4Address(0), 0)
         self.closed = False
         self.idle_since = 0.0
         self.rechunk = False
