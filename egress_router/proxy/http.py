@@ -217,6 +217,7 @@ class Worker:
 class Endpoint:
     """A connection whose output is gathered during a callback and written once at its end."""
 
+    __slots__ = ("out",)  # subclasses use slots too: 10,000 idle connections should cost little memory
     worker: Worker
     transport: asyncio.Transport | None
     out: list[bytes]
@@ -266,6 +267,9 @@ class Request:
 class ClientConnection(Endpoint, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
+    __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "last",
+                 "closing", "tunnel", "tunnel_eof", "paused")
+
     def __init__(self, worker: Worker):
         self.worker = worker
         self.transport: asyncio.Transport | None = None
@@ -275,7 +279,6 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         self.queue: list[Request] = []
         self.head_size = 0
         self.last = worker.now
-        self.peer = "-"
         self.closing = False
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_eof = [False, False]  # client side, upstream side
@@ -286,8 +289,6 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         worker = self.worker
-        peer = transport.get_extra_info("peername")  # (uvloop and asyncio set TCP_NODELAY themselves)
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
             self.transport.write(simple_response(503, "too many connections\n", close=True))
@@ -745,6 +746,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             request.tunnel = False  # logged once
 
     # ------------------------------------------------------------ closing
+    @property
+    def peer(self) -> str:
+        """The client's address, for log lines (looked up only when a line is written)."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if peer else "-"
+
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
 
@@ -786,6 +793,9 @@ def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 class Upstream(Endpoint, asyncio.Protocol):
     """A keep-alive connection to an origin server; attached to one client request at a time."""
+
+    __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
+                 "headers", "reason", "done_early")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -893,6 +903,8 @@ class Upstream(Endpoint, asyncio.Protocol):
 
 class TunnelUpstream(asyncio.Protocol):
     """The upstream side of a CONNECT tunnel: bytes go straight to the client."""
+
+    __slots__ = ("client", "transport")
 
     def __init__(self, client: ClientConnection):
         self.client = client
