@@ -19,7 +19,8 @@ from .proxy.acl import GRAMMAR_HELP as ACL_HELP
 
 
 def _variables_help() -> str:
-    return "\n".join(f"  {name:<21} {meaning} [default: {default}]" for name, (default, meaning) in VARIABLES.items())
+    return "\n".join(f"  {name}  [default: {default}]\n      {meaning}"
+                     for name, (default, meaning) in VARIABLES.items())
 
 
 HELP = f"""Relay pod traffic to outside servers from one reserved source IP.
@@ -130,7 +131,8 @@ def validate(**options: str | None) -> None:
     click.echo("valid: " + "; ".join(parts))
 
 
-@main.command("http-proxy")
+@main.command("http-proxy", help="Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE "
+              "is set).\n\n\b\nEGRESS_HTTP_PROXY_DESTINATION grammar:\n" + ACL_HELP)
 @click.option("--destination", envvar="EGRESS_HTTP_PROXY_DESTINATION", required=True,
               help="EGRESS_HTTP_PROXY_DESTINATION: the allow list (use $'...\\n...')")
 @click.option("--port", envvar="EGRESS_HTTP_PROXY_PORT", help="EGRESS_HTTP_PROXY_PORT [default: 8080]")
@@ -143,11 +145,6 @@ def validate(**options: str | None) -> None:
 @click.option("--grace", envvar="EGRESS_PROXY_GRACE_SECONDS", help="EGRESS_PROXY_GRACE_SECONDS [default: 10]")
 def http_proxy(destination: str, port: str | None, workers: str | None, access_log: bool | None,
                connect_timeout: str | None, max_connections: str | None, grace: str | None) -> None:
-    """Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE is set).
-
-    \b
-    EGRESS_HTTP_PROXY_DESTINATION grammar:
-    """
     env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
     env["EGRESS_HTTP_PROXY_DESTINATION"] = destination
     env.pop("EGRESS_ROUTER_MODE", None)
@@ -161,8 +158,6 @@ def http_proxy(destination: str, port: str | None, workers: str | None, access_l
         env["EGRESS_HTTP_PROXY_ACCESS_LOG"] = "1" if access_log else "0"
     sys.exit(run_container(env))
 
-
-http_proxy.help = (http_proxy.help or "") + "\n" + ACL_HELP
 
 
 @main.command()
