@@ -36,6 +36,7 @@ POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 POOL_MAX_PER_KEY = 256
 DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout",
            431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 
@@ -120,8 +121,11 @@ class Worker:
             for client in list(self.clients):
                 quiet = now - client.last
                 if client.idle():
-                    limit = HEADER_TIMEOUT if client.parsing is not None else settings.idle_timeout
-                    if quiet > limit or (self.draining and client.parsing is None):
+                    parsing = client.parsing
+                    if parsing is not None:  # a head must be complete in time however slowly it trickles
+                        if now - parsing.started > HEADER_TIMEOUT:
+                            client.bad_request(f"request head not complete within {HEADER_TIMEOUT:g} s", 408)
+                    elif quiet > settings.idle_timeout or self.draining:
                         client.close()
                 elif quiet > settings.tunnel_idle_timeout:
                     client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
