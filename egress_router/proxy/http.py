@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, cast
 
@@ -465,8 +466,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         except HostError as exc:
             raise ProxyError(400, f"bad host {text!r}: {exc}", metrics.BAD) from None
         if self.current is not None:
-            self.current.host_text = host if isinstance(host, str) else (
-                f"[{host}]" if isinstance(host, IPv6Address) else str(host))
+            self.current.host_text = host_text(host)
         return host
 
     async def dispatch(self, request: Request, host: str | Address, port: int,
@@ -779,6 +779,14 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         target = request.host_text if request.tunnel else request.host_text + request.url[:200].decode("latin-1")
         log.info("%s %s %s %s %d up=%d down=%d %.1fms", self.peer, request.method.decode("latin-1"), target,
                  verdict, request.status, request.bytes_up, request.bytes_down, duration)
+
+
+@lru_cache(maxsize=4096)
+def host_text(host: str | Address) -> str:
+    """How the host is written in a Host header: names as they are, IPv6 in brackets."""
+    if isinstance(host, str):
+        return host
+    return f"[{host}]" if isinstance(host, IPv6Address) else str(host)
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
