@@ -36,6 +36,11 @@ GATEWAY_LAN_IP = "192.0.2.1"
 LAN_PREFIX = 24
 SOURCE_IP = "192.0.2.99"
 GATEWAY_WAN_IP = "203.0.113.1"
+# optional (Lab.pod_ipv6): an IPv6 pair on the client<->router veth
+CLIENT_IP6 = "2001:db8:100::2"
+ROUTER_POD_IP6 = "2001:db8:100::1"
+POD_PREFIX6 = 64
+ETC_NETNS = "/etc/netns"
 DEST_IPS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
@@ -82,6 +87,8 @@ class Lab:
         self._processes: list[subprocess.Popen[Any]] = []
         self._servers: list[Servers] = []
         self._created: list[str] = []
+        self._etc_files: list[str] = []  # files written under /etc/netns (see etc_file)
+        self._etc_root_created = False  # whether this lab made /etc/netns itself
 
     # ------------------------------------------------------------ life cycle
     def __enter__(self) -> Lab:
@@ -159,6 +166,7 @@ class Lab:
             with contextlib.suppress(OSError):
                 netns.remove(name)
         self._created.clear()
+        self._remove_etc_files()
 
     # ------------------------------------------------------------ helpers
     def path(self, role: str) -> str:
@@ -177,18 +185,66 @@ class Lab:
     def iproute(self, role: str) -> Any:
         return iproute_class()(netns=self.ns[role])
 
+    def enter_argv(self, role: str, *, etc: bool = False) -> list[str]:
+        """The command prefix that runs a program in a lab namespace.
+
+        `etc=True` goes through `ip netns exec`, which also bind-mounts the files written with
+        etc_file (e.g. a hosts file) over their /etc counterparts; plain nsenter does not.
+        """
+        if etc:
+            return ["ip", "netns", "exec", self.ns[role]]
+        return ["nsenter", f"--net={self.path(role)}", "--"]
+
     def exec(self, role: str, argv: list[str], *, env: Mapping[str, str] | None = None, check: bool = False,
-             timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a command inside a lab namespace (nsenter), wait for it, return its output."""
-        return subprocess.run(["nsenter", f"--net={self.path(role)}", "--", *argv], env=env, input=stdin,
+             timeout: float = 30, stdin: str | None = None, etc: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run a command inside a lab namespace (nsenter; `etc=True`: ip netns exec), wait for it, return its output."""
+        return subprocess.run([*self.enter_argv(role, etc=etc), *argv], env=env, input=stdin,
                               capture_output=True, text=True, timeout=timeout, check=check)
 
-    def spawn(self, role: str, argv: list[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    def spawn(self, role: str, argv: list[str], *, env: Mapping[str, str] | None = None,
+              etc: bool = False) -> subprocess.Popen[str]:
         """Start a long-running command in a lab namespace; it is killed on teardown if still alive."""
-        process = subprocess.Popen(["nsenter", f"--net={self.path(role)}", "--", *argv], env=env,
+        process = subprocess.Popen([*self.enter_argv(role, etc=etc), *argv], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._processes.append(process)
         return process
+
+    def etc_file(self, role: str, name: str, text: str) -> str:
+        """Write /etc/netns/<namespace>/<name>, which commands run with etc=True see as /etc/<name>.
+
+        Removed again on teardown (with the directories, when empty).
+        """
+        directory = os.path.join(ETC_NETNS, self.ns[role])
+        if not os.path.isdir(ETC_NETNS):
+            os.mkdir(ETC_NETNS, 0o755)
+            self._etc_root_created = True
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(path, 0o644)
+        if path not in self._etc_files:
+            self._etc_files.append(path)
+        return path
+
+    def _remove_etc_files(self) -> None:
+        directories = {os.path.dirname(path) for path in self._etc_files}
+        for path in self._etc_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        self._etc_files.clear()
+        for directory in sorted(directories):
+            with contextlib.suppress(OSError):  # not empty: someone else's files are there too
+                os.rmdir(directory)
+        if self._etc_root_created:
+            self._etc_root_created = False
+            with contextlib.suppress(OSError):  # not empty: another lab or tool uses it now
+                os.rmdir(ETC_NETNS)
+
+    def pod_ipv6(self) -> None:
+        """Add an IPv6 pair on the client<->router veth (no duplicate address detection: usable at once)."""
+        for role, ip in (("client", CLIENT_IP6), ("router", ROUTER_POD_IP6)):
+            self.exec(role, ["ip", "-6", "addr", "add", f"{ip}/{POD_PREFIX6}", "dev", "eth0", "nodad"], check=True)
 
     def sysctl(self, role: str, key: str, value: str) -> None:
         with self.entered(role), open("/proc/sys/" + key.replace(".", "/"), "w", encoding="ascii") as handle:

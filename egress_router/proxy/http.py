@@ -246,7 +246,7 @@ class Request:
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
                  "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent")
+                 "tunnel", "sent", "local")
 
     def __init__(self, now: float):
         self.url = b""
@@ -267,6 +267,7 @@ class Request:
         self.status = 0
         self.tunnel = False
         self.sent = False  # response head sent to the client
+        self.local = False  # answered by the proxy itself (probes, metrics)
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
@@ -442,8 +443,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", metrics.BAD)
             if parsed.userinfo:
                 raise ProxyError(400, "user information in the URL is not accepted", metrics.BAD)
-            host = self.host_of(parsed.host.decode("latin-1") if parsed.host else "")
-            port = parsed.port or 80
+            raw_host = parsed.host or b""
+            if b":" not in raw_host and b"[" in url.split(b"/", 3)[2]:
+                raise ProxyError(400, "only IPv6 addresses may be written in brackets", metrics.BAD)
+            host = self.host_of(raw_host.decode("latin-1"))
+            port = 80 if parsed.port is None else parsed.port
+            if not 1 <= port <= 65535:
+                raise ProxyError(400, f"port {port} is not a port number (1-65535)", metrics.BAD)
             request.port = port
             path = parsed.path or b"/"
             if parsed.query is not None:
@@ -569,6 +575,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         lines.append(b"Via: " + via + b"\r\n")
         no_body = request.head_only or status in NO_BODY_STATUS
         upstream.rechunk = False
+        upstream.until_close = not no_body and not chunked_upstream and not has_length
         if not no_body and (chunked_upstream or not has_length):
             if request.version == "1.1":
                 upstream.rechunk = True
@@ -616,7 +623,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def finish(self, request: Request) -> None:
         if self.worker.settings.access_log:
-            self.access_log(request, "allowed" if request.status < 400 else "error")
+            verdict = "local" if request.local else ("allowed" if request.status < 400 else "error")
+            self.access_log(request, verdict)
         self.current = None
         if not request.keep_alive or self.closing:
             self.close()
@@ -629,6 +637,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             self.start(self.current)
 
     def origin_form(self, request: Request) -> None:
+        request.local = True
         path = request.url.split(b"?", 1)[0]
         if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
             self.reply(request, 200, "ok\n")
@@ -659,11 +668,10 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if exc.status == 400 or exc.status == 431 or request is None:
             self.bad_request(exc.message, exc.status)
             return
-        if self.worker.settings.access_log or exc.status >= 500:
-            log.log(logging.INFO if exc.status < 500 else logging.WARNING, "%s %s %s: %d %s", self.peer,
-                    request.method.decode("latin-1"), request.host_text or request.url[:200].decode("latin-1"),
-                    exc.status, exc.message)
         request.status = exc.status
+        if self.worker.settings.access_log or exc.status >= 500:
+            self.access_log(request, "denied" if exc.status == 403 else "error", exc.message,
+                            level=logging.INFO if exc.status < 500 else logging.WARNING)
         request.keep_alive = request.keep_alive and request.complete
         if self.transport is not None and not self.closing:
             self.send(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
@@ -678,7 +686,9 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if self.closing:
             return
         if self.worker.settings.access_log:
-            log.info("%s bad request: %d %s", self.peer, status, message)
+            request = self.current or self.parsing
+            method = request.method.decode("latin-1") if request is not None and request.method else "-"
+            log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message)
         self.send(simple_response(status, message + "\n", close=True))
         self.close()
 
@@ -707,6 +717,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         except ProxyError as exc:
             if not self.closing:
                 self.fail(exc)
+                self.worker.flush()
             return
         if self.closing or self.transport is None:
             transport.close()
@@ -774,11 +785,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def access_log(self, request: Request, verdict: str) -> None:
+    def access_log(self, request: Request, verdict: str, note: str = "", level: int = logging.INFO) -> None:
+        """client method target verdict status up= down= duration [note]: one line per request or tunnel."""
         duration = (self.worker.loop.time() - request.started) * 1000
         target = request.host_text if request.tunnel else request.host_text + request.url[:200].decode("latin-1")
-        log.info("%s %s %s %s %d up=%d down=%d %.1fms", self.peer, request.method.decode("latin-1"), target,
-                 verdict, request.status, request.bytes_up, request.bytes_down, duration)
+        log.log(level, "%s %s %s %s %d up=%d down=%d %.1fms%s", self.peer, request.method.decode("latin-1"),
+                target or "-", verdict, request.status, request.bytes_up, request.bytes_down, duration,
+                f" {note}" if note else "")
 
 
 @lru_cache(maxsize=4096)
@@ -807,7 +820,7 @@ class Upstream(Endpoint, asyncio.Protocol):
     """A keep-alive connection to an origin server; attached to one client request at a time."""
 
     __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
-                 "headers", "reason", "done_early")
+                 "headers", "reason", "done_early", "until_close")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -822,11 +835,13 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.done_early = False
+        self.until_close = False
         self.out = []
 
     def attach(self, client: ClientConnection, request: Request) -> None:
         self.client = client
         self.request = request
+        self.until_close = False
         self.headers = []
         self.reason = b""
 
@@ -835,11 +850,16 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.until_close and exc is None and self.client is not None:
+            self._complete(False)  # a body delimited by the end of the connection has just ended
+            self.worker.flush()
+            return
         client, request = self.client, self.request
         self.client = self.request = None
         if client is not None and request is not None and request.upstream is self:
             client.upstream_failed(request, "the upstream server closed the connection"
                                    + (f" ({exc})" if exc else ""))
+            self.worker.flush()
 
     def data_received(self, data: bytes) -> None:
         if self.client is None:  # data on an idle pooled connection: the server broke protocol

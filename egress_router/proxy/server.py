@@ -142,11 +142,13 @@ def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain,
 
 
 def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: WorkerMain) -> int:
+    master = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        die_with_parent(master)
         for other, socks in sockets.items():
             if other != index:
                 for sock in socks:
@@ -158,6 +160,19 @@ def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: Work
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def die_with_parent(master: int) -> None:
+    """A worker must not outlive its master (killed with SIGKILL, say): ask the kernel for SIGTERM then."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) is not available")
+    if os.getppid() != master:  # the master died before the request took effect
+        os._exit(1)
 
 
 def reap() -> list[tuple[int, int]]:

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from egress_router.lab import DEMO_SERVERS, Lab
+from egress_router.lab import DEMO_SERVERS, DEST_IPS, Lab
+from tests.lab.origin import Origin
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,3 +34,19 @@ def served(lab: Lab) -> Lab:
     """The lab with the demo's TCP/UDP servers running in the destination namespace."""
     lab.serve(DEMO_SERVERS)
     return lab
+
+
+@pytest.fixture
+def origin(lab: Lab) -> Iterator[Origin]:
+    """HTTP origins on 203.0.113.10-12:80 and 203.0.113.10:8081, TCP echo on 203.0.113.10-12:7000 (destination)."""
+    server = Origin()
+    with lab.entered("dest"):
+        for ip in DEST_IPS:
+            server.listen(ip, 80)
+            server.listen(ip, 7000, kind="echo")
+        server.listen(DEST_IPS[0], 8081)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,982 @@
+"""HTTP proxy mode for real: egress-router's proxy in the router namespace, curl and raw sockets in the client
+namespace, origins (tests/lab/origin.py) behind the gateway, names from the router namespace's own hosts file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import pytest
+
+from egress_router.lab import (
+    CLIENT_IP,
+    CLIENT_IP6,
+    GATEWAY_LAN_IP,
+    ROUTER_POD_IP,
+    ROUTER_POD_IP6,
+    SOURCE_IP,
+    Lab,
+    router_command,
+)
+from tests.lab.origin import (
+    CHUNKED_BODY,
+    CLOSE_BODY,
+    ECHO_TAIL,
+    HOP_HEADER,
+    SLOW_BODY,
+    Origin,
+    ProtocolError,
+    Response,
+    blob,
+    read_head,
+    read_response,
+    sha256,
+)
+
+PORT = 8080
+IO_TIMEOUT = 5.0  # no answer the proxy owes may take longer: a hang fails the test instead of stalling it
+WWW, API, INTERNAL = "203.0.113.10", "203.0.113.11", "203.0.113.12"
+HOSTS = f"""\
+127.0.0.1 localhost
+::1 localhost
+{WWW} www.example.com example.com badexample.com
+{API} api.example.com deep.api.example.com other.test
+{INTERNAL} internal.example.com
+{CLIENT_IP6} v6.example.com
+"""
+# Names not in the hosts file fail at once: nothing listens on the router namespace's loopback.
+RESOLV = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+ACCESS_LINE = re.compile(r"\[info\] (?P<client>198\.51\.100\.2:\d+) (?P<method>[A-Z]+) (?P<target>\S+) "
+                         r"(?P<verdict>allowed|denied|error) (?P<status>\d{3}) up=(?P<up>\d+) down=(?P<down>\d+) "
+                         r"(?P<ms>\d+(?:\.\d+)?)ms(?: (?P<note>.+))?$")
+
+
+# ------------------------------------------------------------------ the proxy process
+
+class Proxy:
+    """egress-router running the HTTP proxy in the router namespace; stderr is collected as it comes."""
+
+    def __init__(self, lab: Lab, process: subprocess.Popen[str], port: int, grace: float):
+        self.lab, self.process, self.port, self.grace = lab, process, port, grace
+        self.workers: list[tuple[int, str]] = []  # (pid, start time): killed at teardown if the master left them
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._drain, args=(stream,), daemon=True)
+                         for stream in (process.stderr, process.stdout) if stream is not None]
+        for reader in self._readers:
+            reader.start()
+
+    def _drain(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._lock:
+                self._lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        with self._lock:
+            return "\n".join(self._lines)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                time.sleep(0.1)  # let the readers collect the last words
+                pytest.fail(f"the proxy exited with {self.process.returncode}:\n{self.stderr}")
+            try:
+                if fetch(self.lab, "/healthz", port=self.port, timeout=1).status == 200:
+                    self.workers = [(pid, start_time(pid)) for pid in self.children()]
+                    return
+            except (OSError, ProtocolError):
+                time.sleep(0.03)
+        pytest.fail(f"the proxy did not answer /healthz within {timeout} s:\n{self.stderr}")
+
+    def children(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children", encoding="ascii") as handle:
+                return [int(pid) for pid in handle.read().split()]
+        except OSError:
+            return []
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM, then wait; kills the workers (by pid) and the master if they outstay `timeout`."""
+        children = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace + 3 if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
+
+    def kill_leftover_workers(self) -> list[int]:
+        """Workers that outlived their master (they would keep the namespace alive): kill them, by pid."""
+        left = [pid for pid, started in self.workers if start_time(pid) == started]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
+
+def start_time(pid: int) -> str:
+    """A process's start time (field 22 of /proc/<pid>/stat): tells a pid from a later process with the same one."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def proxy_env(rules: str, *, network: bool, port: int, variables: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
+    env.update(EGRESS_HTTP_PROXY_DESTINATION=rules, EGRESS_HTTP_PROXY_PORT=str(port),
+               EGRESS_HTTP_PROXY_WORKERS="1", EGRESS_HTTP_PROXY_ACCESS_LOG="1", EGRESS_PROXY_GRACE_SECONDS="5")
+    if network:
+        env.update(EGRESS_SOURCE=f"{SOURCE_IP}/24", EGRESS_GATEWAY=GATEWAY_LAN_IP)
+    env.update(variables)
+    return env
+
+
+def configure_network(lab: Lab) -> None:
+    """What a proxy-only container's init container does: macvlan address and default route, no proxy."""
+    env = lab.router_env(mode="http-proxy")
+    del env["EGRESS_DESTINATION"]
+    result = lab.run_router(env)
+    assert result.returncode == 0, result.stderr
+
+
+StartProxy = Callable[..., Proxy]
+
+
+@pytest.fixture
+def start_proxy(lab: Lab, origin: Origin) -> Iterator[StartProxy]:
+    """Starts proxies (with the hosts file in place); at teardown each must stop with 0 and no traceback."""
+    lab.etc_file("router", "hosts", HOSTS)
+    lab.etc_file("router", "resolv.conf", RESOLV)
+    started: list[Proxy] = []
+
+    def start(rules: str, *, network: bool = True, port: int = PORT, prefix: Sequence[str] = (),
+              program: Sequence[str] | None = None, wait: bool = True, **variables: str) -> Proxy:
+        env = proxy_env(rules, network=network, port=port, variables=variables)
+        argv = [*prefix, *(router_command() if program is None else program)]
+        process = lab.spawn("router", argv, env=env, etc=True)
+        proxy = Proxy(lab, process, port, float(env["EGRESS_PROXY_GRACE_SECONDS"]))
+        started.append(proxy)
+        if wait:
+            proxy.wait_ready()
+        return proxy
+
+    yield start
+    problems = []
+    for proxy in started:
+        print(f"--- proxy pid {proxy.process.pid} (port {proxy.port}) stderr:\n{proxy.stderr}")  # shown on failure
+        try:
+            code = proxy.stop()
+        except subprocess.TimeoutExpired:
+            problems.append(f"pid {proxy.process.pid} did not stop on SIGTERM")
+            continue
+        finally:
+            if left := proxy.kill_leftover_workers():
+                problems.append(f"workers {left} outlived their master pid {proxy.process.pid}")
+        if code != 0:
+            problems.append(f"pid {proxy.process.pid} exited with {code}")
+        if "Traceback" in proxy.stderr:
+            problems.append(f"pid {proxy.process.pid} wrote a traceback")
+    assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
+
+
+# ------------------------------------------------------------------ clients (in the client namespace)
+
+class Client:
+    """One client connection to the proxy: raw bytes out, responses parsed in."""
+
+    def __init__(self, lab: Lab, *, port: int = PORT, host: str = ROUTER_POD_IP, timeout: float = IO_TIMEOUT):
+        with lab.entered("client"):
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self, method: str = "GET") -> Response:
+        return read_response(self.reader, method=method)
+
+    def request(self, method: str, target: str, *, host: str | None = None, omit_host: bool = False,
+                headers: Sequence[tuple[str, str]] = (), body: bytes | None = None,
+                version: str = "HTTP/1.1") -> Response:
+        self.send(request_bytes(method, target, host=host, omit_host=omit_host, headers=headers, body=body,
+                                version=version))
+        return self.response(method)
+
+    def at_eof(self) -> bool:
+        """True when the proxy closed the connection (after anything it still had to send was read)."""
+        try:
+            return self.reader.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def request_bytes(method: str, target: str, *, host: str | None = None, omit_host: bool = False,
+                  headers: Sequence[tuple[str, str]] = (), body: bytes | None = None,
+                  version: str = "HTTP/1.1") -> bytes:
+    """A request; Host defaults to the authority of an absolute-form (or CONNECT) target."""
+    if host is None:
+        host = target.split("://", 1)[1].split("/", 1)[0] if "://" in target else \
+            (target if method == "CONNECT" else None)
+    lines = [f"{method} {target} {version}"]
+    if host is not None and not omit_host:
+        lines.append(f"Host: {host}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+def fetch(lab: Lab, target: str, *, method: str = "GET", port: int = PORT, timeout: float = IO_TIMEOUT,
+          body: bytes | None = None) -> Response:
+    """One request on a fresh connection."""
+    with Client(lab, port=port, timeout=timeout) as client:
+        return client.request(method, target, body=body)
+
+
+def scrape(lab: Lab, port: int = PORT) -> dict[str, float]:
+    response = fetch(lab, "/metrics", port=port)
+    assert response.status == 200, response
+    assert (response.header("Content-Type") or "").startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def curl(lab: Lab, *args: str, port: int = PORT) -> subprocess.CompletedProcess[str]:
+    return lab.exec("client", ["curl", "-sS", "--max-time", "10", "-x", f"http://{ROUTER_POD_IP}:{port}", *args],
+                    timeout=20)
+
+
+def assert_denied(response: Response, host: str) -> None:
+    assert response.status == 403, (host, response)
+    assert response.text == f"access to {host} is denied by the egress policy\n", response.text
+
+
+def assert_hello(response: Response, ip: str, port: int = 80) -> None:
+    assert response.status == 200, (ip, response)
+    assert response.text == f"hello from {ip}:{port}\n"
+
+
+def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.03)
+    return check()
+
+
+# ------------------------------------------------------------------ 1. the allow list, every rule form and order
+
+# rules -> [(url, where it must land, or None: denied with 403)]
+MATRIX: dict[str, list[tuple[str, str | None]]] = {
+    "www.example.com": [
+        ("http://www.example.com/hello", WWW), ("http://WWW.Example.COM./hello", WWW),
+        ("http://www.example.com:8081/hello", WWW), ("http://example.com/hello", None),
+        ("http://api.example.com/hello", None), ("http://sub.www.example.com/hello", None),
+        (f"http://{WWW}/hello", None)],
+    "*.example.com": [
+        ("http://example.com/hello", WWW), ("http://api.example.com/hello", API),
+        ("http://deep.api.example.com/hello", API), ("http://internal.example.com/hello", INTERNAL),
+        ("http://badexample.com/hello", None), ("http://other.test/hello", None), (f"http://{WWW}/hello", None)],
+    API: [
+        (f"http://{API}/hello", API), ("http://api.example.com/hello", API), ("http://other.test/hello", API),
+        (f"http://{WWW}/hello", None), ("http://www.example.com/hello", None)],
+    "203.0.113.8/30": [
+        (f"http://{WWW}/hello", WWW), (f"http://{API}/hello", API), ("http://www.example.com/hello", WWW),
+        (f"http://{INTERNAL}/hello", None), ("http://internal.example.com/hello", None)],
+    "!internal.example.com\n*.example.com": [
+        ("http://internal.example.com/hello", None), ("http://www.example.com/hello", WWW),
+        ("http://example.com/hello", WWW), (f"http://{INTERNAL}/hello", None)],
+    "*.example.com\n!internal.example.com": [
+        ("http://internal.example.com/hello", INTERNAL), ("http://api.example.com/hello", API)],
+    f"!{INTERNAL}\n*.example.com": [  # an address rule before a name rule decides for names resolving there
+        ("http://internal.example.com/hello", None), ("http://www.example.com/hello", WWW),
+        (f"http://{API}/hello", None)],
+    "*.example.com\n!203.0.113.0/24": [  # ... and a name rule before it wins for that name
+        ("http://internal.example.com/hello", INTERNAL), (f"http://{WWW}/hello", None),
+        ("http://other.test/hello", None)],
+    "!*.example.com\n*": [
+        ("http://www.example.com/hello", None), ("http://example.com/hello", None),
+        (f"http://{WWW}/hello", WWW), ("http://other.test/hello", API)],
+    f"!{INTERNAL}/32\n*": [
+        ("http://internal.example.com/hello", None), (f"http://{INTERNAL}/hello", None),
+        ("http://www.example.com/hello", WWW), (f"http://{API}/hello", API), ("http://other.test/hello", API)],
+}
+
+
+def test_allow_list_matrix_every_rule_form_and_order(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    configure_network(lab)  # once; then one proxy-only process per list, side by side
+    proxies = [start_proxy(rules, network=False, port=9000 + i, wait=False) for i, rules in enumerate(MATRIX)]
+    for proxy in proxies:
+        proxy.wait_ready()
+    for proxy, (rules, cases) in zip(proxies, MATRIX.items(), strict=True):
+        for url, landed in cases:
+            requests, connections = len(origin.requests()), len(origin.connections)
+            response = fetch(lab, url, port=proxy.port)
+            if landed is None:
+                assert_denied(response, (urlsplit(url).hostname or "").rstrip("."))
+                assert len(origin.connections) == connections, (rules, url, "the proxy connected anyway")
+            else:
+                assert_hello(response, landed, urlsplit(url).port or 80)
+                assert len(origin.requests()) == requests + 1, (rules, url)
+    assert all(seen.peer_ip == SOURCE_IP for seen in origin.requests())
+
+
+# ------------------------------------------------------------------ 2. other spellings of hosts
+
+REFUSED_SPELLINGS = [
+    "3221225994",  # 192.0.2.10 in decimal
+    "3405803788",  # 203.0.113.12
+    "3405803786",  # 203.0.113.10, allowed as a dotted quad: still refused in this spelling
+    "0xcb007101", "0xcb00710c", "0xCB.0.0x71.0xc",  # hexadecimal
+    "0313.0.0161.012", "0313.0.0161.014",  # octal
+    "203.0.113", "203.0.28940", "203.7405580",  # short forms (the last two: 203.0.113.12)
+    "203.000.113.012", "203.0.113.12.", f"{INTERNAL}..",
+]
+
+
+def test_address_spellings_cannot_bypass_the_list(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy(f"!{INTERNAL}/32\n*")
+    for spelling in REFUSED_SPELLINGS:
+        response = fetch(lab, f"http://{spelling}/hello")
+        assert response.status == 400, (spelling, response)
+        assert response.body.count(b"\n") == 1 and spelling.encode() in response.body, response.body
+        tunnel = fetch(lab, f"{spelling}:7000", method="CONNECT")
+        assert tunnel.status == 400, (spelling, tunnel)
+    # case and a trailing dot: the same host, the same verdict
+    for spelling in ("WWW.EXAMPLE.COM", "www.example.com.", "Www.Example.Com."):
+        assert_hello(fetch(lab, f"http://{spelling}/hello"), WWW)
+    for spelling in ("INTERNAL.EXAMPLE.COM", "internal.example.com.", "Internal.Example.Com."):
+        assert_denied(fetch(lab, f"http://{spelling}/hello"), "internal.example.com")
+    # IPv4-mapped IPv6 literals are judged as the IPv4 address
+    for spelling in ("[::ffff:203.0.113.12]", "[::ffff:cb00:710c]", "[0:0:0:0:0:ffff:cb00:710c]"):
+        response = fetch(lab, f"http://{spelling}/hello")
+        assert response.status == 403, (spelling, response)
+        assert INTERNAL in response.text, response.text
+    assert_hello(fetch(lab, "http://[::ffff:203.0.113.11]/hello"), API)
+    # a name resolving into the denied network: 403, in both request forms
+    assert_denied(fetch(lab, "http://internal.example.com/hello"), "internal.example.com")
+    assert fetch(lab, "internal.example.com:7000", method="CONNECT").status == 403
+    assert origin.connections_to(INTERNAL) == []  # the proxy never connected there
+    assert origin.connections_to("203.0.113.1") == origin.connections_to("192.0.2.10") == []
+    assert {seen.landed_ip for seen in origin.requests()} == {WWW, API}
+
+
+def test_ipv6_literals_names_and_clients(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """The IPv6 origin sits on the pod-side veth (client namespace): the router reaches it directly."""
+    lab.pod_ipv6()
+    origin6 = Origin()
+    with lab.entered("client"):
+        origin6.listen(CLIENT_IP6, 8000)
+    origin6.start()
+    try:
+        start_proxy("!2001:db8:100::3\n2001:db8:100::/64\nwww.example.com")
+        response = fetch(lab, f"http://[{CLIENT_IP6}]:8000/hello")
+        assert_hello(response, f"[{CLIENT_IP6}]", 8000)
+        seen = origin6.requests()[-1]
+        assert seen.peer_ip == ROUTER_POD_IP6
+        assert seen.header("Host") == f"[{CLIENT_IP6}]:8000"
+        assert_hello(fetch(lab, "http://v6.example.com:8000/hello"), f"[{CLIENT_IP6}]", 8000)  # AAAA-only name
+        assert_denied(fetch(lab, "http://[2001:db8:100::3]/hello"), "2001:db8:100::3")
+        assert fetch(lab, "http://[2001:db8:100::3]:8000/hello", method="HEAD").status == 403
+        assert fetch(lab, f"http://[{CLIENT_IP6}%25eth0]:8000/hello").status == 400  # zone ids refused
+        assert fetch(lab, "http://[2001:db8:100::2/hello").status == 400
+        assert_denied(fetch(lab, f"http://[::ffff:{WWW}]/hello"), WWW)  # the name is allowed, not its address
+        tunnel = fetch(lab, "[2001:db8:100::3]:8000", method="CONNECT")
+        assert tunnel.status == 403
+        # the proxy listens on IPv6 too
+        with Client(lab, host=ROUTER_POD_IP6) as client:
+            assert_hello(client.request("GET", f"http://[{CLIENT_IP6}]:8000/hello"), f"[{CLIENT_IP6}]", 8000)
+            assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        assert len(origin6.requests()) == 3
+        # '[198.51.100.2]' is not a URI host (RFC 3986: brackets hold IPv6 or IPvFuture only): refused like the
+        # other non-canonical spellings, not read as the IPv4 address
+        assert fetch(lab, f"http://[{CLIENT_IP}]/hello").status == 400
+    finally:
+        origin6.stop()
+
+
+# ------------------------------------------------------------------ 3. absolute form, headers, the proxy's own pages
+
+def test_absolute_form_host_via_and_hop_by_hop_headers(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com")
+    headers = [("Connection", "keep-alive, X-Conn-Token"), ("X-Conn-Token", "secret"), ("Keep-Alive", "timeout=5"),
+               ("Proxy-Connection", "keep-alive"), ("TE", "trailers"), ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+               ("Via", "1.0 corporate-proxy"), ("X-Kept", "yes")]
+    with Client(lab) as client:
+        response = client.request("GET", "http://www.example.com/headers?a=1&b=2", host="evil.example.net",
+                                  headers=headers)
+        assert response.status == 200
+        seen = origin.requests("/headers")[-1]
+        assert seen.target == "/headers?a=1&b=2"
+        assert [v for k, v in seen.headers if k.lower() == "host"] == ["www.example.com"]
+        for name in ("Connection", "X-Conn-Token", "Keep-Alive", "Proxy-Connection", "TE", "Proxy-Authorization"):
+            assert seen.header(name) is None, (name, seen.head)
+        assert seen.header("X-Kept") == "yes"
+        via = seen.header("Via") or ""
+        assert via.startswith("1.0 corporate-proxy, ") and "egress-router" in via, via
+        assert response.body == seen.head  # the origin's view, relayed unchanged
+        # and on the way back: the origin's hop-by-hop headers stay behind, Via is added
+        assert response.header(HOP_HEADER) is None and response.header("Keep-Alive") is None
+        assert "egress-router" in (response.header("Via") or "")
+        # a port in the URI goes into Host; the client's Host header never does
+        response = client.request("GET", "http://www.example.com:8081/headers", host="www.example.com")
+        assert response.status == 200
+        seen = origin.requests("/headers")[-1]
+        assert seen.header("Host") == "www.example.com:8081" and seen.landed == f"{WWW}:8081"
+        response = client.request("GET", "http://api.example.com/headers", host="")
+        assert response.status == 200 and origin.requests("/headers")[-1].header("Host") == "api.example.com"
+        response = client.request("GET", "http://api.example.com")  # no path: '/'
+        assert response.status == 404 and origin.requests()[-1].target == "/"
+
+
+def test_healthz_metrics_and_other_origin_form_requests(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy(f"!{INTERNAL}/32\n*", EGRESS_HTTP_PROXY_WORKERS="2")
+    health = fetch(lab, "/healthz")
+    assert (health.status, health.body) == (200, b"ok\n")
+    head = fetch(lab, "/healthz", method="HEAD")
+    assert head.status == 200 and head.body == b""
+    for target in ("/other", "/", "/healthz/../metrics", "/index.html"):
+        response = fetch(lab, target)
+        assert response.status == 400, (target, response)
+        assert response.body.count(b"\n") == 1
+    assert fetch(lab, "/healthz", method="POST", body=b"x").status == 400
+
+    before = scrape(lab)
+    assert before['egress_router_http_open_connections'] >= 1  # the scrape's own connection
+    payload = os.urandom(3000)
+    with Client(lab) as held:  # open during the next scrape
+        assert held.request("POST", "http://www.example.com/echo", body=payload).body == payload
+        assert_hello(held.request("GET", "http://api.example.com/hello"), API)
+        assert fetch(lab, "http://internal.example.com/hello").status == 403
+        assert fetch(lab, "http://www.example.com:81/").status == 502  # nothing listens there
+        assert fetch(lab, "/nothing").status == 400
+        during = scrape(lab)
+    delta = {name: during[name] - before.get(name, 0) for name in during}
+    assert delta['egress_router_http_requests_total{verdict="allowed"}'] == 2
+    assert delta['egress_router_http_requests_total{verdict="denied"}'] == 1
+    assert delta['egress_router_http_requests_total{verdict="bad_request"}'] == 1
+    assert delta['egress_router_http_bytes_total{direction="upstream"}'] >= len(payload)
+    assert delta['egress_router_http_bytes_total{direction="downstream"}'] >= len(payload) + 27
+    assert delta['egress_router_http_upstream_errors_total{kind="unreachable"}'] == 1
+    assert during['egress_router_http_open_connections'] >= 2  # the held one and the scrape
+    assert eventually(lambda: scrape(lab)['egress_router_http_open_connections'] == 1)
+
+
+# ------------------------------------------------------------------ 4. plain HTTP: bodies, framing, connections
+
+def chunked(data: bytes, size: int = 65536) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(data[i:i + size]), data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\n\r\n"
+
+
+def test_request_and_response_bodies_both_ways(lab: Lab, origin: Origin, start_proxy: StartProxy,
+                                               tmp_path: Path) -> None:
+    start_proxy("*.example.com")
+    big = os.urandom(5 * 1024 * 1024)
+    with Client(lab, timeout=20) as client:
+        response = client.request("POST", "http://www.example.com/echo", body=big)
+        assert response.status == 200 and sha256(response.body) == sha256(big)
+        assert response.header("X-Body-Sha256") == sha256(big)
+        assert origin.requests("/echo")[-1].header("Content-Length") == str(len(big))
+
+        client.send(request_bytes("POST", "http://www.example.com/echo",
+                                  headers=[("Transfer-Encoding", "chunked")]) + chunked(big))
+        response = client.response()
+        assert response.status == 200 and response.header("X-Body-Sha256") == sha256(big)
+        assert sha256(response.body) == sha256(big)
+        seen = origin.requests("/echo")[-1]
+        assert seen.body_length == len(big) and seen.header("Content-Length") is None
+
+        small = os.urandom(100_000)
+        response = client.request("PUT", "http://api.example.com/echo", body=small)
+        assert response.status == 200 and response.body == small
+        assert origin.requests("/echo")[-1].method == "PUT"
+
+        response = client.request("GET", f"http://www.example.com/blob?size={len(big)}")
+        assert response.status == 200 and sha256(response.body) == sha256(blob(len(big)))
+
+        response = client.request("POST", "http://www.example.com/echo", body=b"")
+        assert response.status == 200 and response.body == b""
+    # the same through curl: a Content-Length upload echoed back into a file
+    upload, download = tmp_path / "upload", tmp_path / "download"
+    upload.write_bytes(big[:1_000_000])
+    result = curl(lab, "--data-binary", f"@{upload}", "-o", str(download), "http://www.example.com/echo")
+    assert result.returncode == 0, result.stderr
+    assert sha256(download.read_bytes()) == sha256(big[:1_000_000])
+
+
+def test_response_framing_head_204_304_chunked_and_close_delimited(lab: Lab, origin: Origin,
+                                                                 start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com")
+    hello = len(f"hello from {WWW}:80\n")
+    with Client(lab) as client:  # one connection: any stray or missing body byte breaks the next response
+        response = client.request("GET", "http://www.example.com/chunked")
+        assert response.status == 200 and response.body == CHUNKED_BODY
+        response = client.request("HEAD", "http://www.example.com/hello")
+        assert response.status == 200 and response.header("Content-Length") == str(hello)
+        response = client.request("GET", "http://www.example.com/status/204")
+        assert response.status == 204 and response.header("Content-Length") in (None, "0")
+        response = client.request("GET", "http://www.example.com/status/304")
+        assert response.status == 304 and response.header("ETag") == '"v1"'
+        response = client.request("HEAD", "http://www.example.com/chunked")
+        assert response.status == 200
+        response = client.request("HEAD", "http://www.example.com/close")
+        assert response.status == 200
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        response = client.request("GET", "http://www.example.com/missing")
+        assert response.status == 404 and response.body == b"not found\n"
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        assert [s.method for s in origin.requests()] == ["GET", "HEAD", "GET", "GET", "HEAD", "HEAD", "GET", "GET",
+                                                       "GET"]
+
+
+def test_close_delimited_response_bodies(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """An origin that ends its body by closing the connection (no length, not chunked), as HTTP/1.0 servers do."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:  # HTTP/1.0 client: the body ends with the connection here too
+        response = client.request("GET", "http://www.example.com/close", version="HTTP/1.0")
+        assert response.status == 200 and response.body == CLOSE_BODY
+    result = curl(lab, "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "http://www.example.com/close")
+    assert (result.returncode, result.stdout) == (0, f"200 {len(CLOSE_BODY)}"), result.stderr
+    with Client(lab) as client:  # HTTP/1.1 client: a complete body (re-framed), then the connection goes on
+        response = client.request("GET", "http://www.example.com/close")
+        assert response.status == 200 and response.body == CLOSE_BODY
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+
+
+def test_keep_alive_http10_and_pipelining(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com")
+    # curl: three URLs, one connection
+    urls = ["http://www.example.com/hello", "http://api.example.com/hello", "http://www.example.com/chunked"]
+    outputs = [arg for _ in urls for arg in ("-o", "/dev/null")]
+    result = curl(lab, *outputs, "-w", "%{num_connects} %{http_code}\n", *urls)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["1 200", "0 200", "0 200"], result.stdout
+    # raw socket: five requests on one connection; the upstream connection is reused as well
+    before = len(origin.connections_to(WWW))
+    with Client(lab) as client:
+        for _ in range(5):
+            assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+    assert len(origin.connections_to(WWW)) - before <= 1
+
+    # HTTP/1.0 without keep-alive: no chunking, the body ends with the connection
+    with Client(lab) as client:
+        response = client.request("GET", "http://www.example.com/chunked", version="HTTP/1.0")
+        assert response.status == 200 and response.body == CHUNKED_BODY
+        assert response.header("Transfer-Encoding") is None
+        assert client.at_eof()
+    with Client(lab) as client:
+        response = client.request("GET", "http://www.example.com/hello", version="HTTP/1.0", omit_host=True)
+        assert_hello(response, WWW)
+        assert client.at_eof()
+    # HTTP/1.0 with keep-alive: kept while the response has a length
+    with Client(lab) as client:
+        for _ in range(2):
+            response = client.request("GET", "http://www.example.com/hello", version="HTTP/1.0",
+                                      headers=[("Connection", "keep-alive")])
+            assert_hello(response, WWW)
+            assert (response.header("Connection") or "").lower() == "keep-alive"
+        assert origin.requests()[-1].version == "HTTP/1.1" and origin.requests()[-1].header("Host")
+
+    # pipelining: three requests in one write, a slow one first; answers come back in order
+    payload = os.urandom(50_000)
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/slow?delay=0.3")
+                    + request_bytes("GET", "http://api.example.com/hello")
+                    + request_bytes("POST", "http://www.example.com/echo", body=payload))
+        first, second, third = client.response(), client.response(), client.response()
+        assert first.status == 200 and first.body == SLOW_BODY
+        assert_hello(second, API)
+        assert third.status == 200 and third.body == payload
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+
+
+# ------------------------------------------------------------------ 5. CONNECT tunnels
+
+def connect(client: Client, target: str, early: bytes = b"") -> Response:
+    client.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + early)
+    head = read_head(client.reader)
+    assert head is not None
+    status = int(head.split(b" ", 2)[1])
+    return Response("HTTP/1.1", status, "", (), b"", head)
+
+
+def test_connect_tunnels(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy(f"www.example.com\n!{INTERNAL}/32\n203.0.113.0/24")
+    with Client(lab) as client:
+        assert connect(client, "www.example.com:7000").status == 200
+        client.send(b"ping\n")
+        assert client.reader.read(5) == b"ping\n"
+        # 1 MB each way while reading concurrently, then a half-close: the echo tail still arrives, then EOF
+        data = os.urandom(1_000_000)
+        sender = threading.Thread(target=client.send, args=(data,), daemon=True)
+        sender.start()
+        assert client.reader.read(len(data)) == data
+        sender.join(timeout=IO_TIMEOUT)
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reader.read() == ECHO_TAIL  # read() returns at EOF
+    with Client(lab) as client:  # bytes sent right behind the request head, before the 200
+        assert connect(client, f"{API}:7000", early=b"early bytes\n").status == 200
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reader.read() == b"early bytes\n" + ECHO_TAIL
+    assert all(peer.startswith(f"{SOURCE_IP}:") for _, peer in origin.connections)
+
+
+def test_connect_refusals_and_failures_are_answered(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy(f"www.example.com\n!{INTERNAL}/32\n203.0.113.0/24")
+    for target in ("www.example.com", "www.example.com:0", "www.example.com:99999", ":7000", f"{INTERNAL}.:7000"):
+        assert fetch(lab, target, method="CONNECT").status == 400, target
+    for target in (f"{INTERNAL}:7000", "[2001:db8::7]:7000"):  # denied without a lookup
+        response = fetch(lab, target, method="CONNECT")
+        assert response.status == 403, (target, response)
+        assert target.rsplit(":", 1)[0].strip("[]") in response.text
+    # denied after the name is resolved, and a refused port: the answer comes after the proxy waited for something
+    response = fetch(lab, "internal.example.com:7000", method="CONNECT")
+    assert_denied(response, "internal.example.com")
+    response = fetch(lab, "www.example.com:7001", method="CONNECT")
+    assert response.status == 502 and "www.example.com" in response.text
+    assert origin.connections_to(INTERNAL) == []
+
+
+# ------------------------------------------------------------------ 6. errors, bad and slow clients
+
+def test_upstream_errors_502_and_504(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    # SYNs to 203.0.113.11:9 vanish in the destination namespace
+    lab.exec("dest", ["iptables", "-A", "INPUT", "-p", "tcp", "-d", API, "--dport", "9", "-j", "DROP"], check=True)
+    start_proxy("*", EGRESS_HTTP_PROXY_CONNECT_TIMEOUT="1")
+    before = scrape(lab)
+    response = fetch(lab, "http://www.example.com:81/hello")
+    assert response.status == 502 and "www.example.com" in response.text and response.body.count(b"\n") == 1
+    response = fetch(lab, "http://nowhere.example.org/hello")  # does not resolve
+    assert response.status == 502 and "nowhere.example.org" in response.text
+    started = time.monotonic()
+    response = fetch(lab, "http://api.example.com:9/hello")
+    elapsed = time.monotonic() - started
+    assert response.status == 504 and "api.example.com" in response.text, response
+    assert 0.8 < elapsed < 3.0, elapsed
+    after = scrape(lab)
+    assert after['egress_router_http_upstream_errors_total{kind="timeout"}'] - \
+        before['egress_router_http_upstream_errors_total{kind="timeout"}'] == 1
+    assert after['egress_router_http_upstream_errors_total{kind="unreachable"}'] - \
+        before['egress_router_http_upstream_errors_total{kind="unreachable"}'] == 2
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)  # and it still works
+    started = time.monotonic()
+    response = fetch(lab, "api.example.com:9", method="CONNECT")
+    assert response.status == 504 and 0.8 < time.monotonic() - started < 3.0
+
+
+MALFORMED: dict[str, bytes] = {
+    "garbage": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(40)) + b"\r\n\r\n",
+    "bad request line": b"GET\r\n\r\n",
+    "bad version": b"GET http://www.example.com/hello HTTP/7.3\r\nHost: www.example.com\r\n\r\n",
+    "origin form without Host": b"GET /index.html HTTP/1.1\r\n\r\n",
+    "https absolute form": b"GET https://www.example.com/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    "other scheme": b"GET ftp://www.example.com/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    "empty host": b"GET http:///hello HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    "user info": b"GET http://user:pw@www.example.com/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    "bad header": b"GET http://www.example.com/hello HTTP/1.1\r\nHost www.example.com\r\n\r\n",
+    "bad content length": b"POST http://www.example.com/echo HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+    "bad chunk": b"POST http://www.example.com/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "length and chunked": b"POST http://www.example.com/echo HTTP/1.1\r\nContent-Length: 4\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+}
+
+
+def test_malformed_requests_get_400_and_nothing_else_breaks(lab: Lab, origin: Origin,
+                                                            start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com")
+    for name, raw in MALFORMED.items():
+        with Client(lab) as client:
+            client.send(raw)
+            response = client.response()
+            assert response.status == 400, (name, response)
+            assert response.body.count(b"\n") == 1, (name, response.body)
+            assert client.at_eof(), name
+    with Client(lab) as client:  # a huge head: 431 (or 400), never a hang
+        client.send(b"GET http://www.example.com/hello HTTP/1.1\r\nHost: www.example.com\r\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(200):
+                client.send(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+        response = client.response()
+        assert response.status in (431, 400), response
+    with Client(lab) as client:  # a bad request after a good one on the same connection
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        client.send(b"NOT HTTP AT ALL\r\n\r\n")
+        assert client.response().status == 400
+        assert client.at_eof()
+    assert not [s for s in origin.requests() if s.path != "/hello"]  # nothing malformed got through
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    # port 0 cannot be connected to (CONNECT refuses it with 400): it must not quietly become port 80
+    seen = len(origin.requests())
+    assert fetch(lab, "http://www.example.com:0/hello").status == 400
+    assert len(origin.requests()) == seen
+
+
+def test_a_slow_client_does_not_delay_others(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com")  # one worker: every client shares one event loop
+    slow = Client(lab)
+    idle = Client(lab)  # connected, never sends anything
+    result: list[Response] = []
+
+    def trickle() -> None:
+        slow.send(b"GET http://www.example.com/hello HTTP/1.1\r\nHost: www.example.com\r\nX-Slow: ")
+        for _ in range(40):
+            slow.send(b"a")
+            time.sleep(0.05)
+        slow.send(b"\r\n\r\n")
+        result.append(slow.response())
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        latencies: list[float] = []
+        while thread.is_alive() and len(latencies) < 200:
+            started = time.monotonic()
+            assert_hello(fetch(lab, "http://api.example.com/hello"), API)
+            latencies.append(time.monotonic() - started)
+        thread.join(timeout=IO_TIMEOUT)
+        assert len(latencies) >= 5
+        assert max(latencies) < 0.5, max(latencies)
+        assert len(result) == 1
+        assert_hello(result[0], WWW)
+    finally:
+        slow.close()
+        idle.close()
+
+
+# ------------------------------------------------------------------ 7. the connection limit
+
+def test_connection_limit(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    start_proxy("*.example.com", EGRESS_HTTP_PROXY_MAX_CONNECTIONS="5")
+    assert eventually(lambda: scrape(lab)["egress_router_http_open_connections"] == 1)
+    time.sleep(0.1)  # the last scrape's connection is gone on the proxy's side too
+    clients = [Client(lab) for _ in range(5)]
+    try:
+        for client in clients:
+            assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        with Client(lab) as sixth:
+            try:
+                response = sixth.response()
+                assert response.status == 503, response
+                assert sixth.at_eof()
+            except (ConnectionResetError, ProtocolError):
+                pass  # refused outright is fine too
+        for client in clients:
+            assert_hello(client.request("GET", "http://api.example.com/hello"), API)
+        clients.pop().close()
+
+        def seventh_served() -> bool:
+            try:
+                return fetch(lab, "http://www.example.com/hello").status == 200
+            except (OSError, ProtocolError):
+                return False
+
+        assert eventually(seventh_served)
+    finally:
+        for client in clients:
+            client.close()
+    assert eventually(lambda: scrape(lab)["egress_router_http_rejected_connections_total"] >= 1)
+
+
+# ------------------------------------------------------------------ 8. SIGTERM
+
+def test_sigterm_lets_the_request_in_flight_finish(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    proxy = start_proxy("*.example.com", EGRESS_HTTP_PROXY_WORKERS="2", EGRESS_PROXY_GRACE_SECONDS="5")
+    idle = Client(lab)
+    assert_hello(idle.request("GET", "http://api.example.com/hello"), API)
+    busy = Client(lab)
+    busy.send(request_bytes("GET", "http://www.example.com/slow?delay=1"))
+    assert eventually(lambda: bool(origin.requests("/slow")))
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            Client(lab, timeout=0.5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    assert eventually(refused, timeout=0.7)
+    assert proxy.process.poll() is None  # refusing new connections while the old one drains
+    assert idle.at_eof()  # idle keep-alive connections are closed at once
+    response = busy.response()
+    assert response.status == 200 and response.body == SLOW_BODY
+    assert (response.header("Connection") or "").lower() == "close"
+    assert proxy.process.wait(timeout=5) == 0
+    assert time.monotonic() - sent < 4.0
+    assert "Received SIGTERM" in proxy.stderr
+    idle.close()
+    busy.close()
+
+
+def test_sigterm_ends_what_outlasts_the_grace_period(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    proxy = start_proxy("*.example.com", EGRESS_PROXY_GRACE_SECONDS="1")
+    with Client(lab) as busy:
+        busy.send(request_bytes("GET", "http://www.example.com/slow?delay=10"))
+        assert eventually(lambda: bool(origin.requests("/slow")))
+        sent = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=5) == 0
+        elapsed = time.monotonic() - sent
+        assert 0.9 < elapsed < 3.0, elapsed
+        with pytest.raises((ProtocolError, ConnectionResetError)):
+            busy.response()
+
+
+# ------------------------------------------------------------------ 9-11. source address, privileges, access log
+
+def test_network_then_proxy_and_the_origin_sees_the_reserved_source(lab: Lab, origin: Origin,
+                                                                    start_proxy: StartProxy) -> None:
+    proxy = start_proxy("*.example.com")
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    assert origin.requests("/hello")[-1].peer_ip == SOURCE_IP
+    with Client(lab) as client:
+        assert connect(client, "api.example.com:7000").status == 200
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reader.read() == ECHO_TAIL
+    assert origin.connections_to(API)[-1][1].startswith(f"{SOURCE_IP}:")
+    log = proxy.stderr
+    assert log.index("Ready:") < log.index("Starting HTTP proxy"), log
+    assert f"default via {GATEWAY_LAN_IP} dev macvlan0" in lab.exec("router", ["ip", "route"], check=True).stdout
+
+
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all", "--"]
+
+
+def unprivileged_program(lab: Lab) -> tuple[list[str], dict[str, str]]:
+    """How uid 65534 can start egress-router here: the venv's script, else the system python on its packages.
+
+    A venv made from an interpreter under /root (mode 0700, as pyenv's often is) cannot be run by
+    another user; the system interpreter of the same version can run the same packages.
+    """
+    import egress_router
+
+    program = router_command()
+    if lab.exec("router", [*UNPRIVILEGED, *program, "--version"]).returncode == 0:
+        return program, {}
+    project = str(Path(egress_router.__file__).resolve().parent.parent)
+    site = [path for path in sys.path if path.endswith("site-packages")]
+    env = {"PYTHONPATH": ":".join([project, *site])}
+    probe = ["-c", "import egress_router.proxy.http, httptools"]
+    tried = [program[0]]
+    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(python, os.X_OK):
+            tried.append(python)
+            if lab.exec("router", [*UNPRIVILEGED, python, *probe], env={**os.environ, **env}).returncode == 0:
+                return [python, "-m", "egress_router"], env
+    pytest.fail(f"uid 65534 cannot run egress-router with any of {tried} (PYTHONPATH={env['PYTHONPATH']})")
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        return dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)
+
+
+def test_proxy_alone_runs_unprivileged(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    configure_network(lab)  # the init container's part; the proxy container has no privileges at all
+    program, env = unprivileged_program(lab)
+    proxy = start_proxy("*.example.com", network=False, prefix=UNPRIVILEGED, program=program,
+                        EGRESS_HTTP_PROXY_WORKERS="2", **env)
+    pids = [proxy.process.pid, *proxy.children()]
+    assert len(pids) == 3
+    for pid in pids:
+        fields = status_fields(pid)
+        assert fields["Uid"].split() == ["65534"] * 4, fields["Uid"]
+        assert fields["Gid"].split() == ["65534"] * 4, fields["Gid"]
+        assert fields["Groups"].strip() == ""
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(fields[caps], 16) == 0, (caps, fields[caps])
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    assert origin.requests("/hello")[-1].peer_ip == SOURCE_IP
+    assert fetch(lab, "http://internal.example.com:81/hello").status == 502  # allowed, refused upstream
+    assert proxy.stop() == 0
+
+
+def test_access_log_one_line_per_request_and_tunnel(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    configure_network(lab)
+    logged = start_proxy(f"!{INTERNAL}/32\n*.example.com", network=False, port=PORT)
+    quiet = start_proxy(f"!{INTERNAL}/32\n*.example.com", network=False, port=PORT + 1,
+                        EGRESS_HTTP_PROXY_ACCESS_LOG="0")
+    for proxy in (logged, quiet):
+        with Client(lab, port=proxy.port) as client:  # three requests on one connection
+            for _ in range(3):
+                assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+        assert fetch(lab, "http://internal.example.com/hello", port=proxy.port).status == 403
+        payload = b"through the tunnel\n"
+        with Client(lab, port=proxy.port) as client:
+            assert connect(client, "api.example.com:7000").status == 200
+            client.send(payload)
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.reader.read() == payload + ECHO_TAIL
+        response = fetch(lab, "http://www.example.com/echo", method="POST", port=proxy.port, body=b"12345")
+        assert response.body == b"12345"
+
+    def requests_logged() -> list[re.Match[str]]:  # the readiness probes (/healthz) aside
+        return [m for line in logged.lines() if (m := ACCESS_LINE.search(line)) and not m["target"].startswith("/")]
+
+    assert eventually(lambda: len(requests_logged()) >= 5)
+    time.sleep(0.2)  # a missing line would have come by now
+    lines = requests_logged()
+    by_target = [(m["method"], m["target"], m["verdict"], m["status"]) for m in lines]
+    assert not [line for line in quiet.lines() if CLIENT_IP in line], quiet.stderr
+    assert by_target.count(("GET", "www.example.com/hello", "allowed", "200")) == 3
+    assert ("POST", "www.example.com/echo", "allowed", "200") in by_target
+    assert ("CONNECT", "api.example.com:7000", "allowed", "200") in by_target
+    denied = [line for line in logged.lines() if "internal.example.com" in line]
+    assert len(denied) == 1 and ACCESS_LINE.search(denied[0]), \
+        f"a denied request gets one line in the same format: {denied}"
+    assert ("GET", "internal.example.com/hello", "denied", "403") in by_target
+    assert len(lines) == 6, "\n".join(logged.lines())
+    for match in lines:
+        assert float(match["ms"]) >= 0
+        if match["method"] == "POST":
+            assert (int(match["up"]), int(match["down"])) == (5, 5)
+        if match["method"] == "CONNECT":
+            assert int(match["up"]) == len(payload) and int(match["down"]) == len(payload) + len(ECHO_TAIL)
+        if match["target"] == "www.example.com/hello":
+            assert int(match["down"]) == len(f"hello from {WWW}:80\n")
+    assert len({m["client"] for m in lines if m["target"] == "www.example.com/hello"}) == 1  # one connection
