@@ -9,7 +9,16 @@ from ipaddress import IPv4Address, IPv4Interface
 
 from .destinations import Destinations, parse_destinations, parse_ipv4
 from .errors import ConfigError
-from .proxy.settings import HTTP_VARIABLES, HttpProxySettings, http_proxy_requested, load_http_proxy
+from .proxy.settings import (
+    DNS_VARIABLES,
+    HTTP_VARIABLES,
+    DnsProxySettings,
+    HttpProxySettings,
+    dns_proxy_requested,
+    http_proxy_requested,
+    load_dns_proxy,
+    load_http_proxy,
+)
 
 MODES = ("init", "legacy", "unit-test", "http-proxy", "dns-proxy")
 DEFAULT_MODE = "legacy"
@@ -29,6 +38,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
                          "missing, the only macvlan link is used"),
     "EGRESS_POD_INTERFACE": (DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic is redirected"),
     **HTTP_VARIABLES,
+    **DNS_VARIABLES,
 }
 
 _IFNAME_BAD = re.compile(r"[/:\s]")
@@ -48,6 +58,7 @@ class RouterConfig:
     debug: bool
     warnings: tuple[str, ...] = ()
     http_proxy: HttpProxySettings | None = None
+    dns_proxy: DnsProxySettings | None = None
 
     @property
     def configures_nat(self) -> bool:
@@ -62,10 +73,11 @@ def load(env: Mapping[str, str]) -> RouterConfig:
     """Validate the environment; raise ConfigError naming the first bad variable."""
     mode = select_mode(env)
     http_proxy = load_http_proxy(env) if http_proxy_requested(env) else None
+    dns_proxy = load_dns_proxy(env) if dns_proxy_requested(env) else None
     source: IPv4Interface | None = None
     gateway: IPv4Address | None = None
     has_prefix = False
-    if http_proxy is not None and not env.get("EGRESS_SOURCE", "").strip():
+    if (http_proxy or dns_proxy) is not None and not env.get("EGRESS_SOURCE", "").strip():
         if env.get("EGRESS_GATEWAY", "").strip():
             raise ConfigError("EGRESS_GATEWAY", "is set but EGRESS_SOURCE is not: set both to configure the "
                               "network before the proxy starts, or neither to run the proxy alone")
@@ -93,6 +105,7 @@ def load(env: Mapping[str, str]) -> RouterConfig:
         debug=bool(env.get("EGRESS_ROUTER_DEBUG", "")),
         warnings=unknown_variable_warnings(env),
         http_proxy=http_proxy,
+        dns_proxy=dns_proxy,
     )
 
 
@@ -102,11 +115,17 @@ def select_mode(env: Mapping[str, str]) -> str:
     mode = env.get("EGRESS_ROUTER_MODE", "").strip()
     if mode and mode not in MODES:
         raise ConfigError("EGRESS_ROUTER_MODE", f"{mode!r} is not one of {', '.join(MODES)}")
-    if http_proxy_requested(env):
-        if mode and mode != "http-proxy":
-            raise ConfigError("EGRESS_HTTP_PROXY_DESTINATION", f"is set, but EGRESS_ROUTER_MODE is {mode!r}: the HTTP "
-                              "proxy runs with EGRESS_ROUTER_MODE=http-proxy or unset")
-        return "http-proxy"
+    http, dns = http_proxy_requested(env), dns_proxy_requested(env)
+    if http and dns:
+        raise ConfigError("EGRESS_DNS_PROXY_DESTINATION", "is set together with EGRESS_HTTP_PROXY_DESTINATION: "
+                          "run the two proxies in two containers")
+    for requested, variable, wanted in ((http, "EGRESS_HTTP_PROXY_DESTINATION", "http-proxy"),
+                                        (dns, "EGRESS_DNS_PROXY_DESTINATION", "dns-proxy")):
+        if requested:
+            if mode and mode != wanted:
+                raise ConfigError(variable, f"is set, but EGRESS_ROUTER_MODE is {mode!r}: this proxy runs with "
+                                  f"EGRESS_ROUTER_MODE={wanted} or unset")
+            return wanted
     return mode or DEFAULT_MODE
 
 

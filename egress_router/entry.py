@@ -40,12 +40,16 @@ def run_container(env: Mapping[str, str]) -> int:
             from . import router
 
             code = router.run(config)
-            if code or config.http_proxy is None:
+            if code or (config.http_proxy is None and config.dns_proxy is None):
                 return code
         if config.http_proxy is not None:
             from .proxy import http
 
             return http.run(config.http_proxy)
+        if config.dns_proxy is not None:
+            from .proxy import tcp
+
+            return tcp.run(config.dns_proxy)
         return 0
     except EgressRouterError as exc:
         fail(str(exc))

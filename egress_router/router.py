@@ -125,7 +125,7 @@ def seconds_since_process_start() -> float:
 
 def run(config: RouterConfig) -> int:
     """The env-driven container behaviour for every mode but unit-test; returns the exit code."""
-    stay_up = config.mode == "legacy" and config.http_proxy is None
+    stay_up = config.mode == "legacy"
     if stay_up:
         # Block the stop signals now, so a stop during setup waits until setup is complete.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})

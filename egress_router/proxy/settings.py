@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .acl import AccessList, parse_access_list
+from .dnsdest import Forward, parse_dns_destinations
 
 HTTP_VARIABLES: dict[str, tuple[str, str]] = {
     "EGRESS_HTTP_PROXY_DESTINATION": ("(unset)", "allow list of the HTTP proxy; set: run the proxy"),
@@ -87,3 +88,55 @@ def flag(env: Mapping[str, str], name: str) -> bool:
     if value in _FALSE:
         return False
     raise ConfigError(name, f"{value!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+
+DNS_VARIABLES: dict[str, tuple[str, str]] = {
+    "EGRESS_DNS_PROXY_DESTINATION": ("(unset)", "TCP forwards '<port> <host> [<remote_port>]'; set: run the proxy"),
+    "EGRESS_DNS_PROXY_DEBUG": ("(off)", "1: one log line per connection"),
+    "EGRESS_DNS_PROXY_WORKERS": ("(CPUs available)", "worker processes sharing the ports"),
+    "EGRESS_DNS_PROXY_CONNECT_TIMEOUT": ("10", "seconds to connect to a backend"),
+    "EGRESS_DNS_PROXY_IDLE_TIMEOUT": ("60", "seconds a connection may carry no data before it is closed"),
+    "EGRESS_DNS_PROXY_MAX_CONNECTIONS": ("10000", "concurrent client connections, over all workers"),
+    "EGRESS_DNS_PROXY_TTL_MIN": ("1", "shortest time a DNS answer is used (seconds)"),
+    "EGRESS_DNS_PROXY_TTL_MAX": ("30", "longest time a DNS answer is used (seconds)"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DnsProxySettings:
+    forwards: tuple[Forward, ...]
+    debug: bool = False
+    workers: int | None = None
+    connect_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10_000
+    ttl_min: float = 1.0
+    ttl_max: float = 30.0
+    grace_seconds: float = 10.0
+    tries: int = 3  # backends tried for one client connection
+    backoff: float = 5.0  # seconds a failed backend is skipped before checks may bring it back
+    check_interval: float = 2.0  # active TCP check of a backend marked down
+
+
+def dns_proxy_requested(env: Mapping[str, str]) -> bool:
+    return bool(env.get("EGRESS_DNS_PROXY_DESTINATION", "").strip())
+
+
+def load_dns_proxy(env: Mapping[str, str]) -> DnsProxySettings:
+    """Validate the DNS proxy variables; raise ConfigError naming the first bad one."""
+    forwards = parse_dns_destinations(env.get("EGRESS_DNS_PROXY_DESTINATION", ""))
+    ttl_min = seconds(env, "EGRESS_DNS_PROXY_TTL_MIN", 1.0, minimum=0.0)
+    ttl_max = seconds(env, "EGRESS_DNS_PROXY_TTL_MAX", 30.0, minimum=0.0)
+    if ttl_max < ttl_min:
+        raise ConfigError("EGRESS_DNS_PROXY_TTL_MAX", f"{ttl_max:g} is below EGRESS_DNS_PROXY_TTL_MIN ({ttl_min:g})")
+    return DnsProxySettings(
+        forwards=forwards,
+        debug=flag(env, "EGRESS_DNS_PROXY_DEBUG"),
+        workers=integer(env, "EGRESS_DNS_PROXY_WORKERS", None, 1, 256),
+        connect_timeout=seconds(env, "EGRESS_DNS_PROXY_CONNECT_TIMEOUT", 10.0),
+        idle_timeout=seconds(env, "EGRESS_DNS_PROXY_IDLE_TIMEOUT", 60.0),
+        max_connections=integer(env, "EGRESS_DNS_PROXY_MAX_CONNECTIONS", 10_000, 1, 10_000_000) or 10_000,
+        ttl_min=ttl_min,
+        ttl_max=ttl_max,
+        grace_seconds=seconds(env, "EGRESS_PROXY_GRACE_SECONDS", 10.0, minimum=0.0),
+    )

@@ -1,0 +1,465 @@
+"""The DNS proxy worker: TCP forwarding to names and addresses, re-resolved, balanced, health-checked.
+
+Each configured port forwards to one host. A name is resolved with the pod's nameservers
+(dnspython, A and AAAA), honouring the answer's TTL within limits; every address is a backend.
+New connections go to the healthy backend with the fewest open connections (round-robin among
+equals); a backend that refuses or times out is skipped for a back-off period and the connection
+is retried elsewhere, while an active TCP check brings the backend back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, cast
+
+from . import metrics
+from .dnsdest import Forward
+from .metrics import SharedCounters, WorkerCounters
+from .settings import DnsProxySettings
+
+log = logging.getLogger(__name__)
+
+Address = IPv4Address | IPv6Address
+RESOLVE_RETRY_MAX = 30.0
+
+
+class Backend:
+    """One address of a forward's host."""
+
+    __slots__ = ("address", "port", "open", "down_until", "checking", "text")
+
+    def __init__(self, address: Address, port: int):
+        self.address = address
+        self.port = port
+        self.open = 0
+        self.down_until = 0.0
+        self.checking = False
+        self.text = f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
+
+
+class Target:
+    """A forward and its current backends (static for an address, resolved for a name)."""
+
+    def __init__(self, worker: DnsWorker, forward: Forward):
+        self.worker = worker
+        self.forward = forward
+        self.backends: list[Backend] = []
+        self.resolved_once = False
+        self.failing = False
+        self.turn = 0
+        if not isinstance(forward.host, str):
+            self.backends = [Backend(forward.host, forward.remote_port)]
+            self.resolved_once = True
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.backends)
+
+    def choose(self, exclude: set[Backend]) -> Backend | None:
+        """Least open connections among healthy backends, round-robin among equals; all down: any."""
+        now = self.worker.loop.time()
+        candidates = [b for b in self.backends if b not in exclude and b.down_until <= now]
+        if not candidates:
+            candidates = sorted((b for b in self.backends if b not in exclude), key=lambda b: b.down_until)[:1]
+        if not candidates:
+            return None
+        fewest = min(b.open for b in candidates)
+        equal = [b for b in candidates if b.open == fewest]
+        self.turn += 1
+        return equal[self.turn % len(equal)]
+
+    async def keep_resolved(self) -> None:
+        """Re-resolve the name as its TTL says; keep the last good answer when DNS fails."""
+        import dns.asyncresolver
+        import dns.exception
+        import dns.resolver
+
+        assert isinstance(self.forward.host, str)
+        name = self.forward.host
+        settings = self.worker.settings
+        resolver = dns.asyncresolver.Resolver()
+        retry = 1.0
+        while True:
+            try:
+                addresses, ttl = await resolve(resolver, name)
+            except (dns.exception.DNSException, OSError) as exc:
+                if self.resolved_once:
+                    if not self.failing:
+                        log.warning("Port %d: cannot resolve %s (%s); keeping the last answer (%s)",
+                                    self.forward.port, name, describe_dns_error(exc),
+                                    ", ".join(b.text for b in self.backends))
+                else:
+                    log.warning("Port %d: cannot resolve %s (%s); connections are refused until it resolves; "
+                                "retrying in %g s", self.forward.port, name, describe_dns_error(exc), retry)
+                self.failing = True
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RESOLVE_RETRY_MAX)
+                continue
+            retry = 1.0
+            if self.failing:
+                log.info("Port %d: %s resolves again", self.forward.port, name)
+                self.failing = False
+            self.update(addresses)
+            await asyncio.sleep(min(max(ttl, settings.ttl_min), settings.ttl_max))
+
+    def update(self, addresses: list[Address]) -> None:
+        current = {b.address: b for b in self.backends}
+        fresh = [current.get(a) or Backend(a, self.forward.remote_port) for a in addresses]
+        if [b.address for b in fresh] != [b.address for b in self.backends]:
+            log.info("Port %d: %s is now %s", self.forward.port, self.forward.host,
+                     ", ".join(b.text for b in fresh) or "(no addresses)")
+        self.backends = fresh
+        self.resolved_once = self.resolved_once or bool(fresh)
+
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        worker = self.worker
+        if backend.down_until <= worker.loop.time():
+            log.warning("Port %d: backend %s failed (%s); skipped for %g s", self.forward.port, backend.text,
+                        reason, worker.settings.backoff)
+        backend.down_until = worker.loop.time() + worker.settings.backoff
+        if not backend.checking:
+            backend.checking = True
+            worker.loop.create_task(self.check(backend))
+
+    async def check(self, backend: Backend) -> None:
+        """Active TCP check until the backend accepts a connection again (or leaves the answer)."""
+        worker = self.worker
+        try:
+            while backend in self.backends:
+                await asyncio.sleep(worker.settings.check_interval)
+                try:
+                    _, writer = await asyncio.wait_for(
+                        asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
+                except (TimeoutError, OSError):
+                    backend.down_until = max(backend.down_until, worker.loop.time() + worker.settings.check_interval)
+                    continue
+                writer.close()
+                backend.down_until = 0.0
+                log.info("Port %d: backend %s is back", self.forward.port, backend.text)
+                return
+        finally:
+            backend.checking = False
+
+
+async def resolve(resolver: Any, name: str) -> tuple[list[Address], float]:
+    """A and AAAA for `name`; the addresses and the smallest TTL. Raises if neither answers."""
+    import dns.exception
+    import dns.resolver
+
+    addresses: list[Address] = []
+    ttls: list[float] = []
+    errors: list[Exception] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            continue
+        except (dns.exception.DNSException, OSError) as exc:
+            errors.append(exc)
+            continue
+        ttls.append(float(answer.rrset.ttl))
+        addresses.extend(ip_address(r.address) for r in answer)
+    if not addresses:
+        if errors:
+            raise errors[0]
+        raise OSError(f"{name} has no A or AAAA records")
+    return addresses, min(ttls)
+
+
+def describe_dns_error(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+class DnsWorker:
+    """One process's forwards and connections."""
+
+    def __init__(self, settings: DnsProxySettings, shared: SharedCounters, index: int):
+        self.settings = settings
+        self.shared = shared
+        self.counters: WorkerCounters = shared.row(index)
+        self.loop = asyncio.get_event_loop()
+        self.targets = {f.port: Target(self, f) for f in settings.forwards}
+        self.connections: set[Relay] = set()
+        self.stopped = asyncio.Event()
+        self.draining = False
+
+    async def run(self, sockets: list[socket.socket]) -> int:
+        for target in self.targets.values():
+            if isinstance(target.forward.host, str):
+                self.loop.create_task(target.keep_resolved())
+        servers = []
+        for sock in sockets:
+            target = self.targets[sock.getsockname()[1]]
+            servers.append(await self.loop.create_server(
+                lambda t=target: Relay(self, t), sock=sock, backlog=4096))  # type: ignore[misc]
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signo, self.stopped.set)
+        sweeper = self.loop.create_task(self.sweep())
+        await self.stopped.wait()
+        for server in servers:
+            server.close()
+        self.draining = True
+        deadline = self.loop.time() + self.settings.grace_seconds
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for relay in list(self.connections):
+            relay.abort("the grace period ended")
+        sweeper.cancel()
+        return 0
+
+    async def sweep(self) -> None:
+        idle = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()
+            for relay in list(self.connections):
+                if now - relay.last > idle:
+                    relay.abort(f"idle for {idle:g} s")
+
+
+class Relay(asyncio.Protocol):
+    """A client connection and, once connected, its backend connection; bytes both ways, half-close kept."""
+
+    __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "eof", "last", "started",
+                 "up", "down", "ended", "closing", "client")
+
+    def __init__(self, worker: DnsWorker, target: Target):
+        self.worker = worker
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.backend: Backend | None = None
+        self.pending: list[bytes] | None = []  # client bytes before the backend connection is up
+        self.eof = [False, False]  # client finished sending, backend finished sending
+        self.last = worker.loop.time()
+        self.started = self.last
+        self.up = 0
+        self.down = 0
+        self.ended = ""
+        self.closing = False
+        self.client = "-"
+
+    # client side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        worker = self.worker
+        if worker.settings.debug:
+            peer = transport.get_extra_info("peername")
+            self.client = f"{peer[0]}:{peer[1]}" if peer else "-"
+        if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
+            worker.counters.add(metrics.REJECTED)
+            self.end("refused: connection limit reached", abort=True)
+            return
+        if not self.target.ready:
+            worker.counters.add(metrics.UPSTREAM_ERRORS)
+            self.end(f"refused: {self.target.forward.host} has not resolved yet", abort=True)
+            return
+        worker.counters.add(metrics.OPEN)
+        worker.connections.add(self)
+        self.transport.pause_reading()  # until the backend is connected
+        worker.loop.create_task(self.connect())
+
+    async def connect(self) -> None:
+        worker, target = self.worker, self.target
+        tried: set[Backend] = set()
+        reason = "no backend"
+        for _ in range(worker.settings.tries):
+            backend = target.choose(tried)
+            if backend is None:
+                break
+            tried.add(backend)
+            backend.open += 1
+            try:
+                transport, _ = await asyncio.wait_for(worker.loop.create_connection(
+                    lambda: BackendSide(self), str(backend.address), backend.port), worker.settings.connect_timeout)
+            except TimeoutError:
+                backend.open -= 1
+                reason = f"timed out connecting to {backend.text}"
+                worker.counters.add(metrics.UPSTREAM_TIMEOUTS)
+                target.mark_down(backend, "connect timed out")
+                continue
+            except OSError as exc:
+                backend.open -= 1
+                reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
+                worker.counters.add(metrics.UPSTREAM_ERRORS)
+                target.mark_down(backend, exc.strerror or str(exc))
+                continue
+            if self.closing:  # the client went away while we were connecting
+                backend.open -= 1
+                transport.close()
+                return
+            self.backend = backend
+            self.upstream = transport
+            worker.counters.add(metrics.ALLOWED)
+            pending, self.pending = self.pending, None
+            for chunk in pending or ():
+                self.upstream.write(chunk)
+            if self.eof[0] and self.upstream.can_write_eof():
+                self.upstream.write_eof()
+            if self.transport is not None:
+                self.transport.resume_reading()
+            return
+        self.end(f"failed: {reason}", abort=True)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.worker.loop.time()
+        self.up += len(data)
+        if self.upstream is not None:
+            self.upstream.write(data)
+        elif self.pending is not None:
+            self.pending.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof[0] = True
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()
+        if self.eof[1]:
+            self.end("closed by both sides")
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended:
+            self.end(f"client connection lost{f' ({exc})' if exc else ''}")
+        self.finish()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # backend side (called by BackendSide)
+    def backend_data(self, data: bytes) -> None:
+        self.last = self.worker.loop.time()
+        self.down += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def backend_eof(self) -> bool:
+        self.eof[1] = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.eof[0]:
+            self.end("closed by both sides")
+            return False
+        return True
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        if not self.ended:
+            self.end(f"backend connection lost{f' ({exc})' if exc else ''}")
+        if self.transport is not None:
+            self.transport.close()
+
+    # ending
+    def end(self, how: str, *, abort: bool = False) -> None:
+        if self.ended:
+            return
+        self.ended = how
+        self.closing = True
+        if abort:
+            if self.transport is not None:
+                self.transport.abort()
+            if self.upstream is not None:
+                self.upstream.abort()
+        else:
+            if self.transport is not None:
+                self.transport.close()
+            if self.upstream is not None:
+                self.upstream.close()
+        if self.worker.settings.debug or how.startswith(("refused", "failed")):
+            self.log_line()
+
+    def abort(self, reason: str) -> None:
+        self.end(reason, abort=True)
+
+    def finish(self) -> None:
+        worker = self.worker
+        if self in worker.connections:
+            worker.connections.discard(self)
+            worker.counters.sub(metrics.OPEN)
+            worker.counters.add(metrics.BYTES_UP, self.up)
+            worker.counters.add(metrics.BYTES_DOWN, self.down)
+        if self.backend is not None:
+            self.backend.open -= 1
+            self.backend = None
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def log_line(self) -> None:
+        duration = (self.worker.loop.time() - self.started) * 1000
+        backend = self.backend.text if self.backend is not None else "-"
+        level = logging.INFO if self.worker.settings.debug else logging.WARNING
+        log.log(level, "%s -> :%d %s -> %s up=%d down=%d %.1fms %s", self.client, self.target.forward.port,
+                self.target.forward.target(), backend, self.up, self.down, duration, self.ended)
+
+
+class BackendSide(asyncio.Protocol):
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.backend_data(data)
+
+    def eof_received(self) -> bool:
+        return self.relay.backend_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.backend_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.relay.transport is not None:
+            self.relay.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.relay.transport is not None:
+            self.relay.transport.resume_reading()
+
+
+def worker_main(settings: DnsProxySettings, shared: SharedCounters) -> Callable[[list[socket.socket], int], int]:
+    def main(sockets: list[socket.socket], index: int) -> int:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        random.seed(os.getpid())
+        shared.reset_row(index)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(DnsWorker(settings, shared, index).run(sockets))
+        finally:
+            loop.close()
+
+    return main
+
+
+def run(settings: DnsProxySettings) -> int:
+    """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
+    from .server import Listen, available_cpus, serve
+
+    workers = settings.workers or available_cpus()
+    shared = SharedCounters(workers)
+    for forward in settings.forwards:
+        log.info("Forwarding port %d to %s", forward.port, forward.target())
+    specs = [Listen(family, host, f.port) for f in settings.forwards
+             for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))]
+    started = time.monotonic()
+    code = serve("DNS proxy", specs, workers, worker_main(settings, shared), settings.grace_seconds)
+    log.debug("DNS proxy ran for %.1f s", time.monotonic() - started)
+    return code
