@@ -16,6 +16,7 @@ from .entry import fail, run_container
 from .errors import EgressRouterError
 from .plan import build_plan, network_commands
 from .proxy.acl import GRAMMAR_HELP as ACL_HELP
+from .proxy.dnsdest import GRAMMAR_HELP as DNS_HELP
 
 
 def _variables_help() -> str:
@@ -36,7 +37,8 @@ Modes (EGRESS_ROUTER_MODE):
   unit-test   print the NAT rules the legacy image printed; change nothing
   http-proxy  configure the network only (no NAT) and exit 0; with
               EGRESS_HTTP_PROXY_DESTINATION set, run the HTTP proxy (see http-proxy --help)
-  dns-proxy   configure the network only (no NAT) and exit 0
+  dns-proxy   configure the network only (no NAT) and exit 0; with
+              EGRESS_DNS_PROXY_DESTINATION set, run the TCP proxy (see dns-proxy --help)
 
 \b
 EGRESS_DESTINATION grammar:
@@ -123,6 +125,8 @@ def validate(**options: str | None) -> None:
         parts.append("no network set-up (proxy only)")
     if config.http_proxy is not None:
         parts.append(f"HTTP proxy on port {config.http_proxy.port}: {config.http_proxy.acl.describe()}")
+    if config.dns_proxy is not None:
+        parts.append("DNS proxy: " + ", ".join(f"{f.port} -> {f.target()}" for f in config.dns_proxy.forwards))
     if config.destinations is not None:
         fallback = f", fallback {config.destinations.fallback}" if config.destinations.fallback else ", no fallback"
         parts.append(f"{len(config.destinations.rules)} port rule(s){fallback}")
@@ -158,6 +162,23 @@ def http_proxy(destination: str, port: str | None, workers: str | None, access_l
         env["EGRESS_HTTP_PROXY_ACCESS_LOG"] = "1" if access_log else "0"
     sys.exit(run_container(env))
 
+
+
+@main.command("dns-proxy", help="Run the TCP forwarding proxy (and first the network set-up, if EGRESS_SOURCE "
+              "is set).\n\n\b\nEGRESS_DNS_PROXY_DESTINATION grammar:\n" + DNS_HELP)
+@click.option("--destination", envvar="EGRESS_DNS_PROXY_DESTINATION", required=True,
+              help="EGRESS_DNS_PROXY_DESTINATION (use $'...\\n...')")
+@click.option("--workers", envvar="EGRESS_DNS_PROXY_WORKERS", help="EGRESS_DNS_PROXY_WORKERS [default: CPUs]")
+@click.option("--debug/--no-debug", default=None, help="EGRESS_DNS_PROXY_DEBUG: one log line per connection")
+def dns_proxy(destination: str, workers: str | None, debug: bool | None) -> None:
+    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
+    env["EGRESS_DNS_PROXY_DESTINATION"] = destination
+    env.pop("EGRESS_ROUTER_MODE", None)
+    if workers is not None:
+        env["EGRESS_DNS_PROXY_WORKERS"] = workers
+    if debug is not None:
+        env["EGRESS_DNS_PROXY_DEBUG"] = "1" if debug else "0"
+    sys.exit(run_container(env))
 
 
 @main.command()

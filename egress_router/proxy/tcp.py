@@ -55,6 +55,7 @@ class Target:
         self.resolved_once = False
         self.failing = False
         self.turn = 0
+        self.first_attempt = asyncio.Event()  # set once the first lookup has answered or failed
         if not isinstance(forward.host, str):
             self.backends = [Backend(forward.host, forward.remote_port)]
             self.resolved_once = True
@@ -91,6 +92,7 @@ class Target:
             try:
                 addresses, ttl = await resolve(resolver, name)
             except (dns.exception.DNSException, OSError) as exc:
+                self.first_attempt.set()
                 if self.resolved_once:
                     if not self.failing:
                         log.warning("Port %d: cannot resolve %s (%s); keeping the last answer (%s)",
@@ -108,6 +110,7 @@ class Target:
                 log.info("Port %d: %s resolves again", self.forward.port, name)
                 self.failing = False
             self.update(addresses)
+            self.first_attempt.set()
             await asyncio.sleep(min(max(ttl, settings.ttl_min), settings.ttl_max))
 
     def update(self, addresses: list[Address]) -> None:
@@ -193,9 +196,11 @@ class DnsWorker:
         self.draining = False
 
     async def run(self, sockets: list[socket.socket]) -> int:
-        for target in self.targets.values():
-            if isinstance(target.forward.host, str):
-                self.loop.create_task(target.keep_resolved())
+        names = [t for t in self.targets.values() if isinstance(t.forward.host, str)]
+        for target in names:
+            self.loop.create_task(target.keep_resolved())
+        if names:  # connections wait in the listen backlog meanwhile, so the first ones are not refused
+            await asyncio.wait([self.loop.create_task(t.first_attempt.wait()) for t in names], timeout=5.0)
         servers = []
         for sock in sockets:
             target = self.targets[sock.getsockname()[1]]
