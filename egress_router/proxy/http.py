@@ -206,6 +206,7 @@ class Worker:
         while conns:
             upstream = conns.pop()
             if not upstream.closed:
+                upstream.reused = True
                 return upstream
         return None
 
@@ -246,7 +247,7 @@ class Request:
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
                  "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent", "local")
+                 "tunnel", "sent", "local", "host")
 
     def __init__(self, now: float):
         self.url = b""
@@ -268,6 +269,7 @@ class Request:
         self.tunnel = False
         self.sent = False  # response head sent to the client
         self.local = False  # answered by the proxy itself (probes, metrics)
+        self.host: str | Address | None = None  # the normalized destination host
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
@@ -447,6 +449,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if b":" not in raw_host and b"[" in url.split(b"/", 3)[2]:
                 raise ProxyError(400, "only IPv6 addresses may be written in brackets", metrics.BAD)
             host = self.host_of(raw_host.decode("latin-1"))
+            request.host = host
             port = 80 if parsed.port is None else parsed.port
             if not 1 <= port <= 65535:
                 raise ProxyError(400, f"port {port} is not a port number (1-65535)", metrics.BAD)
@@ -476,12 +479,11 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         return host
 
     async def dispatch(self, request: Request, host: str | Address, port: int,
-                       addresses: list[Address] | None) -> None:
+                       addresses: list[Address] | None, *, fresh: bool = False) -> None:
         try:
             if addresses is None:
-                assert isinstance(host, str)
-                addresses = await self.worker.resolve(host, port)
-                upstream = self.worker.pooled((addresses[0], port))
+                addresses = await self.worker.resolve(host, port) if isinstance(host, str) else [host]
+                upstream = None if fresh else self.worker.pooled((addresses[0], port))
                 if upstream is not None:
                     self.send_request(request, upstream)
                     self.worker.flush()
@@ -611,6 +613,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         else:
             upstream.close()
         self.finish(request)
+
+    def retry(self, request: Request) -> None:
+        request.upstream = None
+        if request.host is None or self.closing:
+            return
+        self.worker.loop.create_task(self.dispatch(request, request.host, request.port, None, fresh=True))
 
     def upstream_failed(self, request: Request, message: str) -> None:
         """The upstream closed or failed before the response was complete."""
@@ -820,7 +828,8 @@ class Upstream(Endpoint, asyncio.Protocol):
     """A keep-alive connection to an origin server; attached to one client request at a time."""
 
     __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
-                 "headers", "reason", "done_early", "until_close")
+                 "headers", "reason", "done_early", "until_close", "reused",
+                 "answered")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -836,12 +845,15 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.reason = b""
         self.done_early = False
         self.until_close = False
+        self.reused = False  # taken from the pool: the server may have closed it just now
+        self.answered = False  # some of the current response has arrived
         self.out = []
 
     def attach(self, client: ClientConnection, request: Request) -> None:
         self.client = client
         self.request = request
         self.until_close = False
+        self.answered = False
         self.headers = []
         self.reason = b""
 
@@ -857,8 +869,13 @@ class Upstream(Endpoint, asyncio.Protocol):
         client, request = self.client, self.request
         self.client = self.request = None
         if client is not None and request is not None and request.upstream is self:
-            client.upstream_failed(request, "the upstream server closed the connection"
-                                   + (f" ({exc})" if exc else ""))
+            if self.reused and not self.answered and request.complete and request.bytes_up == 0:
+                # The server closed an idle keep-alive connection as we reused it (the usual race):
+                # nothing was answered and there is no body to resend, so try a fresh connection.
+                client.retry(request)
+            else:
+                client.upstream_failed(request, "the upstream server closed the connection"
+                                       + (f" ({exc})" if exc else ""))
             self.worker.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -889,6 +906,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     # httptools callbacks
     def on_status(self, reason: bytes) -> None:
+        self.answered = True
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -280,9 +280,12 @@ class Origin:
 
     def _serve_http(self, conn: socket.socket, landed: str, peer: str) -> None:
         reader = conn.makefile("rb")
+        drop_next = False
         while not self._stopping.is_set():
             head = read_head(reader)
             if head is None:
+                return
+            if drop_next:  # as a server closing an idle keep-alive connection just as a request arrives
                 return
             start, fields = parse_fields(head)
             method, target, version = start.split(" ")
@@ -301,6 +304,7 @@ class Origin:
             keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
             if not self._respond(conn, seen, body, keep) or not keep:
                 return
+            drop_next = urlsplit(target).path == "/drop-next"
 
     def _respond(self, conn: socket.socket, seen: Seen, body: bytes, keep: bool) -> bool:
         """Answer one request; False when the connection must end after it."""
@@ -330,7 +334,7 @@ class Origin:
             fields = extra + ([("ETag", '"v1"')] if status == 304 else [])
             self._send(conn, status, fields, b"", head_only=True)
             return True
-        if path == "/hello":
+        if path in ("/hello", "/drop-next"):
             reply = f"hello from {seen.landed}\n".encode()
         elif path == "/headers":
             reply = seen.head

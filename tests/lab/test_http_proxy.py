@@ -980,3 +980,19 @@ def test_access_log_one_line_per_request_and_tunnel(lab: Lab, origin: Origin, st
         if match["target"] == "www.example.com/hello":
             assert int(match["down"]) == len(f"hello from {WWW}:80\n")
     assert len({m["client"] for m in lines if m["target"] == "www.example.com/hello"}) == 1  # one connection
+
+
+def test_a_reused_upstream_closed_by_the_server_is_retried_on_a_fresh_connection(
+        lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """The keep-alive race: the origin drops a pooled connection as the next request arrives on it."""
+    proxy = start_proxy("*.example.com", WORKERS="1")
+    with Client(lab, port=proxy.port) as client:
+        first = client.request("GET", "http://www.example.com/drop-next")
+        assert first.status == 200
+        second = client.request("GET", "http://www.example.com/hello")
+        assert second.status == 200, second.body
+        assert second.body == f"hello from {WWW}:80\n".encode()
+    hellos = origin.requests("/hello")
+    drops = origin.requests("/drop-next")
+    assert len(hellos) == 1 and len(drops) == 1
+    assert hellos[0].peer != drops[0].peer  # answered on a new upstream connection
