@@ -102,6 +102,22 @@ def bind_all(specs: list[Listen]) -> list[socket.socket]:
     return sockets
 
 
+def probe_ports(specs: list[Listen]) -> None:
+    """SO_REUSEPORT would let us share a port someone else holds; binding without it first says so."""
+    for spec in specs:
+        try:
+            with socket.socket(spec.family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if spec.family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind((spec.host, spec.port))
+        except OSError as exc:
+            if spec.family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue
+            raise SetupError(f"cannot listen on port {spec.port}: {exc.strerror} (is another proxy "
+                             "running?)") from None
+
+
 def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain, grace: float) -> int:
     """Run `workers` processes until SIGTERM/SIGINT; returns the exit code."""
     limit = raise_file_limit()
@@ -110,6 +126,7 @@ def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain,
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops | {signal.SIGCHLD})
     children: dict[int, int] = {}  # pid -> worker index
+    probe_ports(specs)
     sockets: dict[int, list[socket.socket]] = {}
     for index in range(workers):
         sockets[index] = bind_all(specs)

@@ -10,11 +10,13 @@ is retried elsewhere, while an active TCP check brings the backend back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -29,6 +31,20 @@ log = logging.getLogger(__name__)
 
 Address = IPv4Address | IPv6Address
 RESOLVE_RETRY_MAX = 30.0
+RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a tight loop
+PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport | None) -> None:
+    """Close with a TCP reset, so a peer that reset its side is seen as such on the other side too."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class Backend:
@@ -111,7 +127,7 @@ class Target:
                 self.failing = False
             self.update(addresses)
             self.first_attempt.set()
-            await asyncio.sleep(min(max(ttl, settings.ttl_min), settings.ttl_max))
+            await asyncio.sleep(max(RESOLVE_MIN_INTERVAL, min(max(ttl, settings.ttl_min), settings.ttl_max)))
 
     def update(self, addresses: list[Address]) -> None:
         current = {b.address: b for b in self.backends}
@@ -234,8 +250,8 @@ class DnsWorker:
 class Relay(asyncio.Protocol):
     """A client connection and, once connected, its backend connection; bytes both ways, half-close kept."""
 
-    __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "eof", "last", "started",
-                 "up", "down", "ended", "closing", "client")
+    __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
+                 "started", "up", "down", "ended", "closing", "upstream_full")
 
     def __init__(self, worker: DnsWorker, target: Target):
         self.worker = worker
@@ -244,6 +260,8 @@ class Relay(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.pending: list[bytes] | None = []  # client bytes before the backend connection is up
+        self.pending_size = 0
+        self.upstream_full = False  # the backend's write buffer is above its high-water mark
         self.eof = [False, False]  # client finished sending, backend finished sending
         self.last = worker.loop.time()
         self.started = self.last
@@ -251,15 +269,11 @@ class Relay(asyncio.Protocol):
         self.down = 0
         self.ended = ""
         self.closing = False
-        self.client = "-"
 
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         worker = self.worker
-        if worker.settings.debug:
-            peer = transport.get_extra_info("peername")
-            self.client = f"{peer[0]}:{peer[1]}" if peer else "-"
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
             self.end("refused: connection limit reached", abort=True)
@@ -310,7 +324,7 @@ class Relay(asyncio.Protocol):
                 self.upstream.write(chunk)
             if self.eof[0] and self.upstream.can_write_eof():
                 self.upstream.write_eof()
-            if self.transport is not None:
+            if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
                 self.transport.resume_reading()
             return
         self.end(f"failed: {reason}", abort=True)
@@ -322,6 +336,9 @@ class Relay(asyncio.Protocol):
             self.upstream.write(data)
         elif self.pending is not None:
             self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size >= PENDING_LIMIT and self.transport is not None:
+                self.transport.pause_reading()  # hold the rest in the kernel until the backend is up
 
     def eof_received(self) -> bool:
         self.eof[0] = True
@@ -333,8 +350,10 @@ class Relay(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reset(self.upstream)  # the client reset: the backend must not see a clean end
         if not self.ended:
-            self.end(f"client connection lost{f' ({exc})' if exc else ''}")
+            self.end(f"client connection lost{f' ({exc})' if exc else ''}", abort=exc is not None)
         self.finish()
 
     def pause_writing(self) -> None:
@@ -362,8 +381,10 @@ class Relay(asyncio.Protocol):
         return True
 
     def backend_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reset(self.transport)  # the backend reset: a cut-off transfer must not look complete
         if not self.ended:
-            self.end(f"backend connection lost{f' ({exc})' if exc else ''}")
+            self.end(f"backend connection lost{f' ({exc})' if exc else ''}", abort=exc is not None)
         if self.transport is not None:
             self.transport.close()
 
@@ -402,6 +423,11 @@ class Relay(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.close()
 
+    @property
+    def client(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if peer else "-"
+
     def log_line(self) -> None:
         duration = (self.worker.loop.time() - self.started) * 1000
         backend = self.backend.text if self.backend is not None else "-"
@@ -426,10 +452,12 @@ class BackendSide(asyncio.Protocol):
         self.relay.backend_lost(exc)
 
     def pause_writing(self) -> None:
+        self.relay.upstream_full = True
         if self.relay.transport is not None:
             self.relay.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.relay.upstream_full = False
         if self.relay.transport is not None:
             self.relay.transport.resume_reading()
 

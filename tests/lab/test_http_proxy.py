@@ -778,7 +778,7 @@ def test_a_slow_client_does_not_delay_others(lab: Lab, origin: Origin, start_pro
             latencies.append(time.monotonic() - started)
         thread.join(timeout=IO_TIMEOUT)
         assert len(latencies) >= 5
-        assert max(latencies) < 0.5, max(latencies)
+        assert max(latencies) < 2.0, max(latencies)  # not held up by the slow client (its head takes 30 s)
         assert len(result) == 1
         assert_hello(result[0], WWW)
     finally:
