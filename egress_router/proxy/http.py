@@ -23,6 +23,7 @@ import httptools
 from . import metrics
 from .acl import HostError, normalize_host
 from .metrics import SharedCounters, WorkerCounters
+from .server import reset
 from .settings import HttpProxySettings
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,10 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             self.worker.counters.sub(metrics.OPEN)
         self.closing = True
         if self.tunnel is not None:
-            self.tunnel.close()
+            if exc is not None:
+                reset(self.tunnel)  # the client reset its side: so does the tunnel
+            else:
+                self.tunnel.close()
             self.log_tunnel()
         current = self.current
         if current is not None and current.upstream is not None:
@@ -970,6 +974,8 @@ class TunnelUpstream(asyncio.Protocol):
         return self.client.tunnel_upstream_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reset(self.client.transport)  # the destination reset: the client must not see a clean end
         self.client.tunnel_closed()
 
     def pause_writing(self) -> None:

@@ -8,6 +8,7 @@ drain before it kills what is left. Each worker runs its own event loop (uvloop 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -16,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -233,3 +235,17 @@ def stop_children(children: dict[int, int], grace: float) -> int:
 def with_suppressed(action: Callable[[], object]) -> None:
     with contextlib.suppress(ProcessLookupError):
         action()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport | None) -> None:
+    """Close with a TCP reset, so a peer that reset its side is seen as such on the other side too."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()

@@ -10,13 +10,11 @@ is retried elsewhere, while an active TCP check brings the backend back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -25,6 +23,7 @@ from typing import Any, cast
 from . import metrics
 from .dnsdest import Forward
 from .metrics import SharedCounters, WorkerCounters
+from .server import reset
 from .settings import DnsProxySettings
 
 log = logging.getLogger(__name__)
@@ -33,20 +32,6 @@ Address = IPv4Address | IPv6Address
 RESOLVE_RETRY_MAX = 30.0
 RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a tight loop
 PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def reset(transport: asyncio.Transport | None) -> None:
-    """Close with a TCP reset, so a peer that reset its side is seen as such on the other side too."""
-    if transport is None or transport.is_closing():
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
-
-
 class Backend:
     """One address of a forward's host."""
 
