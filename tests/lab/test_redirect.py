@@ -131,8 +131,10 @@ def test_gateway_learns_the_new_mac_from_the_announcement_before_any_traffic(lab
 
 def test_second_run_changes_nothing(lab: Lab) -> None:
     run_ok(lab, lab.router_env())
+    lab.settle()  # macvlan0's operational state follows its set-up asynchronously (kernel linkwatch)
     before = lab.snapshot("router")
     again = run_ok(lab, lab.router_env())
+    lab.settle()
     assert lab.snapshot("router") == before
     assert "NAT rules already in place" in again.stderr
     assert "network already configured" in again.stderr
