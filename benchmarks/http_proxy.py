@@ -1,0 +1,1057 @@
+#!/usr/bin/env python3
+"""HTTP proxy mode: egress-router's proxy vs squid configured as the legacy image did, in one lab.
+
+Run as root from the repository:  .venv/bin/python benchmarks/http_proxy.py [--rounds N] [--quick]
+
+Everything runs inside one namespace lab (egress_router.lab.Lab, documentation addresses only):
+nginx serves a 1 KiB object and a large one on 203.0.113.10:80 in the dest namespace, the proxy
+under test listens on 198.51.100.1:8080 in the router namespace (after init mode has given the
+router its macvlan0 address and default route), and the load comes from the client namespace.
+
+  ours   `egress-router http-proxy`, EGRESS_HTTP_PROXY_DESTINATION=203.0.113.0/24
+  squid  `squid -N -f <temp>/squid.conf`: the legacy image's squid.conf (http_proxy/squid.conf.in)
+
+Measured, in rounds that alternate the order of the two sides (medians over the rounds):
+  keep-alive    wrk, 64 connections, GET http://203.0.113.10/1k in absolute form: requests/s
+  close         the same with "Connection: close" (a new connection per request): requests/s
+  connect       CONNECT 203.0.113.10:80, GET of the large object inside the tunnel, read by a client
+                that splices it to /dev/null: MB/s
+  latency       wrk paced to a fixed schedule of --rate requests/s (64 connections): p50 and p99
+  memory        RSS (and PSS) of all the proxy's processes, before and with 10,000 idle
+                connections open from the client namespace
+Each proxy life is warmed up with keep-alive traffic before anything is measured. Every round
+starts each proxy twice: once for keep-alive, latency, CONNECT and memory, and once (last) for
+close, because squid degrades under sustained Connection: close traffic. Before the rounds, a
+cold probe shows each proxy fresh meeting close traffic first, in short slices. CPU time of every
+process involved (and of the rest of the machine) is recorded to tell which one was the
+bottleneck. Lab-only sysctls: a wider ephemeral port range in the client and router namespaces,
+and tcp_tw_reuse=1 in the client namespace (see main()). Every process it starts is ended by pid;
+the lab always goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    BENCH,
+    PYTHON,
+    WORK,
+    BenchError,
+    Deadline,
+    busy_warning,
+    load_average,
+    machine_info,
+    machine_lines,
+    md_table,
+    require_root,
+    text_table,
+    write_results,
+)
+
+from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
+
+HERE = BENCH / "http_proxy"
+PORT = 8080
+ORIGIN_IP = DEST_IPS[0]
+DESTINATION = "203.0.113.0/24"  # the allow list of both proxies
+DENIED_URL = "http://192.0.2.50/1k"  # outside the allow list: both must answer 403 without connecting
+SMALL = "/1k"
+BIG = "/big"
+CONNECTIONS = 64
+CLK = os.sysconf("SC_CLK_TCK")
+SIDES = ("ours", "squid")
+TARGETS = {"keepalive": 2.0, "close": 1.5, "connect": 1.25}
+MAIN_PID = os.getpid()
+
+
+# ---------------------------------------------------------------- processes
+
+def ns_argv(lab: Lab, role: str, argv: Sequence[str]) -> list[str]:
+    return ["nsenter", f"--net={lab.path(role)}", "--", *argv]
+
+
+def proc_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            rest = handle.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(rest[1]), int(rest[11]) + int(rest[12])
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (read from /proc at call time)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat:
+                children.setdefault(stat[0], []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if os.path.exists(f"/proc/{pid}"):
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def status_kib(pid: int, key: str) -> int:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid: int) -> int:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError), \
+            open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def socket_fds(pids: Sequence[int]) -> int:
+    count = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(a.decode(errors="replace") for a in argv if a)
+    return text[:60]
+
+
+class Managed:
+    """A long-running program we started in a lab namespace, in a session of its own, output to a file."""
+
+    def __init__(self, lab: Lab, role: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
+        self.log = log
+        self.argv = list(argv)
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(ns_argv(lab, role, argv), env=dict(env) if env is not None else None,
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.pid = self.process.pid  # nsenter execs the program: this is its pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def pids(self) -> list[int]:
+        return descendants(self.pid) if self.alive() else []
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the program (by pid), then SIGKILL whatever of its tree is left, through pidfds."""
+        if not self.alive():
+            return
+        tree: list[int] = []
+        fds: list[int] = []
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                fds.append(os.pidfd_open(pid))
+                tree.append(pid)
+        try:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            deadline = time.monotonic() + 5
+            for fd in fds:  # children (workers, helpers) get a moment to follow their parent
+                if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    select.select([fd], [], [], 5)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+def machine_ticks() -> dict[str, int]:
+    with open("/proc/stat", encoding="ascii") as handle:
+        values = [int(v) for v in handle.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    return {"busy": user + nice + system + irq + softirq + steal, "total": sum(values), "softirq": softirq + irq}
+
+
+def cpu_busy(seconds: float) -> float:
+    """Share of all CPUs busy over `seconds`."""
+    a = machine_ticks()
+    time.sleep(seconds)
+    b = machine_ticks()
+    return (b["busy"] - a["busy"]) / max(1, b["total"] - a["total"])
+
+
+class CpuWatch:
+    """CPU ticks of named groups of long-lived processes (their trees) and of the machine, over a window.
+
+    Short-lived tools (wrk, the clients) are accounted separately from their rusage."""
+
+    def __init__(self, groups: Mapping[str, Callable[[], list[int]]]):
+        self.groups = groups
+        self.start_ticks: dict[str, dict[int, int]] = {}
+        self.start_machine: dict[str, int] = {}
+        self.started = 0.0
+
+    def _sample(self) -> dict[str, dict[int, int]]:
+        sample: dict[str, dict[int, int]] = {}
+        for name, pids in self.groups.items():
+            sample[name] = {}
+            for pid in pids():
+                stat = proc_stat(pid)
+                if stat:
+                    sample[name][pid] = stat[1]
+        return sample
+
+    def begin(self) -> None:
+        self.start_ticks = self._sample()
+        self.start_machine = machine_ticks()
+        self.started = time.monotonic()
+
+    def end(self, tool_seconds: float) -> dict[str, float]:
+        """Percent of one core per group (and its busiest process), the load tool, kernel softirq,
+        everything else on the machine ('others'), and the machine's busy share of all its CPUs."""
+        after = self._sample()
+        machine = machine_ticks()
+        wall = max(1e-6, time.monotonic() - self.started)
+        out: dict[str, float] = {}
+        ours_ticks = 0
+        for name, now in after.items():
+            before = self.start_ticks.get(name, {})
+            deltas = [ticks - before.get(pid, 0) for pid, ticks in now.items()]
+            ours_ticks += sum(deltas)
+            out[name] = 100 * sum(deltas) / CLK / wall
+            out[f"{name} busiest"] = 100 * max(deltas, default=0) / CLK / wall
+        out["tool"] = 100 * tool_seconds / wall
+        busy = machine["busy"] - self.start_machine["busy"]
+        soft = machine["softirq"] - self.start_machine["softirq"]
+        total = machine["total"] - self.start_machine["total"]
+        out["softirq"] = 100 * soft / CLK / wall
+        out["others"] = max(0.0, 100 * (busy - soft - ours_ticks) / CLK / wall - out["tool"])
+        out["machine"] = 100 * busy / max(1, total)
+        out["wall"] = wall
+        return out
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bottleneck(cpu: Mapping[str, float], tool: str, ncpu: int) -> str:
+    """Which part ran out of CPU, judged from the shares (100 = one core)."""
+    if cpu.get("tool", 0) >= 90:
+        return f"{tool} (one core)"
+    if cpu.get("origin busiest", 0) >= 90:
+        return "origin (nginx worker at one core)"
+    if cpu.get("proxy busiest", 0) >= 85:
+        return "proxy (a process at ~one core)"
+    if cpu.get("machine", 0) >= 90:
+        parts = {"proxy": cpu.get("proxy", 0), tool: cpu.get("tool", 0), "origin": cpu.get("origin", 0),
+                 "kernel softirq": cpu.get("softirq", 0), "others": cpu.get("others", 0)}
+        top = max(parts, key=lambda k: parts[k])
+        return f"CPU: all {ncpu} cores busy (largest: {top})"
+    return "none (no process at one core, CPUs not all busy)"
+
+
+# ---------------------------------------------------------------- the origin
+
+class Origin:
+    def __init__(self, lab: Lab, tmp: Path, workers: int, big_bytes: int):
+        self.dir = tmp / "origin"
+        (self.dir / "www").mkdir(parents=True)
+        self.small = bytes((i * 7 + 13) % 256 for i in range(1024))
+        (self.dir / "www" / SMALL.lstrip("/")).write_bytes(self.small)
+        chunk = bytes(range(256)) * 32768  # 8 MiB
+        with open(self.dir / "www" / BIG.lstrip("/"), "wb") as handle:
+            left = big_bytes
+            while left > 0:
+                handle.write(chunk[:left])
+                left -= len(chunk)
+        self.big_bytes = big_bytes
+        conf = string.Template((HERE / "nginx.conf.in").read_text()).substitute(
+            dir=self.dir, workers=workers, listen=f"{ORIGIN_IP}:80")
+        (self.dir / "nginx.conf").write_text(conf)
+        self.proc = Managed(lab, "dest", ["nginx", "-e", str(self.dir / "nginx-error.log"),
+                                          "-c", str(self.dir / "nginx.conf")], self.dir / "nginx.out")
+
+    def workers(self) -> list[int]:
+        return [pid for pid in self.proc.pids() if pid != self.proc.pid] or self.proc.pids()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+# ---------------------------------------------------------------- the proxies
+
+class Proxy:
+    name = "?"
+
+    def __init__(self, lab: Lab, tmp: Path):
+        self.lab = lab
+        self.tmp = tmp
+        self.proc: Managed | None = None
+        self.lives = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return self.proc.pids() if self.proc else []
+
+    def rss_kib(self) -> tuple[int, int, list[tuple[str, int]]]:
+        """(sum of RSS, sum of PSS, per process) over the proxy's processes."""
+        pids = self.pids()
+        per = [(process_name(pid), status_kib(pid, "VmRSS")) for pid in pids]
+        return sum(v for _, v in per), sum(pss_kib(pid) for pid in pids), per
+
+    def fd_limit(self) -> str:
+        if not self.proc:
+            return "-"
+        with contextlib.suppress(OSError), open(f"/proc/{self.proc.pid}/limits") as handle:
+            for line in handle:
+                if line.startswith("Max open files"):
+                    return line.split()[3]
+        return "?"
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+    def describe_failure(self) -> str:
+        return self.proc.tail() if self.proc else ""
+
+
+class Squid(Proxy):
+    name = "squid"
+
+    def __init__(self, lab: Lab, tmp: Path):
+        super().__init__(lab, tmp)
+        self.service = f"egrbench{os.getpid()}"  # squid names its /dev/shm segments after this
+
+    def start(self) -> None:
+        self.lives += 1
+        run = self.tmp / f"squid-{self.lives}"
+        run.mkdir()
+        acls = f"acl dest1 dst {DESTINATION}\nhttp_access allow dest1"
+        conf = string.Template((HERE / "squid.conf.in").read_text()).substitute(
+            dir=run, acls=acls, destination=DESTINATION)
+        (run / "squid.conf").write_text(conf)
+        shutil.chown(run, "proxy", "proxy")  # squid drops to its effective user (proxy) after start
+        self.proc = Managed(self.lab, "router", ["squid", "-N", "-n", self.service, "-f", str(run / "squid.conf")],
+                            run / "squid.out")
+        self.run_dir = run
+
+    def stop(self) -> None:
+        super().stop()
+        for leftover in Path("/dev/shm").glob(f"{self.service}-*"):
+            leftover.unlink()  # its own segments, named after our service name
+
+    def describe_failure(self) -> str:
+        text = super().describe_failure()
+        with contextlib.suppress(OSError, AttributeError):
+            text += "\n" + (self.run_dir / "cache.log").read_text(errors="replace")[-2000:]
+        return text
+
+
+class Ours(Proxy):
+    name = "ours"
+
+    def __init__(self, lab: Lab, tmp: Path, workers: int | None):
+        super().__init__(lab, tmp)
+        self.workers = workers
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
+        env.update(EGRESS_HTTP_PROXY_DESTINATION=DESTINATION, EGRESS_HTTP_PROXY_PORT=str(PORT),
+                   EGRESS_HTTP_PROXY_ACCESS_LOG="0",
+                   # 10,000 idle connections must not sit at the default limit (as squid's
+                   # max_filedescriptors is raised); no drain period on stop (squid: shutdown_lifetime 0)
+                   EGRESS_HTTP_PROXY_MAX_CONNECTIONS="16000", EGRESS_PROXY_GRACE_SECONDS="0")
+        if self.workers:
+            env["EGRESS_HTTP_PROXY_WORKERS"] = str(self.workers)
+        return env
+
+    def start(self) -> None:
+        self.lives += 1
+        self.proc = Managed(self.lab, "router", [*router_command(), "http-proxy"],
+                            self.tmp / f"ours-{self.lives}.out", env=self.env())
+
+
+def ours_available() -> tuple[bool, str]:
+    try:
+        done = subprocess.run([*router_command(), "http-proxy", "--help"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:][0] if done.returncode else ""
+
+
+# ---------------------------------------------------------------- requests from the client namespace
+
+@contextlib.contextmanager
+def client_socket(lab: Lab, timeout: float) -> Iterator[socket.socket]:
+    with lab.entered("client"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((ROUTER_POD_IP, PORT))
+        yield sock
+
+
+def proxy_get(lab: Lab, url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One GET in absolute form through the proxy (Connection: close): status and body."""
+    host = url.split("/")[2]
+    with client_socket(lab, timeout) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if match:
+        body = body[: int(match.group(1))]
+    return status, body
+
+
+def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:
+    start = time.monotonic()
+    last = ""
+    while time.monotonic() - start < timeout:
+        if proxy.proc is None or not proxy.proc.alive():
+            raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.describe_failure()}")
+        try:
+            status, body = proxy_get(lab, f"http://{ORIGIN_IP}{SMALL}", timeout=2.0)
+            if status == 200 and body == expected:
+                return time.monotonic() - start
+            last = f"status {status}, {len(body)} bytes"
+        except (OSError, ValueError, IndexError) as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise BenchError(f"{proxy.name} not ready within {timeout:g} s ({last}):\n{proxy.describe_failure()}")
+
+
+# ---------------------------------------------------------------- the measurements
+
+@dataclass
+class Measured:
+    value: float
+    cpu: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, lab: Lab, origin: Origin, args: argparse.Namespace):
+        self.lab = lab
+        self.origin = origin
+        self.args = args
+        self.ncpu = os.cpu_count() or 1
+        self.quiet_waits: list[float] = []
+        self.retried = 0
+        self.disturbed: list[str] = []
+
+    def wait_quiet(self) -> None:
+        """Other work on the machine distorts the figures: wait (bounded) for it to calm down."""
+        deadline = time.monotonic() + self.args.quiet_wait
+        busy = cpu_busy(0.5)
+        while busy > 0.25 and time.monotonic() < deadline:
+            busy = cpu_busy(0.5)
+        self.quiet_waits.append(busy)
+
+    def clean(self, what: str, run: Callable[[], Measured]) -> Measured:
+        """Run a measurement after waiting for quiet; re-run it (bounded) if other work on the machine
+        took more than --max-others % of a core meanwhile, keeping the least disturbed run."""
+        tries: list[Measured] = []
+        for _ in range(1 + max(0, self.args.retries)):
+            self.wait_quiet()
+            tries.append(run())
+            if tries[-1].cpu.get("others", 0.0) <= self.args.max_others:
+                break
+        self.retried += len(tries) - 1
+        best = min(tries, key=lambda m: m.cpu.get("others", 0.0))
+        if best.cpu.get("others", 0.0) > self.args.max_others:
+            self.disturbed.append(f"{what}: others {best.cpu['others']:.0f}% of a core")
+        return best
+
+    def watch(self, proxy: Proxy | None) -> CpuWatch:
+        groups: dict[str, Callable[[], list[int]]] = {"origin": self.origin.proc.pids}
+        if proxy is not None:
+            groups["proxy"] = proxy.pids
+        return CpuWatch(groups)
+
+    def tool(self, role: str, argv: Sequence[str], env: Mapping[str, str] | None, timeout: float,
+             watch: CpuWatch) -> tuple[str, dict[str, float]]:
+        """Run a load tool to its end in a lab namespace; return its output and the CPU shares."""
+        before = children_cpu()
+        watch.begin()
+        try:
+            done = subprocess.run(ns_argv(self.lab, role, argv), env=dict(env) if env is not None else None,
+                                  capture_output=True, text=True, timeout=timeout, check=False,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{argv[0]} did not finish within {timeout:g} s") from exc
+        cpu = watch.end(children_cpu() - before)
+        if done.returncode not in (0, 1) and "WRKJSON" not in done.stdout:
+            raise BenchError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+        return done.stdout + done.stderr, cpu
+
+    def wrk(self, proxy: Proxy | None, seconds: float, *, close: bool = False, rate: float = 0,
+            role: str = "client", target: str = f"http://{ORIGIN_IP}{SMALL}") -> Measured:
+        env = dict(os.environ, WRK_TARGET=target, WRK_CLOSE="1" if close else "0",
+                   WRK_RATE=f"{rate / self.args.wrk_threads:g}")
+        where = f"http://{ROUTER_POD_IP}:{PORT}" if proxy is not None else f"http://{ORIGIN_IP}:80"
+        argv = ["wrk", "-t", str(self.args.wrk_threads), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s",
+                "--timeout", "5s", "-s", str(HERE / "proxy.lua"), where]
+        out, cpu = self.tool(role, argv, env, seconds + 60, self.watch(proxy))
+        line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
+        if line is None:
+            raise BenchError(f"wrk printed no summary:\n{out[-1500:]}")
+        summary = json.loads(line.split(" ", 1)[1])
+        rate = summary["requests"] / (summary["duration_us"] / 1e6)
+        errors = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
+                                          "timeouts"))
+        summary["errors"] = errors
+        summary["rate"] = rate
+        return Measured(rate, cpu, summary)
+
+    def tunnel(self, proxy: Proxy | None, path: str = BIG, timeout: float = 180.0, role: str = "client") -> Measured:
+        """CONNECT + GET inside the tunnel (or, without a proxy, the GET straight to the origin): MB/s."""
+        argv = [PYTHON, str(HERE / "tunnel_client.py"), "--target", f"{ORIGIN_IP}:80", "--path", path,
+                "--timeout", str(timeout)]
+        argv += ["--proxy", f"{ROUTER_POD_IP}:{PORT}"] if proxy is not None else ["--direct"]
+        if not self.args.recv:
+            argv.append("--splice")
+        out, cpu = self.tool(role, argv, None, timeout + 30, self.watch(proxy))
+        line = next((line for line in out.splitlines() if line.startswith("{")), None)
+        if line is None:
+            raise BenchError(f"tunnel client printed no result:\n{out[-1500:]}")
+        result = json.loads(line)
+        who = proxy.name if proxy is not None else "origin"
+        if result["error"] or result["bytes"] != result["expected"]:
+            raise BenchError(f"{who}: transfer of {path} failed: {result}")
+        # shares over the transfer itself, not the client's interpreter start-up before it
+        scale = cpu["wall"] / result["seconds"]
+        for key in [k for k in cpu if k not in ("machine", "wall")]:
+            cpu[key] *= scale
+        cpu["tool"] = 100 * (result["cpu_user"] + result["cpu_system"]) / result["seconds"]
+        return Measured(result["bytes"] / result["seconds"] / 1e6, cpu, result)
+
+    def check(self, proxy: Proxy) -> None:
+        """Correctness, once per side: a GET, a denied GET, a CONNECT with the right byte count."""
+        status, body = proxy_get(self.lab, f"http://{ORIGIN_IP}{SMALL}")
+        if status != 200 or body != self.origin.small:
+            raise BenchError(f"{proxy.name}: GET {SMALL} gave status {status} and {len(body)} bytes")
+        status, _ = proxy_get(self.lab, DENIED_URL)
+        if status != 403:
+            raise BenchError(f"{proxy.name}: GET {DENIED_URL} (not in the allow list) gave status {status}, not 403")
+        small = self.tunnel(proxy, SMALL, timeout=20)
+        if small.extra["bytes"] != 1024:
+            raise BenchError(f"{proxy.name}: CONNECT + GET {SMALL} read {small.extra['bytes']} bytes")
+
+    def memory(self, proxy: Proxy, count: int) -> Measured:
+        """RSS of the proxy's processes before and with `count` idle connections from the client."""
+        time.sleep(1.0)
+        base_rss, base_pss, _ = proxy.rss_kib()
+        base_sockets = socket_fds(proxy.pids())
+        argv = [PYTHON, str(HERE / "idle_conns.py"), "--host", ROUTER_POD_IP, "--port", str(PORT),
+                "--count", str(count), "--hold", "120"]
+        client = subprocess.Popen(ns_argv(self.lab, "client", argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert client.stdout is not None and client.stdin is not None
+            ready = select.select([client.stdout], [], [], 90)[0]
+            line = client.stdout.readline() if ready else ""
+            found = re.match(r"connected (\d+) failed (\d+) seconds ([0-9.]+)", line)
+            if not found:
+                client.kill()
+                client.wait(10)
+                why = client.stderr.read()[-800:] if client.stderr else ""
+                raise BenchError(f"idle connection client said {line!r}: {why}")
+            connected, failed = int(found.group(1)), int(found.group(2))
+            deadline = time.monotonic() + 60
+            held = socket_fds(proxy.pids()) - base_sockets
+            while held < connected and time.monotonic() < deadline:
+                time.sleep(0.5)
+                held = socket_fds(proxy.pids()) - base_sockets
+            time.sleep(2.0)
+            rss, pss, per = proxy.rss_kib()
+            client.stdin.write("check\n")
+            client.stdin.flush()
+            ready = select.select([client.stdout], [], [], 30)[0]
+            alive_line = client.stdout.readline() if ready else ""
+            alive = int(alive_line.split()[1]) if alive_line.startswith("alive ") else -1
+            client.stdin.write("close\n")
+            client.stdin.flush()
+            client.wait(60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(10)
+        extra = {"base_rss": base_rss, "base_pss": base_pss, "rss": rss, "pss": pss, "connected": connected,
+                 "failed": failed, "held": held, "alive": alive, "per": per,
+                 "per_conn": (rss - base_rss) / max(1, min(held, alive if alive >= 0 else connected))}
+        return Measured(rss, {}, extra)
+
+
+# ---------------------------------------------------------------- rounds
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Measured]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    start_ups: dict[str, list[float]] = field(default_factory=dict)
+    fd_limits: dict[str, str] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)
+    probe: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
+
+    def add(self, side: str, test: str, measured: Measured) -> None:
+        self.samples.setdefault((side, test), []).append(measured)
+
+    def values(self, side: str, test: str, key: str | None = None) -> list[float]:
+        return [m.value if key is None else float(m.extra[key]) for m in self.samples.get((side, test), [])]
+
+    def median(self, side: str, test: str, key: str | None = None) -> float | None:
+        values = self.values(side, test, key)
+        return statistics.median(values) if values else None
+
+
+def start_proxy(bench: Bench, proxy: Proxy, results: Results) -> None:
+    proxy.start()
+    seconds = wait_ready(bench.lab, proxy, bench.origin.small)
+    results.start_ups.setdefault(proxy.name, []).append(seconds)
+    results.fd_limits[proxy.name] = proxy.fd_limit()
+    results.workers[proxy.name] = len(proxy.pids())
+
+
+def warm_up(bench: Bench, proxy: Proxy) -> None:
+    warm = bench.wrk(proxy, bench.args.warmup)
+    if warm.extra["requests"] == 0:
+        raise BenchError(f"{proxy.name}: no request completed during the warm-up:\n{proxy.describe_failure()}")
+
+
+def life_main(bench: Bench, proxy: Proxy, results: Results, first: bool) -> str:
+    """Keep-alive, fixed-rate latency, CONNECT throughput and memory, on one warmed-up proxy life."""
+    args = bench.args
+    start_proxy(bench, proxy, results)
+    try:
+        if first:
+            bench.check(proxy)
+        results.add(proxy.name, "rss_fresh", Measured(float(proxy.rss_kib()[0])))
+        warm_up(bench, proxy)
+        keep = bench.clean(f"{proxy.name} keep-alive", lambda: bench.wrk(proxy, args.duration))
+        results.add(proxy.name, "keepalive", keep)
+        paced = bench.clean(f"{proxy.name} latency", lambda: bench.wrk(proxy, args.duration, rate=args.rate))
+        paced.value = paced.extra["p99_us"] / 1000
+        results.add(proxy.name, "latency", paced)
+        transfers = []
+        for _ in range(args.connect_runs):
+            transfers.append(bench.clean(f"{proxy.name} CONNECT", lambda: bench.tunnel(proxy)))
+            results.add(proxy.name, "connect", transfers[-1])
+        tunnel = max(transfers, key=lambda m: m.value)
+        memory = bench.memory(proxy, args.idle)
+        results.add(proxy.name, "memory", memory)
+        return (f"keep-alive {keep.value:8.0f} req/s, p50/p99 {paced.extra['p50_us'] / 1000:.2f}/"
+                f"{paced.extra['p99_us'] / 1000:.2f} ms at {paced.extra['rate']:.0f}/s, "
+                f"CONNECT {tunnel.value:6.0f} MB/s,"
+                f" RSS {memory.extra['base_rss'] / 1024:.1f} -> {memory.extra['rss'] / 1024:.1f} MiB with "
+                f"{memory.extra['held']} idle")
+    finally:
+        proxy.stop()
+
+
+def life_close(bench: Bench, proxy: Proxy, results: Results) -> str:
+    start_proxy(bench, proxy, results)
+    try:
+        warm_up(bench, proxy)
+        bench.wait_quiet()  # no re-run here: a second close run would meet a proxy changed by the first
+        close = bench.wrk(proxy, bench.args.duration, close=True)
+        close.extra["rss_after"] = proxy.rss_kib()[0]
+        results.add(proxy.name, "close", close)
+        return f"close {close.value:8.0f} req/s (RSS after: {close.extra['rss_after'] / 1024:.1f} MiB)"
+    finally:
+        proxy.stop()
+
+
+def cold_probe(bench: Bench, proxy: Proxy, results: Results) -> None:
+    """A fresh proxy meets Connection: close traffic first (no warm-up), then keep-alive: req/s per slice."""
+    slices: list[tuple[str, float, int]] = []
+    start_proxy(bench, proxy, results)
+    try:
+        for index in range(bench.args.probe_close + bench.args.probe_keepalive):
+            close = index < bench.args.probe_close
+            measured = bench.wrk(proxy, bench.args.probe_slice, close=close)
+            slices.append(("close" if close else "keep-alive", measured.value, proxy.rss_kib()[0]))
+    finally:
+        proxy.stop()
+    results.probe[proxy.name] = slices
+    print(f"  {proxy.name:>5} fresh, close first: "
+          + ", ".join(f"{kind[0]}{value:.0f}" for kind, value, _ in slices)
+          + f" req/s per {bench.args.probe_slice:g} s slice (c = close, k = keep-alive); RSS at the end "
+          f"{slices[-1][2] / 1024:.0f} MiB", flush=True)
+
+
+def origin_alone(bench: Bench, results: Results) -> None:
+    """The ceiling: wrk from the router namespace straight to nginx, and the large GET without a tunnel."""
+    direct = bench.wrk(None, bench.args.duration, role="router", target=f"http://{ORIGIN_IP}{SMALL}")
+    results.add("origin", "keepalive", direct)
+    direct_get = bench.tunnel(None, role="router")
+    if direct_get.extra["bytes"] != bench.origin.big_bytes:
+        raise BenchError(f"direct GET of {BIG} read {direct_get.extra['bytes']} bytes")
+    results.add("origin", "connect", direct_get)
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncpu: int) -> tuple[str, str]:
+    """The side-by-side table (text, markdown) and the CPU tables."""
+    both = len(sides) == 2
+
+    def ratio(test: str, key: str | None = None) -> float | None:
+        a, b = results.median("ours", test, key), results.median("squid", test, key)
+        return a / b if both and a is not None and b else None
+
+    def verdict(value: float | None, target: float, higher_better: bool = True) -> str:
+        if value is None:
+            return "-"
+        good = value >= target if higher_better else value <= target
+        return "MET" if good else "NOT MET"
+
+    def row(label: str, test: str, key: str | None, scale: float, unit: str, digits: int, target: float | None,
+            higher: bool = True) -> list[str]:
+        ours = results.median("ours", test, key)
+        squid = results.median("squid", test, key)
+        r = ratio(test, key)
+        goal = "-" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
+        return [label, fmt(ours and ours * scale, unit, digits), fmt(squid and squid * scale, unit, digits),
+                fmt(r, "", 2), goal, verdict(r, target, higher) if target is not None else ""]
+
+    rate = results.median("squid", "latency", "rate") or results.median("ours", "latency", "rate")
+    rows = [
+        row("keep-alive, req/s (64 connections, 1 KiB)", "keepalive", None, 1, "", 0, TARGETS["keepalive"]),
+        row("Connection: close, req/s", "close", None, 1, "", 0, TARGETS["close"]),
+        row(f"CONNECT tunnel, MB/s ({args.connect_mib} MiB)", "connect", None, 1, "", 0, TARGETS["connect"]),
+        row(f"p50 at ~{fmt(rate)} req/s, ms", "latency", "p50_us", 1e-3, "", 2, None, False),
+        row(f"p99 at ~{fmt(rate)} req/s, ms", "latency", "p99_us", 1e-3, "", 2, 1.0, False),
+        row(f"RSS with {args.idle:,} idle connections, MiB", "memory", "rss", 1 / 1024, "", 1, 1.0, False),
+        row("  RSS per idle connection, KiB", "memory", "per_conn", 1, "", 1, None, False),
+        row("  RSS before them (after the load), MiB", "memory", "base_rss", 1 / 1024, "", 1, None, False),
+        row(f"  PSS with {args.idle:,} idle connections, MiB", "memory", "pss", 1 / 1024, "", 1, None, False),
+        row("RSS right after start, MiB", "rss_fresh", None, 1 / 1024, "", 1, None, False),
+        row("RSS after the close run, MiB", "close", "rss_after", 1 / 1024, "", 1, None, False),
+    ]
+    headers = ["", "ours", "squid", "ours/squid", "target", ""]
+    cpu_headers = ["test", "side", "proxy", "busiest proxy proc", "load tool", "origin", "softirq", "others",
+                   "machine (all CPUs)", "bottleneck"]
+    cpu_rows = []
+    tools = {"keepalive": "wrk", "close": "wrk", "latency": "wrk", "connect": "tunnel client"}
+    for test in ("keepalive", "close", "latency", "connect"):
+        for side in (*sides, "origin"):
+            samples = results.samples.get((side, test))
+            if not samples or not samples[0].cpu:
+                continue
+            med = {k: statistics.median(m.cpu.get(k, 0.0) for m in samples) for k in samples[0].cpu}
+            cpu_rows.append([test, side if side != "origin" else "no proxy", fmt(med.get("proxy"), "%"),
+                             fmt(med.get("proxy busiest"), "%"), fmt(med.get("tool"), "%"),
+                             fmt(med.get("origin"), "%"), fmt(med.get("softirq"), "%"), fmt(med.get("others"), "%"),
+                             fmt(med.get("machine"), "%"),
+                             "-" if test == "latency" else bottleneck(med, tools[test], ncpu)])
+    text = text_table(headers, rows) + "\n\nCPU, medians, % of one core (machine: % of all CPUs)\n" + \
+        text_table(cpu_headers, cpu_rows)
+    md = md_table(headers, rows) + "\n\nCPU during the runs (medians; % of one core, machine: % of all " \
+        f"{ncpu} CPUs; 'others' is everything else on the machine):\n\n" + md_table(cpu_headers, cpu_rows)
+    return text, md
+
+
+def probe_lines(results: Results, args: argparse.Namespace) -> list[str]:
+    lines = []
+    for side, slices in results.probe.items():
+        closes = [v for kind, v, _ in slices if kind == "close"]
+        keeps = [v for kind, v, _ in slices if kind != "close"]
+        lines.append(f"- {side}, fresh, Connection: close first ({args.probe_slice:g} s slices): close "
+                     + ", ".join(f"{v:.0f}" for v in closes) + " req/s; then keep-alive "
+                     + ", ".join(f"{v:.0f}" for v in keeps) + f" req/s; RSS at the end {slices[-1][2] / 1024:.0f} MiB")
+    return lines
+
+
+def tool_versions() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "missing"
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    import importlib.util
+    return {"squid": first(["squid", "-v"]), "nginx": first(["nginx", "-v"]), "wrk": first(["wrk", "-v"]),
+            "uvloop in the venv": "yes" if importlib.util.find_spec("uvloop") else "no"}
+
+
+# ---------------------------------------------------------------- main
+
+def check_tools(sides: Sequence[str]) -> None:
+    needed = ["nsenter", "ip", "wrk", "nginx"] + (["squid"] if "squid" in sides else [])
+    missing = [tool for tool in needed if not shutil.which(tool)]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: apt-get install squid wrk nginx-light (see benchmarks/README.md)")
+
+
+def raise_fd_limit() -> int:
+    """The proxies and the idle-connection client inherit this (raising the hard limit needs CAP_SYS_RESOURCE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds, alternating order (default 5)")
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 256 MiB, short probe: a smoke test")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run (default 8)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="keep-alive warm-up per proxy life, s (default 3)")
+    parser.add_argument("--only", choices=SIDES, help="run one side only")
+    parser.add_argument("--workers", type=int, help="EGRESS_HTTP_PROXY_WORKERS for ours (default: ours' default)")
+    parser.add_argument("--rate", type=float, default=2000, help="offered rate of the latency run (default 2000/s)")
+    parser.add_argument("--connect-mib", type=int, default=2048, help="size of the CONNECT transfer (default 2048)")
+    parser.add_argument("--connect-runs", type=int, default=2, help="CONNECT transfers per round (default 2)")
+    parser.add_argument("--idle", type=int, default=10000, help="idle connections for the memory figure")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--origin-workers", type=int, default=1, help="nginx worker processes (default 1)")
+    parser.add_argument("--recv", action="store_true",
+                        help="the tunnel client reads with recv_into (default: splice to /dev/null, cheaper)")
+    parser.add_argument("--probe-close", type=int, default=10, help="cold probe: close slices (0: no probe)")
+    parser.add_argument("--probe-keepalive", type=int, default=4, help="cold probe: keep-alive slices after")
+    parser.add_argument("--probe-slice", type=float, default=3.0, help="cold probe: seconds per slice")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="before each run wait up to this long for the machine to be under 25%% busy")
+    parser.add_argument("--max-others", type=float, default=25.0,
+                        help="re-run a measurement if other processes took more than this %% of a core (default 25)")
+    parser.add_argument("--retries", type=int, default=2, help="at most this many re-runs per measurement")
+    parser.add_argument("--max-seconds", type=float, default=1800, help="start no new round after this")
+    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.warmup, args.connect_mib = 1, 3.0, 2.0, 512
+        args.probe_close, args.probe_keepalive, args.probe_slice = min(args.probe_close, 2), 1, 2.0
+    args.rounds = max(1, min(args.rounds, 50))
+    args.connect_runs = max(1, min(args.connect_runs, 10))
+
+    require_root()
+    sides = [args.only] if args.only else list(SIDES)
+    check_tools(sides)
+    if "ours" in sides:
+        ok, why = ours_available()
+        if not ok:
+            if args.only == "ours":
+                sys.exit(f"egress-router http-proxy is not available: {why}")
+            print(f"egress-router http-proxy is not available ({why}): squid only")
+            sides = ["squid"]
+    began = time.monotonic()
+    fd_limit = raise_fd_limit()
+    WORK.mkdir(exist_ok=True)
+    info = machine_info()
+    info.update(tool_versions())
+    info["open files limit (soft, for the proxies)"] = str(fd_limit)
+    warning = busy_warning(info)
+    print("\n".join(machine_lines(info)))
+    if warning:
+        print(warning)
+    deadline = Deadline(args.max_seconds)
+    results = Results()
+    tmp = Path(tempfile.mkdtemp(prefix="http-proxy-", dir=WORK))
+    os.chmod(tmp, 0o755)
+
+    def on_term(signum: int, frame: object) -> None:
+        if os.getpid() == MAIN_PID:  # a forked helper (pyroute2) must not run our clean-up
+            raise KeyboardInterrupt
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, on_term)
+    origin: Origin | None = None
+    proxies: dict[str, Proxy] = {}
+    try:
+        with Lab() as lab:
+            env = lab.router_env(mode="http-proxy")
+            env.pop("EGRESS_DESTINATION", None)
+            init = lab.run_router(env)
+            if init.returncode != 0:
+                raise BenchError(f"init (http-proxy mode) failed: {init.stderr.strip()[-800:]}")
+            # Lab namespaces only. wrk closes most Connection: close connections itself, so its side keeps
+            # them in TIME_WAIT for 60 s: without reuse, the client namespace runs out of ports after some
+            # 14,000-30,000 requests and every proxy then crawls at ~100 req/s (SYN retries), which would
+            # measure the load generator. Reuse needs the TIME_WAIT to be over 1 s old (timestamps).
+            for role in ("client", "router"):
+                lab.sysctl(role, "net.ipv4.ip_local_port_range", "1024 65000")
+            lab.sysctl("client", "net.ipv4.tcp_tw_reuse", "1")
+            origin = Origin(lab, tmp, args.origin_workers, args.connect_mib << 20)
+            bench = Bench(lab, origin, args)
+            probe_deadline = time.monotonic() + 15
+            while True:
+                try:
+                    with lab.entered("router"), socket.create_connection((ORIGIN_IP, 80), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > probe_deadline or not origin.proc.alive():
+                        raise BenchError(f"nginx did not start:\n{origin.proc.tail()}") from None
+                    time.sleep(0.1)
+            if "squid" in sides:
+                proxies["squid"] = Squid(lab, tmp)
+            if "ours" in sides:
+                proxies["ours"] = Ours(lab, tmp, args.workers)
+
+            print(f"\nlab {lab.suffix}: origin nginx on {ORIGIN_IP}:80 ({args.origin_workers} worker), proxies on "
+                  f"{ROUTER_POD_IP}:{PORT}; wrk -t{args.wrk_threads} -c{CONNECTIONS}, {args.duration:g} s runs")
+            origin_alone(bench, results)
+            print(f"  origin alone (from the router namespace): {results.median('origin', 'keepalive'):.0f} req/s "
+                  f"keep-alive, {results.median('origin', 'connect'):.0f} MB/s for the large GET")
+            if args.probe_close > 0:
+                print("cold probe: a fresh proxy meeting Connection: close traffic first")
+                for side in sides:
+                    cold_probe(bench, proxies[side], results)
+            print(f"\n{args.rounds} round(s), alternating order")
+            for index in range(args.rounds):
+                if deadline.passed():
+                    results.notes.append(f"time bound reached after {index} round(s)")
+                    print(results.notes[-1])
+                    break
+                order = sides if index % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    main_text = life_main(bench, proxies[side], results, first=index == 0)
+                    close_text = life_close(bench, proxies[side], results)
+                    print(f"  round {index + 1} {side:>5}: {main_text}; {close_text}", flush=True)
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        if origin is not None:
+            origin.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    for side in sides:
+        for test in ("keepalive", "close", "latency"):
+            for m in results.samples.get((side, test), []):
+                if m.extra.get("errors"):
+                    results.notes.append(f"{side} {test}: {m.extra['errors']} wrk errors in one run "
+                                         f"({m.extra['requests']} requests)")
+        for m in results.samples.get((side, "memory"), []):
+            if m.extra["alive"] != args.idle or m.extra["failed"] or m.extra["held"] < m.extra["connected"]:
+                results.notes.append(f"{side} memory: {m.extra['connected']} connected, {m.extra['failed']} failed, "
+                                     f"{m.extra['held']} accepted by the proxy after 60 s, {m.extra['alive']} still "
+                                     "open at the sample")
+    for side, slices in results.probe.items():
+        closes = [value for kind, value, _ in slices if kind == "close"]
+        if len(closes) >= 2 and closes[-1] < 0.5 * closes[0]:
+            results.notes.append(
+                f"{side}: a fresh {side} meeting Connection: close traffic first slowed down: from {closes[0]:,.0f} to "
+                f"{closes[-1]:,.0f} req/s within {len(closes) * args.probe_slice:g} s (lowest {min(closes):,.0f}); "
+                f"RSS {slices[len(closes) - 1][2] / 1024:.0f} MiB after it")
+    for side in sides:
+        rss = sorted(results.values(side, "memory", "rss"))
+        if len(rss) > 1 and rss[-1] > 1.5 * rss[0]:
+            results.notes.append(f"{side}: RSS with {args.idle:,} idle connections varied over the rounds: "
+                                 + ", ".join(f"{v / 1024:.0f}" for v in results.values(side, "memory", "rss"))
+                                 + " MiB (every time the proxy held them all)")
+    if bench.retried:
+        results.notes.append(f"{bench.retried} run(s) were repeated because other work on the machine took over "
+                             f"{args.max_others:g}% of a core during them (the least disturbed run counts)")
+    results.notes += [f"still disturbed after {args.retries} repeat(s): {what}" for what in bench.disturbed]
+    noisy = [b for b in bench.quiet_waits if b > 0.25]
+    if noisy:
+        results.notes.append(f"{len(noisy)} of {len(bench.quiet_waits)} runs started while the machine was over "
+                             f"25% busy with other work (up to {100 * max(noisy):.0f}%) after waiting "
+                             f"{args.quiet_wait:g} s")
+    text, md = report(results, args, sides, bench.ncpu)
+    print("\n" + text)
+    details = [f"{side}: {results.workers.get(side, '?')} process(es) at "
+               f"start, open files limit {results.fd_limits.get(side, '?')}, start-up to first 200 "
+               f"{statistics.median(results.start_ups[side]):.2f} s (median)"
+               for side in sides if side in results.start_ups]
+    per_process = []
+    for side in sides:
+        mem = results.samples.get((side, "memory"))
+        if mem:
+            per_process.append(f"{side} with idle connections: " + ", ".join(
+                f"{name.split()[0].rsplit('/', 1)[-1]} {kib / 1024:.1f} MiB" for name, kib in mem[-1].extra["per"]))
+    origin_line = (f"origin alone (wrk from the router namespace straight to nginx): "
+                   f"{results.median('origin', 'keepalive'):,.0f} req/s keep-alive; large GET without a tunnel "
+                   f"{results.median('origin', 'connect'):,.0f} MB/s")
+    print("\n".join(["", *details, *per_process, origin_line, *probe_lines(results, args), *results.notes]))
+    info["load average at end"] = load_average()
+    info["wall time of the benchmark"] = f"{time.monotonic() - began:.0f} s"
+    print(f"wall time {info['wall time of the benchmark']}; load average at end {info['load average at end']}")
+    if not args.no_results:
+        lines = ["## http_proxy.py: HTTP proxy mode, ours vs squid (legacy image's config)", "",
+                 *machine_lines(info), "",
+                 f"{len(results.values(sides[0], 'keepalive'))} round(s), alternating order, medians; "
+                 f"wrk -t{args.wrk_threads} -c{CONNECTIONS}, {args.duration:g} s per run after a {args.warmup:g} s "
+                 f"keep-alive warm-up of each proxy life; latency run paced to ~{args.rate:g} req/s "
+                 f"({CONNECTIONS} connections taking the slots of a fixed schedule through wrk's delay()); "
+                 f"CONNECT: {args.connect_runs} x one {args.connect_mib} MiB GET inside a tunnel per round; memory: "
+                 f"{args.idle:,} idle connections. MB = 10^6 bytes. Lab sysctls: ip_local_port_range 1024-65000 "
+                 f"(client, router), tcp_tw_reuse=1 (client: see README). Ours: "
+                 f"{'EGRESS_HTTP_PROXY_WORKERS=' + str(args.workers) if args.workers else 'default workers'}.", "",
+                 md, "", *[f"- {line}" for line in details], *[f"- {line}" for line in per_process],
+                 f"- {origin_line}", "", "Cold probe (a fresh proxy, Connection: close traffic first):", "",
+                 *probe_lines(results, args), "", *[f"- note: {n}" for n in results.notes]]
+        write_results("http_proxy", "\n".join(lines))
+        print("\nwrote benchmarks/RESULTS.md (section http_proxy)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        sys.exit(f"benchmark failed: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted (processes stopped, lab torn down)")
