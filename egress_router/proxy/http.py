@@ -987,36 +987,16 @@ class TunnelUpstream(asyncio.Protocol):
             self.client.transport.resume_reading()
 
 
-def worker_main(settings: HttpProxySettings, shared: SharedCounters) -> Callable[[list[socket.socket], int], int]:
-    """What each worker process runs (see server.serve)."""
-
-    def main(sockets: list[socket.socket], index: int) -> int:
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            pass
-        shared.reset_row(index)
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            return loop.run_until_complete(Worker(settings, shared, index).run(sockets))
-        finally:
-            loop.close()
-
-    return main
-
-
 def run(settings: HttpProxySettings) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
-    from .server import available_cpus, listen_spec, serve
+    from .server import available_cpus, listen_spec, loop_worker, serve
 
     workers = settings.workers or available_cpus()
     shared = SharedCounters(workers)
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
-    code = serve("HTTP proxy", listen_spec(settings.port), workers, worker_main(settings, shared),
+    worker_main = loop_worker(shared, lambda index: Worker(settings, shared, index))
+    code = serve("HTTP proxy", listen_spec(settings.port), workers, worker_main,
                  settings.grace_seconds)
     log.debug("HTTP proxy ran for %.1f s (pid %d)", time.monotonic() - started, os.getpid())
     return code

@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from ..errors import SetupError
+from .metrics import SharedCounters
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +251,25 @@ def reset(transport: asyncio.Transport | None) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
+
+
+def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> WorkerMain:
+    """A WorkerMain that runs `make_worker(index).run(sockets)` on a fresh event loop (uvloop if installed)."""
+
+    def main(sockets: list[socket.socket], index: int) -> int:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        shared.reset_row(index)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            code: int = loop.run_until_complete(make_worker(index).run(sockets))
+            return code
+        finally:
+            loop.close()
+
+    return main

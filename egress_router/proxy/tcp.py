@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import signal
 import socket
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, cast
 
@@ -447,29 +444,9 @@ class BackendSide(asyncio.Protocol):
             self.relay.transport.resume_reading()
 
 
-def worker_main(settings: DnsProxySettings, shared: SharedCounters) -> Callable[[list[socket.socket], int], int]:
-    def main(sockets: list[socket.socket], index: int) -> int:
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            pass
-        random.seed(os.getpid())
-        shared.reset_row(index)
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            return loop.run_until_complete(DnsWorker(settings, shared, index).run(sockets))
-        finally:
-            loop.close()
-
-    return main
-
-
 def run(settings: DnsProxySettings) -> int:
     """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
-    from .server import Listen, available_cpus, serve
+    from .server import Listen, available_cpus, loop_worker, serve
 
     workers = settings.workers or available_cpus()
     shared = SharedCounters(workers)
@@ -478,6 +455,7 @@ def run(settings: DnsProxySettings) -> int:
     specs = [Listen(family, host, f.port) for f in settings.forwards
              for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))]
     started = time.monotonic()
-    code = serve("DNS proxy", specs, workers, worker_main(settings, shared), settings.grace_seconds)
+    worker_main = loop_worker(shared, lambda index: DnsWorker(settings, shared, index))
+    code = serve("DNS proxy", specs, workers, worker_main, settings.grace_seconds)
     log.debug("DNS proxy ran for %.1f s", time.monotonic() - started)
     return code
