@@ -270,6 +270,11 @@ def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> Wo
             code: int = loop.run_until_complete(make_worker(index).run(sockets))
             return code
         finally:
+            # Background work (DNS refreshes, health checks, connects) ends with the worker, quietly.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     return main
