@@ -10,7 +10,6 @@ import hashlib
 import os
 import random
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -21,7 +20,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -37,6 +35,7 @@ from egress_router.lab import (
     router_command,
 )
 from tests.lab.dnsserver import DnsServer
+from tests.lab.proxyproc import ProxyProcess
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
 DNS_IP = "203.0.113.53"
@@ -224,32 +223,12 @@ class Services:
 
 # ------------------------------------------------------------------ the proxy process
 
-class Proxy:
+class Proxy(ProxyProcess):
     """egress-router running the DNS proxy in the router namespace; its stderr collected as it comes."""
 
     def __init__(self, lab: Lab, process: subprocess.Popen[str], grace: float, ready_port: int):
-        self.lab, self.process, self.grace, self.ready_port = lab, process, grace, ready_port
-        self.workers: list[tuple[int, str]] = []  # (pid, start time): killed at teardown if they outlive the master
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._collect, args=(stream,), daemon=True)
-                         for stream in (process.stderr, process.stdout) if stream is not None]
-        for reader in self._readers:
-            reader.start()
-
-    def _collect(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        with self._lock:
-            return "\n".join(self._lines)
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
+        super().__init__(lab, process, grace)
+        self.ready_port = ready_port
 
     def connection_lines(self, port: int | None = None) -> list[re.Match[str]]:
         """The per-connection log lines (the readiness probes aside)."""
@@ -289,56 +268,14 @@ class Proxy:
             try:
                 with Conn(self.lab, self.ready_port, timeout=1) as conn:
                     if conn.line().startswith(f"{A}:{self.ready_port} "):
-                        self.workers = [(pid, start_time(pid)) for pid in self.children()]
+                        self.remember_workers()
                         return
             except OSError:
                 pass
             time.sleep(0.03)
         pytest.fail(f"the proxy did not relay a connection within {timeout} s:\n{self.stderr}")
 
-    def children(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children", encoding="ascii") as handle:
-                return [int(pid) for pid in handle.read().split()]
-        except OSError:
-            return []
 
-    def terminate(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float | None = None) -> int:
-        """SIGTERM, then wait; kills the workers (by pid) and the master if they outstay `timeout`."""
-        children = self.children()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=self.grace + 3 if timeout is None else timeout)
-        except subprocess.TimeoutExpired:
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            raise
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return code
-
-    def kill_leftover_workers(self) -> list[int]:
-        left = [pid for pid, started in self.workers if start_time(pid) == started]
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return left
-
-
-def start_time(pid: int) -> str:
-    """Field 22 of /proc/<pid>/stat: tells a pid from a later process that got the same number."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
 
 
 def configure_network(lab: Lab) -> None:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
 from urllib.parse import urlsplit
 
 import pytest
@@ -43,6 +42,7 @@ from tests.lab.origin import (
     read_response,
     sha256,
 )
+from tests.lab.proxyproc import ProxyProcess
 
 PORT = 8080
 IO_TIMEOUT = 5.0  # no answer the proxy owes may take longer: a hang fails the test instead of stalling it
@@ -64,32 +64,12 @@ ACCESS_LINE = re.compile(r"\[info\] (?P<client>198\.51\.100\.2:\d+) (?P<method>[
 
 # ------------------------------------------------------------------ the proxy process
 
-class Proxy:
+class Proxy(ProxyProcess):
     """egress-router running the HTTP proxy in the router namespace; stderr is collected as it comes."""
 
     def __init__(self, lab: Lab, process: subprocess.Popen[str], port: int, grace: float):
-        self.lab, self.process, self.port, self.grace = lab, process, port, grace
-        self.workers: list[tuple[int, str]] = []  # (pid, start time): killed at teardown if the master left them
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._drain, args=(stream,), daemon=True)
-                         for stream in (process.stderr, process.stdout) if stream is not None]
-        for reader in self._readers:
-            reader.start()
-
-    def _drain(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        with self._lock:
-            return "\n".join(self._lines)
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
+        super().__init__(lab, process, grace)
+        self.port = port
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -99,53 +79,13 @@ class Proxy:
                 pytest.fail(f"the proxy exited with {self.process.returncode}:\n{self.stderr}")
             try:
                 if fetch(self.lab, "/healthz", port=self.port, timeout=1).status == 200:
-                    self.workers = [(pid, start_time(pid)) for pid in self.children()]
+                    self.remember_workers()
                     return
             except (OSError, ProtocolError):
                 time.sleep(0.03)
         pytest.fail(f"the proxy did not answer /healthz within {timeout} s:\n{self.stderr}")
 
-    def children(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children", encoding="ascii") as handle:
-                return [int(pid) for pid in handle.read().split()]
-        except OSError:
-            return []
 
-    def stop(self, timeout: float | None = None) -> int:
-        """SIGTERM, then wait; kills the workers (by pid) and the master if they outstay `timeout`."""
-        children = self.children()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=self.grace + 3 if timeout is None else timeout)
-        except subprocess.TimeoutExpired:
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            raise
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return code
-
-    def kill_leftover_workers(self) -> list[int]:
-        """Workers that outlived their master (they would keep the namespace alive): kill them, by pid."""
-        left = [pid for pid, started in self.workers if start_time(pid) == started]
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return left
-
-
-def start_time(pid: int) -> str:
-    """A process's start time (field 22 of /proc/<pid>/stat): tells a pid from a later process with the same one."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
 
 
 def proxy_env(rules: str, *, network: bool, port: int, variables: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,89 @@
+"""A proxy process started in a lab namespace: its output collected as it comes, a clean stop, no leftovers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from typing import IO
+
+from egress_router.lab import Lab
+
+
+class ProxyProcess:
+    """egress-router running a proxy mode; the tests of each mode add readiness and log helpers."""
+
+    def __init__(self, lab: Lab, process: subprocess.Popen[str], grace: float):
+        self.lab, self.process, self.grace = lab, process, grace
+        self.workers: list[tuple[int, str]] = []  # (pid, start time): killed at teardown if they outlive the master
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._collect, args=(stream,), daemon=True)
+                         for stream in (process.stderr, process.stdout) if stream is not None]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._lock:
+                self._lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        with self._lock:
+            return "\n".join(self._lines)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def children(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children", encoding="ascii") as handle:
+                return [int(pid) for pid in handle.read().split()]
+        except OSError:
+            return []
+
+    def remember_workers(self) -> None:
+        """Note the workers (with their start times) once the proxy is ready."""
+        self.workers = [(pid, start_time(pid)) for pid in self.children()]
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM, then wait; kills the workers (by pid) and the master if they outstay `timeout`."""
+        children = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace + 3 if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
+
+    def kill_leftover_workers(self) -> list[int]:
+        """Workers that outlived their master (they would keep the namespace alive): kill them, by pid."""
+        left = [pid for pid, started in self.workers if start_time(pid) == started]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
+
+def start_time(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat: tells a pid from a later process that got the same number."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
