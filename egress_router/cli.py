@@ -140,7 +140,8 @@ def validate(**options: str | None) -> None:
 @click.option("--destination", envvar="EGRESS_HTTP_PROXY_DESTINATION", required=True,
               help="EGRESS_HTTP_PROXY_DESTINATION: the allow list (use $'...\\n...')")
 @click.option("--port", envvar="EGRESS_HTTP_PROXY_PORT", help="EGRESS_HTTP_PROXY_PORT [default: 8080]")
-@click.option("--workers", envvar="EGRESS_HTTP_PROXY_WORKERS", help="EGRESS_HTTP_PROXY_WORKERS [default: CPUs]")
+@click.option("--workers", envvar="EGRESS_HTTP_PROXY_WORKERS",
+              help="EGRESS_HTTP_PROXY_WORKERS: a number or auto [default: 1]")
 @click.option("--access-log/--no-access-log", default=None, help="EGRESS_HTTP_PROXY_ACCESS_LOG")
 @click.option("--connect-timeout", envvar="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT",
               help="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT, seconds [default: 10]")
@@ -168,7 +169,8 @@ def http_proxy(destination: str, port: str | None, workers: str | None, access_l
               "is set).\n\n\b\nEGRESS_DNS_PROXY_DESTINATION grammar:\n" + DNS_HELP)
 @click.option("--destination", envvar="EGRESS_DNS_PROXY_DESTINATION", required=True,
               help="EGRESS_DNS_PROXY_DESTINATION (use $'...\\n...')")
-@click.option("--workers", envvar="EGRESS_DNS_PROXY_WORKERS", help="EGRESS_DNS_PROXY_WORKERS [default: CPUs]")
+@click.option("--workers", envvar="EGRESS_DNS_PROXY_WORKERS",
+              help="EGRESS_DNS_PROXY_WORKERS: a number or auto [default: 1]")
 @click.option("--debug/--no-debug", default=None, help="EGRESS_DNS_PROXY_DEBUG: one log line per connection")
 def dns_proxy(destination: str, workers: str | None, debug: bool | None) -> None:
     env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import httptools
 from . import metrics
 from .acl import HostError, normalize_host
 from .metrics import SharedCounters, WorkerCounters
-from .server import reset
+from .server import handle_stop_signals, reset
 from .settings import HttpProxySettings
 
 log = logging.getLogger(__name__)
@@ -87,11 +86,10 @@ class Worker:
                 endpoint.flush()
 
     # ------------------------------------------------------------ life cycle
-    async def run(self, sockets: list[socket.socket]) -> int:
+    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
         servers = [await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
                    for sock in sockets]
-        for signo in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signo, self.stopped.set)
+        handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         sweeper = self.loop.create_task(self.sweep())
         await self.stopped.wait()
         for server in servers:
@@ -224,20 +222,25 @@ class Worker:
 class Endpoint:
     """A connection whose output is gathered during a callback and written once at its end."""
 
-    __slots__ = ("out",)  # subclasses use slots too: 10,000 idle connections should cost little memory
+    # Subclasses use slots too, and allocate what an idle connection does not need only when it is
+    # needed (output list, parser, request queue): 10,000 idle connections should cost little memory.
+    __slots__ = ("out",)
     worker: Worker
     transport: asyncio.Transport | None
-    out: list[bytes]
+    out: list[bytes] | None
 
     def send(self, data: bytes) -> None:
-        if not self.out:
+        out = self.out
+        if out is None:
+            self.out = [data]
             self.worker.dirty.append(self)
-        self.out.append(data)
+        else:
+            out.append(data)
 
     def flush(self) -> None:
         out = self.out
-        if out:
-            self.out = []
+        if out is not None:
+            self.out = None
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -277,22 +280,23 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
     __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "last",
-                 "closing", "tunnel", "tunnel_eof", "paused")
+                 "closing", "tunnel", "client_eof", "upstream_eof", "paused")
 
     def __init__(self, worker: Worker):
         self.worker = worker
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = None  # made when the first bytes arrive
         self.parsing: Request | None = None
         self.current: Request | None = None
-        self.queue: list[Request] = []
+        self.queue: list[Request] | None = None  # pipelined requests waiting behind the current one
         self.head_size = 0
         self.last = worker.now
         self.closing = False
         self.tunnel: asyncio.Transport | None = None
-        self.tunnel_eof = [False, False]  # client side, upstream side
+        self.client_eof = False  # tunnel half-closes
+        self.upstream_eof = False
         self.paused = False
-        self.out = []
+        self.out = None
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -339,7 +343,10 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 current.body.append(data)
             return
         try:
-            self.parser.feed_data(data)
+            parser = self.parser
+            if parser is None:
+                parser = self.parser = httptools.HttpRequestParser(self)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgraded(data[upgrade.args[0]:])
         except httptools.HttpParserError as exc:
@@ -350,13 +357,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
-            self.tunnel_eof[0] = True
+            self.client_eof = True
             if self.tunnel.can_write_eof():
                 self.tunnel.write_eof()
-            return not self.tunnel_eof[1]  # keep the other direction open (half-close)
+            return not self.upstream_eof  # keep the other direction open (half-close)
         if self.current is not None:  # the client is done sending; let its response finish
             self.current.keep_alive = False
-            for queued in self.queue:
+            for queued in self.queue or ():
                 queued.keep_alive = False
             return True
         return False
@@ -399,6 +406,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request = self.parsing
         assert request is not None
         parser = self.parser
+        assert parser is not None
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive() and not self.worker.draining
@@ -409,6 +417,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             self.current = request
             self.start(request)
         else:
+            if self.queue is None:
+                self.queue = []
             self.queue.append(request)
             if not self.paused and self.transport is not None:
                 self.transport.pause_reading()
@@ -756,10 +766,10 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 self.current.bytes_down += len(data)
 
     def tunnel_upstream_eof(self) -> bool:
-        self.tunnel_eof[1] = True
+        self.upstream_eof = True
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
-        return not self.tunnel_eof[0]
+        return not self.client_eof
 
     def tunnel_closed(self) -> None:
         self.log_tunnel()
@@ -851,7 +861,7 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.until_close = False
         self.reused = False  # taken from the pool: the server may have closed it just now
         self.answered = False  # some of the current response has arrived
-        self.out = []
+        self.out = None
 
     def attach(self, client: ClientConnection, request: Request) -> None:
         self.client = client

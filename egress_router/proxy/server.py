@@ -1,8 +1,8 @@
-"""Worker processes sharing listening ports (SO_REUSEPORT), supervised by a small master process.
+"""Serving loops: one process, or worker processes sharing listening ports (SO_REUSEPORT) under a master.
 
-The master binds one socket per worker and address family before forking, so a port that cannot
-be bound is reported at once, and the kernel spreads new connections evenly over the workers.
-It restarts a worker that dies, forwards SIGTERM/SIGINT, and gives workers the grace period to
+With more than one worker, the master binds one socket per worker and address family before
+forking, so a port that cannot be bound is reported at once, and the kernel spreads new connections
+evenly over the workers. It restarts a worker that dies, forwards SIGTERM/SIGINT, and gives workers the grace period to
 drain before it kills what is left. Each worker runs its own event loop (uvloop when installed).
 """
 
@@ -29,7 +29,7 @@ from .metrics import SharedCounters
 
 log = logging.getLogger(__name__)
 
-WorkerMain = Callable[[list[socket.socket], int], int]
+WorkerMain = Callable[[list[socket.socket], int, bool], int]  # (sockets, index, alone)
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW before the master gives up
 RESTART_WINDOW = 60.0
 
@@ -123,10 +123,23 @@ def probe_ports(specs: list[Listen]) -> None:
 
 
 def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain, grace: float) -> int:
-    """Run `workers` processes until SIGTERM/SIGINT; returns the exit code."""
+    """Serve until SIGTERM/SIGINT; returns the exit code.
+
+    One worker runs in this very process: no master, no fork, one process's memory (a crash ends the
+    container, which the kubelet restarts). More workers are forked and supervised by this process.
+    """
     limit = raise_file_limit()
-    log.info("Starting %s: %d worker(s) on port(s) %s (open files limit %d)", name, workers,
-             ",".join(sorted({str(s.port) for s in specs})), limit)
+    ports = ",".join(sorted({str(s.port) for s in specs}))
+    if workers == 1:
+        log.info("Starting %s: one process on port(s) %s (open files limit %d)", name, ports, limit)
+        probe_ports(specs)
+        listening = bind_all(specs)
+        try:
+            return worker_main(listening, 0, True)
+        except Exception:
+            log.exception("%s failed", name)
+            return 1
+    log.info("Starting %s: %d worker processes on port(s) %s (open files limit %d)", name, workers, ports, limit)
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops | {signal.SIGCHLD})
     children: dict[int, int] = {}  # pid -> worker index
@@ -175,7 +188,7 @@ def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: Work
                 for sock in socks:
                     sock.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
-        code = worker_main(sockets[index], index)
+        code = worker_main(sockets[index], index, False)
     except BaseException:
         log.exception("Worker %d failed", index)
     finally:
@@ -253,10 +266,22 @@ def reset(transport: asyncio.Transport | None) -> None:
     transport.abort()
 
 
-def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> WorkerMain:
-    """A WorkerMain that runs `make_worker(index).run(sockets)` on a fresh event loop (uvloop if installed)."""
+def handle_stop_signals(loop: asyncio.AbstractEventLoop, stopped: asyncio.Event, grace: float, alone: bool) -> None:
+    """SIGTERM/SIGINT set `stopped`; a process serving alone logs it (under a master, the master does)."""
 
-    def main(sockets: list[socket.socket], index: int) -> int:
+    def stop(signo: signal.Signals) -> None:
+        if alone and not stopped.is_set():
+            log.info("Received %s; draining for up to %g s", signo.name, grace)
+        stopped.set()
+
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signo, stop, signo)
+
+
+def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> WorkerMain:
+    """A WorkerMain that runs `make_worker(index).run(sockets, alone)` on a fresh event loop (uvloop if installed)."""
+
+    def main(sockets: list[socket.socket], index: int, alone: bool) -> int:
         try:
             import uvloop
 
@@ -267,7 +292,7 @@ def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> Wo
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            code: int = loop.run_until_complete(make_worker(index).run(sockets))
+            code: int = loop.run_until_complete(make_worker(index).run(sockets, alone))
             return code
         finally:
             # Background work (DNS refreshes, health checks, connects) ends with the worker, quietly.

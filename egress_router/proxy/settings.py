@@ -13,7 +13,8 @@ from .dnsdest import Forward, parse_dns_destinations
 HTTP_VARIABLES: dict[str, tuple[str, str]] = {
     "EGRESS_HTTP_PROXY_DESTINATION": ("(unset)", "allow list of the HTTP proxy; set: run the proxy"),
     "EGRESS_HTTP_PROXY_PORT": ("8080", "port the HTTP proxy listens on (IPv4 and IPv6)"),
-    "EGRESS_HTTP_PROXY_WORKERS": ("(CPUs available)", "worker processes sharing the port"),
+    "EGRESS_HTTP_PROXY_WORKERS": ("1", "processes serving the port; 'auto': one per CPU available (cgroup quota "
+                                  "respected); each costs ~20 MiB"),
     "EGRESS_HTTP_PROXY_ACCESS_LOG": ("(off)", "1: one log line per request or tunnel"),
     "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT": ("10", "seconds to connect upstream before answering 504"),
     "EGRESS_HTTP_PROXY_MAX_CONNECTIONS": ("10000", "concurrent client connections, over all workers"),
@@ -30,7 +31,7 @@ _FALSE = ("", "0", "false", "no", "off")
 class HttpProxySettings:
     acl: AccessList
     port: int = 8080
-    workers: int | None = None  # None: one per CPU available to the process
+    workers: int | None = 1  # None: one per CPU available to the process ('auto')
     access_log: bool = False
     connect_timeout: float = 10.0
     max_connections: int = 10_000
@@ -53,7 +54,7 @@ def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
     return HttpProxySettings(
         acl=parse_access_list(text),
         port=integer(env, "EGRESS_HTTP_PROXY_PORT", 8080, 1, 65535) or 8080,
-        workers=integer(env, "EGRESS_HTTP_PROXY_WORKERS", None, 1, 256),
+        workers=worker_count(env, "EGRESS_HTTP_PROXY_WORKERS"),
         access_log=flag(env, "EGRESS_HTTP_PROXY_ACCESS_LOG"),
         connect_timeout=seconds(env, "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", 10.0),
         max_connections=integer(env, "EGRESS_HTTP_PROXY_MAX_CONNECTIONS", 10_000, 1, 10_000_000) or 10_000,
@@ -61,6 +62,21 @@ def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
         tunnel_idle_timeout=seconds(env, "EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT", 900.0),
         grace_seconds=seconds(env, "EGRESS_PROXY_GRACE_SECONDS", 10.0, minimum=0.0),
     )
+
+
+def worker_count(env: Mapping[str, str], name: str) -> int | None:
+    """1 when unset; None for 'auto' (one per CPU available, decided where the proxy runs)."""
+    # One process by default: a proxy for a handful of external services rarely needs more than the
+    # ~18k requests/s one process serves, and one per CPU of a large node without a CPU limit would
+    # cost ~20 MiB each for nothing.
+    value = env.get(name, "").strip()
+    if value.lower() == "auto":
+        return None
+    if not value:
+        return 1
+    if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= 256:
+        raise ConfigError(name, f"{value!r} is neither a whole number from 1 to 256 nor 'auto'")
+    return int(value)
 
 
 def integer(env: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
@@ -93,7 +109,8 @@ def flag(env: Mapping[str, str], name: str) -> bool:
 DNS_VARIABLES: dict[str, tuple[str, str]] = {
     "EGRESS_DNS_PROXY_DESTINATION": ("(unset)", "TCP forwards '<port> <host> [<remote_port>]'; set: run the proxy"),
     "EGRESS_DNS_PROXY_DEBUG": ("(off)", "1: one log line per connection"),
-    "EGRESS_DNS_PROXY_WORKERS": ("(CPUs available)", "worker processes sharing the ports"),
+    "EGRESS_DNS_PROXY_WORKERS": ("1", "processes serving the ports; 'auto': one per CPU available (cgroup quota "
+                                 "respected); each costs ~20 MiB"),
     "EGRESS_DNS_PROXY_CONNECT_TIMEOUT": ("10", "seconds to connect to a backend"),
     "EGRESS_DNS_PROXY_IDLE_TIMEOUT": ("60", "seconds a connection may carry no data before it is closed"),
     "EGRESS_DNS_PROXY_MAX_CONNECTIONS": ("10000", "concurrent client connections, over all workers"),
@@ -106,7 +123,7 @@ DNS_VARIABLES: dict[str, tuple[str, str]] = {
 class DnsProxySettings:
     forwards: tuple[Forward, ...]
     debug: bool = False
-    workers: int | None = None
+    workers: int | None = 1  # None: one per CPU available to the process ('auto')
     connect_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 10_000
@@ -132,7 +149,7 @@ def load_dns_proxy(env: Mapping[str, str]) -> DnsProxySettings:
     return DnsProxySettings(
         forwards=forwards,
         debug=flag(env, "EGRESS_DNS_PROXY_DEBUG"),
-        workers=integer(env, "EGRESS_DNS_PROXY_WORKERS", None, 1, 256),
+        workers=worker_count(env, "EGRESS_DNS_PROXY_WORKERS"),
         connect_timeout=seconds(env, "EGRESS_DNS_PROXY_CONNECT_TIMEOUT", 10.0),
         idle_timeout=seconds(env, "EGRESS_DNS_PROXY_IDLE_TIMEOUT", 60.0),
         max_connections=integer(env, "EGRESS_DNS_PROXY_MAX_CONNECTIONS", 10_000, 1, 10_000_000) or 10_000,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -20,7 +19,7 @@ from typing import Any, cast
 from . import metrics
 from .dnsdest import Forward
 from .metrics import SharedCounters, WorkerCounters
-from .server import reset
+from .server import handle_stop_signals, reset
 from .settings import DnsProxySettings
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class DnsWorker:
         self.stopped = asyncio.Event()
         self.draining = False
 
-    async def run(self, sockets: list[socket.socket]) -> int:
+    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
         names = [t for t in self.targets.values() if isinstance(t.forward.host, str)]
         for target in names:
             self.loop.create_task(target.keep_resolved())
@@ -204,8 +203,7 @@ class DnsWorker:
             target = self.targets[sock.getsockname()[1]]
             servers.append(await self.loop.create_server(
                 lambda t=target: Relay(self, t), sock=sock, backlog=4096))  # type: ignore[misc]
-        for signo in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signo, self.stopped.set)
+        handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         sweeper = self.loop.create_task(self.sweep())
         await self.stopped.wait()
         for server in servers:

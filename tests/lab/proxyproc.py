@@ -46,6 +46,10 @@ class ProxyProcess:
         except OSError:
             return []
 
+    def serving_pids(self) -> list[int]:
+        """The processes that hold the connections: the workers, or the proxy itself when it runs alone."""
+        return self.children() or [self.process.pid]
+
     def remember_workers(self) -> None:
         """Note the workers (with their start times) once the proxy is ready."""
         self.workers = [(pid, start_time(pid)) for pid in self.children()]

@@ -730,7 +730,7 @@ def test_100_mb_each_way_byte_exact(lab: Lab, dns: DnsServer, services: Services
     dns.set(NAME, A, ttl=300)
     proxy = start_proxy(f"7000 {NAME}\n7001 {NAME}")
     proxy.wait_resolved(7001, NAME)
-    [worker] = proxy.children()
+    [worker] = proxy.serving_pids()
     with Conn(lab, 7000, timeout=30) as conn:
         conn.sock.sendall(up)
         assert conn.finish().decode() == f"{BIG} {hashlib.sha256(up).hexdigest()}\n"
@@ -772,7 +772,7 @@ def test_client_bytes_are_not_buffered_without_bound_while_connecting(lab: Lab, 
     without limit (a client could fill the worker's memory while its backend does not answer)."""
     drop_syns(lab, B, 7000)
     proxy = start_proxy(f"7000 {B}", EGRESS_DNS_PROXY_CONNECT_TIMEOUT="2")
-    [worker] = proxy.children()
+    [worker] = proxy.serving_pids()
     before = rss_kib(worker)
     conn = Conn(lab, 7000, timeout=5)
     sender = threading.Thread(target=send_quietly, args=(conn.sock, bytes(64 << 20)), daemon=True)
@@ -792,7 +792,7 @@ def test_flow_control_holds_after_a_slow_connect(lab: Lab, dns: DnsServer, servi
     services.sink_delay = 2.0  # seconds from its accept before the backend reads anything
     drop_syns(lab, B, 7000)
     proxy = start_proxy(f"7000 {B}", EGRESS_DNS_PROXY_CONNECT_TIMEOUT="5")
-    [worker] = proxy.children()
+    [worker] = proxy.serving_pids()
     first, rest = os.urandom(1 << 20), os.urandom(99 << 20)
     before = rss_kib(worker)
     with Conn(lab, 7000, timeout=30) as conn:

@@ -936,3 +936,30 @@ def test_a_reused_upstream_closed_by_the_server_is_retried_on_a_fresh_connection
     drops = origin.requests("/drop-next")
     assert len(hellos) == 1 and len(drops) == 1
     assert hellos[0].peer != drops[0].peer  # answered on a new upstream connection
+
+
+def test_one_process_by_default_and_auto_forks_one_worker_per_cpu(lab: Lab, origin: Origin,
+                                                                   start_proxy: StartProxy) -> None:
+    from egress_router.proxy.server import available_cpus
+
+    alone = start_proxy("*.example.com", EGRESS_HTTP_PROXY_WORKERS="")  # unset: the default
+    assert alone.children() == [], "the default is one process, no master and no forked workers"
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    cpus = available_cpus()
+    auto = start_proxy("*.example.com", network=False, port=PORT + 1, EGRESS_HTTP_PROXY_WORKERS="auto")
+    assert len(auto.children()) == (cpus if cpus > 1 else 0), auto.stderr
+    for _ in range(4):
+        assert_hello(fetch(lab, "http://www.example.com/hello", port=PORT + 1), WWW)
+
+
+def test_a_crashed_worker_is_replaced(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    proxy = start_proxy("*.example.com", EGRESS_HTTP_PROXY_WORKERS="2")
+    first = proxy.children()
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    assert eventually(lambda: len(proxy.children()) == 2 and first[0] not in proxy.children(), timeout=5.0), \
+        proxy.stderr
+    assert f"(pid {first[0]}) exited unexpectedly (killed by SIGKILL)" in proxy.stderr
+    proxy.remember_workers()
+    for _ in range(6):  # both workers serve (the kernel spreads new connections over them)
+        assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)

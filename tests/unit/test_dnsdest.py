@@ -265,7 +265,7 @@ def test_settings_defaults() -> None:
     assert settings_ == DnsProxySettings(forwards=settings_.forwards)
     assert (settings_.debug, settings_.workers, settings_.connect_timeout, settings_.idle_timeout,
             settings_.max_connections, settings_.ttl_min, settings_.ttl_max, settings_.grace_seconds) == \
-        (False, None, 10.0, 60.0, 10_000, 1.0, 30.0, 10.0)
+        (False, 1, 10.0, 60.0, 10_000, 1.0, 30.0, 10.0)
 
 
 def test_settings_from_the_environment() -> None:
