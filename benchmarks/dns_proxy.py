@@ -12,7 +12,8 @@ and 5201 -> 203.0.113.10:5201; one proxy at a time holds the ports. The forwards
 so no DNS lookup is part of the measurement.
 
   ours     `egress-router` (container path), EGRESS_ROUTER_MODE=dns-proxy,
-           EGRESS_DNS_PROXY_DESTINATION="8080 203.0.113.10 80\\n5201 203.0.113.10 5201", default workers
+           EGRESS_DNS_PROXY_DESTINATION="8080 203.0.113.10 80\\n5201 203.0.113.10 5201",
+           EGRESS_DNS_PROXY_WORKERS = the CPUs available (what `auto` picks)
   haproxy  `haproxy -db -f <temp>/haproxy.cfg`: mode tcp, a frontend/backend per port, timeouts
            connect 10s / client 60s / server 60s, maxconn 20000, nbthread = ours' worker count
 
@@ -136,7 +137,9 @@ class Ours(Proxy):
         # 10,000 idle connections must not sit at the default limit of 10,000 (haproxy: maxconn
         # 20000); no drain period on stop (it only shortens stopping)
         env.update(EGRESS_ROUTER_MODE="dns-proxy", EGRESS_DNS_PROXY_DESTINATION=DESTINATION,
-                   EGRESS_DNS_PROXY_MAX_CONNECTIONS="16000", EGRESS_PROXY_GRACE_SECONDS="0")
+                   EGRESS_DNS_PROXY_MAX_CONNECTIONS="16000", EGRESS_PROXY_GRACE_SECONDS="0",
+                   # as many workers as haproxy gets threads (our default is one process)
+                   EGRESS_DNS_PROXY_WORKERS=str(self.workers))
         self.proc = Managed(self.lab, "router", router_command(), self.tmp / f"ours-{self.lives}.out", env=env)
 
 
@@ -516,11 +519,11 @@ def main() -> int:
     WORK.mkdir(exist_ok=True)
     from egress_router.proxy.server import available_cpus
 
-    workers = available_cpus()  # ours' default worker count; haproxy gets as many threads
+    workers = available_cpus()  # ours' workers ('auto'); haproxy gets as many threads
     info = machine_info()
     info.update(tool_versions())
     info["open files limit (soft, for the proxies)"] = str(fd_limit)
-    info["ours' workers (default) = haproxy nbthread"] = str(workers)
+    info["ours' workers (EGRESS_DNS_PROXY_WORKERS) = haproxy nbthread"] = str(workers)
     if haproxy_maxconn() < HAPROXY_MAXCONN:
         info["haproxy maxconn"] = (f"{haproxy_maxconn()}, not the legacy {HAPROXY_MAXCONN}: the open files hard "
                                    f"limit is {fd_limit}, haproxy 2.6 needs {HAPROXY_WANTS_FDS} for maxconn "
@@ -643,7 +646,8 @@ def main() -> int:
                  f"through 5201; wrk -t1 -c{CONNECTIONS}, {args.duration:g} s runs, GET /1k through 8080; "
                  f"latency paced to ~{args.rate:g} req/s; memory: {args.idle:,} idle connections (each also "
                  f"opens a backend connection). Forwards to IP addresses: no DNS lookup is measured. Ours: "
-                 f"default workers ({workers}), EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; haproxy: nbthread "
+                 f"EGRESS_DNS_PROXY_WORKERS={workers} (auto), EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; "
+                 f"haproxy: nbthread "
                  f"{workers}, maxconn {haproxy_maxconn()}. Lab sysctls: ip_local_port_range 1024-65000 "
                  f"(client, router), tcp_tw_reuse=1 (client).", "", md, "", *[f"- {v}" for v in verdicts],
                  *[f"- {line}" for line in per_process], f"- {direct}", *[f"- note: {n}" for n in results.notes]]
