@@ -295,11 +295,29 @@ def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> Wo
             code: int = loop.run_until_complete(make_worker(index).run(sockets, alone))
             return code
         finally:
-            # Background work (DNS refreshes, health checks, connects) ends with the worker, quietly.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finish_tasks(loop)
             loop.close()
 
     return main
+
+
+def finish_tasks(loop: asyncio.AbstractEventLoop, attempts: int = 20, wait: float = 0.1) -> None:
+    """End background work (DNS refreshes, health checks, connects) with the worker, quietly and surely.
+
+    A task may swallow one cancellation (Python 3.11's wait_for can, when the inner await finishes
+    at the same moment), so tasks are cancelled again until they end; a process serving alone has no
+    master that would kill it, so this must not wait forever.
+    """
+    pending = asyncio.all_tasks(loop)
+    for _ in range(attempts):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        done, pending = loop.run_until_complete(asyncio.wait(pending, timeout=wait))
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: no "exception was never retrieved" at exit
+    if pending:
+        log.warning("%d background task(s) did not end when cancelled: %s", len(pending),
+                    ", ".join(sorted({t.get_coro().__qualname__ for t in pending})))  # type: ignore[union-attr]
