@@ -406,7 +406,7 @@ def _placement_problems(obj: _Object, spec: Mapping[str, Any], pod_metadata: Map
                         config: RouterConfig | None) -> list[tuple[Severity, str]]:
     """Mistakes of the object around the container: more than one pod claiming the source IP, or no macvlan."""
     source = (str(config.source.ip) if config is not None and config.source is not None
-              else env.values.get("EGRESS_SOURCE", "").strip() or "EGRESS_SOURCE")
+              else env.values.get("EGRESS_SOURCE", "").strip().partition("/")[0] or "EGRESS_SOURCE")
     claim = f"every pod claims {source} on the same LAN (an address conflict)"
     problems: list[tuple[Severity, str]] = []
     if spec.get("hostNetwork") is True:
