@@ -168,6 +168,8 @@ def _parse(name: str, text: str) -> tuple[list[_Object], list[Finding]]:
         return [], [Finding("error", f"YAML syntax error{where}: {_one_line(problem)}", name)]
     except yaml.YAMLError as exc:
         return [], [Finding("error", f"not YAML: {_one_line(str(exc))}", name)]
+    except RecursionError:
+        return [], [Finding("error", "YAML nested too deeply to be a Kubernetes manifest", name)]
     objects: list[_Object] = []
     problems: list[Finding] = []
     for number, document in enumerate(documents, start=1):
@@ -272,7 +274,7 @@ def _environment(container: Mapping[str, Any], configmaps: Sequence[_ConfigMap],
         seen.add(name)
         value_from = _mapping(item.get("valueFrom"))
         if not value_from:
-            value = item.get("value", "")
+            value = "" if item.get("value") is None else item["value"]  # `value:` alone is an empty value
             if not _string_value(env, f"env {name}", value):
                 env.broken.add(name)
             else:
@@ -330,8 +332,11 @@ def _string_value(env: _Environment, what: str, value: Any) -> bool:
     """The API server takes only strings here; YAML turns 8080, yes and on into numbers and booleans."""
     if isinstance(value, str):
         return True
-    kind = "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, int | float) else type(
-        value).__name__
+    if value is None:
+        env.problems.append(("error", f"{what}: the value is null, not a string: write \"\" for an empty value"))
+        return False
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
+            else f"a {type(value).__name__}")
     env.problems.append(("error", f"{what}: value {value!r} is {kind}, not a string: quote it (the API server "
                                   "rejects it)"))
     return False

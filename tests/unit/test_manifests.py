@@ -388,7 +388,7 @@ def test_env_from_secret_is_a_warning() -> None:
 
 @pytest.mark.parametrize(
     ("value", "kind"),
-    [("8080", "a number"), ("yes", "a boolean"), ("true", "a boolean"), ("1.5", "a number")],
+    [("8080", "a number"), ("yes", "a boolean"), ("true", "a boolean"), ("1.5", "a number"), ("[a]", "a list")],
 )
 def test_unquoted_numbers_and_booleans_are_errors(value: str, kind: str) -> None:
     manifest = text(workload("Pod", pod_spec(router()))).replace(
@@ -397,6 +397,22 @@ def test_unquoted_numbers_and_booleans_are_errors(value: str, kind: str) -> None
     assert errors(report) == [f"x.yaml: Pod/r: initContainer egress-router: error: env EGRESS_HTTP_PROXY_PORT: value "
                               f"{yaml.safe_load(value)!r} is {kind}, not a string: quote it (the API server rejects "
                               "it)"]
+
+
+def test_empty_value_and_null_config_map_value() -> None:
+    manifest = text(workload("Pod", pod_spec(router()))).replace(
+        "value: init", "value: init\n    - name: EGRESS_ROUTER_DEBUG\n      value:")
+    config = only_checked(check([("x.yaml", manifest)])).config
+    assert config is not None and not config.debug
+    pod = workload("Pod", pod_spec(router_with([*env_list(REDIRECT_ENV), ref_env("EGRESS_ROUTER_DEBUG", "c", "d")])))
+    assert errors(run(configmap("c", {"d": None}), pod)) == [
+        "x.yaml: Pod/r: initContainer egress-router: error: env EGRESS_ROUTER_DEBUG: ConfigMap 'c' key 'd': the value "
+        "is null, not a string: write \"\" for an empty value"]
+
+
+def test_deeply_nested_yaml_is_one_error() -> None:
+    report = check([("x.yaml", "[" * 5000 + "]" * 5000)])
+    assert errors(report) == ["x.yaml: error: YAML nested too deeply to be a Kubernetes manifest"]
 
 
 def test_misspelt_variable_is_a_warning_with_a_hint() -> None:
