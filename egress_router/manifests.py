@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,10 @@ def _parse(name: str, text: str) -> tuple[list[_Object], list[Finding]]:
     import yaml  # only for `validate -f`: the container's start path never pays for it
 
     try:
-        documents = list(yaml.safe_load_all(text))
+        # JSON may be indented with tabs, which YAML refuses
+        documents = [json.loads(text)] if name.endswith(".json") else list(yaml.safe_load_all(text))
+    except json.JSONDecodeError as exc:
+        return [], [Finding("error", f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}", name)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -672,6 +672,16 @@ def test_cli_stdin(tmp_path: Path) -> None:
                                        "content, but found '<stream end>'"]
 
 
+def test_json_files_are_read_as_json() -> None:
+    import json
+
+    pod = json.dumps(workload("Pod", pod_spec(router())), indent="\t")
+    assert only_checked(check([("pod.json", pod)])).file == "pod.json"
+    cut = pod[:-3]  # the last two closing braces
+    assert errors(check([("pod.json", cut)])) == [
+        f"pod.json: error: JSON syntax error at line {cut.count(chr(10)) + 1}, column 2: Expecting ',' delimiter"]
+
+
 def test_cli_directory(tmp_path: Path) -> None:
     write(tmp_path / "a.yaml", workload("Pod", pod_spec(router()), name="a"))
     write(tmp_path / "b.yml", workload("Pod", pod_spec(router()), name="b"))
