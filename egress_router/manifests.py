@@ -102,6 +102,7 @@ class _Environment:
     unknown: dict[str, str] = field(default_factory=dict)  # name -> where its value comes from
     opaque: list[str] = field(default_factory=list)  # envFrom sources whose variable names are unknown
     broken: set[str] = field(default_factory=set)  # variables with an error of their own already reported
+    incomplete: bool = False  # an envFrom error was reported: any variable may be missing because of it
     problems: list[tuple[Severity, str]] = field(default_factory=list)
     used_files: set[str] = field(default_factory=set)  # files whose ConfigMaps were used
 
@@ -254,7 +255,7 @@ def _environment(container: Mapping[str, Any], configmaps: Sequence[_ConfigMap],
             if configmap is None:
                 if not ref.get("optional"):
                     env.problems.append(("error", f"envFrom: {_missing_configmap(ref.get('name'))}"))
-                    env.opaque.append("")  # its variables are unknown, and the error is already reported
+                    env.incomplete = True
                 continue
             env.used_files.add(configmap.file)
             for key, value in configmap.data.items():
@@ -374,7 +375,7 @@ def _load(env: _Environment, problems: list[tuple[Severity, str]]) -> RouterConf
     try:
         config = load(env.values)
     except ConfigError as exc:
-        if any(name == exc.variable or name in str(exc) for name in env.broken) or "" in env.opaque:
+        if env.incomplete or any(name == exc.variable or name in str(exc) for name in env.broken):
             return None  # a consequence of an error already reported for that variable
         hidden = [name for name in env.unknown if name == exc.variable or name in str(exc)]
         if hidden or env.opaque:
