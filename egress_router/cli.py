@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load
@@ -112,11 +114,8 @@ def render(**options: str | None) -> None:
     click.echo(render_nat(plan), nl=False)
 
 
-@main.command()
-@config_options
-def validate(**options: str | None) -> None:
-    """Check the configuration; exit 0 with a one-line summary, or 1 with the error."""
-    config = config_from_options(**options)
+def describe(config: RouterConfig) -> str:
+    """The one-line summary after 'valid: '."""
     parts = [f"{config.mode} mode"]
     if config.source is not None:
         parts += [f"source {config.source if config.source_has_prefix else config.source.ip}",
@@ -130,9 +129,65 @@ def validate(**options: str | None) -> None:
     if config.destinations is not None:
         fallback = f", fallback {config.destinations.fallback}" if config.destinations.fallback else ", no fallback"
         parts.append(f"{len(config.destinations.rules)} port rule(s){fallback}")
+    return "; ".join(parts)
+
+
+@main.command()
+@click.option("-f", "--filename", "filenames", multiple=True, metavar="FILE",
+              help="Check the egress-router containers in Kubernetes YAML instead of the environment "
+                   "(repeatable; '-' reads stdin; a directory: its .yaml, .yml and .json files).")
+@config_options
+@click.pass_context
+def validate(ctx: click.Context, /, filenames: tuple[str, ...], **options: str | None) -> None:
+    """Check the configuration; exit 0 with a one-line summary, or 1 with the error.
+
+    With -f, check every egress-router container in the manifests instead: its environment (env values,
+    ConfigMap references), NET_ADMIN, replicas; one line per problem or per valid container.
+    """
+    if filenames:
+        given = [name for name in options if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} cannot be combined with -f: the manifests "
+                                   "give each container its environment")
+        sys.exit(validate_manifests(filenames))
+    config = config_from_options(**options)
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
-    click.echo("valid: " + "; ".join(parts))
+    click.echo("valid: " + describe(config))
+
+
+def validate_manifests(filenames: tuple[str, ...]) -> int:
+    """Read the files (the only I/O), hand them to the pure check, print its report; the exit status."""
+    from .manifests import Finding, check
+
+    sources: list[tuple[str, str]] = []
+    unreadable = False
+    for name in filenames:
+        try:
+            sources += read_manifests(name)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            click.echo(f"{name}: error: cannot read: {reason}", err=True)
+            unreadable = True
+    report = check(sources)
+    for entry in report.entries:
+        if isinstance(entry, Finding):
+            click.echo(str(entry), err=True)
+        elif entry.config is None:
+            click.echo(f"{entry.where}: partly checked: the rest needs values only the cluster has (see warnings)")
+        else:
+            click.echo(f"{entry.where}: valid: {describe(entry.config)}")
+    return 1 if unreadable or report.failed else 0
+
+
+def read_manifests(name: str) -> list[tuple[str, str]]:
+    if name == "-":
+        return [("<stdin>", sys.stdin.read())]
+    path = Path(name)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+        return [(str(p), p.read_text(encoding="utf-8")) for p in files]
+    return [(name, path.read_text(encoding="utf-8"))]
 
 
 @main.command("http-proxy", help="Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE "
