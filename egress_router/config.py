@@ -25,6 +25,8 @@ DEFAULT_MODE = "legacy"
 NAT_MODES = ("init", "legacy", "unit-test")
 DEFAULT_INTERFACE = "macvlan0"
 DEFAULT_POD_INTERFACE = "eth0"
+IPTABLES_CHOICES = ("nft", "legacy", "auto")
+DEFAULT_IPTABLES = "nft"
 
 # name -> (default, meaning); the single list behind --help, the README table and typo warnings.
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -37,6 +39,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EGRESS_INTERFACE": (DEFAULT_INTERFACE, "egress (macvlan) interface; if unset and macvlan0 is "
                          "missing, the only macvlan link is used"),
     "EGRESS_POD_INTERFACE": (DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic is redirected"),
+    "EGRESS_IPTABLES": (DEFAULT_IPTABLES, "iptables backend for the NAT rules: nft (iptables-nft-save/-restore), "
+                        "legacy (iptables-legacy-*), or auto: the backend that already has rules in the pod's "
+                        "network namespace, else nft"),
     **HTTP_VARIABLES,
     **DNS_VARIABLES,
 }
@@ -59,6 +64,7 @@ class RouterConfig:
     warnings: tuple[str, ...] = ()
     http_proxy: HttpProxySettings | None = None
     dns_proxy: DnsProxySettings | None = None
+    iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see nat.find_tools)
 
     @property
     def configures_nat(self) -> bool:
@@ -94,6 +100,7 @@ def load(env: Mapping[str, str]) -> RouterConfig:
     check_ifname("EGRESS_POD_INTERFACE", pod_interface, wildcard=True)
     if interface is not None and interface == pod_interface:
         raise ConfigError("EGRESS_POD_INTERFACE", f"{pod_interface!r} is also the egress interface (EGRESS_INTERFACE)")
+    iptables = select_iptables(env)
     return RouterConfig(
         mode=mode,
         source=source,
@@ -106,6 +113,7 @@ def load(env: Mapping[str, str]) -> RouterConfig:
         warnings=unknown_variable_warnings(env),
         http_proxy=http_proxy,
         dns_proxy=dns_proxy,
+        iptables=iptables,
     )
 
 
@@ -127,6 +135,14 @@ def select_mode(env: Mapping[str, str]) -> str:
                                   f"EGRESS_ROUTER_MODE={wanted} or unset")
             return wanted
     return mode or DEFAULT_MODE
+
+
+def select_iptables(env: Mapping[str, str]) -> str:
+    """EGRESS_IPTABLES: which iptables backend writes the NAT rules; blank means the default (nft)."""
+    value = env.get("EGRESS_IPTABLES", "").strip()
+    if value and value not in IPTABLES_CHOICES:
+        raise ConfigError("EGRESS_IPTABLES", f"{value!r} is not one of {', '.join(IPTABLES_CHOICES)}")
+    return value or DEFAULT_IPTABLES
 
 
 def require(env: Mapping[str, str], name: str) -> str:

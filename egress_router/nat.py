@@ -2,7 +2,8 @@
 
 Like kube-proxy, every rule lives in chains the router owns, jumped to from the built-in chains,
 and everything is written in one `iptables-restore --noflush` transaction: it applies whole or not
-at all, works with the nft and the legacy backend alike, and leaves other owners' rules alone.
+at all, works with the nft and the legacy backend alike (EGRESS_IPTABLES picks one), and leaves
+other owners' rules alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DNAT_CHAIN = "EGRESS-ROUTER-DNAT"
 SNAT_CHAIN = "EGRESS-ROUTER-SNAT"
 # built-in chain -> our chain it jumps to
 JUMPS = {"PREROUTING": DNAT_CHAIN, "POSTROUTING": SNAT_CHAIN}
+BACKENDS = ("nft", "legacy")  # EGRESS_IPTABLES=auto looks at both
 RESTORE_WAIT_SECONDS = "10"  # legacy backend: wait for the xtables lock instead of failing
 
 
@@ -141,17 +143,68 @@ def render(plan: Plan) -> str:
     return payload
 
 
+def backend_tools(backend: str) -> tuple[str, str]:
+    """The save and restore tool names of an iptables backend ("nft" or "legacy")."""
+    return f"iptables-{backend}-save", f"iptables-{backend}-restore"
+
+
+def count_rules(save_text: str) -> int:
+    """How many rules an iptables-save dump holds, over all tables."""
+    return sum(1 for line in save_text.splitlines() if line.startswith("-A "))
+
+
+def choose_backend(rules: dict[str, int]) -> str:
+    """EGRESS_IPTABLES=auto: the backend that already has rules (more of them), else nft.
+
+    As kube's iptables-wrapper decides: the rules already in the namespace (a service mesh's init
+    container, kubelet) tell which backend the node uses, and mixing the two breaks NAT.
+    """
+    return "legacy" if rules.get("legacy", 0) > rules.get("nft", 0) else "nft"
+
+
 # ---------------------------------------------------------------- edge: iptables-save/restore
 
-def find_tools() -> tuple[str, str]:
-    """Paths of iptables-save and iptables-restore, or a SetupError saying what to install."""
-    save, restore = shutil.which("iptables-save"), shutil.which("iptables-restore")
+def find_tools(choice: str = "nft") -> tuple[str, str]:
+    """Paths of the save and restore tools for EGRESS_IPTABLES (nft, legacy or auto), or a SetupError."""
+    if choice != "auto":
+        return _which_backend(choice)
+    found = {}
+    for backend in BACKENDS:
+        try:
+            found[backend] = _which_backend(backend)
+        except SetupError:
+            continue
+    if not found:
+        raise SetupError("neither iptables-nft-save/-restore nor iptables-legacy-save/-restore found on PATH "
+                         "(EGRESS_IPTABLES=auto): install the iptables package")
+    rules = {backend: _rules_in(tools[0]) for backend, tools in found.items()}
+    backend = choose_backend(rules)
+    if backend not in found:  # only the other backend is installed
+        backend = next(iter(found))
+    counts = ", ".join(f"{count} in {name}" for name, count in rules.items())
+    log.info("Using the iptables %s backend (EGRESS_IPTABLES=auto; rules already present: %s)", backend, counts)
+    return found[backend]
+
+
+def _which_backend(backend: str) -> tuple[str, str]:
+    names = backend_tools(backend)
+    save, restore = (shutil.which(name) for name in names)
     if not save or not restore:
-        missing = " and ".join(name for name, path in (("iptables-save", save), ("iptables-restore", restore))
-                               if not path)
-        raise SetupError(f"{missing} not found on PATH: install the iptables package "
-                         "(either the nft or the legacy backend works)")
+        missing = " and ".join(name for name, path in zip(names, (save, restore), strict=True) if not path)
+        other = "legacy" if backend == "nft" else "nft"
+        raise SetupError(f"{missing} not found on PATH (EGRESS_IPTABLES={backend}): install the iptables "
+                         f"package, or set EGRESS_IPTABLES to {other} or auto")
+    log.debug("iptables backend: %s (%s, %s)", backend, save, restore)
     return save, restore
+
+
+def _rules_in(save: str) -> int:
+    """Rules the backend's save tool shows; a backend that cannot even be read has none we could keep."""
+    try:
+        return count_rules(_run([save]))
+    except SetupError as exc:
+        log.debug("Counting the rules of %s failed: %s", save, exc)
+        return 0
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:

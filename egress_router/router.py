@@ -51,7 +51,7 @@ def prepare(config: RouterConfig) -> Prepared:
     if not caps & (1 << CAP_NET_ADMIN):
         raise SetupError("missing the NET_ADMIN capability: run the container privileged, or add NET_ADMIN "
                          "and NET_RAW to securityContext.capabilities.add (docker run --cap-add)")
-    tools = nat.find_tools() if config.configures_nat else None
+    tools = nat.find_tools(config.iptables) if config.configures_nat else None
     if config.configures_nat:
         links.check_pod_interface(config.pod_interface)
     if not links.forwarding_enabled() and not links.can_enable_forwarding():

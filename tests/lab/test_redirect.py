@@ -243,10 +243,10 @@ def test_rules_addresses_and_routes_through_testinfra(lab: Lab) -> None:
 # ------------------------------------------------------------------ bad input changes nothing
 
 def fake_failing_restore(tmp_path: Path) -> str:
-    """A PATH whose iptables-restore fails as a kernel without a needed module would."""
+    """A PATH whose iptables-nft-restore fails as a kernel without a needed module would."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    fake = bindir / "iptables-restore"
+    fake = bindir / "iptables-nft-restore"
     fake.write_text("#!/bin/sh\ncat >/dev/null\necho 'iptables-restore: line 4 failed' >&2\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     return f"{bindir}:{os.environ.get('PATH', '')}"
@@ -264,7 +264,8 @@ INVALID = {
     "mode typo": ({"EGRESS_ROUTER_MODE": "int"}, "EGRESS_ROUTER_MODE"),
     "missing egress interface": ({"EGRESS_INTERFACE": "macvlan9"}, "EGRESS_INTERFACE"),
     "missing pod interface": ({"EGRESS_POD_INTERFACE": "eth9"}, "EGRESS_POD_INTERFACE"),
-    "no iptables": ({"PATH": "/usr/bin:/bin"}, "iptables-save and iptables-restore not found on PATH"),
+    "no iptables": ({"PATH": "/usr/bin:/bin"}, "iptables-nft-save and iptables-nft-restore not found on PATH"),
+    "iptables choice": ({"EGRESS_IPTABLES": "nftables"}, "EGRESS_IPTABLES: 'nftables' is not one of"),
 }
 
 
@@ -307,7 +308,7 @@ def test_a_failed_nat_transaction_changes_nothing(lab: Lab, tmp_path: Path) -> N
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: iptables-restore failed: iptables-restore: line 4 failed")
+    assert lines[0].startswith("error: iptables-nft-restore failed: iptables-restore: line 4 failed")
     assert "(the rule was '-A EGRESS-ROUTER-DNAT -i eth0 -p tcp -m tcp --dport 80 -j DNAT" in lines[0]
     assert lines[0].endswith("; nothing was changed")
     assert lab.snapshot("router") == before
@@ -352,27 +353,25 @@ def test_read_only_proc_sys_is_reported_before_anything_changes(lab: Lab) -> Non
     assert lab.snapshot("router") == before
 
 
-def backend_path(tmp_path: Path, backend: str) -> str:
-    """A PATH on which iptables-save/-restore are the given backend's (xtables picks by argv[0])."""
-    bindir = tmp_path / backend
-    bindir.mkdir()
-    for tool in ("iptables-save", "iptables-restore"):
-        target = Path(f"/usr/sbin/{tool.replace('iptables', f'iptables-{backend}')}")
-        if not target.exists():
-            pytest.skip(f"{target} is not installed")
-        (bindir / tool).symlink_to(target.resolve())
-    return f"{bindir}:{os.environ.get('PATH', '')}"
-
-
-@pytest.mark.parametrize("backend", ["nft", "legacy"])
-def test_both_iptables_backends_work_and_stay_idempotent(served: Lab, tmp_path: Path, backend: str) -> None:
-    env = served.router_env(PATH=backend_path(tmp_path, backend))
+@pytest.mark.parametrize(("choice", "existing", "backend"), [
+    ("nft", None, "nft"),
+    ("legacy", None, "legacy"),
+    ("auto", "legacy", "legacy"),  # a mesh init container wrote its rules with iptables-legacy: follow it
+    ("auto", None, "nft"),
+])
+def test_iptables_backend_choice_writes_to_that_backend_only(served: Lab, choice: str, existing: str | None,
+                                                             backend: str) -> None:
+    if existing:
+        served.exec("router", [f"iptables-{existing}-restore", "--noflush"], stdin="\n".join(MESH) + "\n", check=True)
+    env = served.router_env(EGRESS_IPTABLES=choice)
     run_ok(served, env)
     assert served.request("tcp", ROUTER_POD_IP, 8080).landed == "203.0.113.11:80"
     assert served.request("udp", ROUTER_POD_IP, 7001).peer_ip == SOURCE_IP
     save = served.exec("router", [f"iptables-{backend}-save", "-t", "nat"], check=True).stdout
     assert save.count(f"-A PREROUTING -j {DNAT_CHAIN}") == 1
     assert f"-A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source {SOURCE_IP}" in save
+    other = "legacy" if backend == "nft" else "nft"
+    assert DNAT_CHAIN not in served.exec("router", [f"iptables-{other}-save"], check=True).stdout
     again = run_ok(served, env)
     assert "NAT rules already in place" in again.stderr
 

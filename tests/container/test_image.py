@@ -1,0 +1,218 @@
+"""The image for real, through the Docker engine: what it contains, each mode in a container, the pod network
+checked from inside with testinfra's docker backend, the proxies as an unprivileged user."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from egress_router import __version__
+from egress_router.nat import DNAT_CHAIN, SNAT_CHAIN
+from tests.container.conftest import (
+    LAN_GATEWAY,
+    POD_GATEWAY,
+    TOOLS_IMAGE,
+    Docker,
+    PodNetwork,
+    Services,
+    container_ip,
+    wait_for_log,
+)
+
+SOURCE = "192.0.2.99"
+DESTINATION = "80 tcp 203.0.113.10\n8080 tcp 203.0.113.11 80\n53 udp 203.0.113.10 5353\n203.0.113.12\n"
+ROUTER_ENV = {"EGRESS_SOURCE": f"{SOURCE}/24", "EGRESS_GATEWAY": LAN_GATEWAY, "EGRESS_DESTINATION": DESTINATION}
+NET_CAPS = ["NET_ADMIN", "NET_RAW"]
+UNPRIVILEGED: dict[str, Any] = {"user": "65534", "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
+
+
+# ------------------------------------------------------------------ what is in the image
+
+INSPECT = r"""
+import importlib.util, json, os, shutil, subprocess
+tools = ("pip", "pip3", "gcc", "cc", "c++", "ld", "make", "strip")
+out = {
+    "on_path": [t for t in tools if shutil.which(t)],
+    "modules": [m for m in ("pip", "setuptools", "wheel", "ensurepip") if importlib.util.find_spec(m)],
+    "iptables": subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout.strip(),
+    "backends": [t for t in ("iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save",
+                             "iptables-legacy-restore") if shutil.which(t)],
+    "uid": os.getuid(),
+    "packages": sorted(d.split("-")[0].lower() for d in os.listdir(next(p for p in __import__("sys").path
+                                                                        if p.endswith("site-packages")))
+                       if d.endswith(".dist-info")),
+}
+print(json.dumps(out))
+"""
+
+
+def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Docker, image: str) -> None:
+    status, out, err = docker_env.run(image, "inspect", entrypoint=["python3", "-c", INSPECT], network_mode="none")
+    assert status == 0, err
+    found = json.loads(out)
+    assert found["on_path"] == [] and found["modules"] == []
+    assert "nf_tables" in found["iptables"]  # nft is the default backend
+    assert len(found["backends"]) == 4
+    assert found["uid"] == 0  # root by default: the redirect modes change the pod's network
+    assert {"egress_router", "pyroute2", "click", "httptools", "uvloop", "dnspython", "pyyaml"} <= set(
+        found["packages"])
+    config = docker_env.client.images.get(image).attrs["Config"]
+    assert config["Entrypoint"] == ["egress-router"]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.title"] == "egress-router"
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert {"org.opencontainers.image.description", "org.opencontainers.image.source"} <= set(labels)
+    size = docker_env.client.images.get(image).attrs["Size"]
+    assert size < 150_000_000, f"{size / 1e6:.0f} MB"
+
+
+def test_unit_test_mode_prints_the_legacy_rules_unprivileged(docker_env: Docker, image: str) -> None:
+    env = {"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_SOURCE": "1.2.3.4", "EGRESS_GATEWAY": "1.1.1.1",
+           "EGRESS_DESTINATION": "80 tcp 10.4.5.6\n8080 tcp 10.7.8.9 80\n10.1.2.3"}
+    status, out, err = docker_env.run(image, "unit-test", environment=env, network_mode="none", **UNPRIVILEGED)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "-A PREROUTING -i eth0 -p tcp --dport 80 -j DNAT --to-destination 10.4.5.6",
+        "-A PREROUTING -i eth0 -p tcp --dport 8080 -j DNAT --to-destination 10.7.8.9:80",
+        "-A PREROUTING -i eth0 -j DNAT --to-destination 10.1.2.3",
+        "-A POSTROUTING -j SNAT --to-source 1.2.3.4",
+    ]
+
+
+def test_invalid_configuration_exits_1_with_one_line_and_no_traceback(docker_env: Docker, image: str) -> None:
+    env = {**ROUTER_ENV, "EGRESS_DESTINATION": "80 tcp 203.0.113.10\n8080 tcp 10.0.0\n", "EGRESS_ROUTER_MODE": "init"}
+    status, out, err = docker_env.run(image, "invalid", environment=env, network_mode="none", cap_add=NET_CAPS)
+    assert status == 1
+    assert out == ""
+    assert err.splitlines() == ["error: EGRESS_DESTINATION line 2: '8080 tcp 10.0.0': '10.0.0' is not an IPv4 address"]
+
+
+# ------------------------------------------------------------------ the redirect modes in a pod network namespace
+
+def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image: str, pod: PodNetwork) -> None:
+    import testinfra
+
+    status, _, err = docker_env.run(image, "init", environment={**ROUTER_ENV, "EGRESS_ROUTER_MODE": "init"},
+                                    network_mode=pod.network_mode, cap_add=NET_CAPS)
+    assert status == 0, err
+    assert "using eth1, the only macvlan interface" in err
+    assert "Ready: 192.0.2.99/24 on eth1 via 192.0.2.1, 5 NAT rules" in err
+    assert "Traceback" not in err
+    host = testinfra.get_host(f"docker://{pod.pause.id}")
+    assert host.iptables.rules("nat", DNAT_CHAIN) == [
+        f"-N {DNAT_CHAIN}",
+        f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.10",
+        f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 203.0.113.11:80",
+        f"-A {DNAT_CHAIN} -i eth0 -p udp -m udp --dport 53 -j DNAT --to-destination 203.0.113.10:5353",
+        f"-A {DNAT_CHAIN} -i eth0 -j DNAT --to-destination 203.0.113.12",
+    ]
+    assert host.iptables.rules("nat", SNAT_CHAIN) == [f"-N {SNAT_CHAIN}",
+                                                      f"-A {SNAT_CHAIN} -o eth1 -j SNAT --to-source {SOURCE}"]
+    assert f"-A PREROUTING -j {DNAT_CHAIN}" in host.iptables.rules("nat", "PREROUTING")
+    assert f"-A POSTROUTING -j {SNAT_CHAIN}" in host.iptables.rules("nat", "POSTROUTING")
+    # the pod side keeps its cluster address; the macvlan interface has the reserved one
+    assert container_ip(pod.pause, pod.pod_net) in host.interface("eth0").addresses
+    macvlan = host.interface("eth1")
+    assert SOURCE in macvlan.addresses
+    assert container_ip(pod.pause, pod.lan_net) in macvlan.addresses  # what docker assigned stays
+    routes = {(r["dst"], r.get("gateway")) for r in macvlan.routes()}
+    assert ("default", LAN_GATEWAY) in routes
+    assert (LAN_GATEWAY, None) in routes
+    defaults = [r for r in host.interface("eth0").routes() if r["dst"] == "default"]
+    assert defaults == []  # the cluster default route via POD_GATEWAY was replaced
+    assert POD_GATEWAY not in host.run("ip route show default").stdout
+    assert host.run("cat /proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
+
+
+def test_legacy_mode_stays_up_and_stops_promptly_on_docker_stop(docker_env: Docker, image: str,
+                                                                 pod: PodNetwork) -> None:
+    router = docker_env.start(image, "legacy", environment={**ROUTER_ENV, "EGRESS_ROUTER_MODE": "legacy"},
+                              network_mode=pod.network_mode, cap_add=NET_CAPS)
+    wait_for_log(router, "Ready:")
+    time.sleep(0.3)
+    router.reload()
+    assert router.status == "running"
+    started = time.monotonic()
+    router.stop(timeout=10)
+    took = time.monotonic() - started
+    assert router.wait(timeout=10)["StatusCode"] == 0
+    assert took < 2.0, f"docker stop took {took:.2f} s"
+    log = router.logs().decode()
+    assert "Received SIGTERM; exiting" in log and "Traceback" not in log
+
+
+# ------------------------------------------------------------------ the proxies, unprivileged
+
+CLIENT = r"""
+import json, sys, time, urllib.error, urllib.request
+proxy, urls = sys.argv[1], sys.argv[2:]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy} if proxy else {}))
+results, deadline = [], time.monotonic() + 20
+for url in urls:
+    while True:
+        try:
+            with opener.open(url, timeout=5) as response:
+                results.append([response.status, response.read().decode()])
+            break
+        except urllib.error.HTTPError as exc:
+            results.append([exc.code, exc.read().decode()])
+            break
+        except OSError:  # the proxy is still starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+print(json.dumps(results))
+"""
+def fetch(docker_env: Docker, net: Any, proxy: str, *urls: str) -> list[list[Any]]:
+    status, out, err = docker_env.run(TOOLS_IMAGE, "client", command=["python3", "-c", CLIENT, proxy, *urls],
+                                      network=net.name)
+    assert status == 0, err
+    return list(json.loads(out))
+
+
+def assert_unprivileged(container: Any) -> None:
+    """Every process of the container runs as uid 65534 with no capabilities (read on the host, by pid)."""
+    top = container.top(ps_args="-o pid")
+    pids = [int(row[0]) for row in top["Processes"]]
+    assert pids
+    for pid in pids:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        assert fields["Uid"].split() == ["65534"] * 4
+        assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
+
+
+def stop_cleanly(container: Any) -> str:
+    container.stop(timeout=10)
+    assert container.wait(timeout=10)["StatusCode"] == 0
+    log = str(container.logs().decode())
+    assert "Traceback" not in log
+    return log
+
+
+def test_http_proxy_as_nobody_without_capabilities(docker_env: Docker, image: str, services: Services) -> None:
+    net, origin = services.net, services.origin
+    env = {"EGRESS_HTTP_PROXY_DESTINATION": f"{origin}\n", "EGRESS_HTTP_PROXY_WORKERS": "1",
+           "EGRESS_HTTP_PROXY_ACCESS_LOG": "1"}
+    proxy = docker_env.start(image, "http-proxy", environment=env, network=net.name, **UNPRIVILEGED)
+    proxy_url = f"http://{container_ip(proxy, net)}:8080"
+    results = fetch(docker_env, net, proxy_url, f"http://{origin}:8000/hello.txt", "http://203.0.113.77:8000/x")
+    assert results[0] == [200, "hello from the origin\n"]
+    assert results[1][0] == 403
+    assert_unprivileged(proxy)
+    log = stop_cleanly(proxy)
+    assert " allowed 200 " in log and " denied 403 " in log, log
+
+
+def test_dns_proxy_as_nobody_without_capabilities(docker_env: Docker, image: str, services: Services) -> None:
+    net, origin = services.net, services.origin
+    env = {"EGRESS_DNS_PROXY_DESTINATION": f"8000 {origin}\n9000 {origin} 8000\n", "EGRESS_DNS_PROXY_WORKERS": "1"}
+    proxy = docker_env.start(image, "dns-proxy", environment=env, network=net.name, **UNPRIVILEGED)
+    address = container_ip(proxy, net)
+    results = fetch(docker_env, net, "", f"http://{address}:8000/hello.txt", f"http://{address}:9000/hello.txt")
+    assert results == [[200, "hello from the origin\n"]] * 2
+    assert_unprivileged(proxy)
+    log = stop_cleanly(proxy)
+    assert f"Forwarding port 9000 to {origin}" in log, log
