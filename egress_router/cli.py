@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load
+from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load, variable_modes
 from .destinations import GRAMMAR_HELP
 from .entry import fail, run_container
 from .errors import EgressRouterError
@@ -188,6 +188,25 @@ def read_manifests(name: str) -> list[tuple[str, str]]:
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
         return [(str(p), p.read_text(encoding="utf-8")) for p in files]
     return [(name, path.read_text(encoding="utf-8"))]
+
+
+def variables_markdown() -> str:
+    """The README's table of every environment variable (a unit test keeps the README equal to it)."""
+    rows = ["| variable | modes | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, (default, meaning) in VARIABLES.items():
+        rows.append(f"| `{name}` | {variable_modes(name)} | {default} | {meaning} |")
+    return "\n".join(rows)
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (the one in the README).")
+def variables(markdown: bool) -> None:
+    """List every environment variable: the modes it matters in, its default and its meaning."""
+    if markdown:
+        click.echo(variables_markdown())
+        return
+    for name, (default, meaning) in VARIABLES.items():
+        click.echo(f"{name}  [default: {default}]  ({variable_modes(name)})\n    {meaning}")
 
 
 @main.command("http-proxy", help="Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE "

@@ -46,6 +46,25 @@ VARIABLES: dict[str, tuple[str, str]] = {
     **DNS_VARIABLES,
 }
 
+
+
+def variable_modes(name: str) -> str:
+    """The modes in which a variable of VARIABLES has an effect (for --help and the README's table)."""
+    if name.startswith("EGRESS_HTTP_PROXY_"):
+        return "http-proxy"
+    if name.startswith("EGRESS_DNS_PROXY_"):
+        return "dns-proxy"
+    if name == "EGRESS_PROXY_GRACE_SECONDS":
+        return "http-proxy, dns-proxy"
+    if name in ("EGRESS_DESTINATION", "EGRESS_POD_INTERFACE"):
+        return ", ".join(NAT_MODES)
+    if name == "EGRESS_IPTABLES":
+        return "init, legacy"
+    if name in ("EGRESS_SOURCE", "EGRESS_GATEWAY", "EGRESS_INTERFACE"):
+        return "all that configure the network (proxy modes: when EGRESS_SOURCE is set)"
+    return "all"
+
+
 _IFNAME_BAD = re.compile(r"[/:\s]")
 
 

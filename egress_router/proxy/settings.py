@@ -107,7 +107,8 @@ def flag(env: Mapping[str, str], name: str) -> bool:
 
 
 DNS_VARIABLES: dict[str, tuple[str, str]] = {
-    "EGRESS_DNS_PROXY_DESTINATION": ("(unset)", "TCP forwards '<port> <host> [<remote_port>]'; set: run the proxy"),
+    "EGRESS_DNS_PROXY_DESTINATION": ("(unset)", "TCP forwards, one per line: port host [remote_port]; "
+                                     "set: run the proxy"),
     "EGRESS_DNS_PROXY_DEBUG": ("(off)", "1: one log line per connection"),
     "EGRESS_DNS_PROXY_WORKERS": ("1", "processes serving the ports; 'auto': one per CPU available (cgroup quota "
                                  "respected); each costs ~20 MiB"),
