@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import math
 import os
@@ -289,6 +290,11 @@ def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> Wo
         except ImportError:
             pass
         shared.reset_row(index)
+        # Everything made so far (modules, settings, the allow list) lives as long as the process:
+        # keep it out of the collector's way, so that a full collection scans only what serving
+        # made (a full collection of the start-up objects alone takes ~4 ms: a latency spike).
+        gc.collect()
+        gc.freeze()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
