@@ -19,6 +19,7 @@ from tests.container.conftest import (
     container_ip,
     wait_for_log,
 )
+from tests.demo_rules import demo_dnat_rules, demo_snat_rules
 
 SOURCE = "192.0.2.99"
 DESTINATION = "80 tcp 203.0.113.10\n8080 tcp 203.0.113.11 80\n53 udp 203.0.113.10 5353\n203.0.113.12\n"
@@ -101,15 +102,8 @@ def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image
     assert "Ready: 192.0.2.99/24 on eth1 via 192.0.2.1, 5 NAT rules" in err
     assert "Traceback" not in err
     host = testinfra.get_host(f"docker://{pod.pause.id}")
-    assert host.iptables.rules("nat", DNAT_CHAIN) == [
-        f"-N {DNAT_CHAIN}",
-        f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.10",
-        f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 203.0.113.11:80",
-        f"-A {DNAT_CHAIN} -i eth0 -p udp -m udp --dport 53 -j DNAT --to-destination 203.0.113.10:5353",
-        f"-A {DNAT_CHAIN} -i eth0 -j DNAT --to-destination 203.0.113.12",
-    ]
-    assert host.iptables.rules("nat", SNAT_CHAIN) == [f"-N {SNAT_CHAIN}",
-                                                      f"-A {SNAT_CHAIN} -o eth1 -j SNAT --to-source {SOURCE}"]
+    assert host.iptables.rules("nat", DNAT_CHAIN) == demo_dnat_rules()
+    assert host.iptables.rules("nat", SNAT_CHAIN) == demo_snat_rules("eth1", SOURCE)
     assert f"-A PREROUTING -j {DNAT_CHAIN}" in host.iptables.rules("nat", "PREROUTING")
     assert f"-A POSTROUTING -j {SNAT_CHAIN}" in host.iptables.rules("nat", "POSTROUTING")
     # the pod side keeps its cluster address; the macvlan interface has the reserved one

@@ -25,6 +25,7 @@ from egress_router.lab import (
     router_command,
 )
 from egress_router.nat import DNAT_CHAIN, SNAT_CHAIN
+from tests.demo_rules import demo_dnat_rules, demo_snat_rules
 
 EXPECTED_LANDING = {
     ("tcp", 80): "203.0.113.10:80",
@@ -217,15 +218,8 @@ def test_rules_addresses_and_routes_through_testinfra(lab: Lab) -> None:
     host = testinfra.get_host("local://")
     netns.pushns(lab.ns["router"])
     try:
-        assert host.iptables.rules("nat", DNAT_CHAIN) == [
-            f"-N {DNAT_CHAIN}",
-            f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.10",
-            f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 203.0.113.11:80",
-            f"-A {DNAT_CHAIN} -i eth0 -p udp -m udp --dport 53 -j DNAT --to-destination 203.0.113.10:5353",
-            f"-A {DNAT_CHAIN} -i eth0 -j DNAT --to-destination 203.0.113.12",
-        ]
-        assert host.iptables.rules("nat", SNAT_CHAIN) == [
-            f"-N {SNAT_CHAIN}", f"-A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source {SOURCE_IP}"]
+        assert host.iptables.rules("nat", DNAT_CHAIN) == demo_dnat_rules()
+        assert host.iptables.rules("nat", SNAT_CHAIN) == demo_snat_rules("macvlan0", SOURCE_IP)
         assert f"-A PREROUTING -j {DNAT_CHAIN}" in host.iptables.rules("nat", "PREROUTING")
         assert f"-A POSTROUTING -j {SNAT_CHAIN}" in host.iptables.rules("nat", "POSTROUTING")
         macvlan = host.interface("macvlan0")
