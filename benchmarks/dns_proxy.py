@@ -500,6 +500,8 @@ def main() -> int:
                         "open files limit is below 21,000: haproxy holds two descriptors per connection "
                         "in one process)")
     parser.add_argument("--only", choices=SIDES, help="run one side only")
+    parser.add_argument("--workers", type=int, help="ours' EGRESS_DNS_PROXY_WORKERS = haproxy's nbthread "
+                        "(default: the CPUs available, what 'auto' picks)")
     parser.add_argument("--quiet-wait", type=float, default=10.0,
                         help="before each run wait up to this long for the machine to be under 25%% busy")
     parser.add_argument("--max-seconds", type=float, default=900, help="start no new round after this")
@@ -519,7 +521,7 @@ def main() -> int:
     WORK.mkdir(exist_ok=True)
     from egress_router.proxy.server import available_cpus
 
-    workers = available_cpus()  # ours' workers ('auto'); haproxy gets as many threads
+    workers = args.workers or available_cpus()  # ours' workers; haproxy gets as many threads
     info = machine_info()
     info.update(tool_versions())
     info["open files limit (soft, for the proxies)"] = str(fd_limit)
@@ -646,7 +648,7 @@ def main() -> int:
                  f"through 5201; wrk -t1 -c{CONNECTIONS}, {args.duration:g} s runs, GET /1k through 8080; "
                  f"latency paced to ~{args.rate:g} req/s; memory: {args.idle:,} idle connections (each also "
                  f"opens a backend connection). Forwards to IP addresses: no DNS lookup is measured. Ours: "
-                 f"EGRESS_DNS_PROXY_WORKERS={workers} (auto), EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; "
+                 f"EGRESS_DNS_PROXY_WORKERS={workers}, EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; "
                  f"haproxy: nbthread "
                  f"{workers}, maxconn {haproxy_maxconn()}. Lab sysctls: ip_local_port_range 1024-65000 "
                  f"(client, router), tcp_tw_reuse=1 (client).", "", md, "", *[f"- {v}" for v in verdicts],
