@@ -17,10 +17,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -330,6 +330,17 @@ def write_results(section: str, body: str, path: Path = RESULTS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text, encoding="utf-8")
+    print(f"\nwrote benchmarks/{path.name} (section {section})")
+
+
+def run_benchmark(main: Callable[[], int], interrupted: str) -> NoReturn:
+    """A benchmark script's entry: its exit status, or one line for a failure or Ctrl-C (no traceback)."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        sys.exit(f"benchmark failed: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted ({interrupted})")
 
 
 class Deadline:

@@ -63,6 +63,7 @@ from benchlib import (
     machine_lines,
     md_table,
     require_root,
+    run_benchmark,
     text_table,
     write_results,
 )
@@ -74,12 +75,10 @@ from http_proxy import (
     children_cpu,
     cpu_busy,
     ns_argv,
-    process_name,
-    pss_kib,
     raise_fd_limit,
     socket_fds,
-    status_kib,
 )
+from http_proxy import Proxy as ManagedProxy
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
 
@@ -97,35 +96,12 @@ MAIN_PID = os.getpid()
 
 # ---------------------------------------------------------------- the proxies
 
-class Proxy:
-    name = "?"
+class Proxy(ManagedProxy):
+    """The http_proxy benchmark's proxy wrapper, with the worker count both sides get."""
 
     def __init__(self, lab: Lab, tmp: Path, workers: int):
-        self.lab = lab
-        self.tmp = tmp
+        super().__init__(lab, tmp)
         self.workers = workers
-        self.proc: Managed | None = None
-        self.lives = 0
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def pids(self) -> list[int]:
-        return self.proc.pids() if self.proc else []
-
-    def memory(self) -> tuple[int, int, list[tuple[str, int]]]:
-        """(sum of RSS, sum of PSS, RSS per process), KiB, over the proxy's processes."""
-        pids = self.pids()
-        per = [(process_name(pid), status_kib(pid, "VmRSS")) for pid in pids]
-        return sum(v for _, v in per), sum(pss_kib(pid) for pid in pids), per
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-            self.proc = None
-
-    def tail(self) -> str:
-        return self.proc.tail() if self.proc else ""
 
 
 class Ours(Proxy):
@@ -195,7 +171,7 @@ def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -
     last = ""
     while time.monotonic() - start < timeout:
         if proxy.proc is None or not proxy.proc.alive():
-            raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.tail()}")
+            raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.describe_failure()}")
         try:
             if http_get(lab, HTTP_PORT, 2.0) == expected:
                 return time.monotonic() - start
@@ -203,7 +179,7 @@ def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -
         except (OSError, ValueError) as exc:
             last = str(exc)
         time.sleep(0.1)
-    raise BenchError(f"{proxy.name} not ready within {timeout:g} s ({last}):\n{proxy.tail()}")
+    raise BenchError(f"{proxy.name} not ready within {timeout:g} s ({last}):\n{proxy.describe_failure()}")
 
 
 # ---------------------------------------------------------------- the measurements
@@ -303,7 +279,7 @@ class Bench:
     def memory(self, proxy: Proxy, count: int) -> Measured:
         """RSS/PSS of the proxy's processes before and with `count` idle connections from the client."""
         time.sleep(1.0)
-        base_rss, base_pss, _ = proxy.memory()
+        base_rss, base_pss, _ = proxy.rss_kib()
         base_sockets = socket_fds(proxy.pids())
         argv = [PYTHON, str(IDLE_CLIENT), "--host", ROUTER_POD_IP, "--port", str(HTTP_PORT),
                 "--count", str(count), "--hold", "50", "--connect-timeout", "30"]
@@ -323,7 +299,7 @@ class Bench:
                 time.sleep(0.5)
                 held = socket_fds(proxy.pids()) - base_sockets
             time.sleep(1.0)
-            rss, pss, per = proxy.memory()
+            rss, pss, per = proxy.rss_kib()
             client.stdin.write("check\n")
             client.stdin.flush()
             alive_line = client.stdout.readline() if select.select([client.stdout], [], [], 20)[0] else ""
@@ -366,7 +342,7 @@ def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> s
         results.processes[proxy.name] = len(proxy.pids())
         warm = bench.wrk(proxy, args.warmup)
         if warm.extra["requests"] == 0:
-            raise BenchError(f"{proxy.name}: no request completed in the warm-up:\n{proxy.tail()}")
+            raise BenchError(f"{proxy.name}: no request completed in the warm-up:\n{proxy.describe_failure()}")
         keep = bench.wrk(proxy, args.duration)
         results.add(proxy.name, "keepalive", keep)
         paced = bench.wrk(proxy, args.duration, rate=args.rate)
@@ -381,7 +357,7 @@ def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> s
         mem = bench.memory(proxy, args.idle)
         results.add(proxy.name, "memory", mem)
         if not proxy.proc or not proxy.proc.alive():
-            raise BenchError(f"{proxy.name} died during the round:\n{proxy.tail()}")
+            raise BenchError(f"{proxy.name} died during the round:\n{proxy.describe_failure()}")
         return (f"bulk {bulk1.value:.2f}/{bulk4.value:.2f} Gbit/s, keep-alive {keep.value:.0f} req/s, "
                 f"p50/p99 {paced.extra['p50_us'] / 1000:.2f}/{paced.extra['p99_us'] / 1000:.2f} ms at "
                 f"{paced.extra['rate']:.0f}/s, close {close.value:.0f} conn/s, RSS "
@@ -654,14 +630,8 @@ def main() -> int:
                  f"(client, router), tcp_tw_reuse=1 (client).", "", md, "", *[f"- {v}" for v in verdicts],
                  *[f"- {line}" for line in per_process], f"- {direct}", *[f"- note: {n}" for n in results.notes]]
         write_results("dns_proxy", "\n".join(lines))
-        print("\nwrote benchmarks/RESULTS.md (section dns_proxy)")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        sys.exit(f"benchmark failed: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted (processes stopped, lab torn down)")
+    run_benchmark(main, "processes stopped, lab torn down")

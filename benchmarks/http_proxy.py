@@ -64,6 +64,7 @@ from benchlib import (
     machine_lines,
     md_table,
     require_root,
+    run_benchmark,
     text_table,
     write_results,
 )
@@ -1044,14 +1045,8 @@ def main() -> int:
                  f"- {origin_line}", "", "Cold probe (a fresh proxy, Connection: close traffic first):", "",
                  *probe_lines(results, args), "", *[f"- note: {n}" for n in results.notes]]
         write_results("http_proxy", "\n".join(lines))
-        print("\nwrote benchmarks/RESULTS.md (section http_proxy)")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        sys.exit(f"benchmark failed: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted (processes stopped, lab torn down)")
+    run_benchmark(main, "processes stopped, lab torn down")

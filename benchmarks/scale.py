@@ -48,6 +48,7 @@ from benchlib import (
     machine_lines,
     md_table,
     require_root,
+    run_benchmark,
     secs,
     settle_background,
     text_table,
@@ -414,14 +415,8 @@ def main() -> int:
                 "(b)/(c) Init mode:", "", md_table(headers, rows), "",
                 *[f"- {note}" for note in notes], ""]
         write_results("scale", "\n".join(body))
-        print("\nwrote benchmarks/RESULTS.md (section scale)")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        sys.exit(f"benchmark failed: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted (labs torn down)")
+    run_benchmark(main, "labs torn down")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 from pathlib import Path
 
 from benchlib import (
@@ -39,6 +38,7 @@ from benchlib import (
     machine_lines,
     md_table,
     require_root,
+    run_benchmark,
     secs,
     settle_background,
     text_table,
@@ -311,14 +311,8 @@ def main() -> int:
         if dominant:
             lines += [dominant, ""]
         write_results("setup_latency", "\n".join(lines))
-        print("\nwrote benchmarks/RESULTS.md (section setup_latency)")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        sys.exit(f"benchmark failed: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted (labs torn down)")
+    run_benchmark(main, "labs torn down")
