@@ -1,4 +1,4 @@
-"""A proxy process started in a lab namespace: its output collected as it comes, a clean stop, no leftovers."""
+"""A proxy process in a lab namespace: output collected as it comes, a clean stop, no leftovers; run unprivileged."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import IO
 
-from egress_router.lab import Lab
+import pytest
+
+from egress_router.lab import Lab, router_command
 
 
 class ProxyProcess:
@@ -91,3 +95,37 @@ def start_time(pid: int) -> str:
             return handle.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
+
+
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all", "--"]
+
+
+def unprivileged_program(lab: Lab, probe_imports: str) -> tuple[list[str], dict[str, str]]:
+    """How uid 65534 can start egress-router here: the venv's script, else the system python on its packages.
+
+    A venv made from an interpreter under /root (mode 0700, as pyenv's often is) cannot be run by
+    another user; the system interpreter of the same version can run the same packages, if it can
+    import `probe_imports` (a comma-separated module list) with them.
+    """
+    import egress_router
+
+    program = router_command()
+    if lab.exec("router", [*UNPRIVILEGED, *program, "--version"]).returncode == 0:
+        return program, {}
+    project = str(Path(egress_router.__file__).resolve().parent.parent)
+    site = [path for path in sys.path if path.endswith("site-packages")]
+    env = {"PYTHONPATH": ":".join([project, *site])}
+    tried = [program[0]]
+    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(python, os.X_OK):
+            tried.append(python)
+            probe = [python, "-c", f"import {probe_imports}"]
+            if lab.exec("router", [*UNPRIVILEGED, *probe], env={**os.environ, **env}).returncode == 0:
+                return [python, "-m", "egress_router"], env
+    pytest.fail(f"uid 65534 cannot run egress-router with any of {tried} (PYTHONPATH={env['PYTHONPATH']})")
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        return dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)

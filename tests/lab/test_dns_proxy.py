@@ -13,13 +13,11 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +33,7 @@ from egress_router.lab import (
     router_command,
 )
 from tests.lab.dnsserver import DnsServer
-from tests.lab.proxyproc import ProxyProcess
+from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, status_fields, unprivileged_program
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
 DNS_IP = "203.0.113.53"
@@ -961,41 +959,11 @@ def test_sigterm_cuts_what_outlasts_the_grace_period(lab: Lab, dns: DnsServer, s
 
 # ------------------------------------------------------------------ privileges
 
-UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                "--bounding-set=-all", "--"]
-
-
-def unprivileged_program(lab: Lab) -> tuple[list[str], dict[str, str]]:
-    """How uid 65534 can start egress-router: the venv's script if it may run it, else a system python3 of the
-    same version on the venv's packages (a venv made from an interpreter under /root cannot be run by others)."""
-    import egress_router
-
-    program = router_command()
-    if lab.exec("router", [*UNPRIVILEGED, *program, "--version"]).returncode == 0:
-        return program, {}
-    project = str(Path(egress_router.__file__).resolve().parent.parent)
-    site = [path for path in sys.path if path.endswith("site-packages")]
-    env = {"PYTHONPATH": ":".join([project, *site])}
-    probe = ["-c", "import egress_router.proxy.tcp, dns.asyncresolver, uvloop"]
-    tried = [program[0]]
-    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(python, os.X_OK):
-            tried.append(python)
-            if lab.exec("router", [*UNPRIVILEGED, python, *probe], env={**os.environ, **env}).returncode == 0:
-                return [python, "-m", "egress_router"], env
-    pytest.fail(f"uid 65534 cannot run egress-router with any of {tried} (PYTHONPATH={env['PYTHONPATH']})")
-
-
-def status_fields(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        return dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)
-
-
 def test_runs_unprivileged(lab: Lab, dns: DnsServer, services: Services, start_proxy: StartProxy) -> None:
     configure_network(lab)  # the init container's part; the proxy container has no privileges at all
     services.listen("dest", C, 7000, "whoami")
     dns.set(NAME, C, ttl=300)
-    program, env = unprivileged_program(lab)
+    program, env = unprivileged_program(lab, "egress_router.proxy.tcp, dns.asyncresolver, uvloop")
     proxy = start_proxy(f"7000 {NAME}\n7001 {A} 7999", network=False, prefix=UNPRIVILEGED, program=program,
                         EGRESS_DNS_PROXY_WORKERS="2", **env)
     pids = [proxy.process.pid, *proxy.children()]

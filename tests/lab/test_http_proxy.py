@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +41,7 @@ from tests.lab.origin import (
     read_response,
     sha256,
 )
-from tests.lab.proxyproc import ProxyProcess
+from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, status_fields, unprivileged_program
 
 PORT = 8080
 IO_TIMEOUT = 5.0  # no answer the proxy owes may take longer: a hang fails the test instead of stalling it
@@ -823,42 +822,9 @@ def test_network_then_proxy_and_the_origin_sees_the_reserved_source(lab: Lab, or
     assert f"default via {GATEWAY_LAN_IP} dev macvlan0" in lab.exec("router", ["ip", "route"], check=True).stdout
 
 
-UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                "--bounding-set=-all", "--"]
-
-
-def unprivileged_program(lab: Lab) -> tuple[list[str], dict[str, str]]:
-    """How uid 65534 can start egress-router here: the venv's script, else the system python on its packages.
-
-    A venv made from an interpreter under /root (mode 0700, as pyenv's often is) cannot be run by
-    another user; the system interpreter of the same version can run the same packages.
-    """
-    import egress_router
-
-    program = router_command()
-    if lab.exec("router", [*UNPRIVILEGED, *program, "--version"]).returncode == 0:
-        return program, {}
-    project = str(Path(egress_router.__file__).resolve().parent.parent)
-    site = [path for path in sys.path if path.endswith("site-packages")]
-    env = {"PYTHONPATH": ":".join([project, *site])}
-    probe = ["-c", "import egress_router.proxy.http, httptools"]
-    tried = [program[0]]
-    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(python, os.X_OK):
-            tried.append(python)
-            if lab.exec("router", [*UNPRIVILEGED, python, *probe], env={**os.environ, **env}).returncode == 0:
-                return [python, "-m", "egress_router"], env
-    pytest.fail(f"uid 65534 cannot run egress-router with any of {tried} (PYTHONPATH={env['PYTHONPATH']})")
-
-
-def status_fields(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        return dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)
-
-
 def test_proxy_alone_runs_unprivileged(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
     configure_network(lab)  # the init container's part; the proxy container has no privileges at all
-    program, env = unprivileged_program(lab)
+    program, env = unprivileged_program(lab, "egress_router.proxy.http, httptools")
     proxy = start_proxy("*.example.com", network=False, prefix=UNPRIVILEGED, program=program,
                         EGRESS_HTTP_PROXY_WORKERS="2", **env)
     pids = [proxy.process.pid, *proxy.children()]
