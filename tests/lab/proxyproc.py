@@ -15,6 +15,8 @@ import pytest
 
 from egress_router.lab import Lab, router_command
 
+LOG_SIGNS_OF_TROUBLE = ("Traceback", "Task was destroyed", "never retrieved", "Exception in callback")
+
 
 class ProxyProcess:
     """egress-router running a proxy mode; the tests of each mode add readiness and log helpers."""
@@ -78,6 +80,25 @@ class ProxyProcess:
         for reader in self._readers:
             reader.join(timeout=5)
         return code
+
+    def stop_and_check(self) -> list[str]:
+        """Stop it at a test's end; what was wrong: no clean stop, a non-zero exit, leftover workers, a
+        traceback or an asyncio complaint in its log (the output is printed, pytest shows it on failure)."""
+        pid = self.process.pid
+        problems = []
+        try:
+            code = self.stop()
+        except subprocess.TimeoutExpired:
+            problems.append(f"pid {pid} did not stop on SIGTERM")
+            code = 0
+        finally:
+            if left := self.kill_leftover_workers():
+                problems.append(f"workers {left} outlived their master pid {pid}")
+            print(f"--- proxy pid {pid} stderr:\n{self.stderr}")
+        if code != 0:
+            problems.append(f"pid {pid} exited with {code}")
+        problems += [f"pid {pid} wrote {sign!r}" for sign in LOG_SIGNS_OF_TROUBLE if sign in self.stderr]
+        return problems
 
     def kill_leftover_workers(self) -> list[int]:
         """Workers that outlived their master (they would keep the namespace alive): kill them, by pid."""

@@ -334,22 +334,7 @@ def start_proxy(lab: Lab, dns: DnsServer, services: Services) -> Iterator[StartP
         return proxy
 
     yield start
-    problems = []
-    for proxy in started:
-        try:
-            code = proxy.stop()
-        except subprocess.TimeoutExpired:
-            problems.append(f"pid {proxy.process.pid} did not stop on SIGTERM")
-            continue
-        finally:
-            if left := proxy.kill_leftover_workers():
-                problems.append(f"workers {left} outlived their master pid {proxy.process.pid}")
-            print(f"--- proxy pid {proxy.process.pid} stderr:\n{proxy.stderr}")  # shown when the test fails
-        if code != 0:
-            problems.append(f"pid {proxy.process.pid} exited with {code}")
-        for sign in ("Traceback", "Task was destroyed", "never retrieved", "Exception in callback"):
-            if sign in proxy.stderr:
-                problems.append(f"pid {proxy.process.pid} wrote {sign!r}")
+    problems = [problem for proxy in started for problem in proxy.stop_and_check()]
     assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
 
 

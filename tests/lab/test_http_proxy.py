@@ -110,7 +110,7 @@ StartProxy = Callable[..., Proxy]
 
 @pytest.fixture
 def start_proxy(lab: Lab, origin: Origin) -> Iterator[StartProxy]:
-    """Starts proxies (with the hosts file in place); at teardown each must stop with 0 and no traceback."""
+    """Starts proxies (with the hosts file in place); at teardown each must stop cleanly (stop_and_check)."""
     lab.etc_file("router", "hosts", HOSTS)
     lab.etc_file("router", "resolv.conf", RESOLV)
     started: list[Proxy] = []
@@ -127,21 +127,7 @@ def start_proxy(lab: Lab, origin: Origin) -> Iterator[StartProxy]:
         return proxy
 
     yield start
-    problems = []
-    for proxy in started:
-        print(f"--- proxy pid {proxy.process.pid} (port {proxy.port}) stderr:\n{proxy.stderr}")  # shown on failure
-        try:
-            code = proxy.stop()
-        except subprocess.TimeoutExpired:
-            problems.append(f"pid {proxy.process.pid} did not stop on SIGTERM")
-            continue
-        finally:
-            if left := proxy.kill_leftover_workers():
-                problems.append(f"workers {left} outlived their master pid {proxy.process.pid}")
-        if code != 0:
-            problems.append(f"pid {proxy.process.pid} exited with {code}")
-        if "Traceback" in proxy.stderr:
-            problems.append(f"pid {proxy.process.pid} wrote a traceback")
+    problems = [problem for proxy in started for problem in proxy.stop_and_check()]
     assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
 
 
