@@ -70,6 +70,7 @@ from benchlib import (
 from http_proxy import (
     CpuWatch,
     Managed,
+    Measured,
     Origin,
     bottleneck,
     children_cpu,
@@ -77,8 +78,11 @@ from http_proxy import (
     ns_argv,
     raise_fd_limit,
     socket_fds,
+    wait_until_serving,
+    wrk_measured,
 )
 from http_proxy import Proxy as ManagedProxy
+from http_proxy import Results as HttpResults
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
 
@@ -167,19 +171,8 @@ def http_get(lab: Lab, port: int, timeout: float = 3.0) -> bytes:
 
 
 def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:
-    start = time.monotonic()
-    last = ""
-    while time.monotonic() - start < timeout:
-        if proxy.proc is None or not proxy.proc.alive():
-            raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.describe_failure()}")
-        try:
-            if http_get(lab, HTTP_PORT, 2.0) == expected:
-                return time.monotonic() - start
-            last = "wrong body"
-        except (OSError, ValueError) as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{proxy.name} not ready within {timeout:g} s ({last}):\n{proxy.describe_failure()}")
+    return wait_until_serving(proxy, lambda: None if http_get(lab, HTTP_PORT, 2.0) == expected else "wrong body",
+                              timeout)
 
 
 # ---------------------------------------------------------------- the measurements
@@ -200,13 +193,6 @@ class ThreadCpuWatch(CpuWatch):
                             rest = handle.read().rsplit(")", 1)[1].split()
                             sample[name][int(tid)] = int(rest[11]) + int(rest[12])
         return sample
-
-
-@dataclass
-class Measured:
-    value: float
-    cpu: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Bench:
@@ -251,14 +237,7 @@ class Bench:
         argv = ["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{seconds:g}s", "--timeout", "5s",
                 "-s", str(HERE / "wrk.lua"), where]
         out, cpu = self.tool(argv, env, seconds + 60, proxy, self.nginx.workers, role)
-        line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
-        if line is None:
-            raise BenchError(f"wrk printed no summary:\n{out[-1500:]}")
-        summary = json.loads(line.split(" ", 1)[1])
-        summary["rate"] = summary["requests"] / (summary["duration_us"] / 1e6)
-        summary["errors"] = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors",
-                                                     "status_errors", "timeouts"))
-        return Measured(summary["rate"], cpu, summary)
+        return wrk_measured(out, cpu)
 
     def iperf3(self, proxy: Proxy | None, streams: int, role: str = "client") -> Measured:
         host, port = (ROUTER_POD_IP, IPERF_PORT) if proxy is not None else (BACKEND_IP, IPERF_PORT)
@@ -321,17 +300,8 @@ class Bench:
 # ---------------------------------------------------------------- rounds
 
 @dataclass
-class Results:
-    samples: dict[tuple[str, str], list[Measured]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class Results(HttpResults):
     processes: dict[str, int] = field(default_factory=dict)
-
-    def add(self, side: str, test: str, measured: Measured) -> None:
-        self.samples.setdefault((side, test), []).append(measured)
-
-    def median(self, side: str, test: str, key: str | None = None) -> float | None:
-        values = [m.value if key is None else float(m.extra[key]) for m in self.samples.get((side, test), [])]
-        return statistics.median(values) if values else None
 
 
 def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> str:

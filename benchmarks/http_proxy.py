@@ -460,16 +460,25 @@ def proxy_get(lab: Lab, url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:
+    def probe() -> str | None:
+        status, body = proxy_get(lab, f"http://{ORIGIN_IP}{SMALL}", timeout=2.0)
+        return None if status == 200 and body == expected else f"status {status}, {len(body)} bytes"
+
+    return wait_until_serving(proxy, probe, timeout)
+
+
+def wait_until_serving(proxy: Proxy, probe: Callable[[], str | None], timeout: float = 30.0) -> float:
+    """Seconds until `probe` (None: served right; else what was wrong) succeeds through a started proxy."""
     start = time.monotonic()
     last = ""
     while time.monotonic() - start < timeout:
         if proxy.proc is None or not proxy.proc.alive():
             raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.describe_failure()}")
         try:
-            status, body = proxy_get(lab, f"http://{ORIGIN_IP}{SMALL}", timeout=2.0)
-            if status == 200 and body == expected:
+            wrong = probe()
+            if wrong is None:
                 return time.monotonic() - start
-            last = f"status {status}, {len(body)} bytes"
+            last = wrong
         except (OSError, ValueError, IndexError) as exc:
             last = str(exc)
         time.sleep(0.1)
@@ -483,6 +492,18 @@ class Measured:
     value: float
     cpu: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def wrk_measured(out: str, cpu: dict[str, float]) -> Measured:
+    """requests/s from the WRKJSON line the Lua scripts print, with the whole summary (errors added up)."""
+    line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
+    if line is None:
+        raise BenchError(f"wrk printed no summary:\n{out[-1500:]}")
+    summary = json.loads(line.split(" ", 1)[1])
+    summary["rate"] = summary["requests"] / (summary["duration_us"] / 1e6)
+    summary["errors"] = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
+                                                 "timeouts"))
+    return Measured(summary["rate"], cpu, summary)
 
 
 class Bench:
@@ -548,16 +569,7 @@ class Bench:
         argv = ["wrk", "-t", str(self.args.wrk_threads), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s",
                 "--timeout", "5s", "-s", str(HERE / "proxy.lua"), where]
         out, cpu = self.tool(role, argv, env, seconds + 60, self.watch(proxy))
-        line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
-        if line is None:
-            raise BenchError(f"wrk printed no summary:\n{out[-1500:]}")
-        summary = json.loads(line.split(" ", 1)[1])
-        rate = summary["requests"] / (summary["duration_us"] / 1e6)
-        errors = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
-                                          "timeouts"))
-        summary["errors"] = errors
-        summary["rate"] = rate
-        return Measured(rate, cpu, summary)
+        return wrk_measured(out, cpu)
 
     def tunnel(self, proxy: Proxy | None, path: str = BIG, timeout: float = 180.0, role: str = "client") -> Measured:
         """CONNECT + GET inside the tunnel (or, without a proxy, the GET straight to the origin): MB/s."""
