@@ -88,6 +88,7 @@ from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
 
 HERE = BENCH / "dns_proxy"
 IDLE_CLIENT = BENCH / "http_proxy" / "idle_conns.py"
+WRK_SCRIPT = BENCH / "http_proxy" / "proxy.lua"  # shared: origin-form requests with WRK_TARGET=/1k
 BACKEND_IP = DEST_IPS[0]
 HTTP_PORT = 8080
 IPERF_PORT = 5201
@@ -232,10 +233,11 @@ class Bench:
 
     def wrk(self, proxy: Proxy | None, seconds: float, *, close: bool = False, rate: float = 0,
             role: str = "client") -> Measured:
-        env = dict(os.environ, WRK_CLOSE="1" if close else "0", WRK_RATE=f"{rate:g}")
+        env = dict(os.environ, WRK_TARGET="/1k", WRK_HOST=BACKEND_IP, WRK_CLOSE="1" if close else "0",
+                   WRK_RATE=f"{rate:g}")
         where = f"http://{ROUTER_POD_IP}:{HTTP_PORT}" if proxy is not None else f"http://{BACKEND_IP}:80"
         argv = ["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{seconds:g}s", "--timeout", "5s",
-                "-s", str(HERE / "wrk.lua"), where]
+                "-s", str(WRK_SCRIPT), where]
         out, cpu = self.tool(argv, env, seconds + 60, proxy, self.nginx.workers, role)
         return wrk_measured(out, cpu)
 

@@ -1,9 +1,12 @@
--- wrk script for benchmarks/http_proxy.py: requests in absolute form through an HTTP proxy.
+-- wrk script for benchmarks/http_proxy.py (requests in absolute form through an HTTP proxy) and
+-- benchmarks/dns_proxy.py (origin-form requests through a TCP forwarder).
 --
 -- wrk connects to the address on its command line (the proxy, 198.51.100.1:8080) and sends
 --   GET http://203.0.113.10/1k HTTP/1.1 / Host: 203.0.113.10
 -- Settings come from the environment (wrk passes no arguments to the Lua side before init):
---   WRK_TARGET    absolute URL to ask the proxy for (default http://203.0.113.10/1k)
+--   WRK_TARGET    absolute URL to ask the proxy for (default http://203.0.113.10/1k), or an
+--                 origin-form path such as /1k (a TCP forwarder passes requests on unchanged)
+--   WRK_HOST      the Host header for an origin-form WRK_TARGET (default 203.0.113.10)
 --   WRK_CLOSE     "1": send "Connection: close", so every request is a new connection
 --   WRK_RATE      > 0: pace this wrk thread to about this many requests per second. After each
 --                 response, delay() gives the connection the next free send slot of a fixed
@@ -21,7 +24,7 @@ local rate = tonumber(os.getenv("WRK_RATE") or "0") or 0
 
 wrk.method = "GET"
 wrk.path = target
-wrk.headers["Host"] = string.match(target, "^%a+://([^/]+)") or target
+wrk.headers["Host"] = string.match(target, "^%a+://([^/]+)") or os.getenv("WRK_HOST") or "203.0.113.10"
 if close then
   wrk.headers["Connection"] = "close"
 end
