@@ -8,14 +8,32 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
 from egress_router.lab import Lab, router_command
 
 LOG_SIGNS_OF_TROUBLE = ("Traceback", "Task was destroyed", "never retrieved", "Exception in callback")
+
+
+def connection_refused(connect: Callable[[], Any]) -> bool:
+    """True when a new connection is refused: the proxy no longer listens.
+
+    A connection that reached the accept queue just before the listener closed is reset instead
+    (the kernel completed its handshake; closing the listener resets it). That is the stop in
+    progress, not yet the end state, so it counts as "not refused yet" and the caller polls again.
+    """
+    try:
+        conn = connect()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+    conn.close()
+    return False
 
 
 class ProxyProcess:

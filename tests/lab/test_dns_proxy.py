@@ -33,7 +33,7 @@ from egress_router.lab import (
     router_command,
 )
 from tests.lab.dnsserver import DnsServer
-from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, status_fields, unprivileged_program
+from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, connection_refused, status_fields, unprivileged_program
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
 DNS_IP = "203.0.113.53"
@@ -905,14 +905,7 @@ def test_sigterm_drains_open_connections(lab: Lab, dns: DnsServer, services: Ser
         sent = time.monotonic()
         proxy.terminate()
 
-        def refused() -> bool:
-            try:
-                Conn(lab, 7000, timeout=0.5).close()
-            except ConnectionRefusedError:
-                return True
-            return False
-
-        assert eventually(refused, timeout=1.0)
+        assert eventually(lambda: connection_refused(lambda: Conn(lab, 7000, timeout=0.5)), timeout=1.0)
         assert proxy.process.poll() is None  # still serving the open connection
         for _ in range(5):
             conn.sock.sendall(b"during the drain\n")

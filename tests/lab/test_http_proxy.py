@@ -41,7 +41,7 @@ from tests.lab.origin import (
     read_response,
     sha256,
 )
-from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, status_fields, unprivileged_program
+from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, connection_refused, status_fields, unprivileged_program
 
 PORT = 8080
 IO_TIMEOUT = 5.0  # no answer the proxy owes may take longer: a hang fails the test instead of stalling it
@@ -757,14 +757,7 @@ def test_sigterm_lets_the_request_in_flight_finish(lab: Lab, origin: Origin, sta
     sent = time.monotonic()
     proxy.process.send_signal(signal.SIGTERM)
 
-    def refused() -> bool:
-        try:
-            Client(lab, timeout=0.5).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    assert eventually(refused, timeout=0.7)
+    assert eventually(lambda: connection_refused(lambda: Client(lab, timeout=0.5)), timeout=0.7)
     assert proxy.process.poll() is None  # refusing new connections while the old one drains
     assert idle.at_eof()  # idle keep-alive connections are closed at once
     response = busy.response()
