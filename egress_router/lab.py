@@ -45,6 +45,8 @@ DEST_IPS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
 IFF_UP = 0x1
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 
 DEMO_DESTINATION = """\
 # port proto destination [remote port]
@@ -75,6 +77,18 @@ class Reply:
     @property
     def peer_ip(self) -> str:
         return self.peer.rsplit(":", 1)[0]
+
+
+def unsettled(ipr: Any) -> str | None:
+    """What the kernel is still doing by itself in a namespace (None: nothing)."""
+    for link in ipr.get_links():
+        if link["flags"] & IFF_UP and link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
+            return f"{link.get('IFLA_IFNAME')} is {link.get('IFLA_OPERSTATE')}"
+    for addr in ipr.get_addr(family=socket.AF_INET6):
+        flags = addr.get("IFA_FLAGS") or addr["flags"]
+        if flags & IFA_F_TENTATIVE and not flags & IFA_F_DADFAILED:
+            return f"{addr.get('IFA_ADDRESS')} is tentative"
+    return None
 
 
 class Lab:
@@ -108,6 +122,12 @@ class Lab:
         for role in ROLES:
             netns.create(self.ns[role])
             self._created.append(self.ns[role])
+            # No IPv6 duplicate address detection in the lab: the kernel's link-local addresses (and
+            # their local routes) then exist as soon as a link is up, instead of about a second later,
+            # so a snapshot taken after settle() cannot change by itself. Nothing here uses IPv6 DAD.
+            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+                with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+                    self.sysctl(role, key, "0")
         IPRoute = iproute_class()
         path = self.path
         with IPRoute(netns=self.ns["client"]) as ipr:
@@ -141,14 +161,14 @@ class Lab:
         self.settle()
 
     def settle(self, timeout: float = 5.0) -> None:
-        """Wait until every link that is up is operational (the kernel settles that asynchronously)."""
+        """Wait until the kernel has finished what it does by itself after a change: every link that is
+        up is operational (linkwatch runs asynchronously) and no IPv6 address is still tentative."""
         deadline = time.monotonic() + timeout
         for role in ROLES:
             with self.iproute(role) as ipr:
-                while any(link["flags"] & IFF_UP and link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN")
-                          for link in ipr.get_links()):
+                while (why := unsettled(ipr)) is not None:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"links in {self.ns[role]} did not come up within {timeout} s")
+                        raise TimeoutError(f"{self.ns[role]} did not settle within {timeout} s: {why}")
                     time.sleep(0.01)
 
     def destroy(self) -> None:
