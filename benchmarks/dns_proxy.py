@@ -34,32 +34,21 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import resource
-import select
 import shutil
-import signal
 import socket
 import statistics
 import string
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from benchlib import (
     BENCH,
-    PYTHON,
-    WORK,
     BenchError,
     Deadline,
-    busy_warning,
-    load_average,
-    machine_info,
     machine_lines,
     md_table,
     require_root,
@@ -67,28 +56,36 @@ from benchlib import (
     text_table,
     write_results,
 )
-from http_proxy import (
+from proxybench import (
+    ORIGIN_DIR,
     CpuWatch,
     Managed,
     Measured,
     Origin,
+    Proxy,
+    QuietStarts,
+    Results,
+    alternate_rounds,
     bottleneck,
-    children_cpu,
-    cpu_busy,
-    ns_argv,
+    common_arguments,
+    describe_machine,
+    end_facts,
+    idle_memory,
+    per_process_lines,
+    prepare_lab,
     raise_fd_limit,
-    socket_fds,
+    run_tool,
+    scratch,
+    wait_for_backends,
     wait_until_serving,
+    wrk_error_notes,
     wrk_measured,
 )
-from http_proxy import Proxy as ManagedProxy
-from http_proxy import Results as HttpResults
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
 
 HERE = BENCH / "dns_proxy"
-IDLE_CLIENT = BENCH / "http_proxy" / "idle_conns.py"
-WRK_SCRIPT = BENCH / "http_proxy" / "proxy.lua"  # shared: origin-form requests with WRK_TARGET=/1k
+WRK_SCRIPT = ORIGIN_DIR / "proxy.lua"  # shared: origin-form requests with WRK_TARGET=/1k
 BACKEND_IP = DEST_IPS[0]
 HTTP_PORT = 8080
 IPERF_PORT = 5201
@@ -96,20 +93,19 @@ FORWARDS = ((HTTP_PORT, BACKEND_IP, 80), (IPERF_PORT, BACKEND_IP, IPERF_PORT))
 DESTINATION = "\n".join(f"{port} {host} {remote}" for port, host, remote in FORWARDS)
 CONNECTIONS = 64
 SIDES = ("ours", "haproxy")
-MAIN_PID = os.getpid()
 
 
 # ---------------------------------------------------------------- the proxies
 
-class Proxy(ManagedProxy):
-    """The http_proxy benchmark's proxy wrapper, with the worker count both sides get."""
+class DnsProxy(Proxy):
+    """A proxy under test with the worker count both sides get (ours' workers, haproxy's threads)."""
 
     def __init__(self, lab: Lab, tmp: Path, workers: int):
         super().__init__(lab, tmp)
         self.workers = workers
 
 
-class Ours(Proxy):
+class Ours(DnsProxy):
     name = "ours"
 
     def start(self) -> None:
@@ -124,7 +120,7 @@ class Ours(Proxy):
         self.proc = Managed(self.lab, "router", router_command(), self.tmp / f"ours-{self.lives}.out", env=env)
 
 
-class Haproxy(Proxy):
+class Haproxy(DnsProxy):
     name = "haproxy"
 
     def start(self) -> None:
@@ -203,33 +199,15 @@ class Bench:
         self.iperf = iperf
         self.args = args
         self.ncpu = os.cpu_count() or 1
-        self.busy_starts: list[float] = []
-
-    def wait_quiet(self) -> None:
-        """Wait (bounded) for other work on the machine to calm down before a run."""
-        deadline = time.monotonic() + self.args.quiet_wait
-        busy = cpu_busy(0.5)
-        while busy > 0.25 and time.monotonic() < deadline:
-            busy = cpu_busy(0.5)
-        self.busy_starts.append(busy)
+        self.quiet = QuietStarts(args.quiet_wait)
 
     def tool(self, argv: Sequence[str], env: Mapping[str, str] | None, timeout: float, proxy: Proxy | None,
              backend: Callable[[], list[int]], role: str = "client") -> tuple[str, dict[str, float]]:
-        self.wait_quiet()
+        self.quiet.wait()
         groups: dict[str, Callable[[], list[int]]] = {"origin": backend}
         if proxy is not None:
             groups["proxy"] = proxy.pids
-        watch = ThreadCpuWatch(groups)
-        before = children_cpu()
-        watch.begin()
-        try:
-            done = subprocess.run(ns_argv(self.lab, role, argv), env=dict(env) if env is not None else None,
-                                  capture_output=True, text=True, timeout=timeout, check=False,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"{argv[0]} did not finish within {timeout:g} s") from exc
-        cpu = watch.end(children_cpu() - before)
-        return done.stdout + done.stderr, cpu
+        return run_tool(self.lab, role, argv, env, timeout, ThreadCpuWatch(groups))
 
     def wrk(self, proxy: Proxy | None, seconds: float, *, close: bool = False, rate: float = 0,
             role: str = "client") -> Measured:
@@ -258,60 +236,23 @@ class Bench:
                                                                       "retransmits", 0)})
 
     def memory(self, proxy: Proxy, count: int) -> Measured:
-        """RSS/PSS of the proxy's processes before and with `count` idle connections from the client."""
-        time.sleep(1.0)
-        base_rss, base_pss, _ = proxy.rss_kib()
-        base_sockets = socket_fds(proxy.pids())
-        argv = [PYTHON, str(IDLE_CLIENT), "--host", ROUTER_POD_IP, "--port", str(HTTP_PORT),
-                "--count", str(count), "--hold", "50", "--connect-timeout", "30"]
-        client = subprocess.Popen(ns_argv(self.lab, "client", argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            assert client.stdout is not None and client.stdin is not None
-            line = client.stdout.readline() if select.select([client.stdout], [], [], 45)[0] else ""
-            found = re.match(r"connected (\d+) failed (\d+)", line)
-            if not found:
-                raise BenchError(f"idle connection client said {line!r}")
-            connected, failed = int(found.group(1)), int(found.group(2))
-            # each idle client connection is two sockets in the proxy (client side, backend side)
-            deadline = time.monotonic() + 15
-            held = socket_fds(proxy.pids()) - base_sockets
-            while held < 2 * connected and time.monotonic() < deadline:
-                time.sleep(0.5)
-                held = socket_fds(proxy.pids()) - base_sockets
-            time.sleep(1.0)
-            rss, pss, per = proxy.rss_kib()
-            client.stdin.write("check\n")
-            client.stdin.flush()
-            alive_line = client.stdout.readline() if select.select([client.stdout], [], [], 20)[0] else ""
-            alive = int(alive_line.split()[1]) if alive_line.startswith("alive ") else -1
-            client.stdin.write("close\n")
-            client.stdin.flush()
-            client.wait(30)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(10)
-        n = max(1, connected)
-        extra: dict[str, Any] = {"base_rss": base_rss, "base_pss": base_pss, "rss": rss, "pss": pss,
-                                 "connected": connected, "failed": failed, "sockets": held, "alive": alive, "per": per,
-                                 "rss_per_conn": (rss - base_rss) / n, "pss_per_conn": (pss - base_pss) / n}
-        return Measured((rss - base_rss) / n, {}, extra)
+        """RSS/PSS of the proxy's processes before and with `count` idle connections from the client
+        (each is two sockets in the proxy: the client's and the backend's)."""
+        extra = idle_memory(self.lab, proxy, HTTP_PORT, count, sockets_each=2, hold=50, connect_timeout=30)
+        n = max(1, extra["connected"])
+        extra["rss_per_conn"] = (extra["rss"] - extra["base_rss"]) / n
+        extra["pss_per_conn"] = (extra["pss"] - extra["base_pss"]) / n
+        return Measured(extra["rss_per_conn"], {}, extra)
 
 
 # ---------------------------------------------------------------- rounds
-
-@dataclass
-class Results(HttpResults):
-    processes: dict[str, int] = field(default_factory=dict)
-
 
 def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> str:
     args = bench.args
     proxy.start()
     try:
         wait_ready(bench.lab, proxy, expected)
-        results.processes[proxy.name] = len(proxy.pids())
+        results.workers[proxy.name] = len(proxy.pids())
         warm = bench.wrk(proxy, args.warmup)
         if warm.extra["requests"] == 0:
             raise BenchError(f"{proxy.name}: no request completed in the warm-up:\n{proxy.describe_failure()}")
@@ -437,23 +378,15 @@ def tool_versions() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds, alternating order (default 3)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs: a smoke test")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
+    common_arguments(parser, sides=SIDES, rounds=3, duration=6.0, warmup=2.0, quiet_wait=10.0, max_seconds=900,
+                     quick="1 round, 3 s runs: a smoke test")
     parser.add_argument("--iperf-seconds", type=float, default=5.0, help="seconds per iperf3 run (default 5)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="keep-alive warm-up per proxy life, s (default 2)")
-    parser.add_argument("--rate", type=float, default=2000, help="offered rate of the latency run (default 2000/s)")
     parser.add_argument("--idle", type=int, default=0,
                         help="idle connections for the memory figure (default 10,000, or 9,000 where the "
                         "open files limit is below 21,000: haproxy holds two descriptors per connection "
                         "in one process)")
-    parser.add_argument("--only", choices=SIDES, help="run one side only")
     parser.add_argument("--workers", type=int, help="ours' EGRESS_DNS_PROXY_WORKERS = haproxy's nbthread "
                         "(default: the CPUs available, what 'auto' picks)")
-    parser.add_argument("--quiet-wait", type=float, default=10.0,
-                        help="before each run wait up to this long for the machine to be under 25%% busy")
-    parser.add_argument("--max-seconds", type=float, default=900, help="start no new round after this")
-    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.iperf_seconds, args.warmup = 1, 3.0, 3.0, 1.0
@@ -466,127 +399,75 @@ def main() -> int:
     fd_limit = raise_fd_limit()
     if args.idle <= 0:
         args.idle = 10000 if fd_limit >= 21000 else 9000
-    WORK.mkdir(exist_ok=True)
     from egress_router.proxy.server import available_cpus
 
     workers = args.workers or available_cpus()  # ours' workers; haproxy gets as many threads
-    info = machine_info()
-    info.update(tool_versions())
-    info["open files limit (soft, for the proxies)"] = str(fd_limit)
-    info["ours' workers (EGRESS_DNS_PROXY_WORKERS) = haproxy nbthread"] = str(workers)
+    extra = {"ours' workers (EGRESS_DNS_PROXY_WORKERS) = haproxy nbthread": str(workers)}
     if haproxy_maxconn() < HAPROXY_MAXCONN:
-        info["haproxy maxconn"] = (f"{haproxy_maxconn()}, not the legacy {HAPROXY_MAXCONN}: the open files hard "
-                                   f"limit is {fd_limit}, haproxy 2.6 needs {HAPROXY_WANTS_FDS} for maxconn "
-                                   f"{HAPROXY_MAXCONN} and refuses to start without them")
-    warning = busy_warning(info)
-    print("\n".join(machine_lines(info)))
-    if warning:
-        print(warning)
+        extra["haproxy maxconn"] = (f"{haproxy_maxconn()}, not the legacy {HAPROXY_MAXCONN}: the open files hard "
+                                    f"limit is {fd_limit}, haproxy 2.6 needs {HAPROXY_WANTS_FDS} for maxconn "
+                                    f"{HAPROXY_MAXCONN} and refuses to start without them")
+    info = describe_machine(fd_limit, tool_versions(), extra)
     deadline = Deadline(args.max_seconds)
     results = Results()
-    tmp = Path(tempfile.mkdtemp(prefix="dns-proxy-", dir=WORK))
-    os.chmod(tmp, 0o755)
-
-    def on_term(signum: int, frame: object) -> None:
-        if os.getpid() == MAIN_PID:
-            raise KeyboardInterrupt
-        os._exit(1)
-
-    signal.signal(signal.SIGTERM, on_term)
     nginx: Origin | None = None
     iperf: Managed | None = None
     proxies: dict[str, Proxy] = {}
-    try:
-        with Lab() as lab:
-            env = lab.router_env(mode="dns-proxy")
-            env.pop("EGRESS_DESTINATION", None)
-            init = lab.run_router(env)
-            if init.returncode != 0:
-                raise BenchError(f"init (dns-proxy mode) failed: {init.stderr.strip()[-800:]}")
-            # lab namespaces only: without these, Connection: close runs end in TIME_WAIT port exhaustion
-            # in the client namespace (the load generator's limit, not the proxy's); the same for both sides
-            for role in ("client", "router"):
-                lab.sysctl(role, "net.ipv4.ip_local_port_range", "1024 65000")
-            lab.sysctl("client", "net.ipv4.tcp_tw_reuse", "1")
-            nginx = Origin(lab, tmp, 1, 1 << 20)
-            iperf = Managed(lab, "dest", ["iperf3", "-s", "-B", BACKEND_IP, "-p", str(IPERF_PORT)],
-                            tmp / "iperf3-server.out")
-            bench = Bench(lab, nginx, iperf, args)
-            probe_deadline = time.monotonic() + 15
-            for port in (80, IPERF_PORT):
-                while True:
-                    try:
-                        with lab.entered("router"), socket.create_connection((BACKEND_IP, port), timeout=1):
-                            break
-                    except OSError:
-                        if time.monotonic() > probe_deadline:
-                            raise BenchError(f"backend port {port} did not come up:\n{nginx.proc.tail()}\n"
-                                             f"{iperf.tail()}") from None
-                        time.sleep(0.1)
-            if "ours" in sides:
-                proxies["ours"] = Ours(lab, tmp, workers)
-            if "haproxy" in sides:
-                proxies["haproxy"] = Haproxy(lab, tmp, workers)
-            print(f"\nlab {lab.suffix}: nginx (1 worker) on {BACKEND_IP}:80, iperf3 -s on {BACKEND_IP}:{IPERF_PORT}; "
-                  f"proxies on {ROUTER_POD_IP}:{HTTP_PORT},{IPERF_PORT}")
-            # the ceiling the lab allows: from the router namespace straight to the backends
-            results.add("direct", "keepalive", bench.wrk(None, args.duration, role="router"))
-            results.add("direct", "bulk1", bench.iperf3(None, 1, role="router"))
-            results.add("direct", "bulk4", bench.iperf3(None, 4, role="router"))
-            print(f"  direct from the router namespace: keep-alive {results.median('direct', 'keepalive'):,.0f} "
-                  f"req/s, bulk {results.median('direct', 'bulk1'):.2f} / {results.median('direct', 'bulk4'):.2f} "
-                  "Gbit/s (1 / 4 streams)", flush=True)
-            print(f"\n{args.rounds} round(s), alternating order")
-            for index in range(args.rounds):
-                if deadline.passed():
-                    results.notes.append(f"time bound reached after {index} round(s)")
-                    break
-                order = sides if index % 2 == 0 else list(reversed(sides))
-                for side in order:
-                    text = one_life(bench, proxies[side], results, nginx.small)
-                    print(f"  round {index + 1} {side:>7}: {text}", flush=True)
-    finally:
-        for proxy in proxies.values():
-            proxy.stop()
-        if iperf is not None:
-            iperf.stop()
-        if nginx is not None:
-            nginx.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch("dns-proxy-") as tmp:
+        try:
+            with Lab() as lab:
+                prepare_lab(lab, "dns-proxy")
+                nginx = Origin(lab, tmp, 1, 1 << 20)
+                iperf = Managed(lab, "dest", ["iperf3", "-s", "-B", BACKEND_IP, "-p", str(IPERF_PORT)],
+                                tmp / "iperf3-server.out")
+                bench = Bench(lab, nginx, iperf, args)
+                wait_for_backends(lab, BACKEND_IP, [80, IPERF_PORT], [nginx.proc, iperf])
+                if "ours" in sides:
+                    proxies["ours"] = Ours(lab, tmp, workers)
+                if "haproxy" in sides:
+                    proxies["haproxy"] = Haproxy(lab, tmp, workers)
+                print(f"\nlab {lab.suffix}: nginx (1 worker) on {BACKEND_IP}:80, iperf3 -s on {BACKEND_IP}:"
+                      f"{IPERF_PORT}; proxies on {ROUTER_POD_IP}:{HTTP_PORT},{IPERF_PORT}")
+                # the ceiling the lab allows: from the router namespace straight to the backends
+                results.add("direct", "keepalive", bench.wrk(None, args.duration, role="router"))
+                results.add("direct", "bulk1", bench.iperf3(None, 1, role="router"))
+                results.add("direct", "bulk4", bench.iperf3(None, 4, role="router"))
+                print(f"  direct from the router namespace: keep-alive {results.median('direct', 'keepalive'):,.0f} "
+                      f"req/s, bulk {results.median('direct', 'bulk1'):.2f} / "
+                      f"{results.median('direct', 'bulk4'):.2f} Gbit/s (1 / 4 streams)", flush=True)
+                print(f"\n{args.rounds} round(s), alternating order")
+                small = nginx.small
+                alternate_rounds(args.rounds, sides, deadline, results.notes,
+                                 lambda index, side: one_life(bench, proxies[side], results, small))
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            if iperf is not None:
+                iperf.stop()
+            if nginx is not None:
+                nginx.stop()
 
+    results.notes += wrk_error_notes(results, sides, ("keepalive", "close", "latency"))
     for side in sides:
-        for test in ("keepalive", "close", "latency"):
-            for m in results.samples.get((side, test), []):
-                if m.extra.get("errors"):
-                    results.notes.append(f"{side} {test}: {m.extra['errors']} wrk errors in one run "
-                                         f"({m.extra['requests']} requests)")
         for m in results.samples.get((side, "memory"), []):
             e = m.extra
             if e["connected"] != args.idle or e["failed"] or e["alive"] != e["connected"] \
                     or e["sockets"] < 2 * e["connected"]:
                 results.notes.append(f"{side} memory: {e['connected']} connected, {e['failed']} failed, "
                                      f"{e['sockets']} new sockets in the proxy, {e['alive']} still open at the end")
-    busy = [b for b in bench.busy_starts if b > 0.25]
-    if busy:
-        results.notes.append(f"{len(busy)} of {len(bench.busy_starts)} runs started while the machine was over 25% "
-                             f"busy (up to {100 * max(busy):.0f}%) after waiting {args.quiet_wait:g} s")
+    quiet_note = bench.quiet.note()
+    if quiet_note:
+        results.notes.append(quiet_note)
     text, md, verdicts = report(results, args, sides, bench.ncpu)
     print("\n" + text + "\n")
     print("\n".join(verdicts))
-    per_process = []
-    for side in sides:
-        mem = results.samples.get((side, "memory"))
-        if mem:
-            per_process.append(f"{side} with idle connections ({results.processes.get(side, '?')} processes): "
-                               + ", ".join(f"{name.split()[0].rsplit('/', 1)[-1]} {kib / 1024:.1f} MiB"
-                                           for name, kib in mem[-1].extra["per"]))
+    per_process = per_process_lines(
+        results, sides, lambda side: f"{side} with idle connections ({results.workers.get(side, '?')} processes)")
     direct = (f"direct from the router namespace (no proxy): keep-alive "
               f"{results.median('direct', 'keepalive'):,.0f} req/s; bulk {results.median('direct', 'bulk1'):.2f} / "
               f"{results.median('direct', 'bulk4'):.2f} Gbit/s (1 / 4 streams)")
     print("\n".join(["", *per_process, direct, *results.notes]))
-    info["load average at end"] = load_average()
-    info["wall time of the benchmark"] = f"{time.monotonic() - began:.0f} s"
-    print(f"wall time {info['wall time of the benchmark']}")
+    end_facts(info, began)
     if not args.no_results:
         rounds = len(results.samples.get((sides[0], "keepalive"), []))
         lines = ["## dns_proxy.py: DNS proxy mode (TCP forwarding), ours vs haproxy (legacy image's config)", "",

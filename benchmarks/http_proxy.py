@@ -36,31 +36,20 @@ import contextlib
 import json
 import os
 import re
-import resource
-import select
 import shutil
-import signal
 import socket
 import statistics
 import string
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from benchlib import (
-    BENCH,
     PYTHON,
-    WORK,
     BenchError,
     Deadline,
-    busy_warning,
-    load_average,
-    machine_info,
     machine_lines,
     md_table,
     require_root,
@@ -68,302 +57,47 @@ from benchlib import (
     text_table,
     write_results,
 )
+from proxybench import (
+    BIG,
+    ORIGIN_DIR,
+    ORIGIN_IP,
+    SMALL,
+    CpuWatch,
+    Managed,
+    Measured,
+    Origin,
+    Proxy,
+    QuietStarts,
+    Results,
+    alternate_rounds,
+    bottleneck,
+    common_arguments,
+    describe_machine,
+    end_facts,
+    idle_memory,
+    per_process_lines,
+    prepare_lab,
+    raise_fd_limit,
+    run_tool,
+    scratch,
+    wait_for_backends,
+    wait_until_serving,
+    wrk_error_notes,
+    wrk_measured,
+)
 
-from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
+from egress_router.lab import ROUTER_POD_IP, Lab, router_command
 
-HERE = BENCH / "http_proxy"
+HERE = ORIGIN_DIR  # squid.conf.in, proxy.lua, tunnel_client.py, idle_conns.py
 PORT = 8080
-ORIGIN_IP = DEST_IPS[0]
 DESTINATION = "203.0.113.0/24"  # the allow list of both proxies
 DENIED_URL = "http://192.0.2.50/1k"  # outside the allow list: both must answer 403 without connecting
-SMALL = "/1k"
-BIG = "/big"
 CONNECTIONS = 64
-CLK = os.sysconf("SC_CLK_TCK")
 SIDES = ("ours", "squid")
 TARGETS = {"keepalive": 2.0, "close": 1.5, "connect": 1.25}
-MAIN_PID = os.getpid()
-
-
-# ---------------------------------------------------------------- processes
-
-def ns_argv(lab: Lab, role: str, argv: Sequence[str]) -> list[str]:
-    return ["nsenter", f"--net={lab.path(role)}", "--", *argv]
-
-
-def proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            rest = handle.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return int(rest[1]), int(rest[11]) + int(rest[12])
-
-
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it (read from /proc at call time)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat:
-                children.setdefault(stat[0], []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if os.path.exists(f"/proc/{pid}"):
-            found.append(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def status_kib(pid: int, key: str) -> int:
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError), \
-            open(f"/proc/{pid}/smaps_rollup") as handle:
-        for line in handle:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
-
-
-def socket_fds(pids: Sequence[int]) -> int:
-    count = 0
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    return count
-
-
-def process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return "?"
-    text = " ".join(a.decode(errors="replace") for a in argv if a)
-    return text[:60]
-
-
-class Managed:
-    """A long-running program we started in a lab namespace, in a session of its own, output to a file."""
-
-    def __init__(self, lab: Lab, role: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
-        self.log = log
-        self.argv = list(argv)
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(ns_argv(lab, role, argv), env=dict(env) if env is not None else None,
-                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        self.pid = self.process.pid  # nsenter execs the program: this is its pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def pids(self) -> list[int]:
-        return descendants(self.pid) if self.alive() else []
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the program (by pid), then SIGKILL whatever of its tree is left, through pidfds."""
-        if not self.alive():
-            return
-        tree: list[int] = []
-        fds: list[int] = []
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                fds.append(os.pidfd_open(pid))
-                tree.append(pid)
-        try:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-            deadline = time.monotonic() + 5
-            for fd in fds:  # children (workers, helpers) get a moment to follow their parent
-                if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    select.select([fd], [], [], 5)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-def machine_ticks() -> dict[str, int]:
-    with open("/proc/stat", encoding="ascii") as handle:
-        values = [int(v) for v in handle.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = values
-    return {"busy": user + nice + system + irq + softirq + steal, "total": sum(values), "softirq": softirq + irq}
-
-
-def cpu_busy(seconds: float) -> float:
-    """Share of all CPUs busy over `seconds`."""
-    a = machine_ticks()
-    time.sleep(seconds)
-    b = machine_ticks()
-    return (b["busy"] - a["busy"]) / max(1, b["total"] - a["total"])
-
-
-class CpuWatch:
-    """CPU ticks of named groups of long-lived processes (their trees) and of the machine, over a window.
-
-    Short-lived tools (wrk, the clients) are accounted separately from their rusage."""
-
-    def __init__(self, groups: Mapping[str, Callable[[], list[int]]]):
-        self.groups = groups
-        self.start_ticks: dict[str, dict[int, int]] = {}
-        self.start_machine: dict[str, int] = {}
-        self.started = 0.0
-
-    def _sample(self) -> dict[str, dict[int, int]]:
-        sample: dict[str, dict[int, int]] = {}
-        for name, pids in self.groups.items():
-            sample[name] = {}
-            for pid in pids():
-                stat = proc_stat(pid)
-                if stat:
-                    sample[name][pid] = stat[1]
-        return sample
-
-    def begin(self) -> None:
-        self.start_ticks = self._sample()
-        self.start_machine = machine_ticks()
-        self.started = time.monotonic()
-
-    def end(self, tool_seconds: float) -> dict[str, float]:
-        """Percent of one core per group (and its busiest process), the load tool, kernel softirq,
-        everything else on the machine ('others'), and the machine's busy share of all its CPUs."""
-        after = self._sample()
-        machine = machine_ticks()
-        wall = max(1e-6, time.monotonic() - self.started)
-        out: dict[str, float] = {}
-        ours_ticks = 0
-        for name, now in after.items():
-            before = self.start_ticks.get(name, {})
-            deltas = [ticks - before.get(pid, 0) for pid, ticks in now.items()]
-            ours_ticks += sum(deltas)
-            out[name] = 100 * sum(deltas) / CLK / wall
-            out[f"{name} busiest"] = 100 * max(deltas, default=0) / CLK / wall
-        out["tool"] = 100 * tool_seconds / wall
-        busy = machine["busy"] - self.start_machine["busy"]
-        soft = machine["softirq"] - self.start_machine["softirq"]
-        total = machine["total"] - self.start_machine["total"]
-        out["softirq"] = 100 * soft / CLK / wall
-        out["others"] = max(0.0, 100 * (busy - soft - ours_ticks) / CLK / wall - out["tool"])
-        out["machine"] = 100 * busy / max(1, total)
-        out["wall"] = wall
-        return out
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def bottleneck(cpu: Mapping[str, float], tool: str, ncpu: int) -> str:
-    """Which part ran out of CPU, judged from the shares (100 = one core)."""
-    if cpu.get("tool", 0) >= 90:
-        return f"{tool} (one core)"
-    if cpu.get("origin busiest", 0) >= 90:
-        return "origin (nginx worker at one core)"
-    if cpu.get("proxy busiest", 0) >= 85:
-        return "proxy (a process at ~one core)"
-    if cpu.get("machine", 0) >= 90:
-        parts = {"proxy": cpu.get("proxy", 0), tool: cpu.get("tool", 0), "origin": cpu.get("origin", 0),
-                 "kernel softirq": cpu.get("softirq", 0), "others": cpu.get("others", 0)}
-        top = max(parts, key=lambda k: parts[k])
-        return f"CPU: all {ncpu} cores busy (largest: {top})"
-    return "none (no process at one core, CPUs not all busy)"
-
-
-# ---------------------------------------------------------------- the origin
-
-class Origin:
-    def __init__(self, lab: Lab, tmp: Path, workers: int, big_bytes: int):
-        self.dir = tmp / "origin"
-        (self.dir / "www").mkdir(parents=True)
-        self.small = bytes((i * 7 + 13) % 256 for i in range(1024))
-        (self.dir / "www" / SMALL.lstrip("/")).write_bytes(self.small)
-        chunk = bytes(range(256)) * 32768  # 8 MiB
-        with open(self.dir / "www" / BIG.lstrip("/"), "wb") as handle:
-            left = big_bytes
-            while left > 0:
-                handle.write(chunk[:left])
-                left -= len(chunk)
-        self.big_bytes = big_bytes
-        conf = string.Template((HERE / "nginx.conf.in").read_text()).substitute(
-            dir=self.dir, workers=workers, listen=f"{ORIGIN_IP}:80")
-        (self.dir / "nginx.conf").write_text(conf)
-        self.proc = Managed(lab, "dest", ["nginx", "-e", str(self.dir / "nginx-error.log"),
-                                          "-c", str(self.dir / "nginx.conf")], self.dir / "nginx.out")
-
-    def workers(self) -> list[int]:
-        return [pid for pid in self.proc.pids() if pid != self.proc.pid] or self.proc.pids()
-
-    def stop(self) -> None:
-        self.proc.stop()
 
 
 # ---------------------------------------------------------------- the proxies
-
-class Proxy:
-    name = "?"
-
-    def __init__(self, lab: Lab, tmp: Path):
-        self.lab = lab
-        self.tmp = tmp
-        self.proc: Managed | None = None
-        self.lives = 0
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def pids(self) -> list[int]:
-        return self.proc.pids() if self.proc else []
-
-    def rss_kib(self) -> tuple[int, int, list[tuple[str, int]]]:
-        """(sum of RSS, sum of PSS, per process) over the proxy's processes."""
-        pids = self.pids()
-        per = [(process_name(pid), status_kib(pid, "VmRSS")) for pid in pids]
-        return sum(v for _, v in per), sum(pss_kib(pid) for pid in pids), per
-
-    def fd_limit(self) -> str:
-        if not self.proc:
-            return "-"
-        with contextlib.suppress(OSError), open(f"/proc/{self.proc.pid}/limits") as handle:
-            for line in handle:
-                if line.startswith("Max open files"):
-                    return line.split()[3]
-        return "?"
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-            self.proc = None
-
-    def describe_failure(self) -> str:
-        return self.proc.tail() if self.proc else ""
 
 
 class Squid(Proxy):
@@ -467,43 +201,7 @@ def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -
     return wait_until_serving(proxy, probe, timeout)
 
 
-def wait_until_serving(proxy: Proxy, probe: Callable[[], str | None], timeout: float = 30.0) -> float:
-    """Seconds until `probe` (None: served right; else what was wrong) succeeds through a started proxy."""
-    start = time.monotonic()
-    last = ""
-    while time.monotonic() - start < timeout:
-        if proxy.proc is None or not proxy.proc.alive():
-            raise BenchError(f"{proxy.name} exited during start-up:\n{proxy.describe_failure()}")
-        try:
-            wrong = probe()
-            if wrong is None:
-                return time.monotonic() - start
-            last = wrong
-        except (OSError, ValueError, IndexError) as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{proxy.name} not ready within {timeout:g} s ({last}):\n{proxy.describe_failure()}")
-
-
 # ---------------------------------------------------------------- the measurements
-
-@dataclass
-class Measured:
-    value: float
-    cpu: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def wrk_measured(out: str, cpu: dict[str, float]) -> Measured:
-    """requests/s from the WRKJSON line the Lua scripts print, with the whole summary (errors added up)."""
-    line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
-    if line is None:
-        raise BenchError(f"wrk printed no summary:\n{out[-1500:]}")
-    summary = json.loads(line.split(" ", 1)[1])
-    summary["rate"] = summary["requests"] / (summary["duration_us"] / 1e6)
-    summary["errors"] = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
-                                                 "timeouts"))
-    return Measured(summary["rate"], cpu, summary)
 
 
 class Bench:
@@ -512,24 +210,16 @@ class Bench:
         self.origin = origin
         self.args = args
         self.ncpu = os.cpu_count() or 1
-        self.quiet_waits: list[float] = []
+        self.quiet = QuietStarts(args.quiet_wait)
         self.retried = 0
         self.disturbed: list[str] = []
-
-    def wait_quiet(self) -> None:
-        """Other work on the machine distorts the figures: wait (bounded) for it to calm down."""
-        deadline = time.monotonic() + self.args.quiet_wait
-        busy = cpu_busy(0.5)
-        while busy > 0.25 and time.monotonic() < deadline:
-            busy = cpu_busy(0.5)
-        self.quiet_waits.append(busy)
 
     def clean(self, what: str, run: Callable[[], Measured]) -> Measured:
         """Run a measurement after waiting for quiet; re-run it (bounded) if other work on the machine
         took more than --max-others % of a core meanwhile, keeping the least disturbed run."""
         tries: list[Measured] = []
         for _ in range(1 + max(0, self.args.retries)):
-            self.wait_quiet()
+            self.quiet.wait()
             tries.append(run())
             if tries[-1].cpu.get("others", 0.0) <= self.args.max_others:
                 break
@@ -547,19 +237,7 @@ class Bench:
 
     def tool(self, role: str, argv: Sequence[str], env: Mapping[str, str] | None, timeout: float,
              watch: CpuWatch) -> tuple[str, dict[str, float]]:
-        """Run a load tool to its end in a lab namespace; return its output and the CPU shares."""
-        before = children_cpu()
-        watch.begin()
-        try:
-            done = subprocess.run(ns_argv(self.lab, role, argv), env=dict(env) if env is not None else None,
-                                  capture_output=True, text=True, timeout=timeout, check=False,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"{argv[0]} did not finish within {timeout:g} s") from exc
-        cpu = watch.end(children_cpu() - before)
-        if done.returncode not in (0, 1) and "WRKJSON" not in done.stdout:
-            raise BenchError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
-        return done.stdout + done.stderr, cpu
+        return run_tool(self.lab, role, argv, env, timeout, watch)
 
     def wrk(self, proxy: Proxy | None, seconds: float, *, close: bool = False, rate: float = 0,
             role: str = "client", target: str = f"http://{ORIGIN_IP}{SMALL}") -> Measured:
@@ -607,69 +285,13 @@ class Bench:
 
     def memory(self, proxy: Proxy, count: int) -> Measured:
         """RSS of the proxy's processes before and with `count` idle connections from the client."""
-        time.sleep(1.0)
-        base_rss, base_pss, _ = proxy.rss_kib()
-        base_sockets = socket_fds(proxy.pids())
-        argv = [PYTHON, str(HERE / "idle_conns.py"), "--host", ROUTER_POD_IP, "--port", str(PORT),
-                "--count", str(count), "--hold", "120"]
-        client = subprocess.Popen(ns_argv(self.lab, "client", argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            assert client.stdout is not None and client.stdin is not None
-            ready = select.select([client.stdout], [], [], 90)[0]
-            line = client.stdout.readline() if ready else ""
-            found = re.match(r"connected (\d+) failed (\d+) seconds ([0-9.]+)", line)
-            if not found:
-                client.kill()
-                client.wait(10)
-                why = client.stderr.read()[-800:] if client.stderr else ""
-                raise BenchError(f"idle connection client said {line!r}: {why}")
-            connected, failed = int(found.group(1)), int(found.group(2))
-            deadline = time.monotonic() + 60
-            held = socket_fds(proxy.pids()) - base_sockets
-            while held < connected and time.monotonic() < deadline:
-                time.sleep(0.5)
-                held = socket_fds(proxy.pids()) - base_sockets
-            time.sleep(2.0)
-            rss, pss, per = proxy.rss_kib()
-            client.stdin.write("check\n")
-            client.stdin.flush()
-            ready = select.select([client.stdout], [], [], 30)[0]
-            alive_line = client.stdout.readline() if ready else ""
-            alive = int(alive_line.split()[1]) if alive_line.startswith("alive ") else -1
-            client.stdin.write("close\n")
-            client.stdin.flush()
-            client.wait(60)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(10)
-        extra = {"base_rss": base_rss, "base_pss": base_pss, "rss": rss, "pss": pss, "connected": connected,
-                 "failed": failed, "held": held, "alive": alive, "per": per,
-                 "per_conn": (rss - base_rss) / max(1, min(held, alive if alive >= 0 else connected))}
-        return Measured(rss, {}, extra)
+        extra = idle_memory(self.lab, proxy, PORT, count, sockets_each=1, hold=120)
+        held = min(extra["sockets"], extra["alive"] if extra["alive"] >= 0 else extra["connected"])
+        extra["per_conn"] = (extra["rss"] - extra["base_rss"]) / max(1, held)
+        return Measured(extra["rss"], {}, extra)
 
 
 # ---------------------------------------------------------------- rounds
-
-@dataclass
-class Results:
-    samples: dict[tuple[str, str], list[Measured]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    start_ups: dict[str, list[float]] = field(default_factory=dict)
-    fd_limits: dict[str, str] = field(default_factory=dict)
-    workers: dict[str, int] = field(default_factory=dict)
-    probe: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
-
-    def add(self, side: str, test: str, measured: Measured) -> None:
-        self.samples.setdefault((side, test), []).append(measured)
-
-    def values(self, side: str, test: str, key: str | None = None) -> list[float]:
-        return [m.value if key is None else float(m.extra[key]) for m in self.samples.get((side, test), [])]
-
-    def median(self, side: str, test: str, key: str | None = None) -> float | None:
-        values = self.values(side, test, key)
-        return statistics.median(values) if values else None
 
 
 def start_proxy(bench: Bench, proxy: Proxy, results: Results) -> None:
@@ -711,7 +333,7 @@ def life_main(bench: Bench, proxy: Proxy, results: Results, first: bool) -> str:
                 f"{paced.extra['p99_us'] / 1000:.2f} ms at {paced.extra['rate']:.0f}/s, "
                 f"CONNECT {tunnel.value:6.0f} MB/s,"
                 f" RSS {memory.extra['base_rss'] / 1024:.1f} -> {memory.extra['rss'] / 1024:.1f} MiB with "
-                f"{memory.extra['held']} idle")
+                f"{memory.extra['sockets']} idle")
     finally:
         proxy.stop()
 
@@ -720,7 +342,7 @@ def life_close(bench: Bench, proxy: Proxy, results: Results) -> str:
     start_proxy(bench, proxy, results)
     try:
         warm_up(bench, proxy)
-        bench.wait_quiet()  # no re-run here: a second close run would meet a proxy changed by the first
+        bench.quiet.wait()  # no re-run here: a second close run would meet a proxy changed by the first
         close = bench.wrk(proxy, bench.args.duration, close=True)
         close.extra["rss_after"] = proxy.rss_kib()[0]
         results.add(proxy.name, "close", close)
@@ -857,25 +479,11 @@ def check_tools(sides: Sequence[str]) -> None:
         sys.exit(f"missing {', '.join(missing)}: apt-get install squid wrk nginx-light (see benchmarks/README.md)")
 
 
-def raise_fd_limit() -> int:
-    """The proxies and the idle-connection client inherit this (raising the hard limit needs CAP_SYS_RESOURCE)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 65536), max(hard, 65536)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds, alternating order (default 5)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 256 MiB, short probe: a smoke test")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run (default 8)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="keep-alive warm-up per proxy life, s (default 3)")
-    parser.add_argument("--only", choices=SIDES, help="run one side only")
+    common_arguments(parser, sides=SIDES, rounds=5, duration=8.0, warmup=3.0, quiet_wait=20.0, max_seconds=1800,
+                     quick="1 round, 3 s runs, 512 MiB CONNECT transfer, short probe: a smoke test")
     parser.add_argument("--workers", type=int, help="EGRESS_HTTP_PROXY_WORKERS for ours (default: ours' default)")
-    parser.add_argument("--rate", type=float, default=2000, help="offered rate of the latency run (default 2000/s)")
     parser.add_argument("--connect-mib", type=int, default=2048, help="size of the CONNECT transfer (default 2048)")
     parser.add_argument("--connect-runs", type=int, default=2, help="CONNECT transfers per round (default 2)")
     parser.add_argument("--idle", type=int, default=10000, help="idle connections for the memory figure")
@@ -886,13 +494,9 @@ def main() -> int:
     parser.add_argument("--probe-close", type=int, default=10, help="cold probe: close slices (0: no probe)")
     parser.add_argument("--probe-keepalive", type=int, default=4, help="cold probe: keep-alive slices after")
     parser.add_argument("--probe-slice", type=float, default=3.0, help="cold probe: seconds per slice")
-    parser.add_argument("--quiet-wait", type=float, default=20.0,
-                        help="before each run wait up to this long for the machine to be under 25%% busy")
     parser.add_argument("--max-others", type=float, default=25.0,
                         help="re-run a measurement if other processes took more than this %% of a core (default 25)")
     parser.add_argument("--retries", type=int, default=2, help="at most this many re-runs per measurement")
-    parser.add_argument("--max-seconds", type=float, default=1800, help="start no new round after this")
-    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup, args.connect_mib = 1, 3.0, 2.0, 512
@@ -912,95 +516,52 @@ def main() -> int:
             sides = ["squid"]
     began = time.monotonic()
     fd_limit = raise_fd_limit()
-    WORK.mkdir(exist_ok=True)
-    info = machine_info()
-    info.update(tool_versions())
-    info["open files limit (soft, for the proxies)"] = str(fd_limit)
-    warning = busy_warning(info)
-    print("\n".join(machine_lines(info)))
-    if warning:
-        print(warning)
+    info = describe_machine(fd_limit, tool_versions())
     deadline = Deadline(args.max_seconds)
     results = Results()
-    tmp = Path(tempfile.mkdtemp(prefix="http-proxy-", dir=WORK))
-    os.chmod(tmp, 0o755)
-
-    def on_term(signum: int, frame: object) -> None:
-        if os.getpid() == MAIN_PID:  # a forked helper (pyroute2) must not run our clean-up
-            raise KeyboardInterrupt
-        os._exit(1)
-
-    signal.signal(signal.SIGTERM, on_term)
     origin: Origin | None = None
     proxies: dict[str, Proxy] = {}
-    try:
-        with Lab() as lab:
-            env = lab.router_env(mode="http-proxy")
-            env.pop("EGRESS_DESTINATION", None)
-            init = lab.run_router(env)
-            if init.returncode != 0:
-                raise BenchError(f"init (http-proxy mode) failed: {init.stderr.strip()[-800:]}")
-            # Lab namespaces only. wrk closes most Connection: close connections itself, so its side keeps
-            # them in TIME_WAIT for 60 s: without reuse, the client namespace runs out of ports after some
-            # 14,000-30,000 requests and every proxy then crawls at ~100 req/s (SYN retries), which would
-            # measure the load generator. Reuse needs the TIME_WAIT to be over 1 s old (timestamps).
-            for role in ("client", "router"):
-                lab.sysctl(role, "net.ipv4.ip_local_port_range", "1024 65000")
-            lab.sysctl("client", "net.ipv4.tcp_tw_reuse", "1")
-            origin = Origin(lab, tmp, args.origin_workers, args.connect_mib << 20)
-            bench = Bench(lab, origin, args)
-            probe_deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with lab.entered("router"), socket.create_connection((ORIGIN_IP, 80), timeout=1):
-                        break
-                except OSError:
-                    if time.monotonic() > probe_deadline or not origin.proc.alive():
-                        raise BenchError(f"nginx did not start:\n{origin.proc.tail()}") from None
-                    time.sleep(0.1)
-            if "squid" in sides:
-                proxies["squid"] = Squid(lab, tmp)
-            if "ours" in sides:
-                proxies["ours"] = Ours(lab, tmp, args.workers)
+    with scratch("http-proxy-") as tmp:
+        try:
+            with Lab() as lab:
+                prepare_lab(lab, "http-proxy")
+                origin = Origin(lab, tmp, args.origin_workers, args.connect_mib << 20)
+                bench = Bench(lab, origin, args)
+                wait_for_backends(lab, ORIGIN_IP, [80], [origin.proc])
+                if "squid" in sides:
+                    proxies["squid"] = Squid(lab, tmp)
+                if "ours" in sides:
+                    proxies["ours"] = Ours(lab, tmp, args.workers)
 
-            print(f"\nlab {lab.suffix}: origin nginx on {ORIGIN_IP}:80 ({args.origin_workers} worker), proxies on "
-                  f"{ROUTER_POD_IP}:{PORT}; wrk -t{args.wrk_threads} -c{CONNECTIONS}, {args.duration:g} s runs")
-            origin_alone(bench, results)
-            print(f"  origin alone (from the router namespace): {results.median('origin', 'keepalive'):.0f} req/s "
-                  f"keep-alive, {results.median('origin', 'connect'):.0f} MB/s for the large GET")
-            if args.probe_close > 0:
-                print("cold probe: a fresh proxy meeting Connection: close traffic first")
-                for side in sides:
-                    cold_probe(bench, proxies[side], results)
-            print(f"\n{args.rounds} round(s), alternating order")
-            for index in range(args.rounds):
-                if deadline.passed():
-                    results.notes.append(f"time bound reached after {index} round(s)")
-                    print(results.notes[-1])
-                    break
-                order = sides if index % 2 == 0 else list(reversed(sides))
-                for side in order:
+                print(f"\nlab {lab.suffix}: origin nginx on {ORIGIN_IP}:80 ({args.origin_workers} worker), proxies "
+                      f"on {ROUTER_POD_IP}:{PORT}; wrk -t{args.wrk_threads} -c{CONNECTIONS}, {args.duration:g} s runs")
+                origin_alone(bench, results)
+                print(f"  origin alone (from the router namespace): {results.median('origin', 'keepalive'):.0f} "
+                      f"req/s keep-alive, {results.median('origin', 'connect'):.0f} MB/s for the large GET")
+                if args.probe_close > 0:
+                    print("cold probe: a fresh proxy meeting Connection: close traffic first")
+                    for side in sides:
+                        cold_probe(bench, proxies[side], results)
+                print(f"\n{args.rounds} round(s), alternating order")
+
+                def life(index: int, side: str) -> str:
                     main_text = life_main(bench, proxies[side], results, first=index == 0)
-                    close_text = life_close(bench, proxies[side], results)
-                    print(f"  round {index + 1} {side:>5}: {main_text}; {close_text}", flush=True)
-    finally:
-        for proxy in proxies.values():
-            proxy.stop()
-        if origin is not None:
-            origin.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+                    return f"{main_text}; {life_close(bench, proxies[side], results)}"
 
+                alternate_rounds(args.rounds, sides, deadline, results.notes, life)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            if origin is not None:
+                origin.stop()
+
+    results.notes += wrk_error_notes(results, sides, ("keepalive", "close", "latency"))
     for side in sides:
-        for test in ("keepalive", "close", "latency"):
-            for m in results.samples.get((side, test), []):
-                if m.extra.get("errors"):
-                    results.notes.append(f"{side} {test}: {m.extra['errors']} wrk errors in one run "
-                                         f"({m.extra['requests']} requests)")
         for m in results.samples.get((side, "memory"), []):
-            if m.extra["alive"] != args.idle or m.extra["failed"] or m.extra["held"] < m.extra["connected"]:
+            if m.extra["alive"] != args.idle or m.extra["failed"] or m.extra["sockets"] < m.extra["connected"]:
                 results.notes.append(f"{side} memory: {m.extra['connected']} connected, {m.extra['failed']} failed, "
-                                     f"{m.extra['held']} accepted by the proxy after 60 s, {m.extra['alive']} still "
-                                     "open at the sample")
+                                     f"{m.extra['sockets']} accepted by the proxy after 60 s, {m.extra['alive']} "
+                                     "still open at the sample")
     for side, slices in results.probe.items():
         closes = [value for kind, value, _ in slices if kind == "close"]
         if len(closes) >= 2 and closes[-1] < 0.5 * closes[0]:
@@ -1018,30 +579,21 @@ def main() -> int:
         results.notes.append(f"{bench.retried} run(s) were repeated because other work on the machine took over "
                              f"{args.max_others:g}% of a core during them (the least disturbed run counts)")
     results.notes += [f"still disturbed after {args.retries} repeat(s): {what}" for what in bench.disturbed]
-    noisy = [b for b in bench.quiet_waits if b > 0.25]
-    if noisy:
-        results.notes.append(f"{len(noisy)} of {len(bench.quiet_waits)} runs started while the machine was over "
-                             f"25% busy with other work (up to {100 * max(noisy):.0f}%) after waiting "
-                             f"{args.quiet_wait:g} s")
+    quiet_note = bench.quiet.note()
+    if quiet_note:
+        results.notes.append(quiet_note)
     text, md = report(results, args, sides, bench.ncpu)
     print("\n" + text)
     details = [f"{side}: {results.workers.get(side, '?')} process(es) at "
                f"start, open files limit {results.fd_limits.get(side, '?')}, start-up to first 200 "
                f"{statistics.median(results.start_ups[side]):.2f} s (median)"
                for side in sides if side in results.start_ups]
-    per_process = []
-    for side in sides:
-        mem = results.samples.get((side, "memory"))
-        if mem:
-            per_process.append(f"{side} with idle connections: " + ", ".join(
-                f"{name.split()[0].rsplit('/', 1)[-1]} {kib / 1024:.1f} MiB" for name, kib in mem[-1].extra["per"]))
+    per_process = per_process_lines(results, sides, lambda side: f"{side} with idle connections")
     origin_line = (f"origin alone (wrk from the router namespace straight to nginx): "
                    f"{results.median('origin', 'keepalive'):,.0f} req/s keep-alive; large GET without a tunnel "
                    f"{results.median('origin', 'connect'):,.0f} MB/s")
     print("\n".join(["", *details, *per_process, origin_line, *probe_lines(results, args), *results.notes]))
-    info["load average at end"] = load_average()
-    info["wall time of the benchmark"] = f"{time.monotonic() - began:.0f} s"
-    print(f"wall time {info['wall time of the benchmark']}; load average at end {info['load average at end']}")
+    end_facts(info, began)
     if not args.no_results:
         lines = ["## http_proxy.py: HTTP proxy mode, ours vs squid (legacy image's config)", "",
                  *machine_lines(info), "",
