@@ -84,7 +84,8 @@ def arping_version(path: str) -> str:
 
 # ---------------------------------------------------------------- the machine
 
-def _command_output(argv: Sequence[str]) -> str:
+def command_output(argv: Sequence[str]) -> str:
+    """The first line a command prints (a version, say), or "unknown"."""
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -99,19 +100,19 @@ def machine_info(arping: str | None = None) -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    iptables = _command_output(["iptables", "--version"])
+    iptables = command_output(["iptables", "--version"])
     backend = re.search(r"\((\w+)\)", iptables)
     import importlib.metadata
 
     from egress_router import __version__
 
-    commit = _command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "egress_router"],
                             capture_output=True, text=True, timeout=10, check=False)
     dirty = bool(status.stdout.strip())
     info = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": _command_output(["nproc"]),
+        "nproc": command_output(["nproc"]),
         "kernel": platform.release(),
         "cpu": cpu,
         "iptables": iptables,
@@ -119,7 +120,7 @@ def machine_info(arping: str | None = None) -> dict[str, str]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "pyroute2": importlib.metadata.version("pyroute2"),
         "egress-router": f"{__version__} (commit {commit}{', egress_router/ modified' if dirty else ''})",
-        "bash": _command_output(["bash", "-c", "echo $BASH_VERSION"]),
+        "bash": command_output(["bash", "-c", "echo $BASH_VERSION"]),
     }
     if arping:
         info["arping"] = f"{arping_version(arping)} ({arping})"

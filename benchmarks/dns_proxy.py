@@ -39,7 +39,6 @@ import shutil
 import socket
 import statistics
 import string
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +75,7 @@ from proxybench import (
     raise_fd_limit,
     run_tool,
     scratch,
+    tool_versions,
     wait_for_backends,
     wait_until_serving,
     wrk_error_notes,
@@ -362,20 +362,6 @@ def check_tools() -> None:
         sys.exit(f"missing {', '.join(missing)}: apt-get install haproxy iperf3 wrk nginx-light")
 
 
-def tool_versions() -> dict[str, str]:
-    def first(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        except OSError:
-            return "missing"
-        lines = (done.stdout + done.stderr).strip().splitlines()
-        return lines[0] if lines else "?"
-
-    import importlib.util
-    return {"haproxy": first(["haproxy", "-v"]), "iperf3": first(["iperf3", "-v"]), "nginx": first(["nginx", "-v"]),
-            "wrk": first(["wrk", "-v"]), "uvloop in the venv": "yes" if importlib.util.find_spec("uvloop") else "no"}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser, sides=SIDES, rounds=3, duration=6.0, warmup=2.0, quiet_wait=10.0, max_seconds=900,
@@ -407,7 +393,7 @@ def main() -> int:
         extra["haproxy maxconn"] = (f"{haproxy_maxconn()}, not the legacy {HAPROXY_MAXCONN}: the open files hard "
                                     f"limit is {fd_limit}, haproxy 2.6 needs {HAPROXY_WANTS_FDS} for maxconn "
                                     f"{HAPROXY_MAXCONN} and refuses to start without them")
-    info = describe_machine(fd_limit, tool_versions(), extra)
+    info = describe_machine(fd_limit, tool_versions("haproxy", "iperf3", "nginx", "wrk"), extra)
     deadline = Deadline(args.max_seconds)
     results = Results()
     nginx: Origin | None = None

@@ -80,6 +80,7 @@ from proxybench import (
     raise_fd_limit,
     run_tool,
     scratch,
+    tool_versions,
     wait_for_backends,
     wait_until_serving,
     wrk_error_notes,
@@ -456,20 +457,6 @@ def probe_lines(results: Results, args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def tool_versions() -> dict[str, str]:
-    def first(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        except OSError:
-            return "missing"
-        text = (done.stdout + done.stderr).strip().splitlines()
-        return text[0] if text else "?"
-
-    import importlib.util
-    return {"squid": first(["squid", "-v"]), "nginx": first(["nginx", "-v"]), "wrk": first(["wrk", "-v"]),
-            "uvloop in the venv": "yes" if importlib.util.find_spec("uvloop") else "no"}
-
-
 # ---------------------------------------------------------------- main
 
 def check_tools(sides: Sequence[str]) -> None:
@@ -516,7 +503,7 @@ def main() -> int:
             sides = ["squid"]
     began = time.monotonic()
     fd_limit = raise_fd_limit()
-    info = describe_machine(fd_limit, tool_versions())
+    info = describe_machine(fd_limit, tool_versions("squid", "nginx", "wrk"))
     deadline = Deadline(args.max_seconds)
     results = Results()
     origin: Origin | None = None

@@ -37,6 +37,7 @@ from benchlib import (
     BenchError,
     Deadline,
     busy_warning,
+    command_output,
     cpu_busy,
     load_average,
     machine_info,
@@ -511,6 +512,15 @@ def common_arguments(parser: argparse.ArgumentParser, *, sides: Sequence[str], r
     parser.add_argument("--max-seconds", type=float, default=max_seconds,
                         help=f"start no new round after this (default {max_seconds:g})")
     parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+
+
+def tool_versions(*tools: str) -> dict[str, str]:
+    """`tool -v` for each tool, and whether the venv has uvloop (the proxies use it when it is there)."""
+    import importlib.util
+
+    versions = {tool: command_output([tool, "-v"]) for tool in tools}
+    versions["uvloop in the venv"] = "yes" if importlib.util.find_spec("uvloop") else "no"
+    return versions
 
 
 def describe_machine(fd_limit: int, tools: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
