@@ -8,9 +8,9 @@ from functools import lru_cache
 from ipaddress import AddressValueError, IPv4Address
 
 from .errors import ConfigError
+from .grammar import FIELD_SEPARATOR, rule_lines
 
 PROTOCOLS = ("tcp", "udp", "sctp")
-_FIELD_SEPARATOR = re.compile(r"[ \t]+")
 _DIGITS = re.compile(r"[0-9]+")
 _BROADCAST = IPv4Address("255.255.255.255")
 
@@ -96,12 +96,8 @@ def parse_destinations(text: str, variable: str = "EGRESS_DESTINATION") -> Desti
     seen: dict[tuple[int, str], int] = {}
     fallback: IPv4Address | None = None
     fallback_line = 0
-    for number, raw in enumerate(text.split("\n"), start=1):
-        content = raw.split("#", 1)[0].strip()
-        if not content:
-            continue
-        shown = raw.strip()
-        fields = _FIELD_SEPARATOR.split(content)
+    for number, content, shown in rule_lines(text):
+        fields = FIELD_SEPARATOR.split(content)
         if fallback is not None:
             raise ConfigError(
                 variable,

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from ..errors import ConfigError
+from ..grammar import rule_lines
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -197,11 +198,7 @@ def parse_access_list(text: str, variable: str = VARIABLE) -> AccessList:
     """Parse the allow list grammar (see GRAMMAR_HELP); raise ConfigError on the first bad line."""
     rules: list[Rule] = []
     any_line = 0
-    for number, raw in enumerate(text.split("\n"), start=1):
-        content = raw.split("#", 1)[0].strip()
-        if not content:
-            continue
-        shown = raw.strip()
+    for number, content, shown in rule_lines(text):
         if any_line:
             raise ConfigError(variable, f"nothing may follow '*' (line {any_line}): it must be the last rule",
                               line=number, text=shown)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from ..destinations import parse_port
 from ..errors import ConfigError
+from ..grammar import FIELD_SEPARATOR, rule_lines
 from .acl import HostError, normalize_host
 
 VARIABLE = "EGRESS_DNS_PROXY_DESTINATION"
-_FIELD_SEPARATOR = re.compile(r"[ \t]+")
 
 GRAMMAR_HELP = """\
 One rule per line:
@@ -43,12 +42,8 @@ def parse_dns_destinations(text: str, variable: str = VARIABLE) -> tuple[Forward
     """Parse the grammar (see GRAMMAR_HELP); raise ConfigError on the first bad line."""
     forwards: list[Forward] = []
     seen: dict[int, int] = {}
-    for number, raw in enumerate(text.split("\n"), start=1):
-        content = raw.split("#", 1)[0].strip()
-        if not content:
-            continue
-        shown = raw.strip()
-        fields = _FIELD_SEPARATOR.split(content)
+    for number, content, shown in rule_lines(text):
+        fields = FIELD_SEPARATOR.split(content)
         if len(fields) not in (2, 3):
             raise ConfigError(variable, f"expected '<port> <host> [<remote_port>]', got {len(fields)} field(s)",
                               line=number, text=shown)

@@ -182,16 +182,22 @@ class Seen:
 
     @property
     def peer_ip(self) -> str:
-        return self.peer.rsplit(":", 1)[0].strip("[]")
+        return host_of(self.peer)
 
     @property
     def landed_ip(self) -> str:
-        return self.landed.rsplit(":", 1)[0].strip("[]")
+        return host_of(self.landed)
 
 
-def _address(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+def endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """A socket address as text: ip:port, or [ip]:port for IPv6."""
     host = sockaddr[0]
     return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
+
+
+def host_of(text: str) -> str:
+    """The IP address of an endpoint() text."""
+    return text.rsplit(":", 1)[0].strip("[]")
 
 
 class Origin:
@@ -219,7 +225,7 @@ class Origin:
     def start(self) -> None:
         for sock, kind in self._listeners:
             thread = threading.Thread(target=self._accept_loop, args=(sock, kind), daemon=True,
-                                      name=f"origin-{kind}-{_address(sock.getsockname())}")
+                                      name=f"origin-{kind}-{endpoint(sock.getsockname())}")
             thread.start()
             self._threads.append(thread)
 
@@ -242,7 +248,7 @@ class Origin:
 
     def connections_to(self, ip: str) -> list[tuple[str, str]]:
         with self._lock:
-            return [c for c in self.connections if c[0].rsplit(":", 1)[0].strip("[]") == ip]
+            return [c for c in self.connections if host_of(c[0]) == ip]
 
     # ------------------------------------------------------------ serving
     def _accept_loop(self, sock: socket.socket, kind: str) -> None:
@@ -253,7 +259,7 @@ class Origin:
                 continue
             except OSError:
                 return
-            landed, seen_peer = _address(conn.getsockname()), _address(peer)
+            landed, seen_peer = endpoint(conn.getsockname()), endpoint(peer)
             with self._lock:
                 self.connections.append((landed, seen_peer))
                 self._open.add(conn)

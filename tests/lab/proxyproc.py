@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-from egress_router.lab import Lab, router_command
+from egress_router.lab import GATEWAY_LAN_IP, SOURCE_IP, Lab, router_command
 
 LOG_SIGNS_OF_TROUBLE = ("Traceback", "Task was destroyed", "never retrieved", "Exception in callback")
 
@@ -125,6 +125,29 @@ class ProxyProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return left
+
+
+def proxy_env(defaults: Mapping[str, str], *, network: bool, variables: Mapping[str, str]) -> dict[str, str]:
+    """A proxy's environment in a test: ours without any EGRESS_*, the mode's test defaults, the network
+    part (macvlan source and gateway: the single-container layout) when asked, then the test's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
+    env.update(defaults)
+    if network:
+        env.update(EGRESS_SOURCE=f"{SOURCE_IP}/24", EGRESS_GATEWAY=GATEWAY_LAN_IP)
+    env.update(variables)
+    return env
+
+
+def spawn_proxy(lab: Lab, env: Mapping[str, str], prefix: Sequence[str] = (),
+                program: Sequence[str] | None = None) -> subprocess.Popen[str]:
+    """egress-router (or `program`) in the router namespace, with the lab's hosts files, behind `prefix`."""
+    return lab.spawn("router", [*prefix, *(router_command() if program is None else program)], env=dict(env), etc=True)
+
+
+def check_stopped(started: Sequence[ProxyProcess]) -> None:
+    """A start_proxy fixture's teardown: every proxy it started must stop cleanly (stop_and_check)."""
+    problems = [problem for proxy in started for problem in proxy.stop_and_check()]
+    assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
 
 
 def start_time(pid: int) -> str:

@@ -30,10 +30,19 @@ from egress_router.lab import (
     ROUTER_POD_IP6,
     SOURCE_IP,
     Lab,
-    router_command,
 )
 from tests.lab.dnsserver import DnsServer
-from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, connection_refused, status_fields, unprivileged_program
+from tests.lab.origin import endpoint, host_of
+from tests.lab.proxyproc import (
+    UNPRIVILEGED,
+    ProxyProcess,
+    check_stopped,
+    connection_refused,
+    proxy_env,
+    spawn_proxy,
+    status_fields,
+    unprivileged_program,
+)
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
 DNS_IP = "203.0.113.53"
@@ -58,15 +67,11 @@ class Accepted:
 
     @property
     def landed_ip(self) -> str:
-        return self.landed.rsplit(":", 1)[0].strip("[]")
+        return host_of(self.landed)
 
     @property
     def peer_ip(self) -> str:
-        return self.peer.rsplit(":", 1)[0].strip("[]")
-
-
-def _text(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    return f"[{sockaddr[0]}]:{sockaddr[1]}" if ":" in sockaddr[0] else f"{sockaddr[0]}:{sockaddr[1]}"
+        return host_of(self.peer)
 
 
 class Services:
@@ -143,7 +148,7 @@ class Services:
                 continue
             except OSError:
                 return
-            accepted = Accepted(_text(conn.getsockname()), _text(peer))
+            accepted = Accepted(endpoint(conn.getsockname()), endpoint(peer))
             with self._lock:
                 self.accepted.append(accepted)
                 self._open[accepted.landed_ip] += 1
@@ -319,14 +324,10 @@ def start_proxy(lab: Lab, dns: DnsServer, services: Services) -> Iterator[StartP
     def start(destination: str, *, network: bool = True, ready_port: int = READY_PORT, prefix: Sequence[str] = (),
               program: Sequence[str] | None = None, wait: bool = True, **variables: str) -> Proxy:
         services.listen("dest", A, ready_port, "whoami")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
-        env.update(EGRESS_DNS_PROXY_DESTINATION=f"{destination}\n{ready_port} {A}", EGRESS_DNS_PROXY_WORKERS="1",
-                   EGRESS_DNS_PROXY_DEBUG="1", EGRESS_PROXY_GRACE_SECONDS="3")
-        if network:
-            env.update(EGRESS_SOURCE=f"{SOURCE_IP}/24", EGRESS_GATEWAY=GATEWAY_LAN_IP)
-        env.update(variables)
-        argv = [*prefix, *(router_command() if program is None else program)]
-        proxy = Proxy(lab, lab.spawn("router", argv, env=env, etc=True), float(env["EGRESS_PROXY_GRACE_SECONDS"]),
+        env = proxy_env({"EGRESS_DNS_PROXY_DESTINATION": f"{destination}\n{ready_port} {A}",
+                         "EGRESS_DNS_PROXY_WORKERS": "1", "EGRESS_DNS_PROXY_DEBUG": "1",
+                         "EGRESS_PROXY_GRACE_SECONDS": "3"}, network=network, variables=variables)
+        proxy = Proxy(lab, spawn_proxy(lab, env, prefix, program), float(env["EGRESS_PROXY_GRACE_SECONDS"]),
                       ready_port)
         started.append(proxy)
         if wait:
@@ -334,8 +335,7 @@ def start_proxy(lab: Lab, dns: DnsServer, services: Services) -> Iterator[StartP
         return proxy
 
     yield start
-    problems = [problem for proxy in started for problem in proxy.stop_and_check()]
-    assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
+    check_stopped(started)
 
 
 # ------------------------------------------------------------------ clients (in the client namespace)
@@ -365,7 +365,7 @@ class Conn:
         """The first line of a whoami/echo service: where the connection landed."""
         line = self.line()
         assert line, "closed before the backend's first line"
-        return line.split()[0].rsplit(":", 1)[0].strip("[]")
+        return host_of(line.split()[0])
 
     def rest(self) -> bytes:
         """Everything up to EOF."""
@@ -387,7 +387,7 @@ def whoami(lab: Lab, port: int, host: str = ROUTER_POD_IP) -> tuple[str, str]:
         assert line, f"port {port}: the connection closed without an answer"
         assert conn.rest() == b""
     landed, peer = line.split()
-    return landed.rsplit(":", 1)[0].strip("[]"), peer.rsplit(":", 1)[0].strip("[]")
+    return host_of(landed), host_of(peer)
 
 
 def refused_at_once(lab: Lab, port: int) -> float:

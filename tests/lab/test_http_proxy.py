@@ -25,7 +25,6 @@ from egress_router.lab import (
     ROUTER_POD_IP6,
     SOURCE_IP,
     Lab,
-    router_command,
 )
 from tests.lab.origin import (
     CHUNKED_BODY,
@@ -37,11 +36,21 @@ from tests.lab.origin import (
     ProtocolError,
     Response,
     blob,
+    host_of,
     read_head,
     read_response,
     sha256,
 )
-from tests.lab.proxyproc import UNPRIVILEGED, ProxyProcess, connection_refused, status_fields, unprivileged_program
+from tests.lab.proxyproc import (
+    UNPRIVILEGED,
+    ProxyProcess,
+    check_stopped,
+    connection_refused,
+    proxy_env,
+    spawn_proxy,
+    status_fields,
+    unprivileged_program,
+)
 
 PORT = 8080
 IO_TIMEOUT = 5.0  # no answer the proxy owes may take longer: a hang fails the test instead of stalling it
@@ -87,14 +96,10 @@ class Proxy(ProxyProcess):
 
 
 
-def proxy_env(rules: str, *, network: bool, port: int, variables: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
-    env.update(EGRESS_HTTP_PROXY_DESTINATION=rules, EGRESS_HTTP_PROXY_PORT=str(port),
-               EGRESS_HTTP_PROXY_WORKERS="1", EGRESS_HTTP_PROXY_ACCESS_LOG="1", EGRESS_PROXY_GRACE_SECONDS="5")
-    if network:
-        env.update(EGRESS_SOURCE=f"{SOURCE_IP}/24", EGRESS_GATEWAY=GATEWAY_LAN_IP)
-    env.update(variables)
-    return env
+def http_proxy_env(rules: str, *, network: bool, port: int, variables: dict[str, str]) -> dict[str, str]:
+    return proxy_env({"EGRESS_HTTP_PROXY_DESTINATION": rules, "EGRESS_HTTP_PROXY_PORT": str(port),
+                      "EGRESS_HTTP_PROXY_WORKERS": "1", "EGRESS_HTTP_PROXY_ACCESS_LOG": "1",
+                      "EGRESS_PROXY_GRACE_SECONDS": "5"}, network=network, variables=variables)
 
 
 def configure_network(lab: Lab) -> None:
@@ -117,18 +122,15 @@ def start_proxy(lab: Lab, origin: Origin) -> Iterator[StartProxy]:
 
     def start(rules: str, *, network: bool = True, port: int = PORT, prefix: Sequence[str] = (),
               program: Sequence[str] | None = None, wait: bool = True, **variables: str) -> Proxy:
-        env = proxy_env(rules, network=network, port=port, variables=variables)
-        argv = [*prefix, *(router_command() if program is None else program)]
-        process = lab.spawn("router", argv, env=env, etc=True)
-        proxy = Proxy(lab, process, port, float(env["EGRESS_PROXY_GRACE_SECONDS"]))
+        env = http_proxy_env(rules, network=network, port=port, variables=variables)
+        proxy = Proxy(lab, spawn_proxy(lab, env, prefix, program), port, float(env["EGRESS_PROXY_GRACE_SECONDS"]))
         started.append(proxy)
         if wait:
             proxy.wait_ready()
         return proxy
 
     yield start
-    problems = [problem for proxy in started for problem in proxy.stop_and_check()]
-    assert not problems, "\n".join(problems) + "\n" + "\n\n".join(p.stderr for p in started)
+    check_stopped(started)
 
 
 # ------------------------------------------------------------------ clients (in the client namespace)
@@ -596,7 +598,7 @@ def test_connect_refusals_and_failures_are_answered(lab: Lab, origin: Origin, st
     for target in (f"{INTERNAL}:7000", "[2001:db8::7]:7000"):  # denied without a lookup
         response = fetch(lab, target, method="CONNECT")
         assert response.status == 403, (target, response)
-        assert target.rsplit(":", 1)[0].strip("[]") in response.text
+        assert host_of(target) in response.text
     # denied after the name is resolved, and a refused port: the answer comes after the proxy waited for something
     response = fetch(lab, "internal.example.com:7000", method="CONNECT")
     assert_denied(response, "internal.example.com")
