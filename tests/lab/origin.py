@@ -159,8 +159,24 @@ def read_response(reader: BinaryIO, *, method: str = "GET") -> Response:
 
 # ------------------------------------------------------------------ the origin
 
+class Endpoints:
+    """landed_ip and peer_ip for a record with `landed` and `peer` endpoint() texts."""
+
+    __slots__ = ()
+    landed: str
+    peer: str
+
+    @property
+    def landed_ip(self) -> str:
+        return host_of(self.landed)
+
+    @property
+    def peer_ip(self) -> str:
+        return host_of(self.peer)
+
+
 @dataclass(frozen=True, slots=True)
-class Seen:
+class Seen(Endpoints):
     """One request as the origin received it."""
 
     landed: str  # ip:port the origin was reached on
@@ -180,13 +196,6 @@ class Seen:
     def path(self) -> str:
         return urlsplit(self.target).path
 
-    @property
-    def peer_ip(self) -> str:
-        return host_of(self.peer)
-
-    @property
-    def landed_ip(self) -> str:
-        return host_of(self.landed)
 
 
 def endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import pytest
 
-from egress_router.lab import GATEWAY_LAN_IP, SOURCE_IP, Lab, router_command
+from egress_router.lab import GATEWAY_LAN_IP, ROUTER_POD_IP, SOURCE_IP, Lab, router_command
 
 LOG_SIGNS_OF_TROUBLE = ("Traceback", "Task was destroyed", "never retrieved", "Exception in callback")
 
@@ -125,6 +126,25 @@ class ProxyProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return left
+
+
+class ClientConnection:
+    """One connection from the client namespace to the proxy (a socket and a buffered reader on it)."""
+
+    def __init__(self, lab: Lab, port: int, host: str = ROUTER_POD_IP, timeout: float = 10.0):
+        with lab.entered("client"):
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
 
 
 def proxy_env(defaults: Mapping[str, str], *, network: bool, variables: Mapping[str, str]) -> dict[str, str]:

@@ -32,9 +32,10 @@ from egress_router.lab import (
     Lab,
 )
 from tests.lab.dnsserver import DnsServer
-from tests.lab.origin import endpoint, host_of
+from tests.lab.origin import Endpoints, endpoint, host_of
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
+    ClientConnection,
     ProxyProcess,
     check_stopped,
     connection_refused,
@@ -61,17 +62,9 @@ CONN_LINE = re.compile(r"\[(?P<level>info|warning)\] (?P<client>\S+) -> :(?P<por
 # ------------------------------------------------------------------ backends (TCP services behind the proxy)
 
 @dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(Endpoints):
     landed: str  # ip:port ([ip]:port for IPv6) the service was reached on
     peer: str  # the proxy's address as the service saw it
-
-    @property
-    def landed_ip(self) -> str:
-        return host_of(self.landed)
-
-    @property
-    def peer_ip(self) -> str:
-        return host_of(self.peer)
 
 
 class Services:
@@ -340,23 +333,11 @@ def start_proxy(lab: Lab, dns: DnsServer, services: Services) -> Iterator[StartP
 
 # ------------------------------------------------------------------ clients (in the client namespace)
 
-class Conn:
+class Conn(ClientConnection):
     """One client connection to the proxy."""
 
     def __init__(self, lab: Lab, port: int, *, host: str = ROUTER_POD_IP, timeout: float = IO_TIMEOUT):
-        with lab.entered("client"):
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.reader = self.sock.makefile("rb")
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+        super().__init__(lab, port, host, timeout)
 
     def line(self) -> str:
         return self.reader.readline(4096).decode()

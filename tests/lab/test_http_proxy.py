@@ -43,6 +43,7 @@ from tests.lab.origin import (
 )
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
+    ClientConnection,
     ProxyProcess,
     check_stopped,
     connection_refused,
@@ -135,23 +136,11 @@ def start_proxy(lab: Lab, origin: Origin) -> Iterator[StartProxy]:
 
 # ------------------------------------------------------------------ clients (in the client namespace)
 
-class Client:
+class Client(ClientConnection):
     """One client connection to the proxy: raw bytes out, responses parsed in."""
 
     def __init__(self, lab: Lab, *, port: int = PORT, host: str = ROUTER_POD_IP, timeout: float = IO_TIMEOUT):
-        with lab.entered("client"):
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.reader = self.sock.makefile("rb")
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+        super().__init__(lab, port, host, timeout)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
