@@ -521,19 +521,11 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         upstream.attach(self, request)
         host_header = request.host_text.encode() + (b"" if request.port == 80 else b":%d" % request.port)
         lines = [request.method + b" " + request.url + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
-        connection_tokens = drop_tokens(request.headers)
-        via = VIA
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower == b"host" or lower in connection_tokens:
-                continue
-            if lower == b"via":
-                via = value + b", " + VIA
-                continue
-            if request.chunked and lower == b"content-length":
-                continue
-            lines.append(name + b": " + value + b"\r\n")
-        lines.append(b"Via: " + via + b"\r\n")
+        fields = request_fields(request.headers, request.chunked, _NO_TOKENS)
+        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+            fields = request_fields(request.headers, request.chunked, drop_tokens(request.headers))
+        assert fields is not None
+        lines += fields
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         lines.append(b"\r\n")
@@ -570,25 +562,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if 100 <= status < 200:  # informational: pass it on, the final response follows
             self.send(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
             return
-        connection_tokens = drop_tokens(headers)
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        has_length = False
-        chunked_upstream = False
-        via = VIA
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                chunked_upstream = b"chunked" in value.lower()
-                continue
-            if lower in HOP_BY_HOP or lower in connection_tokens:
-                continue
-            if lower == b"via":
-                via = value + b", " + VIA
-                continue
-            if lower == b"content-length":
-                has_length = True
-            lines.append(name + b": " + value + b"\r\n")
-        lines.append(b"Via: " + via + b"\r\n")
+        fields = response_fields(headers, _NO_TOKENS)
+        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+            fields = response_fields(headers, drop_tokens(headers))
+        assert fields is not None
+        lines, has_length, chunked_upstream = fields
+        lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
         no_body = request.head_only or status in NO_BODY_STATUS
         upstream.rechunk = False
         upstream.until_close = not no_body and not chunked_upstream and not has_length
@@ -825,6 +804,65 @@ def host_text(host: str | Address) -> str:
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def lists_tokens(value: bytes) -> bool:
+    """Whether a Connection header names headers to drop (anything beyond keep-alive and close)."""
+    value = value.lower()
+    if value == b"keep-alive" or value == b"close":
+        return False
+    return bool({token.strip() for token in value.split(b",")} - {b"keep-alive", b"close", b""})
+
+
+def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
+                   tokens: frozenset[bytes]) -> list[bytes] | None:
+    """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
+    (`tokens` empty) meets a Connection header that names more headers to drop."""
+    lines = []
+    via = VIA
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection" and not tokens and lists_tokens(value):
+                return None
+            continue
+        if lower == b"host" or lower in tokens:
+            continue
+        if lower == b"via":
+            via = value + b", " + VIA
+            continue
+        if chunked and lower == b"content-length":
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    lines.append(b"Via: " + via + b"\r\n")
+    return lines
+
+
+def response_fields(headers: list[tuple[bytes, bytes]],
+                    tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
+    """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
+    upstream sent it chunked; None as for request_fields."""
+    lines = []
+    has_length = chunked = False
+    via = VIA
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lower == b"connection" and not tokens and lists_tokens(value):
+                return None
+            continue
+        if lower in tokens:
+            continue
+        if lower == b"via":
+            via = value + b", " + VIA
+            continue
+        if lower == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value + b"\r\n")
+    lines.append(b"Via: " + via + b"\r\n")
+    return lines, has_length, chunked
 
 
 def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
