@@ -73,6 +73,7 @@ from proxybench import (
     per_process_lines,
     prepare_lab,
     raise_fd_limit,
+    ratio_digits,
     run_tool,
     scratch,
     tool_versions,
@@ -304,14 +305,15 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         ours, ref = results.median("ours", test, key), results.median("haproxy", test, key)
         ratio = ours / ref if both and ours is not None and ref else None
         goal, verdict = "", ""
+        bound_of = targets[(test, key)][0] if (test, key) in targets else None
         if (test, key) in targets:
             bound, higher = targets[(test, key)]
             goal = f">= {bound:g}x" if higher else f"<= {bound:g}x"
             if ratio is not None:
                 verdict = "MET" if (ratio >= bound if higher else ratio <= bound) else "NOT MET"
-                verdicts.append(f"{label}: ours/haproxy {ratio:.2f} ({goal}): {verdict}")
-        return [label, fmt(ours and ours * scale, digits), fmt(ref and ref * scale, digits), fmt(ratio, 2),
-                goal, verdict]
+                verdicts.append(f"{label}: ours/haproxy {ratio:.{ratio_digits(ratio, bound)}f} ({goal}): {verdict}")
+        return [label, fmt(ours and ours * scale, digits), fmt(ref and ref * scale, digits),
+                fmt(ratio, ratio_digits(ratio, bound_of)), goal, verdict]
 
     rate = results.median("haproxy", "latency", "rate") or results.median("ours", "latency", "rate")
     rows = [

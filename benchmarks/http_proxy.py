@@ -78,6 +78,7 @@ from proxybench import (
     per_process_lines,
     prepare_lab,
     raise_fd_limit,
+    ratio_digits,
     run_tool,
     scratch,
     tool_versions,
@@ -407,7 +408,7 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         r = ratio(test, key)
         goal = "-" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
         return [label, fmt(ours and ours * scale, unit, digits), fmt(squid and squid * scale, unit, digits),
-                fmt(r, "", 2), goal, verdict(r, target, higher) if target is not None else ""]
+                fmt(r, "", ratio_digits(r, target)), goal, verdict(r, target, higher) if target is not None else ""]
 
     rate = results.median("squid", "latency", "rate") or results.median("ours", "latency", "rate")
     rows = [

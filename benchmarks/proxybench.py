@@ -523,6 +523,11 @@ def tool_versions(*tools: str) -> dict[str, str]:
     return versions
 
 
+def ratio_digits(ratio: float | None, target: float | None) -> int:
+    """Two decimals, or three where two would round onto the target (1.995 is not 2.00 when the target is 2)."""
+    return 3 if ratio is not None and target is not None and abs(ratio - target) < 0.005 else 2
+
+
 def describe_machine(fd_limit: int, tools: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The machine facts every results section starts with, printed (with a warning if it is busy)."""
     info = machine_info()
