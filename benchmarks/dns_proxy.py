@@ -36,7 +36,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import string
 import sys
@@ -56,7 +55,7 @@ from benchlib import (
     write_results,
 )
 from proxybench import (
-    ORIGIN_DIR,
+    HTTP_PROXY_DIR,
     CpuWatch,
     Managed,
     Measured,
@@ -66,6 +65,7 @@ from proxybench import (
     Results,
     alternate_rounds,
     bottleneck,
+    client_get,
     common_arguments,
     describe_machine,
     end_facts,
@@ -86,7 +86,7 @@ from proxybench import (
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
 
 HERE = BENCH / "dns_proxy"
-WRK_SCRIPT = ORIGIN_DIR / "proxy.lua"  # shared: origin-form requests with WRK_TARGET=/1k
+WRK_SCRIPT = HTTP_PROXY_DIR / "proxy.lua"  # shared: origin-form requests with WRK_TARGET=/1k
 BACKEND_IP = DEST_IPS[0]
 HTTP_PORT = 8080
 IPERF_PORT = 5201
@@ -152,25 +152,12 @@ def haproxy_maxconn() -> int:
 
 # ---------------------------------------------------------------- checks
 
-def http_get(lab: Lab, port: int, timeout: float = 3.0) -> bytes:
-    with lab.entered("client"):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(timeout)
-        sock.connect((ROUTER_POD_IP, port))
-        sock.sendall(f"GET /1k HTTP/1.1\r\nHost: {BACKEND_IP}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise ValueError(head[:60].decode(errors="replace"))
-    return body
-
-
 def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:
-    return wait_until_serving(proxy, lambda: None if http_get(lab, HTTP_PORT, 2.0) == expected else "wrong body",
-                              timeout)
+    def probe() -> str | None:
+        status, body = client_get(lab, HTTP_PORT, "/1k", BACKEND_IP, timeout=2.0)
+        return None if status == 200 and body == expected else f"status {status}, {len(body)} bytes"
+
+    return wait_until_serving(proxy, probe, timeout)
 
 
 # ---------------------------------------------------------------- the measurements

@@ -35,15 +35,13 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import string
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from benchlib import (
@@ -59,7 +57,7 @@ from benchlib import (
 )
 from proxybench import (
     BIG,
-    ORIGIN_DIR,
+    HTTP_PROXY_DIR,
     ORIGIN_IP,
     SMALL,
     CpuWatch,
@@ -71,6 +69,7 @@ from proxybench import (
     Results,
     alternate_rounds,
     bottleneck,
+    client_get,
     common_arguments,
     describe_machine,
     end_facts,
@@ -90,7 +89,7 @@ from proxybench import (
 
 from egress_router.lab import ROUTER_POD_IP, Lab, router_command
 
-HERE = ORIGIN_DIR  # squid.conf.in, proxy.lua, tunnel_client.py, idle_conns.py
+HERE = HTTP_PROXY_DIR  # also squid.conf.in and tunnel_client.py
 PORT = 8080
 DESTINATION = "203.0.113.0/24"  # the allow list of both proxies
 DENIED_URL = "http://192.0.2.50/1k"  # outside the allow list: both must answer 403 without connecting
@@ -169,30 +168,9 @@ def ours_available() -> tuple[bool, str]:
 
 # ---------------------------------------------------------------- requests from the client namespace
 
-@contextlib.contextmanager
-def client_socket(lab: Lab, timeout: float) -> Iterator[socket.socket]:
-    with lab.entered("client"):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(timeout)
-        sock.connect((ROUTER_POD_IP, PORT))
-        yield sock
-
-
 def proxy_get(lab: Lab, url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """One GET in absolute form through the proxy (Connection: close): status and body."""
-    host = url.split("/")[2]
-    with client_socket(lab, timeout) as sock:
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    if match:
-        body = body[: int(match.group(1))]
-    return status, body
+    return client_get(lab, PORT, url, url.split("/")[2], timeout)
 
 
 def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:

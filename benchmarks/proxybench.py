@@ -46,7 +46,7 @@ from benchlib import (
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab
 
-ORIGIN_DIR = BENCH / "http_proxy"  # nginx.conf.in, proxy.lua, idle_conns.py, tunnel_client.py
+HTTP_PROXY_DIR = BENCH / "http_proxy"  # files both proxy benchmarks use: nginx.conf.in, proxy.lua, idle_conns.py
 ORIGIN_IP = DEST_IPS[0]
 SMALL = "/1k"
 BIG = "/big"
@@ -288,7 +288,7 @@ class Origin:
                 handle.write(chunk[:left])
                 left -= len(chunk)
         self.big_bytes = big_bytes
-        conf = string.Template((ORIGIN_DIR / "nginx.conf.in").read_text()).substitute(
+        conf = string.Template((HTTP_PROXY_DIR / "nginx.conf.in").read_text()).substitute(
             dir=self.dir, workers=workers, listen=f"{ORIGIN_IP}:80")
         (self.dir / "nginx.conf").write_text(conf)
         self.proc = Managed(lab, "dest", ["nginx", "-e", str(self.dir / "nginx-error.log"),
@@ -342,6 +342,26 @@ class Proxy:
 
     def describe_failure(self) -> str:
         return self.proc.tail() if self.proc else ""
+
+
+def client_get(lab: Lab, port: int, target: str, host: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One GET from the client namespace to the router pod's `port` (Connection: close): status and body.
+    `target` is the request target as sent: a path (origin form) or a URL (absolute form, for a proxy)."""
+    with lab.entered("client"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((ROUTER_POD_IP, port))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if match:
+        body = body[: int(match.group(1))]
+    return status, body
 
 
 def wait_until_serving(proxy: Proxy, probe: Callable[[], str | None], timeout: float = 30.0) -> float:
@@ -457,7 +477,7 @@ def idle_memory(lab: Lab, proxy: Proxy, port: int, count: int, *, sockets_each: 
     time.sleep(1.0)
     base_rss, base_pss, _ = proxy.rss_kib()
     base_sockets = socket_fds(proxy.pids())
-    argv = [PYTHON, str(ORIGIN_DIR / "idle_conns.py"), "--host", ROUTER_POD_IP, "--port", str(port),
+    argv = [PYTHON, str(HTTP_PROXY_DIR / "idle_conns.py"), "--host", ROUTER_POD_IP, "--port", str(port),
             "--count", str(count), "--hold", f"{hold:g}", "--connect-timeout", f"{connect_timeout:g}"]
     client = subprocess.Popen(ns_argv(lab, "client", argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
