@@ -174,10 +174,11 @@ def stale_bytecode() -> list[str]:
     every run compiles those again when bytecode is not written (PYTHONDONTWRITEBYTECODE)."""
     import importlib.util
 
-    import egress_router.config  # noqa: F401
+    import egress_router.container  # noqa: F401
+    import egress_router.core.config  # noqa: F401
     import egress_router.entry  # noqa: F401
     import egress_router.router  # noqa: F401
-    from egress_router.netlink import load_pyroute2_modules
+    from egress_router.net.pyroute import load_pyroute2_modules
 
     load_pyroute2_modules()
     stale = []

@@ -15,7 +15,7 @@ A limit met on the way: Linux refuses an environment string over 128 KiB (MAX_AR
 10,000 such lines are ~230 KB, so no process (no container either) can receive them in one
 EGRESS_DESTINATION variable. The 10,000-line runs therefore hand the text over from a file inside
 the process, not through execve: ours through a `python -c` wrapper that calls
-egress_router.entry.run_container() with the text in its env mapping (children such as
+egress_router.container.run_container() with the text in its env mapping (children such as
 iptables-restore do not inherit it), the reference through a `bash -c` wrapper that reads the file
 into a non-exported variable and sources the script. The 1,000-line runs use the real variable.
 """
@@ -56,11 +56,11 @@ from benchlib import (
     write_results,
 )
 
-from egress_router.config import load
-from egress_router.destinations import parse_destinations
+from egress_router.core.config import load
+from egress_router.core.nat import DNAT_CHAIN, render
+from egress_router.core.plan import build_plan
+from egress_router.core.redirect import parse_destinations
 from egress_router.lab import ROUTER_POD_IP, SOURCE_IP, Lab, router_command
-from egress_router.nat import DNAT_CHAIN, render
-from egress_router.plan import build_plan
 
 FIRST_PORT = 10000
 TARGET_IP = "203.0.113.10"
@@ -72,7 +72,7 @@ ENV_STRING_LIMIT = 128 * 1024  # MAX_ARG_STRLEN, including "NAME=" and the NUL
 
 OURS_WRAPPER = """\
 import os, sys
-from egress_router.entry import run_container
+from egress_router.container import run_container
 env = dict(os.environ)
 with open(sys.argv[1], encoding="utf-8") as handle:
     env["EGRESS_DESTINATION"] = handle.read()

@@ -46,10 +46,10 @@ from benchlib import (
     write_results,
 )
 
-from egress_router.config import load
+from egress_router.core.config import load
+from egress_router.core.nat import render
+from egress_router.core.plan import build_plan
 from egress_router.lab import DEMO_DESTINATION, ROUTER_POD_IP, SOURCE_IP, Lab, router_command
-from egress_router.nat import render
-from egress_router.plan import build_plan
 
 TARGET_SECONDS = 0.3
 RUN_TIMEOUT = 30.0
@@ -57,9 +57,9 @@ RUN_TIMEOUT = 30.0
 CHECKS = ((80, "203.0.113.10:80"), (8080, "203.0.113.11:80"), (7000, "203.0.113.12:7000"))
 SERVERS = [("tcp", landed.split(":")[0], int(landed.split(":")[1])) for _, landed in CHECKS]
 READY = re.compile(r"\(init mode, ([0-9.]+) s since start\)")
-IMPORTS_CLI = "import egress_router.entry, egress_router.config"
-IMPORTS_ALL = ("import egress_router.entry, egress_router.config, egress_router.router\n"
-               "from egress_router.netlink import load_pyroute2_modules\n"
+IMPORTS_CLI = "import egress_router.entry, egress_router.container, egress_router.core.config"
+IMPORTS_ALL = ("import egress_router.entry, egress_router.container, egress_router.core.config, egress_router.router\n"
+               "from egress_router.net.pyroute import load_pyroute2_modules\n"
                "load_pyroute2_modules()")
 
 

@@ -1,29 +1,36 @@
-"""The command line: the env-driven container behaviour, plus render, validate and demo for people."""
+"""The command line for people: render, validate, variables, demo and the two proxies' commands.
+
+Every option mirrors an EGRESS_* variable and takes its name, envvar, metavar and shown default from
+the registry (core.variables); an option given on the command line wins over its variable, and the
+environment the configuration is loaded from is built in one place (`environment`).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_INTERFACE, DEFAULT_MODE, MODES, VARIABLES, RouterConfig, load, variable_modes
-from .destinations import GRAMMAR_HELP
-from .entry import fail, run_container
-from .errors import EgressRouterError
-from .plan import build_plan, network_commands
-from .proxy.acl import GRAMMAR_HELP as ACL_HELP
-from .proxy.dnsdest import GRAMMAR_HELP as DNS_HELP
+from .container import fail, run_container
+from .core import variables as v
+from .core.allowlist import GRAMMAR_HELP as ACL_HELP
+from .core.config import RouterConfig, load
+from .core.errors import EgressRouterError
+from .core.forwards import GRAMMAR_HELP as DNS_HELP
+from .core.plan import build_plan
+from .core.redirect import GRAMMAR_HELP
+from .core.variables import DEFAULT_INTERFACE, IPTABLES_CHOICES, MODES, VARIABLES, Variable
 
 
 def _variables_help() -> str:
-    return "\n".join(f"  {name}  [default: {default}]\n      {meaning}"
-                     for name, (default, meaning) in VARIABLES.items())
+    return "\n".join(f"  {name}  [default: {variable.shown_default}]\n      {variable.meaning}"
+                     for name, variable in VARIABLES.items())
 
 
 HELP = f"""Relay pod traffic to outside servers from one reserved source IP.
@@ -51,6 +58,10 @@ Example:
   EGRESS_SOURCE=192.0.2.99/24 EGRESS_GATEWAY=192.0.2.1 \\
   EGRESS_DESTINATION=$'80 tcp 203.0.113.10\\n8080 tcp 203.0.113.11 80\\n203.0.113.12' \\
   EGRESS_ROUTER_MODE=init egress-router
+
+\b
+Shell completion (bash, zsh or fish), e.g. in ~/.bashrc:
+  eval "$(_EGRESS_ROUTER_COMPLETE=bash_source egress-router)"
 """
 
 
@@ -62,6 +73,55 @@ def guarded(action: Callable[[], Any]) -> Any:
         fail(str(exc))
 
 
+if TYPE_CHECKING:
+    ParamType = click.ParamType[str]
+else:  # not subscriptable at run time before click 8.2
+    ParamType = click.ParamType
+
+
+class Text(ParamType):
+    """An option's text, passed on to the variable's parser as is (errors then name the variable);
+    only its metavar (PORT, SECONDS, N|auto, ...) comes from the registry."""
+
+    def __init__(self, metavar: str):
+        self.name = metavar
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return self.name
+
+
+def option(variable: Variable[Any], *flags: str, help: str = "", **extra: Any) -> Callable[[Any], Any]:
+    """A click option mirroring `variable`; its destination is the variable's name, so `environment`
+    needs no mapping."""
+    kind: click.ParamType[Any]
+    if variable is v.MODE:
+        kind = click.Choice(MODES)
+    elif variable is v.IPTABLES:
+        kind = click.Choice(IPTABLES_CHOICES)
+    else:
+        kind = Text(variable.metavar)
+    return click.option(*flags, variable.name, envvar=variable.name, type=kind,
+                        show_default=variable.shown_default, help=f"{variable.name}: {help or variable.meaning}",
+                        **extra)
+
+
+def flag(variable: Variable[bool], flags: str, help: str = "") -> Callable[[Any], Any]:
+    """An on/off option for a boolean variable (unset: the variable decides)."""
+    return click.option(flags, variable.name, default=None, show_default=variable.shown_default,
+                        help=f"{variable.name}: {help or variable.meaning}")
+
+
+def environment(options: Mapping[str, str | bool | None], *, without: tuple[str, ...] = ()) -> dict[str, str]:
+    """The EGRESS_* environment with the options given on top (None: not given) and `without` removed."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_") and key not in without}
+    for name, value in options.items():
+        if isinstance(value, bool):
+            env[name] = "1" if value else "0"
+        elif value is not None:
+            env[name] = value
+    return env
+
+
 @click.group(invoke_without_command=True, help=HELP, context_settings={"max_content_width": 100})
 @click.version_option(__version__, prog_name="egress-router")
 @click.pass_context
@@ -70,48 +130,46 @@ def main(ctx: click.Context) -> None:
         sys.exit(run_container(os.environ))
 
 
+CONFIG_OPTIONS = (
+    option(v.MODE, "--mode"),
+    option(v.POD_INTERFACE, "--pod-interface"),
+    option(v.INTERFACE, "--interface"),
+    option(v.DESTINATION, "--destination", help="redirect rules, one per line (use $'...\\n...')"),
+    option(v.GATEWAY, "--gateway"),
+    option(v.SOURCE, "--source"),
+    option(v.IPTABLES, "--iptables"),
+)
+
+
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that mirror the EGRESS_* variables (an option wins over its variable)."""
-    options = [
-        click.option("--mode", envvar="EGRESS_ROUTER_MODE", type=click.Choice(MODES),
-                     help=f"EGRESS_ROUTER_MODE [default: {DEFAULT_MODE}]"),
-        click.option("--pod-interface", envvar="EGRESS_POD_INTERFACE", help="EGRESS_POD_INTERFACE"),
-        click.option("--interface", envvar="EGRESS_INTERFACE", help="EGRESS_INTERFACE"),
-        click.option("--destination", envvar="EGRESS_DESTINATION", help="EGRESS_DESTINATION (use $'...\\n...')"),
-        click.option("--gateway", envvar="EGRESS_GATEWAY", help="EGRESS_GATEWAY"),
-        click.option("--source", envvar="EGRESS_SOURCE", help="EGRESS_SOURCE"),
-    ]
-    for option in options:
-        command = option(command)
+    """Options that mirror the network and NAT variables (an option wins over its variable)."""
+    for add in reversed(CONFIG_OPTIONS):
+        command = add(command)
     return command
 
 
-def config_from_options(**options: str | None) -> RouterConfig:
-    names = {"source": "EGRESS_SOURCE", "gateway": "EGRESS_GATEWAY", "destination": "EGRESS_DESTINATION",
-             "interface": "EGRESS_INTERFACE", "pod_interface": "EGRESS_POD_INTERFACE", "mode": "EGRESS_ROUTER_MODE"}
-    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
-    env.update({names[key]: value for key, value in options.items() if value is not None})
-    config: RouterConfig = guarded(lambda: load(env))
+def config_from_options(options: Mapping[str, str | None]) -> RouterConfig:
+    config: RouterConfig = guarded(lambda: load(environment(options)))
     return config
 
 
 @main.command()
 @config_options
 def render(**options: str | None) -> None:
-    """Print what would be applied (network steps and the exact iptables-restore payload). No privileges needed."""
-    config = config_from_options(**options)
+    """Print the plan: every step, in the order it is applied (the NAT step as its exact iptables-restore
+    payload, the others as their iproute2 equivalents). No privileges needed."""
+    config = config_from_options(options)
     if config.source is None:
         click.echo("# no network set-up: EGRESS_SOURCE is unset, only the proxy runs")
         return
     plan = build_plan(config, config.interface or DEFAULT_INTERFACE)
-    click.echo(f"# network ({config.mode} mode), as iproute2 commands; applied with netlink")
-    click.echo("\n".join(network_commands(plan)))
-    if plan.destinations is None:
+    click.echo(f"# network ({config.mode} mode): {len(plan.steps)} steps, applied in this order with netlink"
+               + ("; NAT first, in one transaction: iptables-restore --noflush (jumps only where missing)"
+                  if plan.nat is not None else ""))
+    if plan.nat is None:
         click.echo("# no NAT rules in this mode")
-        return
-    from .nat import render as render_nat
-    click.echo("# NAT, applied first, in one transaction: iptables-restore --noflush (jumps only where missing)")
-    click.echo(render_nat(plan), nl=False)
+    for text in plan.render():
+        click.echo(text)
 
 
 def describe(config: RouterConfig) -> str:
@@ -133,24 +191,30 @@ def describe(config: RouterConfig) -> str:
 
 
 @main.command()
-@click.option("-f", "--filename", "filenames", multiple=True, metavar="FILE",
+@click.argument("files", nargs=-1, metavar="[FILE]...", type=click.Path())
+@click.option("-f", "--filename", "filenames", multiple=True, metavar="FILE", type=click.Path(),
               help="Check the egress-router containers in Kubernetes YAML instead of the environment "
-                   "(repeatable; '-' reads stdin; a directory: its .yaml, .yml and .json files).")
+                   "(repeatable, and FILE arguments work too; '-' reads stdin; a directory: its .yaml, "
+                   ".yml and .json files).")
 @config_options
 @click.pass_context
-def validate(ctx: click.Context, /, filenames: tuple[str, ...], **options: str | None) -> None:
+def validate(ctx: click.Context, /, files: tuple[str, ...], filenames: tuple[str, ...],
+             **options: str | None) -> None:
     """Check the configuration; exit 0 with a one-line summary, or 1 with the error.
 
-    With -f, check every egress-router container in the manifests instead: its environment (env values,
-    ConfigMap references), NET_ADMIN, replicas; one line per problem or per valid container.
+    With files (-f FILE or FILE arguments, e.g. `validate -f examples/*.yaml`), check every
+    egress-router container in those manifests instead: its environment (env values, ConfigMap
+    references), NET_ADMIN, replicas; one line per problem or per valid container.
     """
-    if filenames:
+    names = filenames + files
+    if names:
         given = [name for name in options if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"--{given[0].replace('_', '-')} cannot be combined with -f: the manifests "
-                                   "give each container its environment")
-        sys.exit(validate_manifests(filenames))
-    config = config_from_options(**options)
+            flags = next(param.opts[0] for param in ctx.command.params if param.name == given[0])
+            raise click.UsageError(f"{flags} cannot be combined with -f or FILE arguments: the manifests give each "
+                                   "container its environment")
+        sys.exit(validate_manifests(names))
+    config = config_from_options(options)
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo("valid: " + describe(config))
@@ -193,8 +257,8 @@ def read_manifests(name: str) -> list[tuple[str, str]]:
 def variables_markdown() -> str:
     """The README's table of every environment variable (a unit test keeps the README equal to it)."""
     rows = ["| variable | modes | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, (default, meaning) in VARIABLES.items():
-        rows.append(f"| `{name}` | {variable_modes(name)} | {default} | {meaning} |")
+    for name, variable in VARIABLES.items():
+        rows.append(f"| `{name}` | {variable.shown_modes()} | {variable.shown_default} | {variable.meaning} |")
     return "\n".join(rows)
 
 
@@ -205,56 +269,30 @@ def variables(markdown: bool) -> None:
     if markdown:
         click.echo(variables_markdown())
         return
-    for name, (default, meaning) in VARIABLES.items():
-        click.echo(f"{name}  [default: {default}]  ({variable_modes(name)})\n    {meaning}")
+    for name, variable in VARIABLES.items():
+        click.echo(f"{name}  [default: {variable.shown_default}]  ({variable.shown_modes()})\n    {variable.meaning}")
 
 
 @main.command("http-proxy", help="Run the allow-list HTTP proxy (and first the network set-up, if EGRESS_SOURCE "
               "is set).\n\n\b\nEGRESS_HTTP_PROXY_DESTINATION grammar:\n" + ACL_HELP)
-@click.option("--destination", envvar="EGRESS_HTTP_PROXY_DESTINATION", required=True,
-              help="EGRESS_HTTP_PROXY_DESTINATION: the allow list (use $'...\\n...')")
-@click.option("--port", envvar="EGRESS_HTTP_PROXY_PORT", help="EGRESS_HTTP_PROXY_PORT [default: 8080]")
-@click.option("--workers", envvar="EGRESS_HTTP_PROXY_WORKERS",
-              help="EGRESS_HTTP_PROXY_WORKERS: a number or auto [default: 1]")
-@click.option("--access-log/--no-access-log", default=None, help="EGRESS_HTTP_PROXY_ACCESS_LOG")
-@click.option("--connect-timeout", envvar="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT",
-              help="EGRESS_HTTP_PROXY_CONNECT_TIMEOUT, seconds [default: 10]")
-@click.option("--max-connections", envvar="EGRESS_HTTP_PROXY_MAX_CONNECTIONS",
-              help="EGRESS_HTTP_PROXY_MAX_CONNECTIONS [default: 10000]")
-@click.option("--grace", envvar="EGRESS_PROXY_GRACE_SECONDS", help="EGRESS_PROXY_GRACE_SECONDS [default: 10]")
-def http_proxy(destination: str, port: str | None, workers: str | None, access_log: bool | None,
-               connect_timeout: str | None, max_connections: str | None, grace: str | None) -> None:
-    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
-    env["EGRESS_HTTP_PROXY_DESTINATION"] = destination
-    env.pop("EGRESS_ROUTER_MODE", None)
-    for name, value in (("EGRESS_HTTP_PROXY_PORT", port), ("EGRESS_HTTP_PROXY_WORKERS", workers),
-                        ("EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", connect_timeout),
-                        ("EGRESS_HTTP_PROXY_MAX_CONNECTIONS", max_connections),
-                        ("EGRESS_PROXY_GRACE_SECONDS", grace)):
-        if value is not None:
-            env[name] = value
-    if access_log is not None:
-        env["EGRESS_HTTP_PROXY_ACCESS_LOG"] = "1" if access_log else "0"
-    sys.exit(run_container(env))
-
+@option(v.HTTP_DESTINATION, "--destination", required=True, help="the allow list (use $'...\\n...')")
+@option(v.HTTP_PORT, "--port")
+@option(v.HTTP_WORKERS, "--workers")
+@flag(v.HTTP_ACCESS_LOG, "--access-log/--no-access-log")
+@option(v.HTTP_CONNECT_TIMEOUT, "--connect-timeout")
+@option(v.HTTP_MAX_CONNECTIONS, "--max-connections")
+@option(v.GRACE, "--grace")
+def http_proxy(**options: str | bool | None) -> None:
+    sys.exit(run_container(environment(options, without=(v.MODE.name,))))
 
 
 @main.command("dns-proxy", help="Run the TCP forwarding proxy (and first the network set-up, if EGRESS_SOURCE "
               "is set).\n\n\b\nEGRESS_DNS_PROXY_DESTINATION grammar:\n" + DNS_HELP)
-@click.option("--destination", envvar="EGRESS_DNS_PROXY_DESTINATION", required=True,
-              help="EGRESS_DNS_PROXY_DESTINATION (use $'...\\n...')")
-@click.option("--workers", envvar="EGRESS_DNS_PROXY_WORKERS",
-              help="EGRESS_DNS_PROXY_WORKERS: a number or auto [default: 1]")
-@click.option("--debug/--no-debug", default=None, help="EGRESS_DNS_PROXY_DEBUG: one log line per connection")
-def dns_proxy(destination: str, workers: str | None, debug: bool | None) -> None:
-    env = {key: value for key, value in os.environ.items() if key.startswith("EGRESS_")}
-    env["EGRESS_DNS_PROXY_DESTINATION"] = destination
-    env.pop("EGRESS_ROUTER_MODE", None)
-    if workers is not None:
-        env["EGRESS_DNS_PROXY_WORKERS"] = workers
-    if debug is not None:
-        env["EGRESS_DNS_PROXY_DEBUG"] = "1" if debug else "0"
-    sys.exit(run_container(env))
+@option(v.DNS_DESTINATION, "--destination", required=True, help="TCP forwards, one per line (use $'...\\n...')")
+@option(v.DNS_WORKERS, "--workers")
+@flag(v.DNS_DEBUG, "--debug/--no-debug")
+def dns_proxy(**options: str | bool | None) -> None:
+    sys.exit(run_container(environment(options, without=(v.MODE.name,))))
 
 
 @main.command()

@@ -1,62 +1,22 @@
-"""The console script's first stop: the container path (no arguments) runs without importing click.
+"""The console script's first stop: dispatches on argv, so the container path never imports click.
 
 The init container's runtime is mostly interpreter start-up and imports; click alone costs tens of
-milliseconds, and the container behaviour needs none of it. Anything with arguments goes to cli.
+milliseconds, and the container behaviour needs none of it. Anything with arguments, and shell
+completion (click reads its request from _EGRESS_ROUTER_COMPLETE), goes to the CLI.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import NoReturn
 
-from .errors import EgressRouterError
-
-
-def fail(message: str) -> NoReturn:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
-
-
-def run_container(env: Mapping[str, str]) -> int:
-    """The env-driven container behaviour; user errors become one line on stderr and exit 1."""
-    from .config import load
-
-    try:
-        config = load(env)
-        if config.mode == "unit-test":
-            from .nat import legacy_lines
-
-            sys.stdout.write("\n".join(legacy_lines(config)) + "\n")
-            return 0
-        from . import logs
-
-        logs.configure(config.debug)
-        for warning in config.warnings:
-            logging.getLogger("egress_router").warning("%s", warning)
-        if config.configures_network:
-            from . import router
-
-            code = router.run(config)
-            if code or (config.http_proxy is None and config.dns_proxy is None):
-                return code
-        if config.http_proxy is not None:
-            from .proxy import http
-
-            return http.run(config.http_proxy)
-        if config.dns_proxy is not None:
-            from .proxy import tcp
-
-            return tcp.run(config.dns_proxy)
-        return 0
-    except EgressRouterError as exc:
-        fail(str(exc))
+COMPLETION_VARIABLE = "_EGRESS_ROUTER_COMPLETE"
 
 
 def main() -> None:
-    if len(sys.argv) == 1:
+    if len(sys.argv) == 1 and COMPLETION_VARIABLE not in os.environ:
+        from .container import run_container
+
         sys.exit(run_container(os.environ))
     from .cli import main as cli_main
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .netlink import iproute_class
+from .net.pyroute import iproute_class
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class Servers:
 
 
 def check_tools() -> None:
-    from .errors import SetupError
+    from .core.errors import SetupError
 
     missing = [tool for tool in ("nsenter", "iptables-save", "iptables-restore", "ip") if not shutil.which(tool)]
     if missing:

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import NAT_MODES, RouterConfig, load
-from .errors import ConfigError
+from .core.config import NAT_MODES, RouterConfig, load
+from .core.errors import ConfigError
 
 Severity = Literal["error", "warning"]
 

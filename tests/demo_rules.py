@@ -1,12 +1,12 @@
 """The nat rules the demo configuration (lab.DEMO_DESTINATION) must produce, as `iptables -S` prints them.
 
-Written out by hand, not derived from egress_router.nat, so the lab and container tests check the
+Written out by hand, not derived from egress_router.core.nat, so the lab and container tests check the
 code against an independent statement of what it should do.
 """
 
 from __future__ import annotations
 
-from egress_router.nat import DNAT_CHAIN, SNAT_CHAIN
+from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
 
 
 def demo_dnat_rules(pod_interface: str = "eth0") -> list[str]:

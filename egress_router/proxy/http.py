@@ -19,11 +19,11 @@ from typing import Any, cast
 
 import httptools
 
+from ..core.config import HttpProxySettings
+from ..core.hosts import HostError, normalize_host
 from . import metrics
-from .acl import HostError, normalize_host
 from .metrics import SharedCounters, WorkerCounters
 from .server import handle_stop_signals, reset
-from .settings import HttpProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -1035,7 +1035,7 @@ class TunnelUpstream(asyncio.Protocol):
             self.client.transport.resume_reading()
 
 
-def run(settings: HttpProxySettings) -> int:
+def run_http_proxy(settings: HttpProxySettings) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
     from .server import available_cpus, listen_spec, loop_worker, serve
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..errors import SetupError
+from ..core.errors import SetupError
 from .metrics import SharedCounters
 
 log = logging.getLogger(__name__)

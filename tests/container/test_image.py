@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from egress_router import __version__
-from egress_router.nat import DNAT_CHAIN, SNAT_CHAIN
+from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
 from tests.container.conftest import (
     LAN_GATEWAY,
     POD_GATEWAY,

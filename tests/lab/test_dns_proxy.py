@@ -922,7 +922,7 @@ def test_runs_unprivileged(lab: Lab, dns: DnsServer, services: Services, start_p
     configure_network(lab)  # the init container's part; the proxy container has no privileges at all
     services.listen("dest", C, 7000, "whoami")
     dns.set(NAME, C, ttl=300)
-    program, env = unprivileged_program(lab, "egress_router.proxy.tcp, dns.asyncresolver, uvloop")
+    program, env = unprivileged_program(lab, "egress_router.proxy.dns, dns.asyncresolver, uvloop")
     proxy = start_proxy(f"7000 {NAME}\n7001 {A} 7999", network=False, prefix=UNPRIVILEGED, program=program,
                         EGRESS_DNS_PROXY_WORKERS="2", **env)
     pids = [proxy.process.pid, *proxy.children()]

@@ -895,7 +895,9 @@ def test_a_crashed_worker_is_replaced(lab: Lab, origin: Origin, start_proxy: Sta
     os.kill(first[0], signal.SIGKILL)
     assert eventually(lambda: len(proxy.children()) == 2 and first[0] not in proxy.children(), timeout=5.0), \
         proxy.stderr
-    assert f"(pid {first[0]}) exited unexpectedly (killed by SIGKILL)" in proxy.stderr
+    # the replacement may be forked before the master's log line has reached our reader thread
+    crashed = f"(pid {first[0]}) exited unexpectedly (killed by SIGKILL)"
+    assert eventually(lambda: crashed in proxy.stderr, timeout=5.0), proxy.stderr
     proxy.remember_workers()
     for _ in range(6):  # both workers serve (the kernel spreads new connections over them)
         assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)

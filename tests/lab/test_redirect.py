@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
 from egress_router.lab import (
     CLIENT_IP,
     DEMO_TRAFFIC,
@@ -24,7 +25,6 @@ from egress_router.lab import (
     Lab,
     router_command,
 )
-from egress_router.nat import DNAT_CHAIN, SNAT_CHAIN
 from tests.demo_rules import demo_dnat_rules, demo_snat_rules
 
 EXPECTED_LANDING = {
@@ -310,16 +310,17 @@ def test_a_failed_nat_transaction_changes_nothing(lab: Lab, tmp_path: Path) -> N
 
 def test_nat_rollback_restores_the_previous_rules_for_real(lab: Lab) -> None:
     """The undo used when a network step fails after the NAT transaction, run through iptables."""
-    from egress_router import nat
-    from egress_router.config import load
-    from egress_router.plan import build_plan
+    from egress_router.core.config import load
+    from egress_router.core.plan import build_plan
+    from egress_router.net import iptables as nat
 
     lab.exec("router", ["iptables-restore", "--noflush"], stdin="\n".join(MESH) + "\n", check=True)
     run_ok(lab, lab.router_env("80 tcp 203.0.113.10"))  # a previous configuration is in place
     save, restore_tool = nat.find_tools()
     for_real = lab.exec("router", [save], check=True).stdout
     before = nat.parse_save(for_real)
-    plan = build_plan(load(lab.router_env()), "macvlan0")
+    plan = build_plan(load(lab.router_env()), "macvlan0").nat
+    assert plan is not None
     with lab.entered("router"):
         nat.apply(plan, restore_tool, before)
         assert nat.read_state(save).chains[DNAT_CHAIN] != before.chains[DNAT_CHAIN]
@@ -328,7 +329,8 @@ def test_nat_rollback_restores_the_previous_rules_for_real(lab: Lab) -> None:
     fresh = Lab()
     with fresh:
         empty = nat.parse_save(fresh.exec("router", [save, "-t", "nat"], check=True).stdout)
-        fresh_plan = build_plan(load(fresh.router_env()), "macvlan0")
+        fresh_plan = build_plan(load(fresh.router_env()), "macvlan0").nat
+        assert fresh_plan is not None
         with fresh.entered("router"):
             nat.apply(fresh_plan, restore_tool, empty)
             nat.roll_back(restore_tool, empty)
@@ -374,10 +376,11 @@ def test_iptables_backend_choice_writes_to_that_backend_only(served: Lab, choice
 def test_a_network_step_failing_after_nat_puts_everything_back(lab: Lab, failing: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The undo path, in-process in the router namespace, with one real step made to fail."""
-    from egress_router import links, router
-    from egress_router.config import load
-    from egress_router.errors import SetupError
-    from egress_router.rtnl import NetlinkError, Rtnl
+    from egress_router import router
+    from egress_router.core.config import load
+    from egress_router.core.errors import SetupError
+    from egress_router.net import apply as net_apply
+    from egress_router.net.rtnl import NetlinkError, Route, Rtnl
 
     lab.exec("router", ["ip", "route", "add", "default", "via", CLIENT_IP, "metric", "100"], check=True)
     lab.exec("router", ["iptables-restore", "--noflush"], stdin="\n".join(MESH) + "\n", check=True)
@@ -385,17 +388,17 @@ def test_a_network_step_failing_after_nat_puts_everything_back(lab: Lab, failing
     if failing == "default route":
         real_route = Rtnl.route
 
-        def route(self: Rtnl, command: str, wanted: links.Route) -> None:
+        def route(self: Rtnl, command: str, wanted: Route) -> None:
             if command == "replace" and wanted.dst_len == 0:
                 raise NetlinkError(101, "Network is unreachable")
             real_route(self, command, wanted)
 
         monkeypatch.setattr(Rtnl, "route", route)
     else:
-        def write(value: str) -> None:
+        def write(path: str, value: str) -> None:
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(links, "_write_forwarding", write)
+        monkeypatch.setattr(net_apply, "write_sysctl", write)
     with lab.entered("router"):
         prepared = router.prepare(load(lab.router_env()))
         try:

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from egress_router.arp import ARP_REPLY, ARP_REQUEST, ETH_P_ARP, announcement, mac_bytes
+from egress_router.net.arp import ARP_REPLY, ARP_REQUEST, ETH_P_ARP, announcement, mac_bytes
 
 MAC = "02:42:ac:11:00:02"
 MAC_RAW = bytes([0x02, 0x42, 0xAC, 0x11, 0x00, 0x02])

@@ -6,9 +6,10 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from egress_router.config import MODES, VARIABLES, load
-from egress_router.destinations import Destinations, PortRule
-from egress_router.errors import ConfigError
+from egress_router.core.config import MODES, load
+from egress_router.core.errors import ConfigError
+from egress_router.core.redirect import Destinations, PortRule
+from egress_router.core.variables import VARIABLES
 
 BASE = {
     "EGRESS_SOURCE": "192.0.2.99",

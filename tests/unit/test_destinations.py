@@ -6,14 +6,14 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from egress_router.destinations import (
+from egress_router.core.errors import ConfigError
+from egress_router.core.redirect import (
     Destinations,
     PortRule,
     format_destinations,
     parse_destinations,
     parse_port,
 )
-from egress_router.errors import ConfigError
 
 A = IPv4Address
 

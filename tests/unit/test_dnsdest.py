@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress_router.config import load
-from egress_router.errors import ConfigError
-from egress_router.proxy.dnsdest import VARIABLE, Forward, format_dns_destinations, parse_dns_destinations
-from egress_router.proxy.settings import DnsProxySettings, load_dns_proxy
+from egress_router.core.config import load, load_dns_proxy
+from egress_router.core.errors import ConfigError
+from egress_router.core.forwards import VARIABLE, Forward, format_dns_destinations, parse_dns_destinations
+from egress_router.core.variables import VARIABLES
 
 V4 = IPv4Address
 V6 = IPv6Address
@@ -262,7 +262,9 @@ def test_grammar_errors_pass_through_load() -> None:
 
 def test_settings_defaults() -> None:
     settings_ = load_dns_proxy(DNS)
-    assert settings_ == DnsProxySettings(forwards=settings_.forwards)
+    defaults = {variable.name: variable.default for variable in VARIABLES.values()}
+    assert settings_.debug == defaults["EGRESS_DNS_PROXY_DEBUG"] and settings_.workers == defaults[
+        "EGRESS_DNS_PROXY_WORKERS"] and settings_.ttl_max == defaults["EGRESS_DNS_PROXY_TTL_MAX"]
     assert (settings_.debug, settings_.workers, settings_.connect_timeout, settings_.idle_timeout,
             settings_.max_connections, settings_.ttl_min, settings_.ttl_max, settings_.grace_seconds) == \
         (False, 1, 10.0, 60.0, 10_000, 1.0, 30.0, 10.0)

@@ -1,12 +1,12 @@
-"""The line structure the three multiline grammars share (egress_router.grammar)."""
+"""The line structure the three multiline grammars share (egress_router.core.lines)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from egress_router import grammar
-from egress_router.grammar import FIELD_SEPARATOR, rule_lines
+from egress_router.core import lines as grammar
+from egress_router.core.lines import FIELD_SEPARATOR, rule_lines
 
 
 def test_rule_lines_skip_blanks_and_comments_and_keep_line_numbers() -> None:

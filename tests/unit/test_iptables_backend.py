@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from egress_router import nat
-from egress_router.config import VARIABLES, load
-from egress_router.errors import ConfigError, SetupError
+from egress_router.core.config import load
+from egress_router.core.errors import ConfigError, SetupError
+from egress_router.core.variables import VARIABLES
+from egress_router.net import iptables as nat
 
 BASE = {"EGRESS_SOURCE": "192.0.2.99", "EGRESS_GATEWAY": "192.0.2.1", "EGRESS_DESTINATION": "80 tcp 203.0.113.10"}
 MESH_SAVE = """\
@@ -50,7 +51,7 @@ def test_checked_in_proxy_modes_too() -> None:
 
 
 def test_documented_and_never_warned_about() -> None:
-    default, meaning = VARIABLES["EGRESS_IPTABLES"]
+    default, meaning = VARIABLES["EGRESS_IPTABLES"].shown_default, VARIABLES["EGRESS_IPTABLES"].meaning
     assert default == "nft" and "legacy" in meaning and "auto" in meaning
     assert load({**BASE, "EGRESS_IPTABLES": "auto"}).warnings == ()
 
@@ -133,7 +134,7 @@ def test_auto_picks_the_backend_with_rules(tmp_path: Path, monkeypatch: pytest.M
                                            caplog: pytest.LogCaptureFixture, saves: dict[str, str | None],
                                            expected: str) -> None:
     bindir = fake_tools(tmp_path, monkeypatch, saves)
-    with caplog.at_level(logging.INFO, logger="egress_router.nat"):
+    with caplog.at_level(logging.INFO, logger="egress_router.net.iptables"):
         assert nat.find_tools("auto") == (str(bindir / f"iptables-{expected}-save"),
                                           str(bindir / f"iptables-{expected}-restore"))
     assert f"Using the iptables {expected} backend (EGRESS_IPTABLES=auto" in caplog.text

@@ -747,7 +747,7 @@ def test_cli_validate_help_documents_f() -> None:
 
 def test_container_start_path_does_not_import_yaml() -> None:
     """The init container runs `egress-router` with no arguments: neither PyYAML nor manifests may load."""
-    code = ("import sys; from egress_router import entry\n"
+    code = ("import sys; from egress_router import container as entry\n"
             "code = entry.run_container({'EGRESS_ROUTER_MODE': 'unit-test', 'EGRESS_SOURCE': '192.0.2.99',"
             " 'EGRESS_GATEWAY': '192.0.2.1', 'EGRESS_DESTINATION': '203.0.113.12'})\n"
             "import egress_router.cli\n"

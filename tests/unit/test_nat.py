@@ -1,4 +1,4 @@
-"""nat.py, pure part: rule specifications, iptables-save parsing and iptables-restore payloads."""
+"""core/nat.py: rule specifications, iptables-save parsing and iptables-restore payloads."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from egress_router.config import load
-from egress_router.destinations import Destinations, PortRule, parse_destinations
-from egress_router.nat import (
+from egress_router.core.config import load
+from egress_router.core.nat import (
     DNAT_CHAIN,
     JUMPS,
     SNAT_CHAIN,
+    NatRules,
     NatState,
     desired_chains,
     dnat_specs,
@@ -21,7 +21,8 @@ from egress_router.nat import (
     render,
     restore_payload,
 )
-from egress_router.plan import Plan, build_plan
+from egress_router.core.plan import build_plan, network_plan
+from egress_router.core.redirect import Destinations, PortRule, parse_destinations
 
 LEGACY_ENV = {
     "EGRESS_ROUTER_MODE": "unit-test",
@@ -40,9 +41,11 @@ DESTS = parse_destinations("80 tcp 10.4.5.6\n8080 tcp 10.7.8.9 80\n53 udp 10.0.0
 
 
 def make_plan(destinations: Destinations = DESTS, *, interface: str = "macvlan0", pod: str = "eth0",
-              source: str = "192.0.2.99/24") -> Plan:
-    return Plan(interface=interface, pod_interface=pod, address=IPv4Interface(source),
-                gateway=IPv4Address("192.0.2.1"), destinations=destinations)
+              source: str = "192.0.2.99/24") -> NatRules:
+    """The NAT step of the plan for these settings."""
+    nat = network_plan(interface, pod, IPv4Interface(source), IPv4Address("192.0.2.1"), destinations).nat
+    assert nat is not None
+    return nat
 
 
 PLAN = make_plan()
@@ -119,7 +122,9 @@ def test_desired_chains() -> None:
 
 def test_desired_chains_from_a_built_plan() -> None:
     config = load({**LEGACY_ENV, "EGRESS_ROUTER_MODE": "init", "EGRESS_POD_INTERFACE": "veth+"})
-    chains = desired_chains(build_plan(config, "net1"))
+    nat = build_plan(config, "net1").nat
+    assert nat is not None
+    chains = desired_chains(nat)
     assert chains[SNAT_CHAIN] == ["-o net1 -j SNAT --to-source 1.2.3.4"]
     assert chains[DNAT_CHAIN][0] == "-i veth+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.4.5.6"
 
@@ -362,9 +367,10 @@ def test_payload_is_iptables_restore_input() -> None:
     assert all(" -i veth+ " in line for line in lines if line.startswith("-A EGRESS-ROUTER-DNAT"))
 
 
-def test_plan_without_destinations_is_refused() -> None:
-    with pytest.raises(AssertionError):
-        desired_chains(Plan("macvlan0", "eth0", IPv4Interface("192.0.2.99/32"), IPv4Address("192.0.2.1"), None))
+def test_plan_without_destinations_has_no_nat_step() -> None:
+    plan = network_plan("macvlan0", "eth0", IPv4Interface("192.0.2.99/32"), IPv4Address("192.0.2.1"), None)
+    assert plan.nat is None
+    assert not any(isinstance(step, NatRules) for step in plan.steps)
 
 
 # ---------------------------------------------------------------- failed_line_hint

@@ -7,20 +7,21 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress_router.config import load
-from egress_router.destinations import Destinations, PortRule, format_destinations, parse_destinations
-from egress_router.errors import ConfigError
-from egress_router.nat import (
+from egress_router.core.config import load
+from egress_router.core.errors import ConfigError
+from egress_router.core.nat import (
     DNAT_CHAIN,
     JUMPS,
     SNAT_CHAIN,
+    NatRules,
     NatState,
     desired_chains,
     parse_save,
     render,
     restore_payload,
 )
-from egress_router.plan import Plan
+from egress_router.core.plan import network_plan
+from egress_router.core.redirect import Destinations, PortRule, format_destinations, parse_destinations
 
 MODEST = settings(max_examples=200, deadline=None)
 
@@ -170,11 +171,13 @@ pod_interfaces = st.sampled_from(["eth0", "veth+", "cali+"])
 
 
 @st.composite
-def plans(draw: st.DrawFn) -> Plan:
+def plans(draw: st.DrawFn) -> NatRules:
+    """The NAT step of a drawn plan."""
     address = draw(unicast)
-    return Plan(interface=draw(interfaces), pod_interface=draw(pod_interfaces),
-                address=IPv4Interface(f"{address}/{draw(st.integers(24, 32))}"),
-                gateway=draw(unicast), destinations=draw(destinations()))
+    nat = network_plan(draw(interfaces), draw(pod_interfaces), IPv4Interface(f"{address}/{draw(st.integers(24, 32))}"),
+                       draw(unicast), draw(destinations())).nat
+    assert nat is not None
+    return nat
 
 
 OTHER_CHAINS = {"KUBE-SERVICES": ["-j KUBE-NODEPORTS"], "KUBE-NODEPORTS": [],
@@ -196,7 +199,7 @@ def save_of(chains: dict[str, list[str]], *, with_filter: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def after_state(plan: Plan, *, others: bool) -> dict[str, list[str]]:
+def after_state(plan: NatRules, *, others: bool) -> dict[str, list[str]]:
     chains: dict[str, list[str]] = {"PREROUTING": [], "POSTROUTING": []}
     if others:
         chains["PREROUTING"].append("-m comment --comment portals -j KUBE-SERVICES")
@@ -210,7 +213,7 @@ def after_state(plan: Plan, *, others: bool) -> dict[str, list[str]]:
 
 @MODEST
 @given(plans(), st.booleans(), st.booleans())
-def test_converged_save_needs_no_payload(plan: Plan, others: bool, with_filter: bool) -> None:
+def test_converged_save_needs_no_payload(plan: NatRules, others: bool, with_filter: bool) -> None:
     state = parse_save(save_of(after_state(plan, others=others), with_filter=with_filter))
     assert restore_payload(plan, state) is None
 
@@ -244,7 +247,7 @@ stale_rules = st.lists(st.sampled_from(["-j RETURN", "-i eth0 -j DNAT --to-desti
 @MODEST
 @given(plans(), st.integers(0, 3), st.integers(0, 3), st.none() | stale_rules, st.none() | stale_rules,
        st.booleans())
-def test_payload_converges_any_starting_state(plan: Plan, pre_jumps: int, post_jumps: int,
+def test_payload_converges_any_starting_state(plan: NatRules, pre_jumps: int, post_jumps: int,
                                               dnat: list[str] | None, snat: list[str] | None, others: bool) -> None:
     """From any mix of missing/duplicated jumps and stale/missing chains, one payload reaches the plan."""
     chains: dict[str, list[str]] = {"PREROUTING": [], "INPUT": [], "OUTPUT": [], "POSTROUTING": []}
@@ -276,7 +279,7 @@ def test_payload_converges_any_starting_state(plan: Plan, pre_jumps: int, post_j
 
 @MODEST
 @given(plans())
-def test_render_applied_to_empty_table_converges(plan: Plan) -> None:
+def test_render_applied_to_empty_table_converges(plan: NatRules) -> None:
     empty: dict[str, list[str]] = {"PREROUTING": [], "INPUT": [], "OUTPUT": [], "POSTROUTING": []}
     after = apply_restore(empty, render(plan))
     assert restore_payload(plan, NatState(after)) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from egress_router.cli import main, variables_markdown
-from egress_router.config import VARIABLES
+from egress_router.core.variables import VARIABLES
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
@@ -27,8 +27,8 @@ def test_every_variable_is_in_the_table_once_with_its_modes() -> None:
 def test_variables_command_lists_them_all() -> None:
     result = CliRunner().invoke(main, ["variables"])
     assert result.exit_code == 0, result.output
-    for name, (default, _) in VARIABLES.items():
-        assert f"{name}  [default: {default}]" in result.output
+    for name, variable in VARIABLES.items():
+        assert f"{name}  [default: {variable.shown_default}]" in result.output
     assert CliRunner().invoke(main, ["variables", "--markdown"]).output.rstrip("\n") == variables_markdown()
 
 

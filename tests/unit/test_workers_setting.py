@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from egress_router.errors import ConfigError
-from egress_router.proxy.settings import load_dns_proxy, load_http_proxy
+from egress_router.core.config import load_dns_proxy, load_http_proxy
+from egress_router.core.errors import ConfigError
 
 HTTP = {"EGRESS_HTTP_PROXY_DESTINATION": "*"}
 DNS = {"EGRESS_DNS_PROXY_DESTINATION": "53 203.0.113.53"}

@@ -13,18 +13,19 @@ import asyncio
 import logging
 import socket
 import time
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv6Address, ip_address
 from typing import Any, cast
 
+from ..core.config import DnsProxySettings
+from ..core.forwards import Forward
+from ..core.hosts import Address
 from . import metrics
-from .dnsdest import Forward
 from .metrics import SharedCounters, WorkerCounters
 from .server import handle_stop_signals, reset
-from .settings import DnsProxySettings
 
 log = logging.getLogger(__name__)
 
-Address = IPv4Address | IPv6Address
+
 RESOLVE_RETRY_MAX = 30.0
 RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a tight loop
 PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
@@ -442,7 +443,7 @@ class BackendSide(asyncio.Protocol):
             self.relay.transport.resume_reading()
 
 
-def run(settings: DnsProxySettings) -> int:
+def run_dns_proxy(settings: DnsProxySettings) -> int:
     """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
     from .server import Listen, available_cpus, loop_worker, serve
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .netlink import load_pyroute2_modules
+from .pyroute import load_pyroute2_modules
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NLMSG_ERROR, NLMSG_DONE = 2, 3

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
-from ..destinations import parse_port
-from ..errors import ConfigError
-from ..grammar import FIELD_SEPARATOR, rule_lines
-from .acl import HostError, normalize_host
+from .errors import ConfigError
+from .hosts import HostError, normalize_host
+from .lines import FIELD_SEPARATOR, rule_lines
+from .values import parse_port
 
 VARIABLE = "EGRESS_DNS_PROXY_DESTINATION"
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from functools import lru_cache
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import IPv4Address
 
 from .errors import ConfigError
-from .grammar import FIELD_SEPARATOR, rule_lines
+from .lines import FIELD_SEPARATOR, rule_lines
+from .values import parse_ipv4, parse_port
 
 PROTOCOLS = ("tcp", "udp", "sctp")
-_DIGITS = re.compile(r"[0-9]+")
-_BROADCAST = IPv4Address("255.255.255.255")
 
 GRAMMAR_HELP = """\
 One rule per line:
@@ -48,46 +45,6 @@ class Destinations:
 
     def __len__(self) -> int:
         return len(self.rules) + (self.fallback is not None)
-
-
-def parse_ipv4(value: str, variable: str, *, line: int | None = None, text: str | None = None,
-               what: str = "an IPv4 address") -> IPv4Address:
-    """Parse a dotted-quad IPv4 address, rejecting ones that can never be a useful endpoint."""
-    address = _ipv4(value)
-    if address is None:
-        raise ConfigError(variable, f"{value!r} is not {what}", line=line, text=text)
-    problem = unusable_reason(address)
-    if problem:
-        raise ConfigError(variable, f"{value} is {problem}", line=line, text=text)
-    return address
-
-
-@lru_cache(maxsize=4096)
-def _ipv4(value: str) -> IPv4Address | None:
-    """Long rule lists repeat a few destinations: parse each spelling once."""
-    try:
-        return IPv4Address(value)
-    except (AddressValueError, ValueError):
-        return None
-
-
-def unusable_reason(address: IPv4Address) -> str | None:
-    """Why `address` cannot be a host on the network, or None if it can."""
-    if address.is_unspecified:
-        return "the unspecified address"
-    if address == _BROADCAST:
-        return "the broadcast address"
-    if address.is_loopback:
-        return "a loopback address"
-    if address.is_multicast:
-        return "a multicast address"
-    return None
-
-
-def parse_port(value: str, variable: str, *, line: int, text: str, what: str) -> int:
-    if len(value) > 5 or not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 65535:
-        raise ConfigError(variable, f"{what} {value!r} is not a port number (1-65535)", line=line, text=text)
-    return int(value)
 
 
 def parse_destinations(text: str, variable: str = "EGRESS_DESTINATION") -> Destinations:

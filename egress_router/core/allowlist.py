@@ -10,10 +10,11 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 from types import MappingProxyType
 from typing import Literal
 
-from ..errors import ConfigError
-from ..grammar import rule_lines
+from .errors import ConfigError
+from .hosts import DOTTED_QUAD, Address, HostError, ipv4_hint, parse_ipv6, parse_name
+from .hosts import shown as quoted
+from .lines import rule_lines
 
-Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 RuleKind = Literal["host", "domain", "network", "any"]
 
@@ -30,22 +31,8 @@ A destination no rule matches is denied. Names are also checked against the addr
 resolve to, so '!10.0.0.0/8' then '*' refuses a name that resolves into 10.0.0.0/8.
 Blank lines and # comments are ignored."""
 
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
-# WHATWG's "ends in a number": a URL parser would read such a host as an IPv4 address in
-# some other notation, so it must never be taken for a name either.
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
-_IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 _PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")
 _MAPPED = IPv6Network("::ffff:0:0/96")
-_MAX_NAME = 253
-_MAX_SHOWN = 64
-
-
-class HostError(ValueError):
-    """A request's host is neither a valid DNS name nor a canonical IP literal; str() says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,13 +204,13 @@ def parse_access_list(text: str, variable: str = VARIABLE) -> AccessList:
 def _parse_rule(content: str, line: int) -> Rule:
     """One rule's text (comment and surrounding blanks removed); HostError says what is wrong with it."""
     if any(char.isspace() for char in content):
-        raise HostError(f"{_shown(content)} has spaces inside; write one rule per line")
+        raise HostError(f"{quoted(content)} has spaces inside; write one rule per line")
     allow = not content.startswith("!")
     body = content if allow else content[1:]
     if not body:
         raise HostError("'!' must be followed by the host, domain or network to deny")
     if body.startswith("!"):
-        raise HostError(f"{_shown(content)}: one '!' is enough to deny")
+        raise HostError(f"{quoted(content)}: one '!' is enough to deny")
     if body == "*":
         if not allow:
             raise HostError("'!*' is not needed: whatever no rule allows is denied already")
@@ -233,44 +220,44 @@ def _parse_rule(content: str, line: int) -> Rule:
         if not parent:
             raise HostError("'*.' must be followed by a domain, e.g. '*.example.com'")
         if "*" in parent:
-            raise HostError(f"wildcard in {_shown(body)}: '*' may only appear as a leading '*.' or alone")
-        return Rule(allow, "domain", _parse_name(parent), line=line)
+            raise HostError(f"wildcard in {quoted(body)}: '*' may only appear as a leading '*.' or alone")
+        return Rule(allow, "domain", parse_name(parent), line=line)
     if "*" in body:
-        raise HostError(f"wildcard in {_shown(body)}: '*' may only appear as a leading '*.' or alone")
+        raise HostError(f"wildcard in {quoted(body)}: '*' may only appear as a leading '*.' or alone")
     if "://" in body:
-        raise HostError(f"{_shown(body)} is a URL; write only its host, e.g. 'www.example.com'")
+        raise HostError(f"{quoted(body)} is a URL; write only its host, e.g. 'www.example.com'")
     if body.count(":") == 1:  # IPv6 needs at least two: this is a host with a port
-        raise HostError(f"{_shown(body)} is not an IPv6 address, and rules have no port: write the host alone")
+        raise HostError(f"{quoted(body)} is not an IPv6 address, and rules have no port: write the host alone")
     if "/" in body:
         return Rule(allow, "network", network=_parse_network(body), line=line)
     if body.startswith("["):
-        raise HostError(f"{_shown(body)}: write IPv6 addresses without brackets")
+        raise HostError(f"{quoted(body)}: write IPv6 addresses without brackets")
     if ":" in body:
-        address = _parse_ipv6(body)
+        address = parse_ipv6(body)
         if address.ipv4_mapped is not None:
             raise HostError(f"{body} is an IPv4-mapped IPv6 address; write it as IPv4: {address.ipv4_mapped}")
         return Rule(allow, "network", network=IPv6Network(address), line=line)
-    if _DOTTED_QUAD.fullmatch(body):
+    if DOTTED_QUAD.fullmatch(body):
         return Rule(allow, "network", network=IPv4Network(body), line=line)
-    return Rule(allow, "host", _parse_name(body), line=line)
+    return Rule(allow, "host", parse_name(body), line=line)
 
 
 def _parse_network(body: str) -> Network:
     address_text, _, prefix_text = body.partition("/")
     address: Address
     if ":" in address_text:
-        address = _parse_ipv6(address_text)
-    elif _DOTTED_QUAD.fullmatch(address_text):
+        address = parse_ipv6(address_text)
+    elif DOTTED_QUAD.fullmatch(address_text):
         address = IPv4Address(address_text)
     else:
-        raise HostError(f"{_shown(address_text)} in {_shown(body)} is not an IPv4 or IPv6 address"
-                        + _ipv4_hint(address_text))
+        raise HostError(f"{quoted(address_text)} in {quoted(body)} is not an IPv4 or IPv6 address"
+                        + ipv4_hint(address_text))
     limit = address.max_prefixlen
     if not _PREFIX.fullmatch(prefix_text):
-        raise HostError(f"{_shown(prefix_text)} in {_shown(body)} is not a prefix length (0-{limit})")
+        raise HostError(f"{quoted(prefix_text)} in {quoted(body)} is not a prefix length (0-{limit})")
     prefix = int(prefix_text)
     if prefix > limit:
-        raise HostError(f"prefix length /{prefix} in {_shown(body)} is out of range for IPv{address.version} "
+        raise HostError(f"prefix length /{prefix} in {quoted(body)} is out of range for IPv{address.version} "
                         f"(0-{limit})")
     network = ip_network((address, prefix), strict=False)
     if network.network_address != address:
@@ -279,96 +266,8 @@ def _parse_network(body: str) -> Network:
         mapped = network.network_address.ipv4_mapped
         assert mapped is not None
         ipv4 = IPv4Network((mapped, prefix - 96))
-        raise HostError(f"{_shown(body)} is IPv4-mapped IPv6; write it as IPv4: {ipv4}")
+        raise HostError(f"{quoted(body)} is IPv4-mapped IPv6; write it as IPv4: {ipv4}")
     return network
-
-
-def normalize_host(host: str) -> str | IPv4Address | IPv6Address:
-    """A request's host (no port; IPv6 bracketed or not) as a lower-case name without trailing dot or an address.
-
-    Only canonical literals are accepted: any other spelling of an address (decimal, hex, octal,
-    shortened, zone ids) is refused, since resolvers and libraries disagree on what it means and
-    that disagreement is how allow lists get bypassed. ::ffff:a.b.c.d comes back as IPv4.
-    """
-    if len(host) > _MAX_NAME + 2:  # no valid host is longer; keep junk out of the cache
-        raise HostError(f"host is too long ({len(host)} characters; at most {_MAX_NAME})")
-    return _normalize_host(host)
-
-
-@lru_cache(maxsize=4096)
-def _normalize_host(host: str) -> str | IPv4Address | IPv6Address:
-    """Clients repeat a handful of hosts: parse each spelling once."""
-    if not host:
-        raise HostError("empty host")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise HostError(f"{_shown(host)} has no closing ']'")
-        address = _parse_ipv6(host[1:-1])
-    elif ":" in host:
-        address = _parse_ipv6(host)
-    elif _DOTTED_QUAD.fullmatch(host):
-        return IPv4Address(host)
-    else:
-        return _parse_name(host)
-    mapped = address.ipv4_mapped
-    return address if mapped is None else mapped
-
-
-def _parse_ipv6(text: str) -> IPv6Address:
-    if "%" in text:
-        raise HostError(f"{_shown(text)} has a zone id ('%...'); zone ids are not allowed")
-    if not _IPV6_CHARS.fullmatch(text):
-        raise HostError(f"{_shown(text)} is not an IPv6 address")
-    try:
-        return IPv6Address(text)
-    except ValueError:
-        raise HostError(f"{_shown(text)} is not an IPv6 address") from None
-
-
-def _parse_name(text: str) -> str:
-    """A valid DNS name, lower case, without its trailing dot; HostError otherwise."""
-    name = text[:-1] if text.endswith(".") else text
-    if not name:
-        raise HostError(f"{_shown(text)} is not a host name" if text else "empty host name")
-    if len(name) > _MAX_NAME:
-        raise HostError(f"host name is too long ({len(name)} characters; at most {_MAX_NAME})")
-    if not _NAME.fullmatch(name):
-        raise HostError(f"{_shown(text)} is not a valid host name: {_name_problem(name)}")
-    if _NUMERIC_LABEL.fullmatch(name.rsplit(".", 1)[-1]):
-        raise HostError(f"{_shown(text)} is not a dotted-quad IPv4 address (nor a host name: its last label "
-                        "is a number)" + _ipv4_hint(text))
-    return name.lower()
-
-
-def _name_problem(name: str) -> str:
-    """What is wrong with a name _NAME refused (the error path only, so it may be slow)."""
-    for label in name.split("."):
-        if not label:
-            return "it has an empty label ('..')"
-        bad = re.search(r"[^A-Za-z0-9_-]", label)
-        if bad:
-            return f"{bad.group()!r} is not allowed (letters, digits, '-' and '_' only)"
-        if len(label) > 63:
-            return f"label {_shown(label)} is longer than 63 characters"
-        if label.startswith("-") or label.endswith("-"):
-            return f"label {_shown(label)} starts or ends with '-'"
-    return "labels are 1-63 letters, digits, '-' or '_'"
-
-
-def _ipv4_hint(text: str) -> str:
-    """Name the likely slip in an address someone meant as IPv4."""
-    if text.endswith(".") and _DOTTED_QUAD.fullmatch(text[:-1]):
-        return "; drop the trailing dot"
-    parts = text.split(".")
-    if any(re.fullmatch(r"0[xX][0-9A-Fa-f]*", part) for part in parts):
-        return "; hexadecimal parts are not allowed"
-    if not all(re.fullmatch(r"[0-9]+", part) for part in parts):
-        return ""
-    if any(len(part) > 1 and part.startswith("0") for part in parts):
-        return "; leading zeros are not allowed (some parsers read them as octal)"
-    if len(parts) != 4:
-        return "; write all four parts"
-    return "; each part must be 0-255"
 
 
 def _name_matcher(hosts: Mapping[str, int], domains: Mapping[str, int]) -> Callable[[str], int | None]:
@@ -398,10 +297,3 @@ def _frozen_tables(by_mask: dict[int, dict[int, int]]) -> tuple[tuple[int, Mappi
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _shown(text: str) -> str:
-    """Quote user text for a reason, shortened so a huge token cannot flood a log line."""
-    if len(text) > _MAX_SHOWN:
-        text = text[:_MAX_SHOWN] + "..."
-    return repr(text)

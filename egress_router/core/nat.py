@@ -1,36 +1,48 @@
-"""NAT: the plan as iptables rules in chains we own (pure), applied in one iptables-restore (edge).
+"""NAT as data: the router's rules in chains it owns, iptables-restore payloads, iptables-save parsing (pure).
 
-Like kube-proxy, every rule lives in chains the router owns, jumped to from the built-in chains,
-and everything is written in one `iptables-restore --noflush` transaction: it applies whole or not
-at all, works with the nft and the legacy backend alike (EGRESS_IPTABLES picks one), and leaves
-other owners' rules alone.
+Like kube-proxy, every rule lives in chains the router owns, jumped to from the built-in chains, and
+the whole change is one `iptables-restore --noflush` payload: it applies whole or not at all, works
+with the nft and the legacy backend alike, and leaves other owners' rules alone. net.iptables runs it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from .config import RouterConfig
-from .destinations import Destinations
-from .errors import SetupError
-from .plan import Plan
-
-log = logging.getLogger(__name__)
+from .redirect import Destinations
 
 DNAT_CHAIN = "EGRESS-ROUTER-DNAT"
 SNAT_CHAIN = "EGRESS-ROUTER-SNAT"
 # built-in chain -> our chain it jumps to
 JUMPS = {"PREROUTING": DNAT_CHAIN, "POSTROUTING": SNAT_CHAIN}
 BACKENDS = ("nft", "legacy")  # EGRESS_IPTABLES=auto looks at both
-RESTORE_WAIT_SECONDS = "10"  # legacy backend: wait for the xtables lock instead of failing
 
 
-# ---------------------------------------------------------------- pure: rules and payloads
+@dataclass(frozen=True, slots=True)
+class NatRules:
+    """The plan's NAT step: our chains and their rule specifications (as iptables-save prints them),
+    written in one iptables-restore transaction together with the jumps to them."""
+
+    chains: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def render(self) -> str:
+        """The payload as applied to a namespace that has none of our rules yet."""
+        return render(self)
+
+    def __str__(self) -> str:
+        return f"NAT rules ({sum(len(rules) for _, rules in self.chains)} in {', '.join(c for c, _ in self.chains)})"
+
+
+def nat_rules(destinations: Destinations, pod_interface: str, interface: str, source: IPv4Address) -> NatRules:
+    """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`."""
+    return NatRules((
+        (DNAT_CHAIN, tuple(dnat_specs(destinations, pod_interface))),
+        (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)),
+    ))
+
 
 def dnat_specs(destinations: Destinations, pod_interface: str, *, legacy: bool = False) -> list[str]:
     """DNAT rule specifications in order; `legacy` gives the legacy image's spelling (no -m)."""
@@ -53,13 +65,9 @@ def legacy_lines(config: RouterConfig) -> list[str]:
     return lines
 
 
-def desired_chains(plan: Plan) -> dict[str, list[str]]:
+def desired_chains(nat: NatRules) -> dict[str, list[str]]:
     """Our chains and their rule specifications, as iptables-save prints them."""
-    assert plan.destinations is not None
-    return {
-        DNAT_CHAIN: dnat_specs(plan.destinations, plan.pod_interface),
-        SNAT_CHAIN: [f"-o {plan.interface} -j SNAT --to-source {plan.address.ip}"],
-    }
+    return {chain: list(rules) for chain, rules in nat.chains}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +102,9 @@ def parse_save(text: str) -> NatState:
     return NatState(chains)
 
 
-def restore_payload(plan: Plan, state: NatState) -> str | None:
-    """The iptables-restore --noflush input converging `state` to `plan`; None if already there."""
-    wanted = desired_chains(plan)
+def restore_payload(nat: NatRules, state: NatState) -> str | None:
+    """The iptables-restore --noflush input converging `state` to `nat`; None if already there."""
+    wanted = desired_chains(nat)
     jumps_ok = all(state.jump_count(b, t) == 1 for b, t in JUMPS.items())
     if jumps_ok and all(state.chains.get(c) == rules for c, rules in wanted.items()):
         return None
@@ -136,9 +144,9 @@ def rollback_payload(before: NatState) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(plan: Plan) -> str:
+def render(nat: NatRules) -> str:
     """The payload as applied to a namespace that has none of our rules yet."""
-    payload = restore_payload(plan, NatState())
+    payload = restore_payload(nat, NatState())
     assert payload is not None
     return payload
 
@@ -162,74 +170,6 @@ def choose_backend(rules: dict[str, int]) -> str:
     return "legacy" if rules.get("legacy", 0) > rules.get("nft", 0) else "nft"
 
 
-# ---------------------------------------------------------------- edge: iptables-save/restore
-
-def find_tools(choice: str = "nft") -> tuple[str, str]:
-    """Paths of the save and restore tools for EGRESS_IPTABLES (nft, legacy or auto), or a SetupError."""
-    if choice != "auto":
-        return _which_backend(choice)
-    found = {}
-    for backend in BACKENDS:
-        try:
-            found[backend] = _which_backend(backend)
-        except SetupError:
-            continue
-    if not found:
-        raise SetupError("neither iptables-nft-save/-restore nor iptables-legacy-save/-restore found on PATH "
-                         "(EGRESS_IPTABLES=auto): install the iptables package")
-    rules = {backend: _rules_in(tools[0]) for backend, tools in found.items()}
-    backend = choose_backend(rules)
-    if backend not in found:  # only the other backend is installed
-        backend = next(iter(found))
-    counts = ", ".join(f"{count} in {name}" for name, count in rules.items())
-    log.info("Using the iptables %s backend (EGRESS_IPTABLES=auto; rules already present: %s)", backend, counts)
-    return found[backend]
-
-
-def _which_backend(backend: str) -> tuple[str, str]:
-    names = backend_tools(backend)
-    save, restore = (shutil.which(name) for name in names)
-    if not save or not restore:
-        missing = " and ".join(name for name, path in zip(names, (save, restore), strict=True) if not path)
-        other = "legacy" if backend == "nft" else "nft"
-        raise SetupError(f"{missing} not found on PATH (EGRESS_IPTABLES={backend}): install the iptables "
-                         f"package, or set EGRESS_IPTABLES to {other} or auto")
-    log.debug("iptables backend: %s (%s, %s)", backend, save, restore)
-    return save, restore
-
-
-def _rules_in(save: str) -> int:
-    """Rules the backend's save tool shows; a backend that cannot even be read has none we could keep."""
-    try:
-        return count_rules(_run([save]))
-    except SetupError as exc:
-        log.debug("Counting the rules of %s failed: %s", save, exc)
-        return 0
-
-
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise SetupError(f"cannot run {argv[0]}: {exc.strerror}") from None
-    if done.returncode != 0:
-        detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
-        raise SetupError(f"{os.path.basename(argv[0])} failed: {detail}")
-    return done.stdout
-
-
-def read_state(save: str) -> NatState:
-    return parse_save(_run([save, "-t", "nat"]))
-
-
-def restore(restore_tool: str, payload: str) -> None:
-    log.debug("iptables-restore payload:\n%s", payload.rstrip())
-    try:
-        _run([restore_tool, "--noflush", "--wait", RESTORE_WAIT_SECONDS], stdin=payload)
-    except SetupError as exc:
-        raise SetupError(f"{exc}{failed_line_hint(str(exc), payload)}") from None
-
-
 def failed_line_hint(message: str, payload: str) -> str:
     """iptables-restore reports 'line N failed'; show that line of our payload too."""
     found = re.search(r"line (\d+) failed", message)
@@ -237,22 +177,3 @@ def failed_line_hint(message: str, payload: str) -> str:
     if not found or not 1 <= int(found.group(1)) <= len(lines):
         return ""
     return f" (the rule was {lines[int(found.group(1)) - 1]!r})"
-
-
-def apply(plan: Plan, restore_tool: str, before: NatState) -> tuple[int, bool]:
-    """Converge the nat table (last read as `before`) to the plan.
-
-    Returns the number of our rules and whether anything was changed.
-    """
-    payload = restore_payload(plan, before)
-    count = sum(len(rules) for rules in desired_chains(plan).values())
-    if payload is None:
-        log.info("NAT rules already in place (%d rules in %s, %s)", count, DNAT_CHAIN, SNAT_CHAIN)
-        return count, False
-    restore(restore_tool, payload)
-    log.info("Applied %d NAT rules (%s, %s) in one iptables-restore", count, DNAT_CHAIN, SNAT_CHAIN)
-    return count, True
-
-
-def roll_back(restore_tool: str, before: NatState) -> None:
-    restore(restore_tool, rollback_payload(before))

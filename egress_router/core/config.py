@@ -1,0 +1,201 @@
+"""The environment contract: EGRESS_* variables -> a validated, frozen RouterConfig (pure).
+
+Every variable is read through its entry in core.variables; this module only adds what relates
+several of them (the mode chosen from the proxy variables, the gateway checked against the source).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+
+from . import variables as v
+from .allowlist import AccessList, parse_access_list
+from .errors import ConfigError
+from .forwards import Forward, parse_dns_destinations
+from .redirect import Destinations, parse_destinations
+from .values import parse_ipv4
+from .variables import DEFAULT_IPTABLES, DEFAULT_MODE, MODES, NAT_MODES, unknown_variable_warnings
+
+__all__ = ["DEFAULT_MODE", "MODES", "NAT_MODES", "DnsProxySettings", "HttpProxySettings", "RouterConfig", "load"]
+
+HEADER_LIMIT = 64 * 1024  # bytes of request line + headers
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxySettings:
+    """The HTTP proxy's allow list and limits (defaults: core.variables)."""
+
+    acl: AccessList
+    port: int
+    workers: int | None  # None: one per CPU available to the process ('auto')
+    access_log: bool
+    connect_timeout: float
+    max_connections: int
+    idle_timeout: float
+    tunnel_idle_timeout: float
+    grace_seconds: float
+    header_limit: int = HEADER_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class DnsProxySettings:
+    """The DNS-name based TCP proxy's forwards and limits (defaults: core.variables)."""
+
+    forwards: tuple[Forward, ...]
+    debug: bool
+    workers: int | None  # None: one per CPU available to the process ('auto')
+    connect_timeout: float
+    idle_timeout: float
+    max_connections: int
+    ttl_min: float
+    ttl_max: float
+    grace_seconds: float
+    tries: int = 3  # backends tried for one client connection
+    backoff: float = 5.0  # seconds a failed backend is skipped before checks may bring it back
+    check_interval: float = 2.0  # active TCP check of a backend marked down
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything the router was asked to do, validated."""
+
+    mode: str
+    source: IPv4Interface | None  # None: a proxy-only container, the network is not touched
+    source_has_prefix: bool
+    gateway: IPv4Address | None
+    destinations: Destinations | None
+    interface: str | None  # None: macvlan0, or the only macvlan link if macvlan0 is missing
+    pod_interface: str
+    debug: bool
+    warnings: tuple[str, ...] = ()
+    http_proxy: HttpProxySettings | None = None
+    dns_proxy: DnsProxySettings | None = None
+    iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see net.iptables.find_tools)
+
+    @property
+    def configures_nat(self) -> bool:
+        return self.mode in NAT_MODES
+
+    @property
+    def configures_network(self) -> bool:
+        return self.source is not None
+
+
+def load(env: Mapping[str, str]) -> RouterConfig:
+    """Validate the environment; raise ConfigError naming the first bad variable."""
+    mode = select_mode(env)
+    http_proxy = load_http_proxy(env) if v.HTTP_DESTINATION.is_set(env) else None
+    dns_proxy = load_dns_proxy(env) if v.DNS_DESTINATION.is_set(env) else None
+    source: IPv4Interface | None = None
+    gateway: IPv4Address | None = None
+    has_prefix = False
+    if (http_proxy or dns_proxy) is not None and not v.SOURCE.is_set(env):
+        if v.GATEWAY.is_set(env):
+            raise ConfigError(v.GATEWAY.name, "is set but EGRESS_SOURCE is not: set both to configure the "
+                              "network before the proxy starts, or neither to run the proxy alone")
+    else:
+        source, has_prefix = parse_source(v.SOURCE.require(env))
+        gateway = parse_gateway(v.GATEWAY.require(env), source, has_prefix)
+    destinations = None
+    if mode in NAT_MODES:
+        destinations = parse_destinations(v.DESTINATION.require(env), v.DESTINATION.name)
+    interface = v.INTERFACE.read(env)
+    pod_interface = v.POD_INTERFACE.read(env)
+    if interface is not None and interface == pod_interface:
+        raise ConfigError(v.POD_INTERFACE.name, f"{pod_interface!r} is also the egress interface (EGRESS_INTERFACE)")
+    return RouterConfig(
+        mode=mode,
+        source=source,
+        source_has_prefix=has_prefix,
+        gateway=gateway,
+        destinations=destinations,
+        interface=interface,
+        pod_interface=pod_interface,
+        debug=v.DEBUG.read(env),
+        warnings=unknown_variable_warnings(env),
+        http_proxy=http_proxy,
+        dns_proxy=dns_proxy,
+        iptables=v.IPTABLES.read(env),
+    )
+
+
+def select_mode(env: Mapping[str, str]) -> str:
+    """EGRESS_ROUTER_MODE; unset with EGRESS_HTTP_PROXY_DESTINATION set means http-proxy (the legacy proxy
+    container set only the latter)."""
+    mode = v.MODE.read(env) if v.MODE.is_set(env) else ""
+    http, dns = v.HTTP_DESTINATION.is_set(env), v.DNS_DESTINATION.is_set(env)
+    if http and dns:
+        raise ConfigError(v.DNS_DESTINATION.name, "is set together with EGRESS_HTTP_PROXY_DESTINATION: "
+                          "run the two proxies in two containers")
+    for requested, variable, wanted in ((http, v.HTTP_DESTINATION.name, "http-proxy"),
+                                        (dns, v.DNS_DESTINATION.name, "dns-proxy")):
+        if requested:
+            if mode and mode != wanted:
+                raise ConfigError(variable, f"is set, but EGRESS_ROUTER_MODE is {mode!r}: this proxy runs with "
+                                  f"EGRESS_ROUTER_MODE={wanted} or unset")
+            return wanted
+    return mode or DEFAULT_MODE
+
+
+def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
+    """Validate the HTTP proxy variables; raise ConfigError naming the first bad one."""
+    return HttpProxySettings(
+        acl=parse_access_list(v.HTTP_DESTINATION.require(env), v.HTTP_DESTINATION.name),
+        port=v.HTTP_PORT.read(env),
+        workers=v.HTTP_WORKERS.read(env),
+        access_log=v.HTTP_ACCESS_LOG.read(env),
+        connect_timeout=v.HTTP_CONNECT_TIMEOUT.read(env),
+        max_connections=v.HTTP_MAX_CONNECTIONS.read(env),
+        idle_timeout=v.HTTP_IDLE_TIMEOUT.read(env),
+        tunnel_idle_timeout=v.HTTP_TUNNEL_IDLE_TIMEOUT.read(env),
+        grace_seconds=v.GRACE.read(env),
+    )
+
+
+def load_dns_proxy(env: Mapping[str, str]) -> DnsProxySettings:
+    """Validate the DNS proxy variables; raise ConfigError naming the first bad one."""
+    forwards = parse_dns_destinations(env.get(v.DNS_DESTINATION.name, ""), v.DNS_DESTINATION.name)
+    ttl_min, ttl_max = v.DNS_TTL_MIN.read(env), v.DNS_TTL_MAX.read(env)
+    if ttl_max < ttl_min:
+        raise ConfigError(v.DNS_TTL_MAX.name, f"{ttl_max:g} is below EGRESS_DNS_PROXY_TTL_MIN ({ttl_min:g})")
+    return DnsProxySettings(
+        forwards=forwards,
+        debug=v.DNS_DEBUG.read(env),
+        workers=v.DNS_WORKERS.read(env),
+        connect_timeout=v.DNS_CONNECT_TIMEOUT.read(env),
+        idle_timeout=v.DNS_IDLE_TIMEOUT.read(env),
+        max_connections=v.DNS_MAX_CONNECTIONS.read(env),
+        ttl_min=ttl_min,
+        ttl_max=ttl_max,
+        grace_seconds=v.GRACE.read(env),
+    )
+
+
+def parse_source(value: str) -> tuple[IPv4Interface, bool]:
+    text = value.strip()
+    address_text, slash, prefix_text = text.partition("/")
+    address = parse_ipv4(address_text, v.SOURCE.name)
+    if not slash:
+        return IPv4Interface(f"{address}/32"), False
+    if not re.fullmatch(r"[0-9]{1,2}", prefix_text) or int(prefix_text) > 32:
+        raise ConfigError(v.SOURCE.name, f"{prefix_text!r} in {text!r} is not a prefix length (0-32)")
+    source = IPv4Interface(f"{address}/{int(prefix_text)}")
+    if source.network.prefixlen <= 30 and address in (source.network.network_address,
+                                                       source.network.broadcast_address):
+        which = "network" if address == source.network.network_address else "broadcast"
+        raise ConfigError(v.SOURCE.name, f"{text} is the {which} address of {source.network}")
+    return source, True
+
+
+def parse_gateway(value: str, source: IPv4Interface, has_prefix: bool) -> IPv4Address:
+    text = value.strip()
+    gateway = parse_ipv4(text, v.GATEWAY.name)
+    if gateway == source.ip:
+        raise ConfigError(v.GATEWAY.name, f"{text} is the same address as EGRESS_SOURCE")
+    net = source.network
+    if has_prefix and net.prefixlen <= 30 and gateway in (net.network_address, net.broadcast_address):
+        raise ConfigError(v.GATEWAY.name, f"{text} is the network or broadcast address of {net}")
+    return gateway

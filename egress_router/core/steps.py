@@ -1,0 +1,77 @@
+"""The network steps a plan is made of: small frozen values that render their iproute2 equivalent (pure).
+
+A step says what must hold, not how: net.apply reads whether it holds, changes what differs and
+records the undo. Adding a step type is one class here and one entry in net.apply's dispatch table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """`address` (with its prefix) is on `interface`; the same IP with another prefix is replaced."""
+
+    interface: str
+    address: IPv4Interface
+
+    def render(self) -> str:
+        return f"ip address add {self.address} dev {self.interface}"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    """`interface` is administratively up."""
+
+    interface: str
+
+    def render(self) -> str:
+        return f"ip link set {self.interface} up"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A main-table route to `destination` via `gateway` (None: on-link) through `interface`.
+
+    `sole`: it is the only route to that destination afterwards (others are removed once it is in
+    place, so there is never a moment without one): how the default route is taken over.
+    """
+
+    interface: str
+    destination: IPv4Network
+    gateway: IPv4Address | None = None
+    sole: bool = False
+
+    def render(self) -> str:
+        where = "default" if self.destination.prefixlen == 0 else str(self.destination)
+        via = f" via {self.gateway}" if self.gateway is not None else ""
+        scope = " scope link" if self.gateway is None else ""
+        return f"ip route replace {where}{via} dev {self.interface}{scope}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sysctl:
+    """The kernel setting `key` (dotted, as sysctl writes it) has `value`."""
+
+    key: str
+    value: str
+
+    @property
+    def path(self) -> str:
+        return "/proc/sys/" + self.key.replace(".", "/")
+
+    def render(self) -> str:
+        return f"sysctl -w {self.key}={self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Gratuitous ARP for `address` on `interface` (reply and request form): nothing to hold or undo."""
+
+    interface: str
+    address: IPv4Address
+
+    def render(self) -> str:
+        return f"arping -A -c 1 -I {self.interface} {self.address}  # and -U (request form)"

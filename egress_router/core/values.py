@@ -1,0 +1,165 @@
+"""Parsers of single values: IPv4 addresses, ports, interface names, counts, seconds, flags (pure).
+
+Each takes the text as the environment holds it and the variable's name, and returns the value or
+raises ConfigError naming the variable and the text.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from ipaddress import AddressValueError, IPv4Address
+
+from .errors import ConfigError
+
+_DIGITS = re.compile(r"[0-9]+")
+_BROADCAST = IPv4Address("255.255.255.255")
+_IFNAME_BAD = re.compile(r"[/:\s]")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+MAX_WORKERS = 256
+
+
+def parse_ipv4(value: str, variable: str, *, line: int | None = None, text: str | None = None,
+               what: str = "an IPv4 address") -> IPv4Address:
+    """Parse a dotted-quad IPv4 address, rejecting ones that can never be a useful endpoint."""
+    address = _ipv4(value)
+    if address is None:
+        raise ConfigError(variable, f"{value!r} is not {what}", line=line, text=text)
+    problem = unusable_reason(address)
+    if problem:
+        raise ConfigError(variable, f"{value} is {problem}", line=line, text=text)
+    return address
+
+
+@lru_cache(maxsize=4096)
+def _ipv4(value: str) -> IPv4Address | None:
+    """Long rule lists repeat a few destinations: parse each spelling once."""
+    try:
+        return IPv4Address(value)
+    except (AddressValueError, ValueError):
+        return None
+
+
+def unusable_reason(address: IPv4Address) -> str | None:
+    """Why `address` cannot be a host on the network, or None if it can."""
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address == _BROADCAST:
+        return "the broadcast address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_multicast:
+        return "a multicast address"
+    return None
+
+
+def parse_port(value: str, variable: str, *, line: int, text: str, what: str) -> int:
+    """A port field of a rule line (1-65535)."""
+    if len(value) > 5 or not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 65535:
+        raise ConfigError(variable, f"{what} {value!r} is not a port number (1-65535)", line=line, text=text)
+    return int(value)
+
+
+def check_ifname(variable: str, name: str, *, wildcard: bool) -> None:
+    """Reject names the kernel (or iptables, for `wildcard` names ending in '+') would refuse."""
+    bare = name[:-1] if wildcard and name.endswith("+") else name
+    if len(name) > 15 or not bare or bare in (".", "..") or _IFNAME_BAD.search(bare) or "+" in bare:
+        raise ConfigError(variable, f"{name!r} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")
+
+
+def interface_name(value: str, variable: str) -> str:
+    """An interface name (no iptables wildcard)."""
+    name = value.strip()
+    check_ifname(variable, name, wildcard=False)
+    return name
+
+
+def interface_pattern(value: str, variable: str) -> str:
+    """An interface name, or an iptables wildcard such as 'veth+'."""
+    name = value.strip()
+    check_ifname(variable, name, wildcard=True)
+    return name
+
+
+def whole_number(low: int, high: int) -> _Number:
+    """A parser of whole numbers from `low` to `high`."""
+    return _Number(low, high)
+
+
+class _Number:
+    __slots__ = ("low", "high")
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def __call__(self, value: str, variable: str) -> int:
+        text = value.strip()
+        if not re.fullmatch(r"[0-9]{1,9}", text) or not self.low <= int(text) <= self.high:
+            raise ConfigError(variable, f"{text!r} is not a whole number from {self.low} to {self.high}")
+        return int(text)
+
+
+def seconds(minimum: float = 0.001) -> _Seconds:
+    """A parser of a number of seconds, at least `minimum`."""
+    return _Seconds(minimum)
+
+
+class _Seconds:
+    __slots__ = ("minimum",)
+
+    def __init__(self, minimum: float):
+        self.minimum = minimum
+
+    def __call__(self, value: str, variable: str) -> float:
+        text = value.strip()
+        if not re.fullmatch(r"[0-9]{1,7}(\.[0-9]{1,6})?", text) or float(text) < self.minimum:
+            raise ConfigError(variable, f"{text!r} is not a number of seconds (at least {self.minimum:g})")
+        return float(text)
+
+
+def flag(value: str, variable: str) -> bool:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(variable, f"{text!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+
+def worker_count(value: str, variable: str) -> int | None:
+    """A number of processes, or None for 'auto' (one per CPU available, decided where the proxy runs)."""
+    text = value.strip()
+    if text.lower() == "auto":
+        return None
+    if not re.fullmatch(r"[0-9]{1,3}", text) or not 1 <= int(text) <= MAX_WORKERS:
+        raise ConfigError(variable, f"{text!r} is neither a whole number from 1 to {MAX_WORKERS} nor 'auto'")
+    return int(text)
+
+
+def one_of(choices: tuple[str, ...]) -> _Choice:
+    """A parser that accepts one of `choices` (exactly as written)."""
+    return _Choice(choices)
+
+
+class _Choice:
+    __slots__ = ("choices",)
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = choices
+
+    def __call__(self, value: str, variable: str) -> str:
+        text = value.strip()
+        if text not in self.choices:
+            raise ConfigError(variable, f"{text!r} is not one of {', '.join(self.choices)}")
+        return text
+
+
+def non_empty(value: str, variable: str) -> bool:
+    """EGRESS_ROUTER_DEBUG: any non-empty value turns it on."""
+    return bool(value)
+
+
+def text(value: str, variable: str) -> str:
+    """The text as given (multiline grammars are parsed where their rules are needed)."""
+    return value

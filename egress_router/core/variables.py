@@ -1,0 +1,166 @@
+"""The one registry of EGRESS_* variables: name, default, meaning, modes and parser of each (pure).
+
+Everything that knows a variable reads it from here: the loaders (core.config), `--help`, the CLI's
+options (their envvar, metavar and shown default), `egress-router variables`, the README's table
+(kept equal to it by a test) and the did-you-mean hint for unknown names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from . import values
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+MODES = ("init", "legacy", "unit-test", "http-proxy", "dns-proxy")
+DEFAULT_MODE = "legacy"
+NAT_MODES = ("init", "legacy", "unit-test")
+PROXY_MODES = ("http-proxy", "dns-proxy")
+DEFAULT_INTERFACE = "macvlan0"
+DEFAULT_POD_INTERFACE = "eth0"
+IPTABLES_CHOICES = ("nft", "legacy", "auto")
+DEFAULT_IPTABLES = "nft"
+NETWORK_NOTE = "all that configure the network (proxy modes: when EGRESS_SOURCE is set)"
+
+
+@dataclass(frozen=True, slots=True)
+class Variable(Generic[T]):
+    """One environment variable. `parse(text, name)` turns its text into a value or raises ConfigError."""
+
+    name: str
+    default: T
+    shown_default: str
+    meaning: str
+    modes: tuple[str, ...]
+    parse: Callable[[str, str], T]
+    metavar: str = "TEXT"
+    modes_note: str = ""  # shown instead of the list of modes where it says more
+
+    def is_set(self, env: Mapping[str, str]) -> bool:
+        return bool(env.get(self.name, "").strip())
+
+    def read(self, env: Mapping[str, str]) -> T:
+        """The parsed value, or the default when the variable is unset or blank."""
+        raw = env.get(self.name, "")
+        return self.parse(raw, self.name) if raw.strip() else self.default
+
+    def require(self, env: Mapping[str, str]) -> T:
+        """The parsed value; unset or blank is an error."""
+        if not self.is_set(env):
+            raise ConfigError(self.name, "is not set" if self.name not in env else "is empty")
+        return self.parse(env[self.name], self.name)
+
+    def shown_modes(self) -> str:
+        if self.modes_note:
+            return self.modes_note
+        return "all" if self.modes == MODES else ", ".join(self.modes)
+
+
+def _workers(variable: str, mode: str, serving: str) -> Variable[int | None]:
+    # One process by default: a proxy for a handful of external services rarely needs more than the
+    # ~18k requests/s one process serves, and one per CPU of a large node without a CPU limit would
+    # cost ~20 MiB each for nothing.
+    return Variable(variable, 1, "1", f"processes serving the {serving}; 'auto': one per CPU available (cgroup "
+                    "quota respected); each costs ~20 MiB", (mode,), values.worker_count, "N|auto")
+
+
+SOURCE: Variable[str] = Variable(
+    "EGRESS_SOURCE", "", "(required)", "reserved IPv4 source address, optionally with /prefix (a proxy-only "
+    "container may leave it and EGRESS_GATEWAY unset)", MODES, values.text, "ADDRESS[/PREFIX]", NETWORK_NOTE)
+GATEWAY: Variable[str] = Variable(
+    "EGRESS_GATEWAY", "", "(required)", "IPv4 address of the LAN gateway", MODES, values.text, "ADDRESS",
+    NETWORK_NOTE)
+DESTINATION: Variable[str] = Variable(
+    "EGRESS_DESTINATION", "", "(required in init, legacy, unit-test)", "redirect rules, one per line",
+    NAT_MODES, values.text, "RULES")
+MODE: Variable[str] = Variable(
+    "EGRESS_ROUTER_MODE", DEFAULT_MODE, DEFAULT_MODE, "one of " + ", ".join(MODES), MODES, values.one_of(MODES),
+    "MODE")
+DEBUG: Variable[bool] = Variable(
+    "EGRESS_ROUTER_DEBUG", False, "(empty)", "non-empty turns on debug logging", MODES, values.non_empty, "ANY")
+INTERFACE: Variable[str | None] = Variable(
+    "EGRESS_INTERFACE", None, DEFAULT_INTERFACE, f"egress (macvlan) interface; if unset and {DEFAULT_INTERFACE} is "
+    "missing, the only macvlan link is used", MODES, values.interface_name, "NAME", NETWORK_NOTE)
+POD_INTERFACE: Variable[str] = Variable(
+    "EGRESS_POD_INTERFACE", DEFAULT_POD_INTERFACE, DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic "
+    "is redirected", NAT_MODES, values.interface_pattern, "NAME")
+IPTABLES: Variable[str] = Variable(
+    "EGRESS_IPTABLES", DEFAULT_IPTABLES, DEFAULT_IPTABLES, "iptables backend for the NAT rules: nft "
+    "(iptables-nft-save/-restore), legacy (iptables-legacy-*), or auto: the backend that already has rules in "
+    "the pod's network namespace, else nft", ("init", "legacy"), values.one_of(IPTABLES_CHOICES), "BACKEND")
+
+HTTP_DESTINATION: Variable[str] = Variable(
+    "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
+    ("http-proxy",), values.text, "RULES")
+HTTP_PORT: Variable[int] = Variable(
+    "EGRESS_HTTP_PROXY_PORT", 8080, "8080", "port the HTTP proxy listens on (IPv4 and IPv6)", ("http-proxy",),
+    values.whole_number(1, 65535), "PORT")
+HTTP_WORKERS = _workers("EGRESS_HTTP_PROXY_WORKERS", "http-proxy", "port")
+HTTP_ACCESS_LOG: Variable[bool] = Variable(
+    "EGRESS_HTTP_PROXY_ACCESS_LOG", False, "(off)", "1: one log line per request or tunnel", ("http-proxy",),
+    values.flag, "BOOL")
+HTTP_CONNECT_TIMEOUT: Variable[float] = Variable(
+    "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", 10.0, "10", "seconds to connect upstream before answering 504",
+    ("http-proxy",), values.seconds(), "SECONDS")
+HTTP_MAX_CONNECTIONS: Variable[int] = Variable(
+    "EGRESS_HTTP_PROXY_MAX_CONNECTIONS", 10_000, "10000", "concurrent client connections, over all workers",
+    ("http-proxy",), values.whole_number(1, 10_000_000), "N")
+HTTP_IDLE_TIMEOUT: Variable[float] = Variable(
+    "EGRESS_HTTP_PROXY_IDLE_TIMEOUT", 120.0, "120", "seconds an idle keep-alive client connection is kept",
+    ("http-proxy",), values.seconds(), "SECONDS")
+HTTP_TUNNEL_IDLE_TIMEOUT: Variable[float] = Variable(
+    "EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT", 900.0, "900", "seconds a tunnel or response may stall before it is "
+    "closed", ("http-proxy",), values.seconds(), "SECONDS")
+GRACE: Variable[float] = Variable(
+    "EGRESS_PROXY_GRACE_SECONDS", 10.0, "10", "on SIGTERM, how long open requests and tunnels may finish",
+    PROXY_MODES, values.seconds(minimum=0.0), "SECONDS")
+
+DNS_DESTINATION: Variable[str] = Variable(
+    "EGRESS_DNS_PROXY_DESTINATION", "", "(unset)", "TCP forwards, one per line: port host [remote_port]; "
+    "set: run the proxy", ("dns-proxy",), values.text, "RULES")
+DNS_DEBUG: Variable[bool] = Variable(
+    "EGRESS_DNS_PROXY_DEBUG", False, "(off)", "1: one log line per connection", ("dns-proxy",), values.flag, "BOOL")
+DNS_WORKERS = _workers("EGRESS_DNS_PROXY_WORKERS", "dns-proxy", "ports")
+DNS_CONNECT_TIMEOUT: Variable[float] = Variable(
+    "EGRESS_DNS_PROXY_CONNECT_TIMEOUT", 10.0, "10", "seconds to connect to a backend", ("dns-proxy",),
+    values.seconds(), "SECONDS")
+DNS_IDLE_TIMEOUT: Variable[float] = Variable(
+    "EGRESS_DNS_PROXY_IDLE_TIMEOUT", 60.0, "60", "seconds a connection may carry no data before it is closed",
+    ("dns-proxy",), values.seconds(), "SECONDS")
+DNS_MAX_CONNECTIONS: Variable[int] = Variable(
+    "EGRESS_DNS_PROXY_MAX_CONNECTIONS", 10_000, "10000", "concurrent client connections, over all workers",
+    ("dns-proxy",), values.whole_number(1, 10_000_000), "N")
+DNS_TTL_MIN: Variable[float] = Variable(
+    "EGRESS_DNS_PROXY_TTL_MIN", 1.0, "1", "shortest time a DNS answer is used (seconds)", ("dns-proxy",),
+    values.seconds(minimum=0.0), "SECONDS")
+DNS_TTL_MAX: Variable[float] = Variable(
+    "EGRESS_DNS_PROXY_TTL_MAX", 30.0, "30", "longest time a DNS answer is used (seconds)", ("dns-proxy",),
+    values.seconds(minimum=0.0), "SECONDS")
+
+# In the order --help, `egress-router variables` and the README show them.
+VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
+    SOURCE, GATEWAY, DESTINATION, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES,
+    HTTP_DESTINATION, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT, HTTP_MAX_CONNECTIONS,
+    HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
+    DNS_DESTINATION, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT, DNS_MAX_CONNECTIONS,
+    DNS_TTL_MIN, DNS_TTL_MAX,
+)}
+
+
+def unknown_variable_warnings(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Warn about EGRESS_* variables we do not know: usually a typo that would otherwise be silently ignored."""
+    unknown = sorted(name for name in env if name.startswith("EGRESS_") and name not in VARIABLES)
+    if not unknown:
+        return ()
+    import difflib  # only on this rare path: it costs start-up time every init container pays
+
+    warnings = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, VARIABLES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a variable egress-router knows; it is ignored{hint}")
+    return tuple(warnings)

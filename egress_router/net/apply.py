@@ -1,0 +1,277 @@
+"""Applies a plan's steps to the current network namespace, in order, with one undo for all of them.
+
+Each step type has one entry in APPLIERS: `holds` reads whether the step is already in place (also
+what `verify`-style checks use) and `apply` changes only what differs, recording the inverse of every
+change in the Undo. If a step fails, the changes made before it are undone, newest first, so nothing
+is left half-applied; a second run with the same plan changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from types import MappingProxyType
+from typing import Any
+
+from ..core.errors import SetupError
+from ..core.nat import NatRules, NatState, restore_payload
+from ..core.plan import Plan, Step
+from ..core.steps import Address, Announce, LinkUp, Route, Sysctl
+from . import arp, iptables
+from .rtnl import SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
+from .rtnl import Route as KernelRoute
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Undo:
+    """Inverse actions of the changes made so far, run newest first."""
+
+    actions: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+
+    def push(self, description: str, action: Callable[[], Any]) -> None:
+        self.actions.append((description, action))
+
+    def run(self) -> None:
+        while self.actions:
+            description, action = self.actions.pop()
+            try:
+                action()
+                log.info("Undid: %s", description)
+            except Exception as exc:  # keep undoing the rest; say what could not be undone
+                log.error("Could not undo %s: %s", description, exc)
+
+
+@dataclass
+class Context:
+    """What the steps need from the system, read before the first change (see router.prepare)."""
+
+    rtnl: Rtnl
+    restore_tool: str | None = None  # NAT: the backend's iptables-restore
+    save_tool: str | None = None  # NAT: the backend's iptables-save (for holds)
+    nat_before: NatState | None = None  # NAT: the nat table as read before the first change
+    can_announce: bool = False  # NET_RAW: gratuitous ARP can be sent
+    changes: int = 0  # network changes made (NAT not counted)
+    nat_rule_count: int = 0  # our NAT rules after apply
+
+    def index(self, interface: str) -> int:
+        try:
+            return socket.if_nametoindex(interface)
+        except OSError:
+            raise SetupError(f"interface {interface!r} disappeared") from None
+
+
+def attempt(what: str, action: Callable[[], Any]) -> Any:
+    """Run one change; an OSError becomes a SetupError saying what failed."""
+    try:
+        return action()
+    except OSError as exc:
+        raise SetupError(f"{what} failed: {exc.strerror or exc}") from None
+
+
+def apply(plan: Plan, context: Context) -> None:
+    """Apply every step in order; on failure undo the changes made so far and raise one SetupError."""
+    undo = Undo()
+    try:
+        for step in plan.steps:
+            APPLIERS[type(step)].apply(context, step, undo)
+    except SetupError as exc:
+        if not undo.actions:
+            raise SetupError(f"{exc}; nothing was changed") from None
+        log.error("Setup failed; undoing the %d change(s) made so far", len(undo.actions))
+        undo.run()
+        raise SetupError(f"{exc}; the changes made before it were undone") from None
+    except BaseException:
+        undo.run()
+        raise
+
+
+def drift(plan: Plan, context: Context) -> list[Step]:
+    """The steps that do not hold now (read-only)."""
+    return [step for step in plan.steps if not APPLIERS[type(step)].holds(context, step)]
+
+
+# ---------------------------------------------------------------- NAT
+
+def nat_holds(context: Context, step: NatRules) -> bool:
+    assert context.save_tool is not None
+    return restore_payload(step, iptables.read_state(context.save_tool)) is None
+
+
+def nat_apply(context: Context, step: NatRules, undo: Undo) -> None:
+    restore_tool, before = context.restore_tool, context.nat_before
+    assert restore_tool is not None and before is not None, "NAT tools and state are read in prepare"
+    context.nat_rule_count, changed = iptables.apply(step, restore_tool, before)
+    if changed:
+        undo.push("apply NAT rules", lambda: iptables.roll_back(restore_tool, before))
+
+
+# ---------------------------------------------------------------- addresses and links
+
+def address_holds(context: Context, step: Address) -> bool:
+    wanted = (str(step.address.ip), step.address.network.prefixlen)
+    return wanted in context.rtnl.addresses(context.index(step.interface))
+
+
+def address_apply(context: Context, step: Address, undo: Undo) -> None:
+    rtnl, index = context.rtnl, context.index(step.interface)
+    ip, prefix = str(step.address.ip), step.address.network.prefixlen
+    present = rtnl.addresses(index)
+    if (ip, prefix) in present:
+        log.debug("Address %s already on %s", step.address, step.interface)
+        return
+    for other_ip, other_prefix in present:
+        if other_ip == ip:  # same address, other prefix: a changed configuration
+            attempt(f"removing {ip}/{other_prefix} from {step.interface}",
+                    partial(rtnl.address, False, index, ip, other_prefix))
+            undo.push(f"remove {ip}/{other_prefix}", partial(rtnl.address, True, index, ip, other_prefix))
+            log.info("Removed address %s/%s from %s (the configured prefix changed)", ip, other_prefix,
+                     step.interface)
+        else:
+            log.warning("%s also has address %s/%s; left as it is", step.interface, other_ip, other_prefix)
+    attempt(f"adding address {step.address} to {step.interface}", partial(rtnl.address, True, index, ip, prefix))
+    undo.push(f"add address {step.address}", partial(rtnl.address, False, index, ip, prefix))
+    log.info("Added address %s to %s", step.address, step.interface)
+    context.changes += 1
+
+
+def link_up_holds(context: Context, step: LinkUp) -> bool:
+    return context.rtnl.link(context.index(step.interface)).up
+
+
+def link_up_apply(context: Context, step: LinkUp, undo: Undo) -> None:
+    index = context.index(step.interface)
+    if context.rtnl.link(index).up:
+        log.debug("%s is already up", step.interface)
+        return
+    attempt(f"setting {step.interface} up", partial(context.rtnl.set_up, index, True))
+    undo.push(f"set {step.interface} up", partial(context.rtnl.set_up, index, False))
+    log.info("Set %s up", step.interface)
+    context.changes += 1
+
+
+# ---------------------------------------------------------------- routes
+
+def kernel_route(context: Context, step: Route) -> KernelRoute:
+    network = step.destination
+    dst = None if network.prefixlen == 0 else str(network.network_address)
+    gateway = None if step.gateway is None else str(step.gateway)
+    scope = SCOPE_LINK if step.gateway is None else SCOPE_UNIVERSE
+    return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface), None, scope)
+
+
+def same_destination(context: Context, wanted: KernelRoute) -> list[KernelRoute]:
+    return [r for r in context.rtnl.routes() if r.dst == wanted.dst and r.dst_len == wanted.dst_len]
+
+
+def route_holds(context: Context, step: Route) -> bool:
+    wanted = kernel_route(context, step)
+    present = same_destination(context, wanted)
+    return present == [wanted] if step.sole else wanted in present
+
+
+def route_apply(context: Context, step: Route, undo: Undo) -> None:
+    rtnl, wanted = context.rtnl, kernel_route(context, step)
+    shown = step.render().removeprefix("ip route replace ")
+    previous = same_destination(context, wanted)
+    if (previous == [wanted]) if step.sole else (wanted in previous):
+        log.debug("Route %s already present", shown)
+        return
+    # Replace first, then remove the others: there is never a moment without a route.
+    attempt(f"{'setting' if step.sole else 'adding'} route {shown}", partial(rtnl.route, "replace", wanted))
+    undo.push(f"add route {shown}", partial(restore_routes, rtnl, wanted, previous))
+    if step.sole:
+        for old in [r for r in same_destination(context, wanted) if r != wanted]:
+            attempt(f"removing the old route ({describe(old)})", partial(rtnl.route, "del", old))
+            log.info("Removed old %s route %s", "default" if not old.dst_len else old.dst, describe(old))
+    log.info("Added route %s", shown)
+    context.changes += 1
+
+
+def describe(route: KernelRoute) -> str:
+    text = f"via {route.gateway}" if route.gateway else "(no gateway)"
+    return text + (f" metric {route.priority}" if route.priority else "")
+
+
+def restore_routes(rtnl: Rtnl, ours: KernelRoute, previous: list[KernelRoute]) -> None:
+    if ours not in previous and ours in rtnl.routes():
+        rtnl.route("del", ours)
+    current = rtnl.routes()
+    for route in previous:
+        if route not in current:
+            rtnl.route("add", route)
+
+
+# ---------------------------------------------------------------- sysctls
+
+def read_sysctl(path: str) -> str:
+    with open(path, encoding="ascii") as handle:
+        return handle.read().strip()
+
+
+def write_sysctl(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as handle:
+        handle.write(value)
+
+
+def sysctl_holds(context: Context, step: Sysctl) -> bool:
+    return read_sysctl(step.path) == step.value
+
+
+def sysctl_apply(context: Context, step: Sysctl, undo: Undo) -> None:
+    old = read_sysctl(step.path)
+    if old == step.value:
+        log.debug("%s is already %s", step.key, step.value)
+        return
+    attempt(f"setting {step.key}={step.value}", partial(write_sysctl, step.path, step.value))
+    undo.push(f"set {step.key}={step.value}", partial(write_sysctl, step.path, old))
+    log.info("%s (%s=%s)", SYSCTL_NAMES.get(step.key, "Set"), step.key, step.value)
+    context.changes += 1
+
+
+SYSCTL_NAMES = {"net.ipv4.ip_forward": "Enabled IPv4 forwarding"}
+
+
+# ---------------------------------------------------------------- announcements
+
+def announce_holds(context: Context, step: Announce) -> bool:
+    return True  # an announcement leaves no state behind to check
+
+
+def announce_apply(context: Context, step: Announce, undo: Undo) -> None:
+    """Send it (nothing to undo); a failure only warns: neighbours then learn the MAC when entries expire."""
+    if not context.can_announce:
+        return
+    try:
+        mac = context.rtnl.link(context.index(step.interface)).mac or ""
+        arp.announce(step.interface, mac, step.address)
+    except (OSError, ValueError, SetupError) as exc:
+        log.warning("Could not send the gratuitous ARP announcement on %s: %s", step.interface,
+                    getattr(exc, "strerror", None) or exc)
+
+
+def announce(plan: Plan, context: Context) -> None:
+    """Repeat the plan's announcements (legacy mode does, once switches have settled)."""
+    for step in plan.steps:
+        if isinstance(step, Announce):
+            announce_apply(context, step, Undo())
+
+
+@dataclass(frozen=True, slots=True)
+class Applier:
+    holds: Callable[[Context, Any], bool]
+    apply: Callable[[Context, Any, Undo], None]
+
+
+APPLIERS: Mapping[type, Applier] = MappingProxyType({
+    NatRules: Applier(nat_holds, nat_apply),
+    Address: Applier(address_holds, address_apply),
+    LinkUp: Applier(link_up_holds, link_up_apply),
+    Route: Applier(route_holds, route_apply),
+    Sysctl: Applier(sysctl_holds, sysctl_apply),
+    Announce: Applier(announce_holds, announce_apply),
+})

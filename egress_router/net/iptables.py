@@ -1,0 +1,117 @@
+"""NAT on the system: finds the iptables backend's tools, reads the nat table, runs one iptables-restore.
+
+The rules and payloads are computed in core.nat; this module only runs iptables-save/-restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+
+from ..core.errors import SetupError
+from ..core.nat import (
+    BACKENDS,
+    DNAT_CHAIN,
+    SNAT_CHAIN,
+    NatRules,
+    NatState,
+    backend_tools,
+    choose_backend,
+    count_rules,
+    desired_chains,
+    failed_line_hint,
+    parse_save,
+    restore_payload,
+    rollback_payload,
+)
+
+log = logging.getLogger(__name__)
+
+RESTORE_WAIT_SECONDS = "10"  # legacy backend: wait for the xtables lock instead of failing
+
+
+def find_tools(choice: str = "nft") -> tuple[str, str]:
+    """Paths of the save and restore tools for EGRESS_IPTABLES (nft, legacy or auto), or a SetupError."""
+    if choice != "auto":
+        return _which_backend(choice)
+    found = {}
+    for backend in BACKENDS:
+        try:
+            found[backend] = _which_backend(backend)
+        except SetupError:
+            continue
+    if not found:
+        raise SetupError("neither iptables-nft-save/-restore nor iptables-legacy-save/-restore found on PATH "
+                         "(EGRESS_IPTABLES=auto): install the iptables package")
+    rules = {backend: _rules_in(tools[0]) for backend, tools in found.items()}
+    backend = choose_backend(rules)
+    if backend not in found:  # only the other backend is installed
+        backend = next(iter(found))
+    counts = ", ".join(f"{count} in {name}" for name, count in rules.items())
+    log.info("Using the iptables %s backend (EGRESS_IPTABLES=auto; rules already present: %s)", backend, counts)
+    return found[backend]
+
+
+def _which_backend(backend: str) -> tuple[str, str]:
+    names = backend_tools(backend)
+    save, restore = (shutil.which(name) for name in names)
+    if not save or not restore:
+        missing = " and ".join(name for name, path in zip(names, (save, restore), strict=True) if not path)
+        other = "legacy" if backend == "nft" else "nft"
+        raise SetupError(f"{missing} not found on PATH (EGRESS_IPTABLES={backend}): install the iptables "
+                         f"package, or set EGRESS_IPTABLES to {other} or auto")
+    log.debug("iptables backend: %s (%s, %s)", backend, save, restore)
+    return save, restore
+
+
+def _rules_in(save: str) -> int:
+    """Rules the backend's save tool shows; a backend that cannot even be read has none we could keep."""
+    try:
+        return count_rules(_run([save]))
+    except SetupError as exc:
+        log.debug("Counting the rules of %s failed: %s", save, exc)
+        return 0
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise SetupError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    if done.returncode != 0:
+        detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        raise SetupError(f"{os.path.basename(argv[0])} failed: {detail}")
+    return done.stdout
+
+
+def read_state(save: str) -> NatState:
+    return parse_save(_run([save, "-t", "nat"]))
+
+
+def restore(restore_tool: str, payload: str) -> None:
+    log.debug("iptables-restore payload:\n%s", payload.rstrip())
+    try:
+        _run([restore_tool, "--noflush", "--wait", RESTORE_WAIT_SECONDS], stdin=payload)
+    except SetupError as exc:
+        raise SetupError(f"{exc}{failed_line_hint(str(exc), payload)}") from None
+
+
+def apply(nat: NatRules, restore_tool: str, before: NatState) -> tuple[int, bool]:
+    """Converge the nat table (last read as `before`) to `nat`.
+
+    Returns the number of our rules and whether anything was changed.
+    """
+    payload = restore_payload(nat, before)
+    count = sum(len(rules) for rules in desired_chains(nat).values())
+    if payload is None:
+        log.info("NAT rules already in place (%d rules in %s, %s)", count, DNAT_CHAIN, SNAT_CHAIN)
+        return count, False
+    restore(restore_tool, payload)
+    log.info("Applied %d NAT rules (%s, %s) in one iptables-restore", count, DNAT_CHAIN, SNAT_CHAIN)
+    return count, True
+
+
+def roll_back(restore_tool: str, before: NatState) -> None:
+    restore(restore_tool, rollback_payload(before))
