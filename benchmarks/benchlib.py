@@ -216,6 +216,16 @@ class Stats:
         return cls(len(ordered), statistics.median(ordered), p90, ordered[0], ordered[-1], statistics.fmean(ordered))
 
 
+def nat_payload(env: Mapping[str, str]) -> str:
+    """The iptables-restore payload the router applies to a fresh namespace for `env` (a NAT mode)."""
+    from egress_router.core.config import load
+    from egress_router.core.plan import build_plan
+
+    nat = build_plan(load(env), "macvlan0").nat
+    assert nat is not None, "a NAT mode's plan has a NAT step"
+    return nat.render()
+
+
 def secs(value: float | None) -> str:
     if value is None:
         return "-"

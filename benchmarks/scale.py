@@ -47,6 +47,7 @@ from benchlib import (
     machine_info,
     machine_lines,
     md_table,
+    nat_payload,
     require_root,
     run_benchmark,
     secs,
@@ -57,8 +58,7 @@ from benchlib import (
 )
 
 from egress_router.core.config import load
-from egress_router.core.nat import DNAT_CHAIN, render
-from egress_router.core.plan import build_plan
+from egress_router.core.nat import DNAT_CHAIN
 from egress_router.core.redirect import parse_destinations
 from egress_router.lab import ROUTER_POD_IP, SOURCE_IP, Lab, router_command
 
@@ -120,7 +120,7 @@ def validation(lines: int, repeats: int, files: dict[int, Path]) -> tuple[list[l
            "EGRESS_ROUTER_MODE": "init"}
     parse = Stats.of(best_of(lambda: parse_destinations(text), repeats))
     whole = Stats.of(best_of(lambda: load(env), repeats))
-    payload = Stats.of(best_of(lambda: render(build_plan(load(env), "macvlan0")), repeats))
+    payload = Stats.of(best_of(lambda: nat_payload(env), repeats))
     rows = [[f"parse_destinations, {lines:,} lines (in process)", secs(parse.median), secs(parse.low)],
             ["config.load (whole environment)", secs(whole.median), secs(whole.low)],
             ["load + plan + iptables-restore payload", secs(payload.median), secs(payload.low)]]
@@ -253,7 +253,7 @@ def restore_alone(lines: int) -> tuple[float, float]:
     env = {"EGRESS_SOURCE": f"{SOURCE_IP}/24", "EGRESS_GATEWAY": "192.0.2.1", "EGRESS_ROUTER_MODE": "init",
            "EGRESS_DESTINATION": destination(lines)}
     payload = WORK / "scale-payload.txt"
-    payload.write_text(render(build_plan(load(env), "macvlan0")), encoding="ascii")
+    payload.write_text(nat_payload(env), encoding="ascii")
     with Lab() as lab:
         restore = timed_run(in_namespace(lab, "router", ["iptables-restore", "--noflush", "--wait", "10"]), None,
                             timeout=OURS_TIMEOUT, stdin_path=payload)

@@ -37,6 +37,7 @@ from benchlib import (
     machine_info,
     machine_lines,
     md_table,
+    nat_payload,
     require_root,
     run_benchmark,
     secs,
@@ -46,9 +47,6 @@ from benchlib import (
     write_results,
 )
 
-from egress_router.core.config import load
-from egress_router.core.nat import render
-from egress_router.core.plan import build_plan
 from egress_router.lab import DEMO_DESTINATION, ROUTER_POD_IP, SOURCE_IP, Lab, router_command
 
 TARGET_SECONDS = 0.3
@@ -105,7 +103,7 @@ def component_runs(rounds: int, deadline: Deadline) -> dict[str, list[float]]:
     """Costs of the pieces, each timed the same way (nsenter into a fresh lab's router namespace)."""
     env_probe = {"EGRESS_SOURCE": f"{SOURCE_IP}/24", "EGRESS_GATEWAY": "192.0.2.1",
                  "EGRESS_DESTINATION": DEMO_DESTINATION, "EGRESS_ROUTER_MODE": "init"}
-    payload = render(build_plan(load(env_probe), "macvlan0"))
+    payload = nat_payload(env_probe)
     WORK.mkdir(exist_ok=True)
     payload_file = WORK / "latency-payload.txt"
     payload_file.write_text(payload, encoding="ascii")
