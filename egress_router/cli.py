@@ -25,7 +25,7 @@ from .core.errors import EgressRouterError
 from .core.forwards import GRAMMAR_HELP as DNS_HELP
 from .core.plan import build_plan
 from .core.redirect import GRAMMAR_HELP
-from .core.variables import DEFAULT_INTERFACE, IPTABLES_CHOICES, MODES, VARIABLES, Variable
+from .core.variables import DEFAULT_INTERFACE, VARIABLES, Variable
 
 
 def _variables_help() -> str:
@@ -80,34 +80,57 @@ else:  # not subscriptable at run time before click 8.2
 
 
 class Text(ParamType):
-    """An option's text, passed on to the variable's parser as is (errors then name the variable);
-    only its metavar (PORT, SECONDS, N|auto, ...) comes from the registry."""
+    """An option's text, passed on to the variable's parser as is, so that a bad value from the
+    environment is the usual one-line error naming the variable. Choices (for completion and the
+    metavar) are checked here only for values typed on the command line: a usage error, as click does."""
 
-    def __init__(self, metavar: str):
+    def __init__(self, metavar: str, choices: tuple[str, ...] = ()):
         self.name = metavar
+        self.choices = choices
 
     def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
-        return self.name
+        return f"[{'|'.join(self.choices)}]" if self.choices else self.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        typed = ctx is not None and param is not None and param.name is not None and \
+            ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+        if typed and self.choices and value not in self.choices:
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, self.choices))}.", param, ctx)
+        return value
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[click.shell_completion.CompletionItem]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(choice) for choice in self.choices if choice.startswith(incomplete)]
+
+
+class VariableOption(click.Option):
+    """An option mirroring a registry variable: click shows the registry's default in its own
+    `[default: ...]` place (without the parentheses it puts around descriptive defaults)."""
+
+    def __init__(self, *args: Any, variable: Variable[Any], **kwargs: Any):
+        self.variable = variable
+        super().__init__(*args, **kwargs)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if not self.required and self.variable.shown_default:
+            extra["default"] = self.variable.shown_default
+        return extra
 
 
 def option(variable: Variable[Any], *flags: str, help: str = "", **extra: Any) -> Callable[[Any], Any]:
     """A click option mirroring `variable`; its destination is the variable's name, so `environment`
     needs no mapping."""
-    kind: click.ParamType[Any]
-    if variable is v.MODE:
-        kind = click.Choice(MODES)
-    elif variable is v.IPTABLES:
-        kind = click.Choice(IPTABLES_CHOICES)
-    else:
-        kind = Text(variable.metavar)
-    return click.option(*flags, variable.name, envvar=variable.name, type=kind,
-                        show_default=variable.shown_default, help=f"{variable.name}: {help or variable.meaning}",
-                        **extra)
+    return click.option(*flags, variable.name, cls=VariableOption, variable=variable, envvar=variable.name,
+                        type=Text(variable.metavar, variable.choices),
+                        help=f"{variable.name}: {help or variable.meaning}", **extra)
 
 
 def flag(variable: Variable[bool], flags: str, help: str = "") -> Callable[[Any], Any]:
     """An on/off option for a boolean variable (unset: the variable decides)."""
-    return click.option(flags, variable.name, default=None, show_default=variable.shown_default,
+    return click.option(flags, variable.name, cls=VariableOption, variable=variable, default=None,
                         help=f"{variable.name}: {help or variable.meaning}")
 
 

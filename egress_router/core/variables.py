@@ -39,6 +39,7 @@ class Variable(Generic[T]):
     parse: Callable[[str, str], T]
     metavar: str = "TEXT"
     modes_note: str = ""  # shown instead of the list of modes where it says more
+    choices: tuple[str, ...] = ()  # the values it takes, where it is one of a few (completion, --help)
 
     def is_set(self, env: Mapping[str, str]) -> bool:
         return bool(env.get(self.name, "").strip())
@@ -79,7 +80,7 @@ DESTINATION: Variable[str] = Variable(
     NAT_MODES, values.text, "RULES")
 MODE: Variable[str] = Variable(
     "EGRESS_ROUTER_MODE", DEFAULT_MODE, DEFAULT_MODE, "one of " + ", ".join(MODES), MODES, values.one_of(MODES),
-    "MODE")
+    "MODE", choices=MODES)
 DEBUG: Variable[bool] = Variable(
     "EGRESS_ROUTER_DEBUG", False, "(empty)", "non-empty turns on debug logging", MODES, values.non_empty, "ANY")
 INTERFACE: Variable[str | None] = Variable(
@@ -91,7 +92,8 @@ POD_INTERFACE: Variable[str] = Variable(
 IPTABLES: Variable[str] = Variable(
     "EGRESS_IPTABLES", DEFAULT_IPTABLES, DEFAULT_IPTABLES, "iptables backend for the NAT rules: nft "
     "(iptables-nft-save/-restore), legacy (iptables-legacy-*), or auto: the backend that already has rules in "
-    "the pod's network namespace, else nft", ("init", "legacy"), values.one_of(IPTABLES_CHOICES), "BACKEND")
+    "the pod's network namespace, else nft", ("init", "legacy"), values.one_of(IPTABLES_CHOICES), "BACKEND",
+    choices=IPTABLES_CHOICES)
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -343,3 +344,49 @@ def test_python_dash_m() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"egress-router, version {__version__}\n"
+
+
+# ---------------------------------------------------------------- options from the registry
+
+
+@pytest.mark.parametrize("command", ["render", "validate"])
+def test_iptables_option(command: str) -> None:
+    assert invoke([command, "--iptables", "legacy"], INIT_ENV).exit_code == 0
+    refused = invoke([command, "--iptables", "iptables"], INIT_ENV)
+    assert refused.exit_code == 2
+    assert "'iptables' is not one of 'nft', 'legacy', 'auto'" in refused.stderr
+    # the option wins over a bad variable, and the variable is still checked without it
+    assert invoke([command, "--iptables", "nft"], {**INIT_ENV, "EGRESS_IPTABLES": "bogus"}).exit_code == 0
+    assert_one_line_error(invoke([command], {**INIT_ENV, "EGRESS_IPTABLES": "bogus"}), "EGRESS_IPTABLES: 'bogus'")
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("http-proxy", ["--port PORT", "--workers N|auto", "--connect-timeout SECONDS", "--max-connections N",
+                        "--grace SECONDS", "[default: 8080]", "[default: 10000]"]),
+        ("dns-proxy", ["--workers N|auto", "--destination RULES"]),
+        ("render", ["--source ADDRESS[/PREFIX]", "--pod-interface NAME", "[default: eth0]", "[default: nft]"]),
+    ],
+)
+def test_help_shows_kinds_and_registry_defaults(command: str, shown: list[str]) -> None:
+    text = " ".join(invoke([command, "--help"]).stdout.split())  # undo click's wrapping
+    for fragment in shown:
+        assert fragment in text
+    assert " TEXT " not in text
+    assert "[default: (" not in text.replace("[default: (required", "").replace("[default: (off)", "")
+
+
+def test_every_option_names_its_variable_and_reads_it() -> None:
+    """An option's envvar is its registry variable, so the variable works wherever the option does."""
+    from egress_router.cli import main as group
+    from egress_router.core.variables import VARIABLES
+
+    seen = set()
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar:
+                assert param.envvar in VARIABLES, (command.name, param.opts)
+                assert param.name == param.envvar
+                seen.add(param.envvar)
+    assert {"EGRESS_SOURCE", "EGRESS_IPTABLES", "EGRESS_HTTP_PROXY_PORT", "EGRESS_DNS_PROXY_WORKERS"} <= seen

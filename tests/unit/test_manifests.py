@@ -756,3 +756,33 @@ def test_container_start_path_does_not_import_yaml() -> None:
                           check=False, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "0 False False"
+
+
+def test_cli_validate_several_files_as_a_shell_glob_expands_them(tmp_path: Path) -> None:
+    """`egress-router validate -f examples/*.yaml`, as the READMEs print it: -f takes the first file, the
+    shell's other words are FILE arguments; every file is checked."""
+    paths = [write(tmp_path / f"r{n}.yaml", workload("Pod", pod_spec(router()), name=f"r{n}")) for n in range(3)]
+    result = invoke(["validate", "-f", *map(str, paths)])
+    assert result.exit_code == 0, result.stderr
+    assert [line.split(": ", 1)[0] for line in result.stdout.splitlines()] == [str(p) for p in paths]
+    assert invoke(["validate", *map(str, paths)]).stdout == result.stdout  # FILE arguments alone
+    assert invoke(["validate", str(tmp_path)]).stdout == result.stdout  # a directory
+
+
+def test_cli_validate_several_files_fails_on_any_bad_one(tmp_path: Path) -> None:
+    good = write(tmp_path / "a.yaml", workload("Pod", pod_spec(router())))
+    bad = write(tmp_path / "b.yaml", workload("Pod", pod_spec(router_with([*BASE[:2]])), name="b"))
+    result = invoke(["validate", "-f", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"{good}: Pod/r: ")
+    assert f"{bad}: Pod/b: " in result.stderr
+
+
+def test_cli_validate_examples_with_the_real_shell_glob() -> None:
+    """The README's command line, run by a real shell in the repository."""
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m egress_router validate -f examples/*.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert done.returncode == 0, done.stderr
+    checked = {line.split(": ", 1)[0] for line in done.stdout.splitlines()}
+    assert checked == {f"examples/{p.name}" for p in (ROOT / "examples").glob("*.yaml")}
