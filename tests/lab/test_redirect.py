@@ -415,3 +415,39 @@ def test_a_network_step_failing_after_nat_puts_everything_back(lab: Lab, failing
 
 def without_qdisc(snapshot: str) -> str:
     return re.sub(r" qdisc \S+ ", " qdisc - ", snapshot)
+
+
+def test_every_step_holds_after_a_run_and_drift_names_what_was_undone(served: Lab) -> None:
+    """Each step reads whether it is in place (net.apply's `holds`): none drifts after a run; remove the
+    address, the default route, forwarding and our NAT chains by hand and exactly those steps drift; applying
+    the same plan again converges (and the traffic lands again)."""
+    from egress_router import router
+    from egress_router.core.config import load
+    from egress_router.core.nat import NatRules
+    from egress_router.core.steps import Address, Announce, LinkUp, Route, Sysctl
+    from egress_router.net import apply as net_apply
+
+    env = served.router_env()
+    run_ok(served, env)
+    with served.entered("router"):
+        prepared = router.prepare(load(env))
+        try:
+            assert net_apply.drift(prepared.plan, prepared.context) == []
+            served.exec("router", ["ip", "address", "flush", "dev", "macvlan0"], check=True)
+            served.exec("router", ["iptables", "-t", "nat", "-F", DNAT_CHAIN], check=True)
+            served.sysctl("router", "net.ipv4.ip_forward", "0")
+            drifted = net_apply.drift(prepared.plan, prepared.context)
+            # both routes too: the kernel drops a device's routes together with its last IPv4 address
+            assert [type(step) for step in drifted] == [NatRules, Address, Route, Route, Sysctl], drifted
+            assert drifted == [step for step in prepared.plan.steps if not isinstance(step, (LinkUp, Announce))]
+        finally:
+            prepared.rtnl.close()
+    again = run_ok(served, env)
+    assert "Added address 192.0.2.99/24 to macvlan0" in again.stderr
+    with served.entered("router"):
+        prepared = router.prepare(load(env))
+        try:
+            assert net_apply.drift(prepared.plan, prepared.context) == []
+        finally:
+            prepared.rtnl.close()
+    assert served.request("tcp", ROUTER_POD_IP, 80).landed == "203.0.113.10:80"
