@@ -18,6 +18,7 @@ from .core.errors import SetupError
 from .core.plan import Plan, build_plan
 from .net import apply as apply_steps
 from .net import iptables, links
+from .net.lock import namespace_lock
 from .net.rtnl import Rtnl
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,23 @@ def seconds_since_process_start() -> float:
 
 
 def configure(config: RouterConfig) -> None:
-    """Apply the plan; in legacy mode then stay up until SIGTERM/SIGINT."""
+    """Apply the plan; in legacy mode then stay up until SIGTERM/SIGINT.
+
+    Runs in one network namespace take turns (net.lock): kubelet may restart an init container while
+    the first run is still applying, and two interleaved runs could undo each other's work.
+    """
     stay_up = config.mode == "legacy"
     if stay_up:
         # Block the stop signals now, so a stop during setup waits until setup is complete.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    prepared = prepare(config)
+    with namespace_lock():
+        prepared = prepare(config)
+        try:
+            apply(prepared)
+        except BaseException:
+            prepared.rtnl.close()
+            raise
     try:
-        apply(prepared)
         plan, context = prepared.plan, prepared.context
         nat_part = f"{context.nat_rule_count} NAT rules" if plan.nat is not None else "no NAT (proxy mode)"
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"

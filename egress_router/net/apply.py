@@ -36,7 +36,9 @@ class Undo:
     def push(self, description: str, action: Callable[[], Any]) -> None:
         self.actions.append((description, action))
 
-    def run(self) -> None:
+    def run(self) -> list[str]:
+        """Undo everything recorded; returns what could not be undone (empty: all of it was)."""
+        failed = []
         while self.actions:
             description, action = self.actions.pop()
             try:
@@ -44,6 +46,8 @@ class Undo:
                 log.info("Undid: %s", description)
             except Exception as exc:  # keep undoing the rest; say what could not be undone
                 log.error("Could not undo %s: %s", description, exc)
+                failed.append(f"{description} ({getattr(exc, 'strerror', None) or exc})")
+        return failed
 
 
 @dataclass
@@ -83,7 +87,10 @@ def apply(plan: Plan, context: Context) -> None:
         if not undo.actions:
             raise SetupError(f"{exc}; nothing was changed") from None
         log.error("Setup failed; undoing the %d change(s) made so far", len(undo.actions))
-        undo.run()
+        failed = undo.run()
+        if failed:
+            raise SetupError(f"{exc}; undoing the changes made before it failed too, for: {'; '.join(failed)}: "
+                             "the namespace is partly configured, run again to converge") from None
         raise SetupError(f"{exc}; the changes made before it were undone") from None
     except BaseException:
         undo.run()
