@@ -54,8 +54,7 @@ class DnsProxySettings:
     ttl_max: float
     grace_seconds: float
     tries: int = 3  # backends tried for one client connection
-    backoff: float = 5.0  # seconds a failed backend is skipped before checks may bring it back
-    check_interval: float = 2.0  # active TCP check of a backend marked down
+    check_interval: float = 2.0  # seconds between active TCP checks of a failed backend (back at the first success)
 
 
 @dataclass(frozen=True, slots=True)

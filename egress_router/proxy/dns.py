@@ -3,14 +3,15 @@
 Each configured port forwards to one host. A name is resolved with the pod's nameservers
 (dnspython, A and AAAA), honouring the answer's TTL within limits; every address is a backend.
 New connections go to the healthy backend with the fewest open connections (round-robin among
-equals); a backend that refuses or times out is skipped for a back-off period and the connection
-is retried elsewhere, while an active TCP check brings the backend back.
+equals); a backend that refuses or times out is skipped and the connection is retried elsewhere;
+only an active TCP check that succeeds brings the backend back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from ipaddress import IPv6Address, ip_address
@@ -114,24 +115,28 @@ class Target:
     def update(self, addresses: list[Address]) -> None:
         current = {b.address: b for b in self.backends}
         fresh = [current.get(a) or Backend(a, self.forward.remote_port) for a in addresses]
-        if [b.address for b in fresh] != [b.address for b in self.backends]:
+        # A server that rotates its records (CoreDNS loadbalance) changes the order, not the set: not news.
+        if {b.address for b in fresh} != set(current):
             log.info("Port %d: %s is now %s", self.forward.port, self.forward.host,
                      ", ".join(b.text for b in fresh) or "(no addresses)")
         self.backends = fresh
         self.resolved_once = self.resolved_once or bool(fresh)
 
     def mark_down(self, backend: Backend, reason: str) -> None:
+        """Take the backend out of rotation until an active check succeeds (not merely until a timer runs
+        out: a backend whose connects time out would otherwise make one client in a few wait that long)."""
         worker = self.worker
         if backend.down_until <= worker.loop.time():
-            log.warning("Port %d: backend %s failed (%s); skipped for %g s", self.forward.port, backend.text,
-                        reason, worker.settings.backoff)
-        backend.down_until = worker.loop.time() + worker.settings.backoff
+            log.warning("Port %d: backend %s failed (%s); skipped until a check succeeds (every %g s)",
+                        self.forward.port, backend.text, reason, worker.settings.check_interval)
+        backend.down_until = math.inf
         if not backend.checking:
             backend.checking = True
             worker.loop.create_task(self.check(backend))
 
     async def check(self, backend: Backend) -> None:
-        """Active TCP check until the backend accepts a connection again (or leaves the answer)."""
+        """Active TCP check every check interval until the backend accepts a connection again, or leaves
+        the answer; only then does it get client connections again."""
         worker = self.worker
         try:
             while backend in self.backends:
@@ -140,7 +145,6 @@ class Target:
                     _, writer = await asyncio.wait_for(
                         asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
                 except (TimeoutError, OSError):
-                    backend.down_until = max(backend.down_until, worker.loop.time() + worker.settings.check_interval)
                     continue
                 writer.close()
                 backend.down_until = 0.0

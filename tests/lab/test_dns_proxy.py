@@ -522,7 +522,7 @@ def test_a_dead_backend_is_skipped_retried_elsewhere_and_restored(lab: Lab, dns:
     landed = [whoami(lab, 7000)[0] for _ in range(20)]  # no client sees a failure
     assert B not in landed and set(landed) == {A, C}, landed
     assert len(services.landed(B)) == down
-    proxy.wait_log(rf"\[warning\] Port 7000: backend {B}:7000 failed \(Connection refused\); skipped for 5 s")
+    proxy.wait_log(rf"\[warning\] Port 7000: backend {B}:7000 failed \(Connection refused\); skipped until a check succeeds")
     retried = [m for m in proxy.wait_connection_lines(26, 7000) if m["how"] == "closed by both sides"]
     assert len(retried) == 26 and all(m["backend"] != f"{B}:7000" for m in retried[6:]), retried
     in_flight.sock.sendall(b"still here\n")  # the other port of B is unaffected
@@ -536,6 +536,52 @@ def test_a_dead_backend_is_skipped_retried_elsewhere_and_restored(lab: Lab, dns:
     assert time.monotonic() - back < 2 + 1.5  # the active check runs every 2 s
     landed = [whoami(lab, 7000)[0] for _ in range(9)]
     assert landed.count(B) >= 2, landed
+
+
+def test_a_backend_whose_connects_time_out_stays_out_until_a_check_succeeds(
+        lab: Lab, dns: DnsServer, services: Services, start_proxy: StartProxy) -> None:
+    """Regression: it used to return when its back-off (5 s) ran out, and then cost one client in a few
+    the whole connect timeout again. Now only a successful check brings it back."""
+    for ip in (A, B):
+        services.listen("dest", ip, 7000, "whoami")
+    lab.exec("dest", ["iptables", "-A", "INPUT", "-p", "tcp", "-d", B, "--dport", "7000", "-j", "DROP"], check=True)
+    dns.set(POOL, A, B, ttl=300)
+    proxy = start_proxy(f"7001 {POOL} 7000", EGRESS_DNS_PROXY_CONNECT_TIMEOUT="1")
+    proxy.wait_resolved(7001, POOL)
+    while "failed (connect timed out)" not in proxy.stderr:  # a few connections until one tried B
+        assert whoami(lab, 7001)[0] == A
+    proxy.wait_log(rf"Port 7001: backend {B}:7000 failed \(connect timed out\); skipped until a check succeeds")
+    time.sleep(6.5)  # past the old 5 s back-off, with checks timing out meanwhile
+    durations = []
+    for _ in range(12):
+        started = time.monotonic()
+        assert whoami(lab, 7001)[0] == A
+        durations.append(time.monotonic() - started)
+    assert max(durations) < 0.5, durations
+    # and once B answers again, a check brings it back and it gets clients
+    lab.exec("dest", ["iptables", "-D", "INPUT", "-p", "tcp", "-d", B, "--dport", "7000", "-j", "DROP"], check=True)
+    proxy.wait_log(rf"Port 7001: backend {B}:7000 is back", timeout=5)
+    assert B in {whoami(lab, 7001)[0] for _ in range(8)}
+
+
+def test_records_in_rotating_order_are_not_logged_as_a_change(lab: Lab, dns: DnsServer, services: Services,
+                                                              start_proxy: StartProxy) -> None:
+    """A server that rotates its answer (CoreDNS loadbalance) must not make a log line per refresh."""
+    for ip in DEST_IPS:
+        services.listen("dest", ip, 7000, "whoami")
+    dns.set(POOL, A, B, C, ttl=1)
+    proxy = start_proxy(f"7000 {POOL}", EGRESS_DNS_PROXY_TTL_MIN="0.2", EGRESS_DNS_PROXY_TTL_MAX="0.3")
+    proxy.wait_resolved(7000, POOL)
+    asked = len(dns.queries)
+    for order in ((B, C, A), (C, A, B), (A, B, C), (B, C, A)):
+        dns.set(POOL, *order, ttl=1)
+        assert eventually(lambda: len(dns.queries) >= asked + 2, timeout=3.0)  # a refresh saw this order
+        asked = len(dns.queries)
+    assert sum(f"{POOL} is now" in line for line in proxy.lines()) == 1, proxy.stderr
+    dns.set(POOL, A, C, ttl=1)  # a changed set is news
+    changes = lambda: [line for line in proxy.lines() if f"{POOL} is now" in line]  # noqa: E731
+    assert eventually(lambda: len(changes()) == 2, timeout=5.0), proxy.stderr
+    assert sorted(changes()[1].split(" is now ")[1].split(", ")) == [f"{A}:7000", f"{C}:7000"], proxy.stderr
 
 
 # ------------------------------------------------------------------ DNS failures
