@@ -522,7 +522,8 @@ def test_a_dead_backend_is_skipped_retried_elsewhere_and_restored(lab: Lab, dns:
     landed = [whoami(lab, 7000)[0] for _ in range(20)]  # no client sees a failure
     assert B not in landed and set(landed) == {A, C}, landed
     assert len(services.landed(B)) == down
-    proxy.wait_log(rf"\[warning\] Port 7000: backend {B}:7000 failed \(Connection refused\); skipped until a check succeeds")
+    proxy.wait_log(rf"\[warning\] Port 7000: backend {B}:7000 failed \(Connection refused\); skipped until a check "
+                   "succeeds")
     retried = [m for m in proxy.wait_connection_lines(26, 7000) if m["how"] == "closed by both sides"]
     assert len(retried) == 26 and all(m["backend"] != f"{B}:7000" for m in retried[6:]), retried
     in_flight.sock.sendall(b"still here\n")  # the other port of B is unaffected
@@ -575,7 +576,7 @@ def test_records_in_rotating_order_are_not_logged_as_a_change(lab: Lab, dns: Dns
     asked = len(dns.queries)
     for order in ((B, C, A), (C, A, B), (A, B, C), (B, C, A)):
         dns.set(POOL, *order, ttl=1)
-        assert eventually(lambda: len(dns.queries) >= asked + 2, timeout=3.0)  # a refresh saw this order
+        assert eventually(lambda seen=asked: len(dns.queries) >= seen + 2, timeout=3.0)  # a refresh saw it
         asked = len(dns.queries)
     assert sum(f"{POOL} is now" in line for line in proxy.lines()) == 1, proxy.stderr
     dns.set(POOL, A, C, ttl=1)  # a changed set is news
