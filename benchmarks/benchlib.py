@@ -256,18 +256,24 @@ def round_order(index: int, contenders: Sequence[str]) -> list[str]:
     return list(contenders) if index % 2 == 0 else list(reversed(contenders))
 
 
+MIN_AB_ROUNDS = 3  # below this, an IQR says nothing about the noise
+
+
 def ab_compare(label: str, ours: Sequence[float], baseline: Sequence[float], show: Callable[[float], str], *,
                higher_better: bool) -> list[str]:
     """One row of an A/B table: each side's median, IQR and min-max over the rounds, the ratio ours/baseline of
     the medians, the per-round ratios (same round, so the same stretch of machine time) and a verdict. A
-    difference counts as real only if the two sides' IQRs do not overlap; otherwise it is within the spread."""
+    difference counts as real only if the two sides' IQRs do not overlap (and each has MIN_AB_ROUNDS values);
+    otherwise it is within the spread."""
     a, b = Stats.of(ours), Stats.of(baseline)
     paired = Stats.of([x / y for x, y in zip(ours, baseline, strict=False) if y]) if any(baseline) else None
 
     def spread(stats: Stats) -> str:
         return f"{show(stats.p25)}-{show(stats.p75)} / {show(stats.low)}-{show(stats.high)}"
 
-    if a.p25 > b.p75 or a.p75 < b.p25:
+    if min(a.n, b.n) < MIN_AB_ROUNDS:
+        verdict = f"too few rounds to judge (fewer than {MIN_AB_ROUNDS})"
+    elif a.p25 > b.p75 or a.p75 < b.p25:
         verdict = "ours better" if (a.median > b.median) == higher_better else "ours WORSE"
         verdict += " (IQRs apart)"
     else:
