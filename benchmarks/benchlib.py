@@ -206,6 +206,8 @@ class Stats:
     low: float
     high: float
     mean: float
+    p25: float
+    p75: float
 
     @classmethod
     def of(cls, samples: Sequence[float]) -> Stats:
@@ -213,7 +215,9 @@ class Stats:
             raise ValueError("no samples")
         ordered = sorted(samples)
         p90 = statistics.quantiles(ordered, n=10, method="inclusive")[-1] if len(ordered) > 1 else ordered[0]
-        return cls(len(ordered), statistics.median(ordered), p90, ordered[0], ordered[-1], statistics.fmean(ordered))
+        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+        return cls(len(ordered), statistics.median(ordered), p90, ordered[0], ordered[-1], statistics.fmean(ordered),
+                   p25, p75)
 
 
 def nat_payload(env: Mapping[str, str]) -> str:
@@ -244,6 +248,114 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def round_order(index: int, contenders: Sequence[str]) -> list[str]:
+    """The order of round `index`: as given in even rounds, reversed in odd ones (so over an even number of
+    rounds each contender runs before each other one equally often)."""
+    return list(contenders) if index % 2 == 0 else list(reversed(contenders))
+
+
+MIN_AB_ROUNDS = 3  # below this, an IQR says nothing about the noise
+
+
+def ab_compare(label: str, ours: Sequence[float], baseline: Sequence[float], show: Callable[[float], str], *,
+               higher_better: bool) -> list[str]:
+    """One row of an A/B table: each side's median, IQR and min-max over the rounds, the ratio ours/baseline of
+    the medians, the per-round ratios (same round, so the same stretch of machine time) and a verdict. A
+    difference counts as real only if the two sides' IQRs do not overlap (and each has MIN_AB_ROUNDS values);
+    otherwise it is within the spread."""
+    a, b = Stats.of(ours), Stats.of(baseline)
+    paired = Stats.of([x / y for x, y in zip(ours, baseline, strict=False) if y]) if any(baseline) else None
+
+    def spread(stats: Stats) -> str:
+        return f"{show(stats.p25)}-{show(stats.p75)} / {show(stats.low)}-{show(stats.high)}"
+
+    if min(a.n, b.n) < MIN_AB_ROUNDS:
+        verdict = f"too few rounds to judge (fewer than {MIN_AB_ROUNDS})"
+    elif a.p25 > b.p75 or a.p75 < b.p25:
+        verdict = "ours better" if (a.median > b.median) == higher_better else "ours WORSE"
+        verdict += " (IQRs apart)"
+    else:
+        verdict = "within the spread (IQRs overlap)"
+    return [label, show(a.median), spread(a), show(b.median), spread(b),
+            f"{a.median / b.median:.3f}" if b.median else "-",
+            f"{paired.median:.3f} ({paired.low:.2f}-{paired.high:.2f})" if paired else "-", verdict]
+
+
+AB_HEADERS = ["", "ours median", "ours IQR / min-max", "baseline median", "baseline IQR / min-max",
+              "ours/baseline (medians)", "per-round ratio median (min-max)", "verdict"]
+
+
+# ---------------------------------------------------------------- a baseline: another checkout with its own venv
+
+@dataclass(frozen=True)
+class Baseline:
+    """egress-router from another checkout of this repository (`--baseline TREE`), run with TREE's interpreter
+    and TREE's code: its `.venv/bin/egress-router` console script (an editable install of TREE)."""
+
+    tree: Path
+    facts: str
+
+    @property
+    def python(self) -> Path:
+        return self.tree / ".venv" / "bin" / "python"
+
+    def command(self) -> list[str]:
+        return [str(self.tree / ".venv" / "bin" / "egress-router")]
+
+    @staticmethod
+    def env(env: Mapping[str, str]) -> dict[str, str]:
+        """`env` without what could make TREE's interpreter import another tree's code."""
+        return {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+
+
+BASELINE_HELP = ("also measure egress-router from TREE, another checkout of this repository with its own .venv "
+                 "(./scripts/bootstrap there), as a third contender 'baseline' in the same alternating rounds, "
+                 "and print ours/baseline with the spread")
+
+BASELINE_PROBE = """import importlib.util, os, pathlib, sys
+import egress_router
+root = pathlib.Path(egress_router.__file__).resolve().parent
+def stale(p):
+    c = importlib.util.cache_from_source(str(p))
+    return not os.path.exists(c) or os.path.getmtime(c) < os.path.getmtime(p)
+stale = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if stale(p)]
+print(root)
+print(egress_router.__version__)
+print(len(stale), " ".join(stale[:6]))
+"""
+
+
+def load_baseline(tree: Path | None) -> Baseline | None:
+    """The `--baseline` checkout, checked: its venv's console script exists and its interpreter imports
+    egress_router from TREE itself (an editable install points at its own tree). Exits with a message if not."""
+    if tree is None:
+        return None
+    tree = tree.resolve()
+    script = tree / ".venv" / "bin" / "egress-router"
+    if not os.access(script, os.X_OK):
+        sys.exit(f"--baseline {tree}: no {script}; run ./scripts/bootstrap in that checkout first")
+    baseline = Baseline(tree, "")
+    try:
+        probe = subprocess.run([str(baseline.python), "-c", BASELINE_PROBE], capture_output=True, text=True,
+                               timeout=60, check=False, env=Baseline.env(os.environ), cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sys.exit(f"--baseline {tree}: cannot run {baseline.python}: {exc}")
+    lines = probe.stdout.splitlines()
+    if probe.returncode != 0 or len(lines) < 3:
+        sys.exit(f"--baseline {tree}: {baseline.python} cannot import egress_router: {probe.stderr.strip()[-800:]}")
+    package, version, stale = Path(lines[0]), lines[1], lines[2].strip()
+    if package.parent != tree:
+        sys.exit(f"--baseline {tree}: its interpreter imports egress_router from {package}, not from that tree")
+    commit = command_output(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
+    status = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "egress_router"],
+                            capture_output=True, text=True, timeout=10, check=False)
+    facts = (f"{tree}, egress-router {version} (commit {commit}"
+             f"{', egress_router/ modified' if status.stdout.strip() else ''}), "
+             f"{os.path.realpath(baseline.python)}; its egress_router/ modules without an up-to-date .pyc: "
+             f"{stale.split(' ', 1)[0]}{' (' + stale.split(' ', 1)[1] + ')' if ' ' in stale else ''}")
+    return Baseline(tree, facts)
 
 
 # ---------------------------------------------------------------- timed runs in a lab namespace

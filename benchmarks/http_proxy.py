@@ -27,12 +27,18 @@ process involved (and of the rest of the machine) is recorded to tell which one 
 bottleneck. Lab-only sysctls: a wider ephemeral port range in the client and router namespaces,
 and tcp_tw_reuse=1 in the client namespace (see main()). Every process it starts is ended by pid;
 the lab always goes.
+
+With --baseline TREE, a third side, baseline (TREE's .venv/bin/egress-router http-proxy: TREE's
+interpreter and code, ours' settings), runs in the same rounds (order ours, baseline, squid, then
+reversed); the table gains baseline and ours/baseline, and an A/B table gives each side's IQR and
+min-max and the per-round ratios. With --only ours, that is ours and baseline alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -45,9 +51,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from benchlib import (
+    AB_HEADERS,
+    BASELINE_HELP,
     PYTHON,
+    Baseline,
     BenchError,
     Deadline,
+    ab_compare,
+    load_baseline,
     machine_lines,
     md_table,
     require_root,
@@ -140,6 +151,9 @@ class Ours(Proxy):
         super().__init__(lab, tmp)
         self.workers = workers
 
+    def command(self) -> list[str]:
+        return router_command()
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
         env.update(EGRESS_HTTP_PROXY_DESTINATION=DESTINATION, EGRESS_HTTP_PROXY_PORT=str(PORT),
@@ -153,14 +167,30 @@ class Ours(Proxy):
 
     def start(self) -> None:
         self.lives += 1
-        self.proc = Managed(self.lab, "router", [*router_command(), "http-proxy"],
-                            self.tmp / f"ours-{self.lives}.out", env=self.env())
+        self.proc = Managed(self.lab, "router", [*self.command(), "http-proxy"],
+                            self.tmp / f"{self.name}-{self.lives}.out", env=self.env())
 
 
-def ours_available() -> tuple[bool, str]:
+class BaselineProxy(Ours):
+    """Ours as another checkout has it (--baseline TREE): TREE's console script, interpreter and code."""
+
+    name = "baseline"
+
+    def __init__(self, lab: Lab, tmp: Path, workers: int | None, baseline: Baseline):
+        super().__init__(lab, tmp, workers)
+        self.baseline = baseline
+
+    def command(self) -> list[str]:
+        return self.baseline.command()
+
+    def env(self) -> dict[str, str]:
+        return self.baseline.env(super().env())
+
+
+def ours_available(command: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[bool, str]:
     try:
-        done = subprocess.run([*router_command(), "http-proxy", "--help"], capture_output=True, text=True,
-                              timeout=30, check=False)
+        done = subprocess.run([*command, "http-proxy", "--help"], capture_output=True, text=True,
+                              timeout=30, check=False, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:][0] if done.returncode else ""
@@ -366,12 +396,13 @@ def fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
 
 
 def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncpu: int) -> tuple[str, str]:
-    """The side-by-side table (text, markdown) and the CPU tables."""
-    both = len(sides) == 2
+    """The side-by-side table (text, markdown) and the CPU tables; with a baseline, also the A/B table."""
+    both = "ours" in sides and "squid" in sides
+    baseline = "baseline" in sides
 
-    def ratio(test: str, key: str | None = None) -> float | None:
-        a, b = results.median("ours", test, key), results.median("squid", test, key)
-        return a / b if both and a is not None and b else None
+    def ratio(test: str, key: str | None = None, other: str = "squid") -> float | None:
+        a, b = results.median("ours", test, key), results.median(other, test, key)
+        return a / b if other in sides and a is not None and b else None
 
     def verdict(value: float | None, target: float, higher_better: bool = True) -> str:
         if value is None:
@@ -383,10 +414,14 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
             higher: bool = True) -> list[str]:
         ours = results.median("ours", test, key)
         squid = results.median("squid", test, key)
-        r = ratio(test, key)
+        r = ratio(test, key) if both else None
         goal = "-" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
-        return [label, fmt(ours and ours * scale, unit, digits), fmt(squid and squid * scale, unit, digits),
-                fmt(r, "", ratio_digits(r, target)), goal, verdict(r, target, higher) if target is not None else ""]
+        cells = [label, fmt(ours and ours * scale, unit, digits), fmt(squid and squid * scale, unit, digits),
+                 fmt(r, "", ratio_digits(r, target)), goal, verdict(r, target, higher) if target is not None else ""]
+        if baseline:
+            base = results.median("baseline", test, key)
+            cells += [fmt(base and base * scale, unit, digits), fmt(ratio(test, key, "baseline"), "", 3)]
+        return cells
 
     rate = results.median("squid", "latency", "rate") or results.median("ours", "latency", "rate")
     rows = [
@@ -402,7 +437,7 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         row("RSS right after start, MiB", "rss_fresh", None, 1 / 1024, "", 1, None, False),
         row("RSS after the close run, MiB", "close", "rss_after", 1 / 1024, "", 1, None, False),
     ]
-    headers = ["", "ours", "squid", "ours/squid", "target", ""]
+    headers = ["", "ours", "squid", "ours/squid", "target", "", *(["baseline", "ours/baseline"] if baseline else [])]
     cpu_headers = ["test", "side", "proxy", "busiest proxy proc", "load tool", "origin", "softirq", "others",
                    "machine (all CPUs)", "bottleneck"]
     cpu_rows = []
@@ -422,7 +457,32 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         text_table(cpu_headers, cpu_rows)
     md = md_table(headers, rows) + "\n\nCPU during the runs (medians; % of one core, machine: % of all " \
         f"{ncpu} CPUs; 'others' is everything else on the machine):\n\n" + md_table(cpu_headers, cpu_rows)
+    if baseline:
+        ab_rows = ab_table(results)
+        title = (f"A/B: ours vs baseline, {len(results.values('ours', 'keepalive'))} alternating round(s); "
+                 "ratios ours/baseline (rates: higher is better; latency, memory: lower is better)")
+        text += f"\n\n{title}\n" + text_table(AB_HEADERS, ab_rows)
+        md += f"\n\n{title}:\n\n" + md_table(AB_HEADERS, ab_rows)
     return text, md
+
+
+def ab_table(results: Results) -> list[list[str]]:
+    """Ours against the baseline per measurement, over the rounds: medians, spread, ratios."""
+    tests: list[tuple[str, str, str | None, float, int, bool]] = [
+        ("keep-alive, req/s", "keepalive", None, 1.0, 0, True),
+        ("Connection: close, req/s", "close", None, 1.0, 0, True),
+        ("CONNECT tunnel, MB/s", "connect", None, 1.0, 0, True),
+        ("p50 latency, ms", "latency", "p50_us", 1e-3, 2, False),
+        ("p99 latency, ms", "latency", "p99_us", 1e-3, 2, False),
+        ("RSS with idle connections, MiB", "memory", "rss", 1 / 1024, 1, False),
+    ]
+    rows = []
+    for label, test, key, scale, digits, higher in tests:
+        ours, base = results.values("ours", test, key), results.values("baseline", test, key)
+        if ours and base:
+            rows.append(ab_compare(label, [v * scale for v in ours], [v * scale for v in base],
+                                   functools.partial(fmt, digits=digits), higher_better=higher))
+    return rows
 
 
 def probe_lines(results: Results, args: argparse.Namespace) -> list[str]:
@@ -463,6 +523,7 @@ def main() -> int:
     parser.add_argument("--max-others", type=float, default=25.0,
                         help="re-run a measurement if other processes took more than this %% of a core (default 25)")
     parser.add_argument("--retries", type=int, default=2, help="at most this many re-runs per measurement")
+    parser.add_argument("--baseline", metavar="TREE", type=Path, help=BASELINE_HELP)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup, args.connect_mib = 1, 3.0, 2.0, 512
@@ -474,15 +535,22 @@ def main() -> int:
     sides = [args.only] if args.only else list(SIDES)
     check_tools(sides)
     if "ours" in sides:
-        ok, why = ours_available()
+        ok, why = ours_available(router_command())
         if not ok:
             if args.only == "ours":
                 sys.exit(f"egress-router http-proxy is not available: {why}")
             print(f"egress-router http-proxy is not available ({why}): squid only")
             sides = ["squid"]
+    baseline = load_baseline(args.baseline)
+    if baseline is not None:
+        ok, why = ours_available(baseline.command(), baseline.env(os.environ))
+        if not ok:
+            sys.exit(f"--baseline {baseline.tree}: its egress-router http-proxy is not available: {why}")
+        sides.insert(sides.index("ours") + 1 if "ours" in sides else 0, "baseline")
     began = time.monotonic()
     fd_limit = raise_fd_limit()
-    info = describe_machine(fd_limit, tool_versions("squid", "nginx", "wrk"))
+    info = describe_machine(fd_limit, tool_versions("squid", "nginx", "wrk"),
+                            {"baseline": baseline.facts} if baseline else None)
     deadline = Deadline(args.max_seconds)
     results = Results()
     origin: Origin | None = None
@@ -498,6 +566,8 @@ def main() -> int:
                     proxies["squid"] = Squid(lab, tmp)
                 if "ours" in sides:
                     proxies["ours"] = Ours(lab, tmp, args.workers)
+                if baseline is not None:
+                    proxies["baseline"] = BaselineProxy(lab, tmp, args.workers, baseline)
 
                 print(f"\nlab {lab.suffix}: origin nginx on {ORIGIN_IP}:80 ({args.origin_workers} worker), proxies "
                       f"on {ROUTER_POD_IP}:{PORT}; wrk -t{args.wrk_threads} -c{CONNECTIONS}, {args.duration:g} s runs")

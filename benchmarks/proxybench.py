@@ -42,6 +42,7 @@ from benchlib import (
     load_average,
     machine_info,
     machine_lines,
+    round_order,
 )
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab
@@ -631,8 +632,7 @@ def alternate_rounds(rounds: int, sides: Sequence[str], deadline: Deadline, note
             notes.append(f"time bound reached after {index} round(s)")
             print(notes[-1])
             break
-        order = list(sides) if index % 2 == 0 else list(reversed(sides))
-        for side in order:
+        for side in round_order(index, sides):
             print(f"  round {index + 1} {side:>{width}}: {life(index, side)}", flush=True)
 
 

@@ -11,6 +11,10 @@ Rounds alternate the order (ours then reference, then reference then ours, ...).
 a new lab (building and tearing it down is not timed), and after every run TCP requests from the
 client must land on the right servers with source 192.0.2.99 (not timed either).
 
+With --baseline TREE, a third contender, baseline (TREE's .venv/bin/egress-router: TREE's interpreter
+and code), runs in the same rounds (order ours, baseline, reference, then reversed), and the run
+prints ours/baseline with each side's IQR and min-max and the per-round ratios.
+
 Then, outside the ratio, where the time goes: interpreter start-up and imports for ours, and a
 per-command trace (ip, iptables, arping) of the reference.
 """
@@ -23,22 +27,28 @@ import statistics
 from pathlib import Path
 
 from benchlib import (
+    AB_HEADERS,
+    BASELINE_HELP,
     PYTHON,
     REFERENCE,
     WORK,
+    Baseline,
     BenchError,
     Deadline,
     Run,
     Stats,
+    ab_compare,
     busy_warning,
     check_tools,
     in_namespace,
     load_average,
+    load_baseline,
     machine_info,
     machine_lines,
     md_table,
     nat_payload,
     require_root,
+    round_order,
     run_benchmark,
     secs,
     settle_background,
@@ -81,8 +91,9 @@ def verify(lab: Lab, who: str) -> None:
                              f"expected {landed} from {SOURCE_IP}")
 
 
-def measure(who: str, arping: str, *, trace: Path | None = None) -> tuple[Run, str]:
-    """One init-mode run of `who` in a fresh lab, verified. Returns the run and the background job's fate."""
+def measure(who: str, arping: str, *, trace: Path | None = None, baseline: Baseline | None = None) -> tuple[Run, str]:
+    """One init-mode run of `who` (ours, reference, or baseline: the one given) in a fresh lab, verified.
+    Returns the run and the background job's fate."""
     pidfile = WORK / f"bg-{who}.pid"
     pidfile.unlink(missing_ok=True)
     with Lab() as lab:
@@ -91,6 +102,9 @@ def measure(who: str, arping: str, *, trace: Path | None = None) -> tuple[Run, s
             extra["LEGACY_TRACE"] = str(trace)
         env = lab_env(lab, arping, **extra)
         program = router_command() if who == "ours" else [str(REFERENCE)]
+        if who == "baseline":
+            assert baseline is not None
+            program, env = baseline.command(), baseline.env(env)
         run = timed_run(in_namespace(lab, "router", program), env, timeout=RUN_TIMEOUT)
         background = settle_background(lab, pidfile) if who == "reference" else "none"
         if not run.ok:
@@ -171,6 +185,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each first (default 1)")
     parser.add_argument("--max-seconds", type=float, default=900, help="stop starting new rounds after this")
     parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument("--baseline", metavar="TREE", type=Path, help=BASELINE_HELP)
     args = parser.parse_args()
     rounds = 3 if args.quick else max(1, min(args.rounds, 200))
     component_rounds = 2 if args.quick else min(5, rounds)
@@ -181,6 +196,11 @@ def main() -> int:
     assert arping is not None
     WORK.mkdir(exist_ok=True)
     info = machine_info(arping)
+    baseline = load_baseline(args.baseline)
+    contenders: tuple[str, ...] = ("ours", "reference")
+    if baseline is not None:
+        info["baseline"] = baseline.facts
+        contenders = ("ours", "baseline", "reference")
     deadline = Deadline(args.max_seconds)
     warning = busy_warning(info)
     print("\n".join(machine_lines(info)))
@@ -189,34 +209,36 @@ def main() -> int:
     print(f"\n{rounds} round(s) each, alternating order, fresh lab per run; warm-up {args.warmup} each")
 
     for _ in range(max(0, args.warmup)):
-        for who in ("ours", "reference"):
-            measure(who, arping)
+        for who in contenders:
+            measure(who, arping, baseline=baseline)
 
-    walls: dict[str, list[float]] = {"ours": [], "reference": []}
-    in_process: list[float] = []
+    walls: dict[str, list[float]] = {who: [] for who in contenders}
+    in_process: dict[str, list[float]] = {"ours": [], "baseline": []}
     killed = 0
     for index in range(rounds):
         if deadline.passed():
             print(f"time bound reached after {index} round(s)")
             break
-        order = ("ours", "reference") if index % 2 == 0 else ("reference", "ours")
+        order = round_order(index, contenders)
         for who in order:
-            run, background = measure(who, arping)
+            run, background = measure(who, arping, baseline=baseline)
             walls[who].append(run.seconds)
             killed += background == "killed"
-            if who == "ours" and (found := READY.search(run.stderr)):
-                in_process.append(float(found.group(1)))
-        print(f"  round {index + 1:>3}: {order[0]} {secs(walls[order[0]][-1]):>9}, "
-              f"{order[1]} {secs(walls[order[1]][-1]):>9}", flush=True)
+            if who in in_process and (found := READY.search(run.stderr)):
+                in_process[who].append(float(found.group(1)))
+        print(f"  round {index + 1:>3}: " + ", ".join(f"{who} {secs(walls[who][-1]):>9}" for who in order), flush=True)
 
-    ours, ref = Stats.of(walls["ours"]), Stats.of(walls["reference"])
+    stats = {who: Stats.of(walls[who]) for who in contenders}
+    ours, ref = stats["ours"], stats["reference"]
     ratio = ours.median / ref.median
-    rows = [[label, secs(getattr(ours, key)), secs(getattr(ref, key))]
+    columns = [who for who in ("ours", "reference", "baseline") if who in stats]
+    rows = [[label, *(secs(getattr(stats[who], key)) for who in columns)]
             for label, key in (("median", "median"), ("p90", "p90"), ("min", "low"), ("max", "high"),
                                ("mean", "mean"))]
-    rows.insert(0, ["runs", str(ours.n), str(ref.n)])
+    rows.insert(0, ["runs", *(str(stats[who].n) for who in columns)])
+    headers = ["", "ours (egress-router)", "reference (legacy shell)", *(["baseline"] if baseline else [])]
     print("\ninit mode, process start to exit (verified after every run: TCP lands from 192.0.2.99)")
-    print(text_table(["", "ours (egress-router)", "reference (legacy shell)"], rows))
+    print(text_table(headers, rows))
     faster = ours.median < ref.median
     under = ours.median < TARGET_SECONDS
     verdict = (f"ratio ours/reference (medians): {ratio:.2f}"
@@ -226,6 +248,15 @@ def main() -> int:
     print(verdict)
     if killed:
         print(f"note: {killed} background arping job(s) outlived {secs(6.0)} and were killed (by pidfd)")
+    ab_rows = []
+    if baseline is not None:
+        ab_rows.append(ab_compare("init wall time (lower is better)", walls["ours"], walls["baseline"], secs,
+                                  higher_better=False))
+        if in_process["ours"] and in_process["baseline"]:
+            ab_rows.append(ab_compare("router's own 'since start' figure (10 ms ticks)", in_process["ours"],
+                                      in_process["baseline"], secs, higher_better=False))
+        print(f"\nA/B: ours vs baseline ({baseline.tree}), {ours.n} alternating rounds; ratio ours/baseline is time")
+        print(text_table(AB_HEADERS, ab_rows))
 
     # ---------------------------------------------------------------- where the time goes
     print("\nwhere the time goes (not part of the ratio)")
@@ -256,7 +287,7 @@ def main() -> int:
         ["  iptables-restore of our payload alone (once)",
          secs(components.get("iptables-restore --noflush (our payload)"))],
         ["router's own 'Ready ... s since start' figure (kernel process start time, 10 ms ticks)",
-         secs(statistics.median(in_process)) if in_process else "-"],
+         secs(statistics.median(in_process["ours"])) if in_process["ours"] else "-"],
     ]
     print("ours, medians:")
     print(text_table(["", "time"], ours_rows))
@@ -297,7 +328,7 @@ def main() -> int:
                  f"{ours.n} measured runs each (+{args.warmup} warm-up each), alternating order, a fresh lab per "
                  "run, every run verified (TCP from the client lands on the right server from 192.0.2.99). "
                  "Destination: the demo's 3 port rules + fallback.", "",
-                 md_table(["", "ours (egress-router)", "reference (legacy shell)"], rows), "",
+                 md_table(headers, rows), "",
                  "```", verdict, "```", "",
                  "Ours, where the time goes (medians of separate runs, not in the ratio):", "",
                  md_table(["", "time"], ours_rows), "",
@@ -308,6 +339,9 @@ def main() -> int:
                       md_table(["", "time", "share"], ref_rows), ""]
         if dominant:
             lines += [dominant, ""]
+        if ab_rows:
+            lines += [f"A/B against `--baseline` {baseline.facts if baseline else ''}:", "",
+                      md_table(AB_HEADERS, ab_rows), ""]
         write_results("setup_latency", "\n".join(lines))
     return 0
 
