@@ -13,53 +13,41 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, cast
 
 import httptools
 
 from . import metrics
-from .acl import HostError, normalize_host
+from .http_rules import (
+    HEALTHZ,
+    TUNNEL_ESTABLISHED,
+    Address,
+    Host,
+    ProxyError,
+    ends_connection,
+    error_response,
+    final_head,
+    host_text,
+    interim_head,
+    local_page,
+    parse_absolute_form,
+    parse_connect_target,
+    request_head,
+    request_is_chunked,
+    response_ends_at_head,
+    simple_response,
+)
 from .metrics import SharedCounters, WorkerCounters
 from .server import handle_stop_signals, reset
 from .settings import HttpProxySettings
 
 log = logging.getLogger(__name__)
 
-Address = IPv4Address | IPv6Address
-VIA = b"1.1 egress-router"
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
-NO_BODY_STATUS = frozenset({204, 304})
 HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 POOL_MAX_PER_KEY = 256
 DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
-REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
-           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
-
-
-class ProxyError(Exception):
-    """Answer the client with `status` and a one-line `message`."""
-
-    def __init__(self, status: int, message: str, counter: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.counter = counter
-
-
-def simple_response(status: int, body: str, *, close: bool, content_type: bytes = b"text/plain") -> bytes:
-    payload = body.encode()
-    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: ".encode() + content_type
-            + f"; charset=utf-8\r\nContent-Length: {len(payload)}\r\nVia: ".encode() + VIA
-            + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
-    return head + payload
-
-
 class Worker:
     """One process's proxy: its connections, upstream pool and DNS cache."""
 
@@ -142,7 +130,7 @@ class Worker:
                 del self.dns[name]
 
     # ------------------------------------------------------------ destinations
-    def addresses_for(self, host: str | Address) -> list[Address] | None:
+    def addresses_for(self, host: Host) -> list[Address] | None:
         """Allowed addresses when known without a lookup; None when the name must be resolved."""
         if not isinstance(host, str):
             if not self.acl.address_allowed(None, host):
@@ -178,7 +166,7 @@ class Worker:
         self.dns[host] = (self.now + DNS_TTL, addresses)
         return self._allowed(host, addresses, self.acl.name_verdict(host))
 
-    async def open_upstream(self, host: str | Address, port: int, addresses: list[Address] | None,
+    async def open_upstream(self, host: Host, port: int, addresses: list[Address] | None,
                             factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, Address]:
         """Connect to the first allowed address that answers; 502 or 504 if none does."""
         if addresses is None:
@@ -273,7 +261,7 @@ class Request:
         self.tunnel = False
         self.sent = False  # response head sent to the client
         self.local = False  # answered by the proxy itself (probes, metrics)
-        self.host: str | Address | None = None  # the normalized destination host
+        self.host: Host | None = None  # the normalized destination host
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
@@ -304,7 +292,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         worker = self.worker
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
-            self.transport.write(simple_response(503, "too many connections\n", close=True))
+            self.transport.write(error_response(503, "too many connections", close=True))
             self.transport.close()
             self.closing = True
             return
@@ -410,9 +398,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive() and not self.worker.draining
-        for name, value in request.headers:
-            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-                request.chunked = True
+        request.chunked = request_is_chunked(request.headers)
         if self.current is None:
             self.current = request
             self.start(request)
@@ -447,31 +433,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if request.method == b"CONNECT":
                 self.start_tunnel(request)
                 return
-            url = request.url
-            if url[:1] == b"/":
+            if request.url[:1] == b"/":
                 self.origin_form(request)
                 return
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                raise ProxyError(400, "the request target is not a valid URL", metrics.BAD) from None
-            if parsed.schema is None or parsed.schema.lower() != b"http":
-                raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", metrics.BAD)
-            if parsed.userinfo:
-                raise ProxyError(400, "user information in the URL is not accepted", metrics.BAD)
-            raw_host = parsed.host or b""
-            if b":" not in raw_host and b"[" in url.split(b"/", 3)[2]:
-                raise ProxyError(400, "only IPv6 addresses may be written in brackets", metrics.BAD)
-            host = self.host_of(raw_host.decode("latin-1"))
+            host, port, request.url = parse_absolute_form(request.url)
             request.host = host
-            port = 80 if parsed.port is None else parsed.port
-            if not 1 <= port <= 65535:
-                raise ProxyError(400, f"port {port} is not a port number (1-65535)", metrics.BAD)
+            request.host_text = host_text(host)
             request.port = port
-            path = parsed.path or b"/"
-            if parsed.query is not None:
-                path += b"?" + parsed.query
-            request.url = path
             request.head_only = request.method == b"HEAD"
             addresses = self.worker.addresses_for(host)
             if addresses is not None:
@@ -483,16 +451,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         except ProxyError as exc:
             self.fail(exc)
 
-    def host_of(self, text: str) -> str | Address:
-        try:
-            host = normalize_host(text)
-        except HostError as exc:
-            raise ProxyError(400, f"bad host {text!r}: {exc}", metrics.BAD) from None
-        if self.current is not None:
-            self.current.host_text = host_text(host)
-        return host
-
-    async def dispatch(self, request: Request, host: str | Address, port: int,
+    async def dispatch(self, request: Request, host: Host, port: int,
                        addresses: list[Address] | None, *, fresh: bool = False) -> None:
         try:
             if addresses is None:
@@ -519,17 +478,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         worker.counters.add(metrics.ALLOWED)
         request.upstream = upstream
         upstream.attach(self, request)
-        host_header = request.host_text.encode() + (b"" if request.port == 80 else b":%d" % request.port)
-        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
-        fields = request_fields(request.headers, request.chunked, _NO_TOKENS)
-        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-            fields = request_fields(request.headers, request.chunked, drop_tokens(request.headers))
-        assert fields is not None
-        lines += fields
-        if request.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        upstream.send(b"".join(lines))
+        upstream.send(request_head(request.method, request.url, request.host_text, request.port, request.headers,
+                                   request.chunked))
         body, request.body = request.body, None
         for chunk in body or ():
             self.forward_body(request, chunk)
@@ -560,30 +510,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if transport is None or self.closing:
             return
         if 100 <= status < 200:  # informational: pass it on, the final response follows
-            self.send(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
+            self.send(interim_head(status, reason))
             return
-        fields = response_fields(headers, _NO_TOKENS)
-        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-            fields = response_fields(headers, drop_tokens(headers))
-        assert fields is not None
-        lines, has_length, chunked_upstream = fields
-        lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        no_body = request.head_only or status in NO_BODY_STATUS
-        upstream.rechunk = False
-        upstream.until_close = not no_body and not chunked_upstream and not has_length
-        if not no_body and (chunked_upstream or not has_length):
-            if request.version == "1.1":
-                upstream.rechunk = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                request.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
-        if not request.keep_alive or self.worker.draining:
-            request.keep_alive = False
-            lines.append(b"Connection: close\r\n")
-        elif request.version == "1.0":
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        self.send(b"".join(lines))
+        head, upstream.rechunk, upstream.until_close, request.keep_alive = final_head(
+            status, reason, headers, request.version, request.head_only,
+            request.keep_alive and not self.worker.draining)
+        self.send(head)
         request.sent = True
 
     def response_body(self, request: Request, upstream: Upstream, chunk: bytes) -> None:
@@ -639,23 +571,17 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def origin_form(self, request: Request) -> None:
         request.local = True
-        path = request.url.split(b"?", 1)[0]
-        if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
+        if local_page(request.method, request.url) == HEALTHZ:
             self.reply(request, 200, "ok\n")
-        elif path == b"/metrics" and request.method in (b"GET", b"HEAD"):
+        else:
             self.reply(request, 200, metrics.prometheus_http(self.worker.shared),
                        content_type=b"text/plain; version=0.0.4")
-        else:
-            raise ProxyError(400, "this is a proxy: send absolute-form requests (http://host/path) or CONNECT",
-                             metrics.BAD)
 
     def reply(self, request: Request, status: int, body: str, *, content_type: bytes = b"text/plain") -> None:
         request.status = status
         if self.transport is not None and not self.closing:
-            payload = simple_response(status, body, close=not request.keep_alive, content_type=content_type)
-            if request.method == b"HEAD":
-                payload = payload.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-            self.send(payload)
+            self.send(simple_response(status, body, close=not request.keep_alive, content_type=content_type,
+                                      head_only=request.method == b"HEAD"))
         if request.complete:
             self.finish(request)
         else:
@@ -666,7 +592,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if exc.counter is not None:
             self.worker.counters.add(exc.counter)
         request = self.current
-        if exc.status == 400 or exc.status == 431 or request is None:
+        if ends_connection(exc.status) or request is None:
             self.bad_request(exc.message, exc.status)
             return
         request.status = exc.status
@@ -675,7 +601,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
         request.keep_alive = request.keep_alive and request.complete
         if self.transport is not None and not self.closing:
-            self.send(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
+            self.send(error_response(exc.status, exc.message, close=not request.keep_alive))
         self.current = None
         if not request.keep_alive:
             self.close()
@@ -690,17 +616,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             request = self.current or self.parsing
             method = request.method.decode("latin-1") if request is not None and request.method else "-"
             log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message)
-        self.send(simple_response(status, message + "\n", close=True))
+        self.send(error_response(status, message, close=True))
         self.close()
 
     # ------------------------------------------------------------ tunnels
     def start_tunnel(self, request: Request) -> None:
-        target = request.url.decode("latin-1")
-        host_text, sep, port_text = target.rpartition(":")
-        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ProxyError(400, f"CONNECT needs host:port, got {target[:200]!r}", metrics.BAD)
-        host = self.host_of(host_text)
-        request.port = int(port_text)
+        host, request.port = parse_connect_target(request.url)
+        request.host_text = host_text(host)
         request.tunnel = True
         addresses = self.worker.addresses_for(host)
         self.worker.loop.create_task(self.open_tunnel(request, host, addresses))
@@ -711,7 +633,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             assert self.current.body is not None
             self.current.body.append(early)
 
-    async def open_tunnel(self, request: Request, host: str | Address, addresses: list[Address] | None) -> None:
+    async def open_tunnel(self, request: Request, host: Host, addresses: list[Address] | None) -> None:
         try:
             transport, relay, address = await self.worker.open_upstream(
                 host, request.port, addresses, lambda: TunnelUpstream(self))
@@ -728,7 +650,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         worker.counters.add(metrics.TUNNELS)
         self.tunnel = transport
         self.flush()
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n")
+        self.transport.write(TUNNEL_ESTABLISHED)
         request.status = 200
         for chunk in request.body or ():
             transport.write(chunk)
@@ -793,87 +715,6 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         log.log(level, "%s %s %s %s %d up=%d down=%d %.1fms%s", self.peer, request.method.decode("latin-1"),
                 target or "-", verdict, request.status, request.bytes_up, request.bytes_down, duration,
                 f" {note}" if note else "")
-
-
-@lru_cache(maxsize=4096)
-def host_text(host: str | Address) -> str:
-    """How the host is written in a Host header: names as they are, IPv6 in brackets."""
-    if isinstance(host, str):
-        return host
-    return f"[{host}]" if isinstance(host, IPv6Address) else str(host)
-
-
-_NO_TOKENS: frozenset[bytes] = frozenset()
-
-
-def lists_tokens(value: bytes) -> bool:
-    """Whether a Connection header names headers to drop (anything beyond keep-alive and close)."""
-    value = value.lower()
-    if value == b"keep-alive" or value == b"close":
-        return False
-    return bool({token.strip() for token in value.split(b",")} - {b"keep-alive", b"close", b""})
-
-
-def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
-                   tokens: frozenset[bytes]) -> list[bytes] | None:
-    """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
-    (`tokens` empty) meets a Connection header that names more headers to drop."""
-    lines = []
-    via = VIA
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection" and not tokens and lists_tokens(value):
-                return None
-            continue
-        if lower == b"host" or lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if chunked and lower == b"content-length":
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines
-
-
-def response_fields(headers: list[tuple[bytes, bytes]],
-                    tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
-    """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
-    upstream sent it chunked; None as for request_fields."""
-    lines = []
-    has_length = chunked = False
-    via = VIA
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection" and not tokens and lists_tokens(value):
-                return None
-            continue
-        if lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if lower == b"content-length":
-            has_length = True
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines, has_length, chunked
-
-
-def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection: are hop-by-hop too (beyond keep-alive/close, rare)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"keep-alive")
-    tokens.discard(b"close")
-    return frozenset(tokens) if tokens else _NO_TOKENS
 
 
 class Upstream(Endpoint, asyncio.Protocol):
@@ -974,7 +815,7 @@ class Upstream(Endpoint, asyncio.Protocol):
             self.headers = []
             self.reason = b""
             return
-        if request.head_only or status in NO_BODY_STATUS:
+        if response_ends_at_head(status, request.head_only):
             # httptools would wait for a body the server will not send: the response ends here.
             self.done_early = True
             self._complete(self.parser.should_keep_alive())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from egress_router.proxy.http import drop_tokens, lists_tokens, request_fields, response_fields
+from egress_router.proxy.http_rules import drop_tokens, lists_tokens, request_fields, response_fields
 
 H = list[tuple[bytes, bytes]]
 
