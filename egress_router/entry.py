@@ -45,7 +45,7 @@ def run_container(env: Mapping[str, str]) -> int:
         if config.http_proxy is not None:
             from .proxy import http
 
-            return http.run(config.http_proxy)
+            return http.run_http_proxy(config.http_proxy)
         if config.dns_proxy is not None:
             from .proxy import tcp
 

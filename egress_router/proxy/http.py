@@ -470,7 +470,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 f" {note}" if note else "")
 
 
-def run(settings: HttpProxySettings) -> int:
+def run_http_proxy(settings: HttpProxySettings) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
     from .server import available_cpus, listen_spec, loop_worker, serve
 
