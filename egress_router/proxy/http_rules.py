@@ -178,7 +178,7 @@ def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], v
     assert fields is not None
     lines, has_length, chunked_upstream = fields
     lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-    no_body = response_ends_at_head(status, head_only)
+    no_body = head_only or status in NO_BODY_STATUS  # response_ends_at_head, without a call on the hot path
     rechunk = False
     until_close = not no_body and not chunked_upstream and not has_length
     if not no_body and (chunked_upstream or not has_length):
