@@ -1,249 +1,40 @@
-"""The HTTP proxy worker: absolute-form forwarding with keep-alive both ways, CONNECT tunnels, probes.
-
-Built on asyncio protocols (uvloop when installed) and httptools' C parser: no stream objects,
-no task per request on the fast path. Every request's destination is checked against the allow
-list; names are resolved here and only the addresses the list allows are connected to.
-"""
+"""The HTTP proxy's client side: httptools' request parser wired to http_rules and the transports; run_http_proxy."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable
-from functools import lru_cache
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any, cast
+from typing import cast
 
 import httptools
 
 from ..core.config import HttpProxySettings
-from ..core.hosts import HostError, normalize_host
+from ..core.hosts import Address
 from . import metrics
-from .metrics import SharedCounters, WorkerCounters
-from .server import handle_stop_signals, reset
+from .http_rules import (
+    HEALTHZ,
+    TUNNEL_ESTABLISHED,
+    Host,
+    ProxyError,
+    ends_connection,
+    error_response,
+    final_head,
+    host_text,
+    interim_head,
+    local_page,
+    parse_absolute_form,
+    parse_connect_target,
+    request_is_chunked,
+    simple_response,
+)
+from .http_upstream import Endpoint, TunnelUpstream, Upstream
+from .http_worker import Worker
+from .metrics import SharedCounters
+from .server import reset
 
 log = logging.getLogger(__name__)
-
-Address = IPv4Address | IPv6Address
-VIA = b"1.1 egress-router"
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
-NO_BODY_STATUS = frozenset({204, 304})
-HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
-POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
-POOL_MAX_PER_KEY = 256
-DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
-REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
-           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
-
-
-class ProxyError(Exception):
-    """Answer the client with `status` and a one-line `message`."""
-
-    def __init__(self, status: int, message: str, counter: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.counter = counter
-
-
-def simple_response(status: int, body: str, *, close: bool, content_type: bytes = b"text/plain") -> bytes:
-    payload = body.encode()
-    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: ".encode() + content_type
-            + f"; charset=utf-8\r\nContent-Length: {len(payload)}\r\nVia: ".encode() + VIA
-            + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
-    return head + payload
-
-
-class Worker:
-    """One process's proxy: its connections, upstream pool and DNS cache."""
-
-    def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int):
-        self.settings = settings
-        self.acl = settings.acl
-        self.shared = shared
-        self.counters: WorkerCounters = shared.row(index)
-        self.index = index
-        self.loop = asyncio.get_event_loop()
-        self.now = self.loop.time()
-        self.clients: set[ClientConnection] = set()
-        self.pool: dict[tuple[Address, int], list[Upstream]] = {}
-        self.dns: dict[str, tuple[float, list[Address]]] = {}
-        self.draining = False
-        self.stopped = asyncio.Event()
-        self.dirty: list[Endpoint] = []  # endpoints with output waiting for the end of this callback
-
-    def flush(self) -> None:
-        """Write what this callback queued: one write per connection instead of one per piece."""
-        while self.dirty:
-            dirty, self.dirty = self.dirty, []
-            for endpoint in dirty:
-                endpoint.flush()
-
-    # ------------------------------------------------------------ life cycle
-    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
-        servers = [await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
-                   for sock in sockets]
-        handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
-        sweeper = self.loop.create_task(self.sweep())
-        await self.stopped.wait()
-        for server in servers:
-            server.close()
-        await self.drain()
-        sweeper.cancel()
-        return 0
-
-    async def drain(self) -> None:
-        self.draining = True
-        for client in list(self.clients):
-            if client.idle():
-                client.close()
-        deadline = self.loop.time() + self.settings.grace_seconds
-        while self.clients and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for client in list(self.clients):
-            client.abort("the grace period ended")
-        for conns in self.pool.values():
-            for upstream in conns:
-                upstream.close()
-
-    async def sweep(self) -> None:
-        """Once a second: the coarse clock, idle and stalled connections, stale pool entries."""
-        settings = self.settings
-        while True:
-            await asyncio.sleep(1.0)
-            self.now = now = self.loop.time()
-            for client in list(self.clients):
-                quiet = now - client.last
-                if client.idle():
-                    parsing = client.parsing
-                    if parsing is not None:  # a head must be complete in time however slowly it trickles
-                        if now - parsing.started > HEADER_TIMEOUT:
-                            client.bad_request(f"request head not complete within {HEADER_TIMEOUT:g} s", 408)
-                    elif quiet > settings.idle_timeout or self.draining:
-                        client.close()
-                elif quiet > settings.tunnel_idle_timeout:
-                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
-            for key, conns in list(self.pool.items()):
-                keep = [u for u in conns if now - u.idle_since < POOL_IDLE_SECONDS and not u.closed]
-                for upstream in conns:
-                    if upstream not in keep:
-                        upstream.close()
-                if keep:
-                    self.pool[key] = keep
-                else:
-                    del self.pool[key]
-            for name in [n for n, (expires, _) in self.dns.items() if expires < now]:
-                del self.dns[name]
-
-    # ------------------------------------------------------------ destinations
-    def addresses_for(self, host: str | Address) -> list[Address] | None:
-        """Allowed addresses when known without a lookup; None when the name must be resolved."""
-        if not isinstance(host, str):
-            if not self.acl.address_allowed(None, host):
-                raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
-            return [host]
-        verdict = self.acl.name_verdict(host)
-        if verdict is False:
-            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
-        cached = self.dns.get(host)
-        if cached is None or cached[0] < self.now:
-            return None
-        return self._allowed(host, cached[1], verdict)
-
-    def _allowed(self, host: str, addresses: list[Address], verdict: bool | None) -> list[Address]:
-        allowed = addresses if verdict else self.acl.allowed_addresses(host, addresses)
-        if not allowed:
-            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
-        return allowed
-
-    async def resolve(self, host: str, port: int) -> list[Address]:
-        try:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ProxyError(502, f"cannot resolve {host}: {exc.strerror}", metrics.UPSTREAM_ERRORS) from None
-        addresses: list[Address] = []
-        for family, _, _, _, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                address = ip_address(str(sockaddr[0]).split("%", 1)[0])
-                if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-                    address = address.ipv4_mapped
-                if address not in addresses:
-                    addresses.append(address)
-        self.dns[host] = (self.now + DNS_TTL, addresses)
-        return self._allowed(host, addresses, self.acl.name_verdict(host))
-
-    async def open_upstream(self, host: str | Address, port: int, addresses: list[Address] | None,
-                            factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, Address]:
-        """Connect to the first allowed address that answers; 502 or 504 if none does."""
-        if addresses is None:
-            assert isinstance(host, str)
-            addresses = await self.resolve(host, port)
-        timeout = self.settings.connect_timeout
-        last: ProxyError | None = None
-        for address in addresses:
-            try:
-                transport, protocol = await asyncio.wait_for(
-                    self.loop.create_connection(factory, str(address), port), timeout)
-                return transport, protocol, address
-            except TimeoutError:
-                last = ProxyError(504, f"timed out connecting to {host} ({address}) port {port}",
-                                  metrics.UPSTREAM_TIMEOUTS)
-            except OSError as exc:
-                last = ProxyError(502, f"cannot connect to {host} ({address}) port {port}: "
-                                       f"{exc.strerror or exc}", metrics.UPSTREAM_ERRORS)
-        assert last is not None
-        raise last
-
-    def pooled(self, key: tuple[Address, int]) -> Upstream | None:
-        conns = self.pool.get(key)
-        while conns:
-            upstream = conns.pop()
-            if not upstream.closed:
-                upstream.reused = True
-                return upstream
-        return None
-
-    def release(self, upstream: Upstream) -> None:
-        conns = self.pool.setdefault(upstream.key, [])
-        if len(conns) >= POOL_MAX_PER_KEY or self.draining:
-            upstream.close()
-            return
-        upstream.client = None
-        upstream.idle_since = self.now
-        conns.append(upstream)
-
-
-class Endpoint:
-    """A connection whose output is gathered during a callback and written once at its end."""
-
-    # Subclasses use slots too, and allocate what an idle connection does not need only when it is
-    # needed (output list, parser, request queue): 10,000 idle connections should cost little memory.
-    __slots__ = ("out",)
-    worker: Worker
-    transport: asyncio.Transport | None
-    out: list[bytes] | None
-
-    def send(self, data: bytes) -> None:
-        out = self.out
-        if out is None:
-            self.out = [data]
-            self.worker.dirty.append(self)
-        else:
-            out.append(data)
-
-    def flush(self) -> None:
-        out = self.out
-        if out is not None:
-            self.out = None
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class Request:
@@ -273,7 +64,7 @@ class Request:
         self.tunnel = False
         self.sent = False  # response head sent to the client
         self.local = False  # answered by the proxy itself (probes, metrics)
-        self.host: str | Address | None = None  # the normalized destination host
+        self.host: Host | None = None  # the normalized destination host
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
@@ -304,7 +95,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         worker = self.worker
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             worker.counters.add(metrics.REJECTED)
-            self.transport.write(simple_response(503, "too many connections\n", close=True))
+            self.transport.write(error_response(503, "too many connections", close=True))
             self.transport.close()
             self.closing = True
             return
@@ -410,9 +201,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive() and not self.worker.draining
-        for name, value in request.headers:
-            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-                request.chunked = True
+        request.chunked = request_is_chunked(request.headers)
         if self.current is None:
             self.current = request
             self.start(request)
@@ -429,16 +218,16 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         assert request is not None
         if request.body is not None:
             request.body.append(body)
-        else:
-            self.forward_body(request, body)
+        elif request.upstream is not None:
+            request.upstream.send_body(request, body)
 
     def on_message_complete(self) -> None:
         request = self.parsing
         assert request is not None
         request.complete = True
         self.parsing = None
-        if request.body is None:
-            self.forward_body_end(request)
+        if request.body is None and request.upstream is not None:
+            request.upstream.send_body_end(request)
 
     # ------------------------------------------------------------ requests
     def start(self, request: Request) -> None:
@@ -447,110 +236,23 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if request.method == b"CONNECT":
                 self.start_tunnel(request)
                 return
-            url = request.url
-            if url[:1] == b"/":
+            if request.url[:1] == b"/":
                 self.origin_form(request)
                 return
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                raise ProxyError(400, "the request target is not a valid URL", metrics.BAD) from None
-            if parsed.schema is None or parsed.schema.lower() != b"http":
-                raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", metrics.BAD)
-            if parsed.userinfo:
-                raise ProxyError(400, "user information in the URL is not accepted", metrics.BAD)
-            raw_host = parsed.host or b""
-            if b":" not in raw_host and b"[" in url.split(b"/", 3)[2]:
-                raise ProxyError(400, "only IPv6 addresses may be written in brackets", metrics.BAD)
-            host = self.host_of(raw_host.decode("latin-1"))
+            host, port, request.url = parse_absolute_form(request.url)
             request.host = host
-            port = 80 if parsed.port is None else parsed.port
-            if not 1 <= port <= 65535:
-                raise ProxyError(400, f"port {port} is not a port number (1-65535)", metrics.BAD)
+            request.host_text = host_text(host)
             request.port = port
-            path = parsed.path or b"/"
-            if parsed.query is not None:
-                path += b"?" + parsed.query
-            request.url = path
             request.head_only = request.method == b"HEAD"
             addresses = self.worker.addresses_for(host)
             if addresses is not None:
-                upstream = self.worker.pooled((addresses[0], port))
+                upstream = self.worker.pool.take((addresses[0], port))
                 if upstream is not None:
-                    self.send_request(request, upstream)
+                    upstream.send_request(self, request)
                     return
-            self.worker.loop.create_task(self.dispatch(request, host, port, addresses))
+            self.worker.loop.create_task(self.worker.dispatch(self, request, host, port, addresses))
         except ProxyError as exc:
             self.fail(exc)
-
-    def host_of(self, text: str) -> str | Address:
-        try:
-            host = normalize_host(text)
-        except HostError as exc:
-            raise ProxyError(400, f"bad host {text!r}: {exc}", metrics.BAD) from None
-        if self.current is not None:
-            self.current.host_text = host_text(host)
-        return host
-
-    async def dispatch(self, request: Request, host: str | Address, port: int,
-                       addresses: list[Address] | None, *, fresh: bool = False) -> None:
-        try:
-            if addresses is None:
-                addresses = await self.worker.resolve(host, port) if isinstance(host, str) else [host]
-                upstream = None if fresh else self.worker.pooled((addresses[0], port))
-                if upstream is not None:
-                    self.send_request(request, upstream)
-                    self.worker.flush()
-                    return
-            transport, upstream, address = await self.worker.open_upstream(
-                host, port, addresses, lambda: Upstream(self.worker))
-            upstream.key = (address, port)
-            if self.closing:
-                transport.close()
-                return
-            self.send_request(request, upstream)
-        except ProxyError as exc:
-            if not self.closing:
-                self.fail(exc)
-        self.worker.flush()
-
-    def send_request(self, request: Request, upstream: Upstream) -> None:
-        worker = self.worker
-        worker.counters.add(metrics.ALLOWED)
-        request.upstream = upstream
-        upstream.attach(self, request)
-        host_header = request.host_text.encode() + (b"" if request.port == 80 else b":%d" % request.port)
-        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
-        fields = request_fields(request.headers, request.chunked, _NO_TOKENS)
-        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-            fields = request_fields(request.headers, request.chunked, drop_tokens(request.headers))
-        assert fields is not None
-        lines += fields
-        if request.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        upstream.send(b"".join(lines))
-        body, request.body = request.body, None
-        for chunk in body or ():
-            self.forward_body(request, chunk)
-        if request.complete:
-            self.forward_body_end(request)
-
-    def forward_body(self, request: Request, chunk: bytes) -> None:
-        upstream = request.upstream
-        if upstream is None or upstream.transport is None or upstream.closed:
-            return
-        request.bytes_up += len(chunk)
-        self.worker.counters.add(metrics.BYTES_UP, len(chunk))
-        if request.chunked:
-            upstream.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            upstream.send(chunk)
-
-    def forward_body_end(self, request: Request) -> None:
-        upstream = request.upstream
-        if request.chunked and upstream is not None and upstream.transport is not None and not upstream.closed:
-            upstream.send(b"0\r\n\r\n")
 
     # upstream -> client
     def response_head(self, request: Request, upstream: Upstream, status: int, reason: bytes,
@@ -560,30 +262,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if transport is None or self.closing:
             return
         if 100 <= status < 200:  # informational: pass it on, the final response follows
-            self.send(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
+            self.send(interim_head(status, reason))
             return
-        fields = response_fields(headers, _NO_TOKENS)
-        if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-            fields = response_fields(headers, drop_tokens(headers))
-        assert fields is not None
-        lines, has_length, chunked_upstream = fields
-        lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        no_body = request.head_only or status in NO_BODY_STATUS
-        upstream.rechunk = False
-        upstream.until_close = not no_body and not chunked_upstream and not has_length
-        if not no_body and (chunked_upstream or not has_length):
-            if request.version == "1.1":
-                upstream.rechunk = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                request.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
-        if not request.keep_alive or self.worker.draining:
-            request.keep_alive = False
-            lines.append(b"Connection: close\r\n")
-        elif request.version == "1.0":
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        self.send(b"".join(lines))
+        head, upstream.rechunk, upstream.until_close, request.keep_alive = final_head(
+            status, reason, headers, request.version, request.head_only,
+            request.keep_alive and not self.worker.draining)
+        self.send(head)
         request.sent = True
 
     def response_body(self, request: Request, upstream: Upstream, chunk: bytes) -> None:
@@ -611,7 +295,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request.upstream = None
         if request.host is None or self.closing:
             return
-        self.worker.loop.create_task(self.dispatch(request, request.host, request.port, None, fresh=True))
+        self.worker.loop.create_task(self.worker.dispatch(self, request, request.host, request.port, None,
+                                                          fresh=True))
 
     def upstream_failed(self, request: Request, message: str) -> None:
         """The upstream closed or failed before the response was complete."""
@@ -639,23 +324,17 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def origin_form(self, request: Request) -> None:
         request.local = True
-        path = request.url.split(b"?", 1)[0]
-        if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
+        if local_page(request.method, request.url) == HEALTHZ:
             self.reply(request, 200, "ok\n")
-        elif path == b"/metrics" and request.method in (b"GET", b"HEAD"):
+        else:
             self.reply(request, 200, metrics.prometheus_http(self.worker.shared),
                        content_type=b"text/plain; version=0.0.4")
-        else:
-            raise ProxyError(400, "this is a proxy: send absolute-form requests (http://host/path) or CONNECT",
-                             metrics.BAD)
 
     def reply(self, request: Request, status: int, body: str, *, content_type: bytes = b"text/plain") -> None:
         request.status = status
         if self.transport is not None and not self.closing:
-            payload = simple_response(status, body, close=not request.keep_alive, content_type=content_type)
-            if request.method == b"HEAD":
-                payload = payload.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-            self.send(payload)
+            self.send(simple_response(status, body, close=not request.keep_alive, content_type=content_type,
+                                      head_only=request.method == b"HEAD"))
         if request.complete:
             self.finish(request)
         else:
@@ -666,7 +345,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if exc.counter is not None:
             self.worker.counters.add(exc.counter)
         request = self.current
-        if exc.status == 400 or exc.status == 431 or request is None:
+        if ends_connection(exc.status) or request is None:
             self.bad_request(exc.message, exc.status)
             return
         request.status = exc.status
@@ -675,7 +354,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
         request.keep_alive = request.keep_alive and request.complete
         if self.transport is not None and not self.closing:
-            self.send(simple_response(exc.status, exc.message + "\n", close=not request.keep_alive))
+            self.send(error_response(exc.status, exc.message, close=not request.keep_alive))
         self.current = None
         if not request.keep_alive:
             self.close()
@@ -690,17 +369,13 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             request = self.current or self.parsing
             method = request.method.decode("latin-1") if request is not None and request.method else "-"
             log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message)
-        self.send(simple_response(status, message + "\n", close=True))
+        self.send(error_response(status, message, close=True))
         self.close()
 
     # ------------------------------------------------------------ tunnels
     def start_tunnel(self, request: Request) -> None:
-        target = request.url.decode("latin-1")
-        host_text, sep, port_text = target.rpartition(":")
-        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ProxyError(400, f"CONNECT needs host:port, got {target[:200]!r}", metrics.BAD)
-        host = self.host_of(host_text)
-        request.port = int(port_text)
+        host, request.port = parse_connect_target(request.url)
+        request.host_text = host_text(host)
         request.tunnel = True
         addresses = self.worker.addresses_for(host)
         self.worker.loop.create_task(self.open_tunnel(request, host, addresses))
@@ -711,7 +386,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             assert self.current.body is not None
             self.current.body.append(early)
 
-    async def open_tunnel(self, request: Request, host: str | Address, addresses: list[Address] | None) -> None:
+    async def open_tunnel(self, request: Request, host: Host, addresses: list[Address] | None) -> None:
         try:
             transport, relay, address = await self.worker.open_upstream(
                 host, request.port, addresses, lambda: TunnelUpstream(self))
@@ -728,7 +403,7 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         worker.counters.add(metrics.TUNNELS)
         self.tunnel = transport
         self.flush()
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n")
+        self.transport.write(TUNNEL_ESTABLISHED)
         request.status = 200
         for chunk in request.body or ():
             transport.write(chunk)
@@ -795,246 +470,6 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 f" {note}" if note else "")
 
 
-@lru_cache(maxsize=4096)
-def host_text(host: str | Address) -> str:
-    """How the host is written in a Host header: names as they are, IPv6 in brackets."""
-    if isinstance(host, str):
-        return host
-    return f"[{host}]" if isinstance(host, IPv6Address) else str(host)
-
-
-_NO_TOKENS: frozenset[bytes] = frozenset()
-
-
-def lists_tokens(value: bytes) -> bool:
-    """Whether a Connection header names headers to drop (anything beyond keep-alive and close)."""
-    value = value.lower()
-    if value == b"keep-alive" or value == b"close":
-        return False
-    return bool({token.strip() for token in value.split(b",")} - {b"keep-alive", b"close", b""})
-
-
-def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
-                   tokens: frozenset[bytes]) -> list[bytes] | None:
-    """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
-    (`tokens` empty) meets a Connection header that names more headers to drop."""
-    lines = []
-    via = VIA
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection" and not tokens and lists_tokens(value):
-                return None
-            continue
-        if lower == b"host" or lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if chunked and lower == b"content-length":
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines
-
-
-def response_fields(headers: list[tuple[bytes, bytes]],
-                    tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
-    """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
-    upstream sent it chunked; None as for request_fields."""
-    lines = []
-    has_length = chunked = False
-    via = VIA
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection" and not tokens and lists_tokens(value):
-                return None
-            continue
-        if lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if lower == b"content-length":
-            has_length = True
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines, has_length, chunked
-
-
-def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection: are hop-by-hop too (beyond keep-alive/close, rare)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"keep-alive")
-    tokens.discard(b"close")
-    return frozenset(tokens) if tokens else _NO_TOKENS
-
-
-class Upstream(Endpoint, asyncio.Protocol):
-    """A keep-alive connection to an origin server; attached to one client request at a time."""
-
-    __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
-                 "headers", "reason", "done_early", "until_close", "reused",
-                 "answered")
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.client: ClientConnection | None = None
-        self.request: Request | None = None
-        self.key: tuple[Address, int] = (IPv4Address(0), 0)
-        self.closed = False
-        self.idle_since = 0.0
-        self.rechunk = False
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
-        self.done_early = False
-        self.until_close = False
-        self.reused = False  # taken from the pool: the server may have closed it just now
-        self.answered = False  # some of the current response has arrived
-        self.out = None
-
-    def attach(self, client: ClientConnection, request: Request) -> None:
-        self.client = client
-        self.request = request
-        self.until_close = False
-        self.answered = False
-        self.headers = []
-        self.reason = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.until_close and exc is None and self.client is not None:
-            self._complete(False)  # a body delimited by the end of the connection has just ended
-            self.worker.flush()
-            return
-        client, request = self.client, self.request
-        self.client = self.request = None
-        if client is not None and request is not None and request.upstream is self:
-            if self.reused and not self.answered and request.complete and request.bytes_up == 0:
-                # The server closed an idle keep-alive connection as we reused it (the usual race):
-                # nothing was answered and there is no body to resend, so try a fresh connection.
-                client.retry(request)
-            else:
-                client.upstream_failed(request, "the upstream server closed the connection"
-                                       + (f" ({exc})" if exc else ""))
-            self.worker.flush()
-
-    def data_received(self, data: bytes) -> None:
-        if self.client is None:  # data on an idle pooled connection: the server broke protocol
-            self.close()
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            client, request = self.client, self.request
-            self.client = self.request = None
-            self.close()
-            if client is not None and request is not None:
-                client.upstream_failed(request, f"invalid response from the upstream server: {exc}")
-            return
-        if self.done_early:  # a response without a body ended at its head: start a fresh parser
-            self.done_early = False
-            self.parser = httptools.HttpResponseParser(self)
-        self.worker.flush()
-
-    def pause_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None and not self.client.paused:
-            self.client.transport.resume_reading()
-
-    # httptools callbacks
-    def on_status(self, reason: bytes) -> None:
-        self.answered = True
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        client, request = self.client, self.request
-        if client is None or request is None:
-            return
-        status = self.parser.get_status_code()
-        client.response_head(request, self, status, self.reason, self.headers, self.parser.should_keep_alive())
-        if 100 <= status < 200:
-            self.headers = []
-            self.reason = b""
-            return
-        if request.head_only or status in NO_BODY_STATUS:
-            # httptools would wait for a body the server will not send: the response ends here.
-            self.done_early = True
-            self._complete(self.parser.should_keep_alive())
-
-    def on_body(self, body: bytes) -> None:
-        if self.client is not None and self.request is not None:
-            self.client.response_body(self.request, self, body)
-
-    def on_message_complete(self) -> None:
-        if self.done_early or self.client is None:
-            return
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            return
-        self._complete(self.parser.should_keep_alive())
-
-    def _complete(self, keep_alive: bool) -> None:
-        client, request = self.client, self.request
-        self.client = self.request = None
-        if client is not None and request is not None:
-            client.response_done(request, self, keep_alive)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class TunnelUpstream(asyncio.Protocol):
-    """The upstream side of a CONNECT tunnel: bytes go straight to the client."""
-
-    __slots__ = ("client", "transport")
-
-    def __init__(self, client: ClientConnection):
-        self.client = client
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        self.client.tunnel_data(data)
-
-    def eof_received(self) -> bool:
-        return self.client.tunnel_upstream_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            reset(self.client.transport)  # the destination reset: the client must not see a clean end
-        self.client.tunnel_closed()
-
-    def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.resume_reading()
-
-
 def run_http_proxy(settings: HttpProxySettings) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
     from .server import available_cpus, listen_spec, loop_worker, serve
@@ -1043,7 +478,7 @@ def run_http_proxy(settings: HttpProxySettings) -> int:
     shared = SharedCounters(workers)
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
-    worker_main = loop_worker(shared, lambda index: Worker(settings, shared, index))
+    worker_main = loop_worker(shared, lambda index: Worker(settings, shared, index, ClientConnection))
     code = serve("HTTP proxy", listen_spec(settings.port), workers, worker_main,
                  settings.grace_seconds)
     log.debug("HTTP proxy ran for %.1f s (pid %d)", time.monotonic() - started, os.getpid())

@@ -1,0 +1,266 @@
+"""The HTTP proxy's protocol decisions, sans-IO: request targets and hosts, header filtering, framing, answers."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from ipaddress import IPv6Address
+
+import httptools
+
+from ..core.hosts import Address, HostError, normalize_host
+from .metrics import BAD
+
+Host = str | Address  # a normalized destination host: a lower-case name or an address
+
+VIA = b"1.1 egress-router"
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
+                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+NO_BODY_STATUS = frozenset({204, 304})
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout",
+           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+TUNNEL_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n"
+HEALTHZ, METRICS = b"/healthz", b"/metrics"  # the proxy's own pages (origin-form requests)
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+class ProxyError(Exception):
+    """Answer the client with `status` and a one-line `message`; `counter`: the metrics counter to add one to."""
+
+    def __init__(self, status: int, message: str, counter: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.counter = counter
+
+
+# ------------------------------------------------------------ answers of the proxy itself
+
+def simple_response(status: int, body: str, *, close: bool, content_type: bytes = b"text/plain",
+                    head_only: bool = False) -> bytes:
+    """A complete response with a text body (only its head for a HEAD request: the length stays the body's)."""
+    payload = body.encode()
+    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: ".encode() + content_type
+            + f"; charset=utf-8\r\nContent-Length: {len(payload)}\r\nVia: ".encode() + VIA
+            + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
+    return head if head_only else head + payload
+
+
+def error_response(status: int, message: str, *, close: bool) -> bytes:
+    """The answer to a refused or failed request: its one-line message as the body."""
+    return simple_response(status, message + "\n", close=close)
+
+
+def ends_connection(status: int) -> bool:
+    """Whether an error answer ends the connection whatever the request asked: after a 400 or a 431 the
+    request could not be read, so nothing after it on the connection can be either."""
+    return status == 400 or status == 431
+
+
+# ------------------------------------------------------------ request targets and hosts
+
+def checked_host(text: str) -> Host:
+    """The host of a request target, normalized (acl.normalize_host); 400 for anything else."""
+    try:
+        return normalize_host(text)
+    except HostError as exc:
+        raise ProxyError(400, f"bad host {text!r}: {exc}", BAD) from None
+
+
+def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
+    """An absolute-form target (http://host[:port][/path][?query]): the host, the port and the target
+    to send upstream in origin form (the path, '/' if none, and the query; a fragment is dropped)."""
+    try:
+        parsed = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise ProxyError(400, "the request target is not a valid URL", BAD) from None
+    if parsed.schema is None or parsed.schema.lower() != b"http":
+        raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", BAD)
+    if parsed.userinfo:
+        raise ProxyError(400, "user information in the URL is not accepted", BAD)
+    raw_host = parsed.host or b""
+    if b":" not in raw_host and b"[" in target.split(b"/", 3)[2]:
+        raise ProxyError(400, "only IPv6 addresses may be written in brackets", BAD)
+    host = checked_host(raw_host.decode("latin-1"))
+    port = 80 if parsed.port is None else parsed.port
+    if not 1 <= port <= 65535:
+        raise ProxyError(400, f"port {port} is not a port number (1-65535)", BAD)
+    path = parsed.path or b"/"
+    if parsed.query is not None:
+        path += b"?" + parsed.query
+    return host, port, path
+
+
+def parse_connect_target(target: bytes) -> tuple[Host, int]:
+    """A CONNECT request's authority-form target (host:port, IPv6 in brackets): the host and the port."""
+    text = target.decode("latin-1")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ProxyError(400, f"CONNECT needs host:port, got {text[:200]!r}", BAD)
+    return checked_host(host), int(port_text)
+
+
+def local_page(method: bytes, target: bytes) -> bytes:
+    """Which of the proxy's own pages an origin-form request asks for (HEALTHZ or METRICS; GET or HEAD
+    only, any query ignored); 400 for anything else: a proxy is sent absolute-form requests."""
+    path = target.split(b"?", 1)[0]
+    if path in (HEALTHZ, METRICS) and method in (b"GET", b"HEAD"):
+        return path
+    raise ProxyError(400, "this is a proxy: send absolute-form requests (http://host/path) or CONNECT", BAD)
+
+
+@lru_cache(maxsize=4096)
+def host_text(host: Host) -> str:
+    """How the host is written in a Host header: names as they are, IPv6 in brackets."""
+    if isinstance(host, str):
+        return host
+    return f"[{host}]" if isinstance(host, IPv6Address) else str(host)
+
+
+# ------------------------------------------------------------ requests: head and framing
+
+def request_is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the client sends its body chunked (the proxy then sends it upstream chunked too)."""
+    chunked = False
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    return chunked
+
+
+def request_head(method: bytes, target: bytes, host: str, port: int, headers: list[tuple[bytes, bytes]],
+                 chunked: bool) -> bytes:
+    """The request head for the upstream server: origin-form `target`, HTTP/1.1, a Host header made from
+    the request target's `host` (as host_text writes it) and `port` (the client's Host header is not
+    used), the end-to-end headers, Via, and Transfer-Encoding when the body is chunked."""
+    host_header = host.encode() + (b"" if port == 80 else b":%d" % port)
+    lines = [method + b" " + target + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
+    fields = request_fields(headers, chunked, _NO_TOKENS)
+    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        fields = request_fields(headers, chunked, drop_tokens(headers))
+    assert fields is not None
+    lines += fields
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+# ------------------------------------------------------------ responses: head and framing
+
+def response_ends_at_head(status: int, head_only: bool) -> bool:
+    """A response to HEAD, a 204 and a 304 have no body, whatever their headers say."""
+    return head_only or status in NO_BODY_STATUS
+
+
+def interim_head(status: int, reason: bytes) -> bytes:
+    """An informational (1xx) response, passed on without its headers; the final response follows."""
+    return b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason)
+
+
+def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str,
+               head_only: bool, keep_alive: bool) -> tuple[bytes, bool, bool, bool]:
+    """The head of a final response for the client, and how its body goes on:
+    (head, rechunk, until_close, keep_alive).
+
+    `version` is the client's HTTP version ("1.1" or "1.0"), `head_only` whether it asked with HEAD,
+    `keep_alive` whether the connection may stay open as far as the client and the proxy are
+    concerned. A body the upstream server sends chunked or delimited by closing its connection
+    (`until_close`) is re-chunked for an HTTP/1.1 client (`rechunk`); an HTTP/1.0 client gets it as
+    it comes and the end of its connection ends it (so `keep_alive` comes back False).
+    """
+    fields = response_fields(headers, _NO_TOKENS)
+    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        fields = response_fields(headers, drop_tokens(headers))
+    assert fields is not None
+    lines, has_length, chunked_upstream = fields
+    lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    no_body = head_only or status in NO_BODY_STATUS  # response_ends_at_head, without a call on the hot path
+    rechunk = False
+    until_close = not no_body and not chunked_upstream and not has_length
+    if not no_body and (chunked_upstream or not has_length):
+        if version == "1.1":
+            rechunk = True
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif version == "1.0":
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), rechunk, until_close, keep_alive
+
+
+# ------------------------------------------------------------ hop-by-hop header filtering
+
+def lists_tokens(value: bytes) -> bool:
+    """Whether a Connection header names headers to drop (anything beyond keep-alive and close)."""
+    value = value.lower()
+    if value == b"keep-alive" or value == b"close":
+        return False
+    return bool({token.strip() for token in value.split(b",")} - {b"keep-alive", b"close", b""})
+
+
+def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
+                   tokens: frozenset[bytes]) -> list[bytes] | None:
+    """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
+    (`tokens` empty) meets a Connection header that names more headers to drop."""
+    lines = []
+    via = VIA
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection" and not tokens and lists_tokens(value):
+                return None
+            continue
+        if lower == b"host" or lower in tokens:
+            continue
+        if lower == b"via":
+            via = value + b", " + VIA
+            continue
+        if chunked and lower == b"content-length":
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    lines.append(b"Via: " + via + b"\r\n")
+    return lines
+
+
+def response_fields(headers: list[tuple[bytes, bytes]],
+                    tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
+    """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
+    upstream sent it chunked; None as for request_fields."""
+    lines = []
+    has_length = chunked = False
+    via = VIA
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lower == b"connection" and not tokens and lists_tokens(value):
+                return None
+            continue
+        if lower in tokens:
+            continue
+        if lower == b"via":
+            via = value + b", " + VIA
+            continue
+        if lower == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value + b"\r\n")
+    lines.append(b"Via: " + via + b"\r\n")
+    return lines, has_length, chunked
+
+
+def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in Connection: are hop-by-hop too (beyond keep-alive/close, rare)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"keep-alive")
+    tokens.discard(b"close")
+    return frozenset(tokens) if tokens else _NO_TOKENS

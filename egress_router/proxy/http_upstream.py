@@ -1,0 +1,278 @@
+"""The HTTP proxy's upstream side: batched output (Endpoint), keep-alive origin connections, their pool, tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from ..core.hosts import Address
+from . import metrics
+from .http_rules import request_head, response_ends_at_head
+from .server import reset
+
+if TYPE_CHECKING:
+    from .http import ClientConnection, Request
+    from .http_worker import Worker
+
+POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
+POOL_MAX_PER_KEY = 256
+
+
+class Endpoint:
+    """A connection whose output is gathered during a callback and written once at its end."""
+
+    # Subclasses use slots too, and allocate what an idle connection does not need only when it is
+    # needed (output list, parser, request queue): 10,000 idle connections should cost little memory.
+    __slots__ = ("out",)
+    worker: Worker
+    transport: asyncio.Transport | None
+    out: list[bytes] | None
+
+    def send(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.worker.dirty.append(self)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out is not None:
+            self.out = None
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+class Upstream(Endpoint, asyncio.Protocol):
+    """A keep-alive connection to an origin server; attached to one client request at a time."""
+
+    __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
+                 "headers", "reason", "done_early", "until_close", "reused",
+                 "answered")
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.request: Request | None = None
+        self.key: tuple[Address, int] = (IPv4Address(0), 0)
+        self.closed = False
+        self.idle_since = 0.0
+        self.rechunk = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.done_early = False
+        self.until_close = False
+        self.reused = False  # taken from the pool: the server may have closed it just now
+        self.answered = False  # some of the current response has arrived
+        self.out = None
+
+    # client -> upstream
+    def send_request(self, client: ClientConnection, request: Request) -> None:
+        """Take on the client's request: its head, then as much of its body as has been read."""
+        self.worker.counters.add(metrics.ALLOWED)
+        request.upstream = self
+        self.client = client
+        self.request = request
+        self.until_close = False
+        self.answered = False
+        self.headers = []
+        self.reason = b""
+        self.send(request_head(request.method, request.url, request.host_text, request.port, request.headers,
+                               request.chunked))
+        body, request.body = request.body, None
+        for chunk in body or ():
+            self.send_body(request, chunk)
+        if request.complete:
+            self.send_body_end(request)
+
+    def send_body(self, request: Request, chunk: bytes) -> None:
+        if self.transport is None or self.closed:
+            return
+        request.bytes_up += len(chunk)
+        self.worker.counters.add(metrics.BYTES_UP, len(chunk))
+        if request.chunked:
+            self.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.send(chunk)
+
+    def send_body_end(self, request: Request) -> None:
+        if request.chunked and self.transport is not None and not self.closed:
+            self.send(b"0\r\n\r\n")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.until_close and exc is None and self.client is not None:
+            self._complete(False)  # a body delimited by the end of the connection has just ended
+            self.worker.flush()
+            return
+        client, request = self.client, self.request
+        self.client = self.request = None
+        if client is not None and request is not None and request.upstream is self:
+            if self.reused and not self.answered and request.complete and request.bytes_up == 0:
+                # The server closed an idle keep-alive connection as we reused it (the usual race):
+                # nothing was answered and there is no body to resend, so try a fresh connection.
+                client.retry(request)
+            else:
+                client.upstream_failed(request, "the upstream server closed the connection"
+                                       + (f" ({exc})" if exc else ""))
+            self.worker.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is None:  # data on an idle pooled connection: the server broke protocol
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            client, request = self.client, self.request
+            self.client = self.request = None
+            self.close()
+            if client is not None and request is not None:
+                client.upstream_failed(request, f"invalid response from the upstream server: {exc}")
+            return
+        if self.done_early:  # a response without a body ended at its head: start a fresh parser
+            self.done_early = False
+            self.parser = httptools.HttpResponseParser(self)
+        self.worker.flush()
+
+    def pause_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None and not self.client.paused:
+            self.client.transport.resume_reading()
+
+    # httptools callbacks
+    def on_status(self, reason: bytes) -> None:
+        self.answered = True
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        client, request = self.client, self.request
+        if client is None or request is None:
+            return
+        status = self.parser.get_status_code()
+        client.response_head(request, self, status, self.reason, self.headers, self.parser.should_keep_alive())
+        if 100 <= status < 200:
+            self.headers = []
+            self.reason = b""
+            return
+        if response_ends_at_head(status, request.head_only):
+            # httptools would wait for a body the server will not send: the response ends here.
+            self.done_early = True
+            self._complete(self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None and self.request is not None:
+            self.client.response_body(self.request, self, body)
+
+    def on_message_complete(self) -> None:
+        if self.done_early or self.client is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            return
+        self._complete(self.parser.should_keep_alive())
+
+    def _complete(self, keep_alive: bool) -> None:
+        client, request = self.client, self.request
+        self.client = self.request = None
+        if client is not None and request is not None:
+            client.response_done(request, self, keep_alive)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TunnelUpstream(asyncio.Protocol):
+    """The upstream side of a CONNECT tunnel: bytes go straight to the client."""
+
+    __slots__ = ("client", "transport")
+
+    def __init__(self, client: ClientConnection):
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self.client.tunnel_data(data)
+
+    def eof_received(self) -> bool:
+        return self.client.tunnel_upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reset(self.client.transport)  # the destination reset: the client must not see a clean end
+        self.client.tunnel_closed()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+
+class UpstreamPool:
+    """Idle keep-alive upstream connections by (address, port), the most recently used last."""
+
+    __slots__ = ("conns",)
+
+    def __init__(self) -> None:
+        self.conns: dict[tuple[Address, int], list[Upstream]] = {}
+
+    def take(self, key: tuple[Address, int]) -> Upstream | None:
+        """An open idle connection to `key`, marked as reused; None if there is none."""
+        conns = self.conns.get(key)
+        while conns:
+            upstream = conns.pop()
+            if not upstream.closed:
+                upstream.reused = True
+                return upstream
+        return None
+
+    def put(self, upstream: Upstream, now: float) -> None:
+        """Keep an upstream connection whose response is complete for the next request (closed if full)."""
+        conns = self.conns.setdefault(upstream.key, [])
+        if len(conns) >= POOL_MAX_PER_KEY:
+            upstream.close()
+            return
+        upstream.client = None
+        upstream.idle_since = now
+        conns.append(upstream)
+
+    def expire(self, now: float) -> None:
+        """Close what has been idle too long, forget what is closed."""
+        for key, conns in list(self.conns.items()):
+            keep = [u for u in conns if now - u.idle_since < POOL_IDLE_SECONDS and not u.closed]
+            for upstream in conns:
+                if upstream not in keep:
+                    upstream.close()
+            if keep:
+                self.conns[key] = keep
+            else:
+                del self.conns[key]
+
+    def close_all(self) -> None:
+        for conns in self.conns.values():
+            for upstream in conns:
+                upstream.close()

@@ -1,0 +1,187 @@
+"""One HTTP proxy process: its clients and life cycle, the allow list's verdicts, the DNS cache, connecting upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from ipaddress import IPv6Address, ip_address
+from typing import TYPE_CHECKING, Any
+
+from ..core.config import HttpProxySettings
+from ..core.hosts import Address
+from . import metrics
+from .http_rules import Host, ProxyError
+from .http_upstream import Endpoint, Upstream, UpstreamPool
+from .metrics import SharedCounters, WorkerCounters
+from .server import handle_stop_signals
+
+if TYPE_CHECKING:
+    from .http import ClientConnection, Request
+
+HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
+DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
+
+
+class Worker:
+    """One process's proxy: its connections, upstream pool and DNS cache."""
+
+    def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
+                 client: Callable[[Worker], ClientConnection]):
+        self.settings = settings
+        self.acl = settings.acl
+        self.shared = shared
+        self.counters: WorkerCounters = shared.row(index)
+        self.index = index
+        self.client = client  # makes the protocol of an accepted connection
+        self.loop = asyncio.get_event_loop()
+        self.now = self.loop.time()
+        self.clients: set[ClientConnection] = set()
+        self.pool = UpstreamPool()
+        self.dns: dict[str, tuple[float, list[Address]]] = {}
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.dirty: list[Endpoint] = []  # endpoints with output waiting for the end of this callback
+
+    def flush(self) -> None:
+        """Write what this callback queued: one write per connection instead of one per piece."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for endpoint in dirty:
+                endpoint.flush()
+
+    # ------------------------------------------------------------ life cycle
+    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
+        client = self.client
+        servers = [await self.loop.create_server(lambda: client(self), sock=sock, backlog=4096)
+                   for sock in sockets]
+        handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
+        sweeper = self.loop.create_task(self.sweep())
+        await self.stopped.wait()
+        for server in servers:
+            server.close()
+        await self.drain()
+        sweeper.cancel()
+        return 0
+
+    async def drain(self) -> None:
+        self.draining = True
+        for client in list(self.clients):
+            if client.idle():
+                client.close()
+        deadline = self.loop.time() + self.settings.grace_seconds
+        while self.clients and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.abort("the grace period ended")
+        self.pool.close_all()
+
+    async def sweep(self) -> None:
+        """Once a second: the coarse clock, idle and stalled connections, stale pool entries."""
+        settings = self.settings
+        while True:
+            await asyncio.sleep(1.0)
+            self.now = now = self.loop.time()
+            for client in list(self.clients):
+                quiet = now - client.last
+                if client.idle():
+                    parsing = client.parsing
+                    if parsing is not None:  # a head must be complete in time however slowly it trickles
+                        if now - parsing.started > HEADER_TIMEOUT:
+                            client.bad_request(f"request head not complete within {HEADER_TIMEOUT:g} s", 408)
+                    elif quiet > settings.idle_timeout or self.draining:
+                        client.close()
+                elif quiet > settings.tunnel_idle_timeout:
+                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
+            self.pool.expire(now)
+            for name in [n for n, (expires, _) in self.dns.items() if expires < now]:
+                del self.dns[name]
+
+    # ------------------------------------------------------------ destinations
+    def addresses_for(self, host: Host) -> list[Address] | None:
+        """Allowed addresses when known without a lookup; None when the name must be resolved."""
+        if not isinstance(host, str):
+            if not self.acl.address_allowed(None, host):
+                raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+            return [host]
+        verdict = self.acl.name_verdict(host)
+        if verdict is False:
+            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+        cached = self.dns.get(host)
+        if cached is None or cached[0] < self.now:
+            return None
+        return self._allowed(host, cached[1], verdict)
+
+    def _allowed(self, host: str, addresses: list[Address], verdict: bool | None) -> list[Address]:
+        allowed = addresses if verdict else self.acl.allowed_addresses(host, addresses)
+        if not allowed:
+            raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+        return allowed
+
+    async def resolve(self, host: str, port: int) -> list[Address]:
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ProxyError(502, f"cannot resolve {host}: {exc.strerror}", metrics.UPSTREAM_ERRORS) from None
+        addresses: list[Address] = []
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                address = ip_address(str(sockaddr[0]).split("%", 1)[0])
+                if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                if address not in addresses:
+                    addresses.append(address)
+        self.dns[host] = (self.now + DNS_TTL, addresses)
+        return self._allowed(host, addresses, self.acl.name_verdict(host))
+
+    async def open_upstream(self, host: Host, port: int, addresses: list[Address] | None,
+                            factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any, Address]:
+        """Connect to the first allowed address that answers; 502 or 504 if none does."""
+        if addresses is None:
+            assert isinstance(host, str)
+            addresses = await self.resolve(host, port)
+        timeout = self.settings.connect_timeout
+        last: ProxyError | None = None
+        for address in addresses:
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    self.loop.create_connection(factory, str(address), port), timeout)
+                return transport, protocol, address
+            except TimeoutError:
+                last = ProxyError(504, f"timed out connecting to {host} ({address}) port {port}",
+                                  metrics.UPSTREAM_TIMEOUTS)
+            except OSError as exc:
+                last = ProxyError(502, f"cannot connect to {host} ({address}) port {port}: "
+                                       f"{exc.strerror or exc}", metrics.UPSTREAM_ERRORS)
+        assert last is not None
+        raise last
+
+    async def dispatch(self, client: ClientConnection, request: Request, host: Host, port: int,
+                       addresses: list[Address] | None, *, fresh: bool = False) -> None:
+        """Send the request on an idle pooled connection to an allowed address (not if `fresh`), else on a new one."""
+        try:
+            if addresses is None:
+                addresses = await self.resolve(host, port) if isinstance(host, str) else [host]
+                upstream = None if fresh else self.pool.take((addresses[0], port))
+                if upstream is not None:
+                    upstream.send_request(client, request)
+                    self.flush()
+                    return
+            transport, upstream, address = await self.open_upstream(
+                host, port, addresses, lambda: Upstream(self))
+            upstream.key = (address, port)
+            if client.closing:
+                transport.close()
+                return
+            upstream.send_request(client, request)
+        except ProxyError as exc:
+            if not client.closing:
+                client.fail(exc)
+        self.flush()
+
+    def release(self, upstream: Upstream) -> None:
+        """An upstream connection whose response is complete: pooled, or closed when stopping."""
+        if self.draining:
+            upstream.close()
+        else:
+            self.pool.put(upstream, self.now)
