@@ -21,10 +21,13 @@ from .container import fail, run_container
 from .core import variables as v
 from .core.allowlist import GRAMMAR_HELP as ACL_HELP
 from .core.config import RouterConfig, load
-from .core.errors import EgressRouterError
+from .core.errors import ConfigError, EgressRouterError
 from .core.forwards import GRAMMAR_HELP as DNS_HELP
+from .core.nat import POD_MARK
 from .core.plan import build_plan
+from .core.podnet import RETURN_PRIORITY, RETURN_TABLE, PodFacts, parse_nameservers
 from .core.redirect import GRAMMAR_HELP
+from .core.values import parse_ipv4
 from .core.variables import DEFAULT_INTERFACE, VARIABLES, Variable
 
 
@@ -178,21 +181,48 @@ def config_from_options(options: Mapping[str, str | None]) -> RouterConfig:
 
 @main.command()
 @config_options
-def render(**options: str | None) -> None:
-    """Print the plan: every step, in the order it is applied (the NAT step as its exact iptables-restore
-    payload, the others as their iproute2 equivalents). No privileges needed."""
+@click.option("--pod-next-hop", metavar="ADDRESS|direct", default=None,
+              help="Render the pod-network return path for this next hop of the pod interface (what apply "
+                   "reads from the pod's routes; 'direct': a device route); nameservers from --resolv-conf.")
+@click.option("--resolv-conf", metavar="FILE", default="/etc/resolv.conf", show_default=True,
+              type=click.Path(dir_okay=False), help="With --pod-next-hop: where the pod's nameservers are.")
+def render(pod_next_hop: str | None, resolv_conf: str, **options: str | None) -> None:
+    """Print the plan: every step, in the order it is applied (the iptables step as its exact
+    iptables-restore payload, the others as their iproute2 equivalents). No privileges needed.
+
+    The pod-network return path depends on the pod's own routes, read when the plan is applied: without
+    --pod-next-hop it is summarized in comments; with it, rendered step by step."""
     config = config_from_options(options)
     if config.source is None:
         click.echo("# no network set-up: EGRESS_SOURCE is unset, only the proxy runs")
         return
-    plan = build_plan(config, config.interface or DEFAULT_INTERFACE)
+    facts = None if pod_next_hop is None else guarded(lambda: render_facts(pod_next_hop, resolv_conf))
+    plan = build_plan(config, config.interface or DEFAULT_INTERFACE, facts)
     click.echo(f"# network ({config.mode} mode): {len(plan.steps)} steps, applied in this order with netlink"
-               + ("; NAT first, in one transaction: iptables-restore --noflush (jumps only where missing)"
+               + ("; iptables first, in one transaction: iptables-restore --noflush (jumps only where missing)"
                   if plan.nat is not None else ""))
-    if plan.nat is None:
+    if plan.nat is None or not plan.nat.chains:
         click.echo("# no NAT rules in this mode")
+    if facts is None and not config.pod_interface.endswith("+"):
+        pod = config.pod_interface
+        click.echo(f"# + the pod-network return path, planned from {pod}'s routes when applied (--pod-next-hop "
+                   "shows it): mark rules in the mangle table,")
+        click.echo(f"#   ip route replace default via <{pod}'s next hop> dev {pod} onlink table {RETURN_TABLE}; "
+                   f"ip rule add fwmark {POD_MARK:#x}/{POD_MARK:#x} lookup {RETURN_TABLE} priority "
+                   f"{RETURN_PRIORITY}; rp_filter=2 on {pod}; routes to the nameservers and EGRESS_CLUSTER_CIDRS "
+                   f"via {pod}")
     for text in plan.render():
         click.echo(text)
+
+
+def render_facts(next_hop: str, resolv_conf: str) -> PodFacts:
+    """The facts `render --pod-next-hop` stands in for."""
+    gateway = None if next_hop == "direct" else parse_ipv4(next_hop, "--pod-next-hop")
+    try:
+        nameservers = parse_nameservers(Path(resolv_conf).read_text(encoding="utf-8", errors="replace"))
+    except OSError as exc:
+        raise ConfigError("--resolv-conf", f"cannot read {resolv_conf}: {exc.strerror}") from None
+    return PodFacts(True, gateway, nameservers)
 
 
 def describe(config: RouterConfig) -> str:

@@ -302,9 +302,14 @@ class Lab:
         for argv in (["iptables-save"], ["ip", "-d", "link", "show"], ["ip", "-4", "addr", "show"],
                      ["ip", "route", "show", "table", "all"], ["ip", "rule", "show"]):
             result = self.exec(role, argv, check=True)
-            lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-            parts.append(f"$ {' '.join(argv)}\n" + "\n".join(strip_counters(line) for line in lines))
+            lines = [strip_counters(line) for line in result.stdout.splitlines() if not line.startswith("#")]
+            if argv == ["iptables-save"]:
+                lines = without_unused_tables(lines)
+            parts.append(f"$ {' '.join(argv)}\n" + "\n".join(lines))
         parts.append(f"ip_forward={self.read_sysctl(role, 'net.ipv4.ip_forward')}")
+        for scope in ("all", "eth0"):
+            with contextlib.suppress(FileNotFoundError):
+                parts.append(f"{scope}.rp_filter={self.read_sysctl(role, f'net.ipv4.conf.{scope}.rp_filter')}")
         return "\n".join(parts)
 
     # ------------------------------------------------------------ traffic
@@ -334,6 +339,27 @@ class Lab:
                 data = sock.recv(4096)
         landed, peer = data.decode().split()
         return Reply(landed, peer)
+
+
+def without_unused_tables(lines: list[str]) -> list[str]:
+    """iptables-save output without tables that hold nothing: only built-in chains, policy ACCEPT, no
+    rules. Such a table is what any program that merely read it leaves behind with the nft backend
+    (iptables-nft-save -t TABLE creates it); it filters and changes nothing."""
+    kept: list[str] = []
+    table: list[str] = []
+    for line in lines:
+        if line.startswith("*"):
+            table = [line]
+        elif table:
+            table.append(line)
+            if line == "COMMIT":
+                body = table[1:-1]
+                if not all(entry.startswith(":") and entry.split()[1] == "ACCEPT" for entry in body):
+                    kept += table
+                table = []
+        else:
+            kept.append(line)
+    return kept
 
 
 def strip_counters(line: str) -> str:

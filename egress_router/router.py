@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from .core.config import RouterConfig
 from .core.errors import SetupError
-from .core.plan import Plan, build_plan
+from .core.plan import IP_FORWARD, Plan, build_plan
+from .core.podnet import PodFacts
+from .core.steps import Sysctl
 from .net import apply as apply_steps
 from .net import iptables, links
 from .net.lock import namespace_lock
@@ -49,22 +51,21 @@ class Prepared:
 
 
 def prepare(config: RouterConfig) -> Prepared:
-    """All read-only checks; raises SetupError before anything is changed."""
+    """All read-only checks and reads; raises SetupError before anything is changed."""
     caps = effective_capabilities()
     if not caps & (1 << CAP_NET_ADMIN):
         raise SetupError("missing the NET_ADMIN capability: run the container privileged, or add NET_ADMIN "
                          "and NET_RAW to securityContext.capabilities.add (docker run --cap-add)")
-    tools = iptables.find_tools(config.iptables) if config.configures_nat else None
     if config.configures_nat:
         links.check_pod_interface(config.pod_interface)
-    if not links.forwarding_enabled() and not links.can_enable_forwarding():
-        raise SetupError("IPv4 forwarding is off and /proc/sys is read-only here: run the container "
-                         "privileged, or set the sysctl net.ipv4.ip_forward=1 for the pod "
-                         "(securityContext.sysctls; docker run --sysctl net.ipv4.ip_forward=1)")
-    nat_before = iptables.read_state(tools[0]) if tools else None
     rtnl = links.open_rtnl()
     try:
-        plan = build_plan(config, links.resolve_interface(rtnl, config))
+        interface = links.resolve_interface(rtnl, config)
+        facts = pod_facts(rtnl, config)
+        plan = build_plan(config, interface, facts)
+        tools = iptables.find_tools(config.iptables) if plan.nat is not None else None
+        check_sysctls(plan)
+        nat_before = iptables.read_state(tools[0]) if tools else None
     except BaseException:
         rtnl.close()
         raise
@@ -75,6 +76,33 @@ def prepare(config: RouterConfig) -> Prepared:
     context = apply_steps.Context(rtnl, restore_tool=tools[1] if tools else None, save_tool=tools[0] if tools else None,
                                   nat_before=nat_before, can_announce=can_announce)
     return Prepared(plan, context)
+
+
+def pod_facts(rtnl: Rtnl, config: RouterConfig) -> PodFacts:
+    """The pod interface's next hop and nameservers; says so when no return path can be planned."""
+    facts = links.pod_facts(rtnl, config.pod_interface)
+    if not facts.known:
+        why = (f"EGRESS_POD_INTERFACE {config.pod_interface!r} is a pattern, not one interface"
+               if config.pod_interface.endswith("+") else f"no route goes through {config.pod_interface}")
+        log.warning("No pod-network return path: %s, so replies to clients outside its own subnet, kubelet "
+                    "probes and DNS queries may leave through the egress interface%s", why,
+                    " (EGRESS_CLUSTER_CIDRS is not used either)" if config.cluster_cidrs else "")
+    return facts
+
+
+def check_sysctls(plan: Plan) -> None:
+    """Every kernel setting the plan must change can be written (/proc/sys is read-only in containers
+    that are not privileged)."""
+    for step in plan.steps:
+        if isinstance(step, Sysctl) and links.read_sysctl(step.path) != step.value and \
+                not os.access(step.path, os.W_OK):
+            if step.key == IP_FORWARD:
+                raise SetupError("IPv4 forwarding is off and /proc/sys is read-only here: run the container "
+                                 "privileged, or set the sysctl net.ipv4.ip_forward=1 for the pod "
+                                 "(securityContext.sysctls; docker run --sysctl net.ipv4.ip_forward=1)")
+            raise SetupError(f"{step.key} must be {step.value} and /proc/sys is read-only here: run the "
+                             f"container privileged, or set the sysctl {step.key}={step.value} for the pod "
+                             f"(securityContext.sysctls; docker run --sysctl {step.key}={step.value})")
 
 
 def apply(prepared: Prepared) -> None:
@@ -111,7 +139,8 @@ def configure(config: RouterConfig) -> None:
             raise
     try:
         plan, context = prepared.plan, prepared.context
-        nat_part = f"{context.nat_rule_count} NAT rules" if plan.nat is not None else "no NAT (proxy mode)"
+        nat_part = f"{context.nat_rule_count} NAT rules" if plan.nat is not None and plan.nat.chains \
+            else "no NAT (proxy mode)"
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
                  plan.gateway, nat_part, state, config.mode, seconds_since_process_start())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from . import variables as v
 from .allowlist import AccessList, parse_access_list
@@ -73,6 +73,7 @@ class RouterConfig:
     http_proxy: HttpProxySettings | None = None
     dns_proxy: DnsProxySettings | None = None
     iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see net.iptables.find_tools)
+    cluster_cidrs: tuple[IPv4Network, ...] = ()  # reached through the pod interface (core.podnet)
 
     @property
     def configures_nat(self) -> bool:
@@ -118,6 +119,7 @@ def load(env: Mapping[str, str]) -> RouterConfig:
         http_proxy=http_proxy,
         dns_proxy=dns_proxy,
         iptables=v.IPTABLES.read(env),
+        cluster_cidrs=v.CLUSTER_CIDRS.read(env),
     )
 
 

@@ -16,32 +16,65 @@ from .redirect import Destinations
 
 DNAT_CHAIN = "EGRESS-ROUTER-DNAT"
 SNAT_CHAIN = "EGRESS-ROUTER-SNAT"
-# built-in chain -> our chain it jumps to
+MARK_CHAIN = "EGRESS-ROUTER-MARK"
+# built-in chain -> our chain it jumps to, per table
 JUMPS = {"PREROUTING": DNAT_CHAIN, "POSTROUTING": SNAT_CHAIN}
+MANGLE_JUMPS = {"PREROUTING": MARK_CHAIN, "OUTPUT": MARK_CHAIN}
+TABLE_JUMPS = {"nat": JUMPS, "mangle": MANGLE_JUMPS}
 BACKENDS = ("nft", "legacy")  # EGRESS_IPTABLES=auto looks at both
+BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+# The connection mark of connections that arrived on the pod interface: one bit, clear of the bits
+# kube-proxy (0x4000, 0x8000), Calico (0xffff0000 is configurable; its default uses the high bits
+# 0x...0000 of its own choosing) and Cilium (0x0f00 and neighbours) are known to use by default.
+POD_MARK = 0x2000000
 
 
 @dataclass(frozen=True, slots=True)
 class NatRules:
-    """The plan's NAT step: our chains and their rule specifications (as iptables-save prints them),
-    written in one iptables-restore transaction together with the jumps to them."""
+    """The plan's iptables step: our chains and their rule specifications (as iptables-save prints them)
+    in the nat table (redirect modes) and the mangle table (the pod-network return path), written in one
+    iptables-restore transaction together with the jumps to them."""
 
     chains: tuple[tuple[str, tuple[str, ...]], ...]
+    mangle: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def tables(self) -> dict[str, dict[str, list[str]]]:
+        """table -> our chains -> rule specifications, for the tables this step manages."""
+        found = {}
+        if self.chains:
+            found["nat"] = {chain: list(rules) for chain, rules in self.chains}
+        if self.mangle:
+            found["mangle"] = {chain: list(rules) for chain, rules in self.mangle}
+        return found
 
     def render(self) -> str:
         """The payload as applied to a namespace that has none of our rules yet."""
         return render(self)
 
     def __str__(self) -> str:
-        return f"NAT rules ({sum(len(rules) for _, rules in self.chains)} in {', '.join(c for c, _ in self.chains)})"
+        chains = self.chains + self.mangle
+        return f"iptables rules ({sum(len(rules) for _, rules in chains)} in {', '.join(c for c, _ in chains)})"
 
 
-def nat_rules(destinations: Destinations, pod_interface: str, interface: str, source: IPv4Address) -> NatRules:
-    """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`."""
-    return NatRules((
-        (DNAT_CHAIN, tuple(dnat_specs(destinations, pod_interface))),
-        (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)),
-    ))
+def nat_rules(destinations: Destinations | None, pod_interface: str, interface: str, source: IPv4Address,
+              *, mark_pod_connections: bool = False) -> NatRules:
+    """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`;
+    with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs)."""
+    chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    if destinations is not None:
+        chains = ((DNAT_CHAIN, tuple(dnat_specs(destinations, pod_interface))),
+                  (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)))
+    mangle = ((MARK_CHAIN, mark_specs(pod_interface)),) if mark_pod_connections else ()
+    return NatRules(chains, mangle)
+
+
+def mark_specs(pod_interface: str) -> tuple[str, ...]:
+    """Connections a client opened through the pod interface carry POD_MARK (set on their first packets),
+    and every packet of theirs that did not arrive on it (a forwarded reply, the router's own reply) takes
+    the mark back for routing, which a policy rule sends through the pod interface's next hop."""
+    mark = f"{POD_MARK:#x}"
+    return (f"-i {pod_interface} -m conntrack --ctdir ORIGINAL -j CONNMARK --set-xmark {mark}/{mark}",
+            f"! -i {pod_interface} -j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}")
 
 
 def dnat_specs(destinations: Destinations, pod_interface: str, *, legacy: bool = False) -> list[str]:
@@ -66,81 +99,110 @@ def legacy_lines(config: RouterConfig) -> list[str]:
 
 
 def desired_chains(nat: NatRules) -> dict[str, list[str]]:
-    """Our chains and their rule specifications, as iptables-save prints them."""
+    """Our nat-table chains and their rule specifications, as iptables-save prints them."""
     return {chain: list(rules) for chain, rules in nat.chains}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class NatState:
-    """The nat table as iptables-save showed it: chain -> rule specifications (in order)."""
+    """The nat and mangle tables as iptables-save showed them: chain -> rule specifications (in order).
 
-    chains: dict[str, list[str]] = field(default_factory=dict)
+    Two states are equal when they hold the same rules and chains: a built-in chain without rules is
+    what a table that nothing has used yet amounts to (iptables-nft-save lists a table only once
+    something created it, and reading it with -t creates it), so it does not count.
+    """
 
-    def jump_count(self, builtin: str, target: str) -> int:
-        return self.chains.get(builtin, []).count(f"-j {target}")
+    chains: dict[str, list[str]] = field(default_factory=dict)  # the nat table
+    mangle: dict[str, list[str]] = field(default_factory=dict)
 
-    def ours(self) -> dict[str, list[str]]:
-        return {name: rules for name, rules in self.chains.items() if name in JUMPS.values()}
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NatState):
+            return NotImplemented
+        return self.meaningful() == other.meaningful()
+
+    def meaningful(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        def kept(table: dict[str, list[str]]) -> dict[str, list[str]]:
+            return {chain: rules for chain, rules in table.items() if rules or chain not in BUILTIN}
+
+        return kept(self.chains), kept(self.mangle)
+
+    def table(self, name: str) -> dict[str, list[str]]:
+        return self.mangle if name == "mangle" else self.chains
+
+    def jump_count(self, builtin: str, target: str, table: str = "nat") -> int:
+        return self.table(table).get(builtin, []).count(f"-j {target}")
+
+    def ours(self, table: str = "nat") -> dict[str, list[str]]:
+        mine = set(TABLE_JUMPS[table].values())
+        return {name: rules for name, rules in self.table(table).items() if name in mine}
 
 
 def parse_save(text: str) -> NatState:
-    """Parse `iptables-save -t nat` output (other tables, comments and counters are ignored)."""
-    chains: dict[str, list[str]] = {}
-    in_nat = False
+    """Parse `iptables-save` output of the nat and mangle tables (other tables, comments and counters are
+    ignored)."""
+    tables: dict[str, dict[str, list[str]]] = {"nat": {}, "mangle": {}}
+    chains: dict[str, list[str]] | None = None
     for line in text.splitlines():
         if line.startswith("[") and "] " in line:  # iptables-save -c puts rule counters first
             line = line.split("] ", 1)[1]
         if line.startswith("*"):
-            in_nat = line == "*nat"
-        elif not in_nat or line.startswith("#") or line == "COMMIT":
+            chains = tables.get(line[1:])
+        elif chains is None or line.startswith("#") or line == "COMMIT":
             continue
         elif line.startswith(":"):
             chains.setdefault(line[1:].split(" ", 1)[0], [])
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
             chains.setdefault(chain, []).append(spec)
-    return NatState(chains)
+    return NatState(tables["nat"], tables["mangle"])
 
 
 def restore_payload(nat: NatRules, state: NatState) -> str | None:
-    """The iptables-restore --noflush input converging `state` to `nat`; None if already there."""
-    wanted = desired_chains(nat)
-    jumps_ok = all(state.jump_count(b, t) == 1 for b, t in JUMPS.items())
-    if jumps_ok and all(state.chains.get(c) == rules for c, rules in wanted.items()):
-        return None
-    lines = ["*nat"]
-    # With --noflush, declaring a chain that exists flushes it: the rules below replace it whole.
-    lines += [f":{chain} - [0:0]" for chain in wanted]
-    lines += [f"-A {chain} {spec}" for chain, specs in wanted.items() for spec in specs]
-    lines += jump_fixups(state)
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    """The iptables-restore --noflush input converging `state` to `nat`; None if already there.
+    One section per table that differs, in one payload (one iptables-restore run)."""
+    sections = []
+    for table, wanted in nat.tables().items():
+        current, jumps = state.table(table), TABLE_JUMPS[table]
+        jumps_ok = all(state.jump_count(b, t, table) == 1 for b, t in jumps.items())
+        if jumps_ok and all(current.get(c) == rules for c, rules in wanted.items()):
+            continue
+        lines = [f"*{table}"]
+        # With --noflush, declaring a chain that exists flushes it: the rules below replace it whole.
+        lines += [f":{chain} - [0:0]" for chain in wanted]
+        lines += [f"-A {chain} {spec}" for chain, specs in wanted.items() for spec in specs]
+        lines += jump_fixups(state, table)
+        lines.append("COMMIT")
+        sections += lines
+    return "\n".join(sections) + "\n" if sections else None
 
 
-def jump_fixups(state: NatState) -> list[str]:
+def jump_fixups(state: NatState, table: str = "nat") -> list[str]:
     """Add a missing jump, or delete surplus copies of it, so each built-in chain jumps to ours once."""
     lines = []
-    for builtin, target in JUMPS.items():
-        count = state.jump_count(builtin, target)
+    for builtin, target in TABLE_JUMPS[table].items():
+        count = state.jump_count(builtin, target, table)
         if count == 0:
             lines.append(f"-A {builtin} -j {target}")
         lines += [f"-D {builtin} -j {target}"] * max(0, count - 1)
     return lines
 
 
-def rollback_payload(before: NatState) -> str:
-    """The payload that puts our chains and jumps back the way `before` had them."""
-    previous = before.ours()
-    lines = ["*nat"]
-    lines += [f":{chain} - [0:0]" for chain in JUMPS.values()]
-    lines += [f"-A {chain} {spec}" for chain in JUMPS.values() for spec in previous.get(chain, [])]
-    for builtin, target in JUMPS.items():
-        # after apply there is exactly one jump; put back as many as there were (often none)
-        wanted = before.jump_count(builtin, target)
-        lines += [f"-D {builtin} -j {target}"] * max(0, 1 - wanted)
-        lines += [f"-A {builtin} -j {target}"] * max(0, wanted - 1)
-    lines += [f"-X {chain}" for chain in JUMPS.values() if chain not in previous]
-    lines.append("COMMIT")
+def rollback_payload(before: NatState, tables: tuple[str, ...] = ("nat",)) -> str:
+    """The payload that puts our chains and jumps in `tables` back the way `before` had them."""
+    lines = []
+    for table in tables:
+        previous, jumps = before.ours(table), TABLE_JUMPS[table]
+        ours = list(dict.fromkeys(jumps.values()))
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for chain in ours]
+        lines += [f"-A {chain} {spec}" for chain in ours for spec in previous.get(chain, [])]
+        for builtin, target in jumps.items():
+            # after apply there is exactly one jump; put back as many as there were (often none)
+            wanted = before.jump_count(builtin, target, table)
+            lines += [f"-D {builtin} -j {target}"] * max(0, 1 - wanted)
+            lines += [f"-A {builtin} -j {target}"] * max(0, wanted - 1)
+        lines += [f"-X {chain}" for chain in ours if chain not in previous]
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 

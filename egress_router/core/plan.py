@@ -7,10 +7,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from .config import RouterConfig
 from .nat import NatRules, nat_rules
+from .podnet import PodFacts, return_path_steps
 from .redirect import Destinations
-from .steps import Address, Announce, LinkUp, Route, Sysctl
+from .steps import Address, Announce, LinkUp, PolicyRule, Route, Sysctl
 
-Step = NatRules | Address | LinkUp | Route | Sysctl | Announce
+Step = NatRules | Address | LinkUp | Route | PolicyRule | Sysctl | Announce
 
 IP_FORWARD = "net.ipv4.ip_forward"
 
@@ -34,19 +35,28 @@ class Plan:
 
 
 def network_plan(interface: str, pod_interface: str, address: IPv4Interface, gateway: IPv4Address,
-                 destinations: Destinations | None) -> Plan:
-    """The steps of every mode that configures the network; NAT only with `destinations`.
+                 destinations: Destinations | None, facts: PodFacts | None = None,
+                 cluster_cidrs: tuple[IPv4Network, ...] = ()) -> Plan:
+    """The steps of every mode that configures the network; NAT only with `destinations`; the pod-network
+    return path (core.podnet) where `facts` know the pod interface's next hop.
 
-    NAT goes first: it is the step most likely to fail (a kernel without a module, a broken iptables
-    backend), and it fails whole, so then nothing at all has been changed.
+    The iptables step goes first: it is the step most likely to fail (a kernel without a module, a
+    broken iptables backend), and it fails whole, so then nothing at all has been changed. The return
+    path is in place before the default route is taken over, so replies and DNS never lose their way.
     """
+    returning = facts is not None and facts.known and not pod_interface.endswith("+")
     steps: list[Step] = []
-    if destinations is not None:
-        steps.append(nat_rules(destinations, pod_interface, interface, address.ip))
+    if destinations is not None or returning:
+        steps.append(nat_rules(destinations, pod_interface, interface, address.ip, mark_pod_connections=returning))
     steps += [
         Address(interface, address),
         LinkUp(interface),
         Route(interface, IPv4Network(f"{gateway}/32")),
+    ]
+    if returning:
+        assert facts is not None
+        steps += return_path_steps(pod_interface, facts, cluster_cidrs)
+    steps += [
         Route(interface, IPv4Network("0.0.0.0/0"), gateway, sole=True),
         Sysctl(IP_FORWARD, "1"),
         Announce(interface, address.ip),
@@ -54,8 +64,9 @@ def network_plan(interface: str, pod_interface: str, address: IPv4Interface, gat
     return Plan(tuple(steps), interface, address, gateway)
 
 
-def build_plan(config: RouterConfig, interface: str) -> Plan:
-    """`interface` is the egress interface resolved on the system (see net.links.resolve_interface)."""
+def build_plan(config: RouterConfig, interface: str, facts: PodFacts | None = None) -> Plan:
+    """`interface` is the egress interface resolved on the system (see net.links.resolve_interface);
+    `facts` what the pod's namespace says (net.links.pod_facts; None: no return path is planned)."""
     assert config.source is not None and config.gateway is not None, "no network to plan"
     return network_plan(interface, config.pod_interface, config.source, config.gateway,
-                        config.destinations if config.configures_nat else None)
+                        config.destinations if config.configures_nat else None, facts, config.cluster_cidrs)

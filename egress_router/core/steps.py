@@ -31,24 +31,46 @@ class LinkUp:
         return f"ip link set {self.interface} up"
 
 
+MAIN_TABLE = 254
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A main-table route to `destination` via `gateway` (None: on-link) through `interface`.
+    """A route to `destination` via `gateway` (None: on-link) through `interface`, in `table`.
 
-    `sole`: it is the only route to that destination afterwards (others are removed once it is in
-    place, so there is never a moment without one): how the default route is taken over.
+    `sole`: it is the only route to that destination in its table afterwards (others are removed once
+    it is in place, so there is never a moment without one): how the default route is taken over.
+    `onlink`: the gateway is reached on the link even if no address of the interface covers it (how
+    pod networks with /32 pod addresses route: Calico, Cilium).
     """
 
     interface: str
     destination: IPv4Network
     gateway: IPv4Address | None = None
     sole: bool = False
+    table: int = MAIN_TABLE
+    onlink: bool = False
 
     def render(self) -> str:
         where = "default" if self.destination.prefixlen == 0 else str(self.destination)
         via = f" via {self.gateway}" if self.gateway is not None else ""
         scope = " scope link" if self.gateway is None else ""
-        return f"ip route replace {where}{via} dev {self.interface}{scope}"
+        onlink = " onlink" if self.onlink and self.gateway is not None else ""
+        table = f" table {self.table}" if self.table != MAIN_TABLE else ""
+        return f"ip route replace {where}{via} dev {self.interface}{scope}{onlink}{table}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """Packets whose mark has `mark` in `mask` look up `table`, before the main table (`priority`)."""
+
+    priority: int
+    mark: int
+    mask: int
+    table: int
+
+    def render(self) -> str:
+        return f"ip rule add fwmark {self.mark:#x}/{self.mask:#x} lookup {self.table} priority {self.priority}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import AddressValueError, IPv4Address, IPv4Network
 
 from .errors import ConfigError
 
@@ -80,6 +80,27 @@ def interface_pattern(value: str, variable: str) -> str:
     name = value.strip()
     check_ifname(variable, name, wildcard=True)
     return name
+
+
+def ipv4_networks(value: str, variable: str) -> tuple[IPv4Network, ...]:
+    """Networks separated by spaces or commas, e.g. '10.128.0.0/14, 172.30.0.0/16' (a lone address is a /32)."""
+    networks: list[IPv4Network] = []
+    for text in re.split(r"[\s,]+", value.strip()):
+        if not text:
+            continue
+        try:
+            network = IPv4Network(text)
+        except ValueError as exc:
+            if "has host bits set" in str(exc):
+                wider = IPv4Network(text, strict=False)
+                raise ConfigError(variable, f"{text!r} has host bits set; did you mean {wider}?") from None
+            raise ConfigError(variable, f"{text!r} is not an IPv4 network (address/prefix)") from None
+        if network.prefixlen == 0:
+            raise ConfigError(variable, f"{text!r} is every address: the default route is what the router "
+                              "replaces; list the cluster's own networks")
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks)
 
 
 def whole_number(low: int, high: int) -> _Number:

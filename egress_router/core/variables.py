@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from typing import Any, Generic, TypeVar
 
 from . import values
@@ -87,13 +88,18 @@ INTERFACE: Variable[str | None] = Variable(
     "EGRESS_INTERFACE", None, DEFAULT_INTERFACE, f"egress (macvlan) interface; if unset and {DEFAULT_INTERFACE} is "
     "missing, the only macvlan link is used", MODES, values.interface_name, "NAME", NETWORK_NOTE)
 POD_INTERFACE: Variable[str] = Variable(
-    "EGRESS_POD_INTERFACE", DEFAULT_POD_INTERFACE, DEFAULT_POD_INTERFACE, "cluster-side interface whose traffic "
-    "is redirected", NAT_MODES, values.interface_pattern, "NAME")
+    "EGRESS_POD_INTERFACE", DEFAULT_POD_INTERFACE, DEFAULT_POD_INTERFACE, "cluster-side interface: its traffic "
+    "is redirected, and what arrives on it leaves through it", MODES, values.interface_pattern, "NAME",
+    NETWORK_NOTE)
 IPTABLES: Variable[str] = Variable(
-    "EGRESS_IPTABLES", DEFAULT_IPTABLES, DEFAULT_IPTABLES, "iptables backend for the NAT rules: nft "
-    "(iptables-nft-save/-restore), legacy (iptables-legacy-*), or auto: the backend that already has rules in "
-    "the pod's network namespace, else nft", ("init", "legacy"), values.one_of(IPTABLES_CHOICES), "BACKEND",
-    choices=IPTABLES_CHOICES)
+    "EGRESS_IPTABLES", DEFAULT_IPTABLES, DEFAULT_IPTABLES, "iptables backend for the NAT and connection-mark "
+    "rules: nft (iptables-nft-save/-restore), legacy (iptables-legacy-*), or auto: the backend that already has "
+    "rules in the pod's network namespace, else nft", MODES, values.one_of(IPTABLES_CHOICES), "BACKEND",
+    NETWORK_NOTE, choices=IPTABLES_CHOICES)
+CLUSTER_CIDRS: Variable[tuple[IPv4Network, ...]] = Variable(
+    "EGRESS_CLUSTER_CIDRS", (), "(none)", "networks the router itself reaches through the pod interface, as it "
+    "does the nameservers of /etc/resolv.conf (space- or comma-separated, e.g. the service network)", MODES,
+    values.ipv4_networks, "NETWORKS", NETWORK_NOTE)
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
@@ -145,7 +151,7 @@ DNS_TTL_MAX: Variable[float] = Variable(
 
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
-    SOURCE, GATEWAY, DESTINATION, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES,
+    SOURCE, GATEWAY, DESTINATION, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES, CLUSTER_CIDRS,
     HTTP_DESTINATION, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT, HTTP_MAX_CONNECTIONS,
     HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT, DNS_MAX_CONNECTIONS,

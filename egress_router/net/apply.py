@@ -19,10 +19,11 @@ from typing import Any
 from ..core.errors import SetupError
 from ..core.nat import NatRules, NatState, restore_payload
 from ..core.plan import Plan, Step
-from ..core.steps import Address, Announce, LinkUp, Route, Sysctl
+from ..core.steps import Address, Announce, LinkUp, PolicyRule, Route, Sysctl
 from . import arp, iptables
 from .rtnl import SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
 from .rtnl import Route as KernelRoute
+from .rtnl import Rule as KernelRule
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def nat_apply(context: Context, step: NatRules, undo: Undo) -> None:
     assert restore_tool is not None and before is not None, "NAT tools and state are read in prepare"
     context.nat_rule_count, changed = iptables.apply(step, restore_tool, before)
     if changed:
-        undo.push("apply NAT rules", lambda: iptables.roll_back(restore_tool, before))
+        tables = tuple(step.tables())
+        undo.push(f"apply {iptables.describe(step)}", lambda: iptables.roll_back(restore_tool, before, tables))
 
 
 # ---------------------------------------------------------------- addresses and links
@@ -168,11 +170,12 @@ def kernel_route(context: Context, step: Route) -> KernelRoute:
     dst = None if network.prefixlen == 0 else str(network.network_address)
     gateway = None if step.gateway is None else str(step.gateway)
     scope = SCOPE_LINK if step.gateway is None else SCOPE_UNIVERSE
-    return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface), None, scope)
+    return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface), None, scope,
+                       table=step.table, onlink=step.onlink and gateway is not None)
 
 
 def same_destination(context: Context, wanted: KernelRoute) -> list[KernelRoute]:
-    return [r for r in context.rtnl.routes() if r.dst == wanted.dst and r.dst_len == wanted.dst_len]
+    return [r for r in context.rtnl.routes(wanted.table) if r.dst == wanted.dst and r.dst_len == wanted.dst_len]
 
 
 def route_holds(context: Context, step: Route) -> bool:
@@ -199,15 +202,37 @@ def route_apply(context: Context, step: Route, undo: Undo) -> None:
     context.changes += 1
 
 
+# ---------------------------------------------------------------- policy rules
+
+def kernel_rule(step: PolicyRule) -> KernelRule:
+    return KernelRule(step.priority, step.table, step.mark, step.mask)
+
+
+def rule_holds(context: Context, step: PolicyRule) -> bool:
+    return kernel_rule(step) in context.rtnl.rules()
+
+
+def rule_apply(context: Context, step: PolicyRule, undo: Undo) -> None:
+    wanted = kernel_rule(step)
+    if wanted in context.rtnl.rules():
+        log.debug("Policy rule %s already present", step.render())
+        return
+    attempt(f"adding the policy rule '{step.render().removeprefix('ip rule add ')}'",
+            partial(context.rtnl.rule, True, wanted))
+    undo.push(f"add policy rule priority {step.priority}", partial(context.rtnl.rule, False, wanted))
+    log.info("Added policy rule %s", step.render().removeprefix("ip rule add "))
+    context.changes += 1
+
+
 def describe(route: KernelRoute) -> str:
     text = f"via {route.gateway}" if route.gateway else "(no gateway)"
     return text + (f" metric {route.priority}" if route.priority else "")
 
 
 def restore_routes(rtnl: Rtnl, ours: KernelRoute, previous: list[KernelRoute]) -> None:
-    if ours not in previous and ours in rtnl.routes():
+    if ours not in previous and ours in rtnl.routes(ours.table):
         rtnl.route("del", ours)
-    current = rtnl.routes()
+    current = rtnl.routes(ours.table)
     for route in previous:
         if route not in current:
             rtnl.route("add", route)
@@ -236,11 +261,18 @@ def sysctl_apply(context: Context, step: Sysctl, undo: Undo) -> None:
         return
     attempt(f"setting {step.key}={step.value}", partial(write_sysctl, step.path, step.value))
     undo.push(f"set {step.key}={step.value}", partial(write_sysctl, step.path, old))
-    log.info("%s (%s=%s)", SYSCTL_NAMES.get(step.key, "Set"), step.key, step.value)
+    log.info("%s (%s=%s, was %s)", sysctl_meaning(step), step.key, step.value, old)
     context.changes += 1
 
 
-SYSCTL_NAMES = {"net.ipv4.ip_forward": "Enabled IPv4 forwarding"}
+def sysctl_meaning(step: Sysctl) -> str:
+    """What a setting is for, in the log line that says it was changed."""
+    if step.key == "net.ipv4.ip_forward":
+        return "Enabled IPv4 forwarding"
+    if step.key.endswith(".rp_filter"):
+        return (f"Set loose reverse-path filtering on {step.key.split('.')[3]}: replies to its clients leave "
+                "by the policy route, which strict filtering does not consult")
+    return "Set"
 
 
 # ---------------------------------------------------------------- announcements
@@ -279,6 +311,7 @@ APPLIERS: Mapping[type, Applier] = MappingProxyType({
     Address: Applier(address_holds, address_apply),
     LinkUp: Applier(link_up_holds, link_up_apply),
     Route: Applier(route_holds, route_apply),
+    PolicyRule: Applier(rule_holds, rule_apply),
     Sysctl: Applier(sysctl_holds, sysctl_apply),
     Announce: Applier(announce_holds, announce_apply),
 })

@@ -13,8 +13,6 @@ import subprocess
 from ..core.errors import SetupError
 from ..core.nat import (
     BACKENDS,
-    DNAT_CHAIN,
-    SNAT_CHAIN,
     NatRules,
     NatState,
     backend_tools,
@@ -86,8 +84,9 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
     return done.stdout
 
 
-def read_state(save: str) -> NatState:
-    return parse_save(_run([save, "-t", "nat"]))
+def read_state(save: str, tables: tuple[str, ...] = ("nat", "mangle")) -> NatState:
+    """The tables we manage, as iptables-save shows them (one run per table: never the whole ruleset)."""
+    return parse_save("".join(_run([save, "-t", table]) for table in tables))
 
 
 def restore(restore_tool: str, payload: str) -> None:
@@ -99,19 +98,35 @@ def restore(restore_tool: str, payload: str) -> None:
 
 
 def apply(nat: NatRules, restore_tool: str, before: NatState) -> tuple[int, bool]:
-    """Converge the nat table (last read as `before`) to `nat`.
+    """Converge our chains (last read as `before`) to `nat`, every table in one iptables-restore.
 
-    Returns the number of our rules and whether anything was changed.
+    Returns the number of our NAT rules and whether anything was changed.
     """
     payload = restore_payload(nat, before)
-    count = sum(len(rules) for rules in desired_chains(nat).values())
+    what = describe(nat)
     if payload is None:
-        log.info("NAT rules already in place (%d rules in %s, %s)", count, DNAT_CHAIN, SNAT_CHAIN)
-        return count, False
+        kind = "NAT rules" if nat.chains else "Connection-mark rules"
+        log.info("%s already in place (%s)", kind, what)
+        return len(nat_specs(nat)), False
     restore(restore_tool, payload)
-    log.info("Applied %d NAT rules (%s, %s) in one iptables-restore", count, DNAT_CHAIN, SNAT_CHAIN)
-    return count, True
+    log.info("Applied %s in one iptables-restore", what)
+    return len(nat_specs(nat)), True
 
 
-def roll_back(restore_tool: str, before: NatState) -> None:
-    restore(restore_tool, rollback_payload(before))
+def nat_specs(nat: NatRules) -> list[str]:
+    return [spec for rules in desired_chains(nat).values() for spec in rules]
+
+
+def describe(nat: NatRules) -> str:
+    """'5 NAT rules (EGRESS-ROUTER-DNAT, EGRESS-ROUTER-SNAT) and 2 connection-mark rules (...)'."""
+    parts = []
+    if nat.chains:
+        parts.append(f"{len(nat_specs(nat))} NAT rules ({', '.join(chain for chain, _ in nat.chains)})")
+    if nat.mangle:
+        marks = sum(len(rules) for _, rules in nat.mangle)
+        parts.append(f"{marks} connection-mark rules ({', '.join(chain for chain, _ in nat.mangle)})")
+    return " and ".join(parts)
+
+
+def roll_back(restore_tool: str, before: NatState, tables: tuple[str, ...] = ("nat",)) -> None:
+    restore(restore_tool, rollback_payload(before, tables))

@@ -1,19 +1,20 @@
-"""Read-only look-ups before a plan is built: the egress and pod interfaces, whether forwarding can be set."""
+"""Read-only look-ups before a plan is built: the egress and pod interfaces, the pod interface's next hop,
+the nameservers, whether forwarding can be set."""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
+from ipaddress import IPv4Address
 
 from ..core.config import RouterConfig
 from ..core.errors import SetupError
+from ..core.podnet import RETURN_TABLE, PodFacts, parse_nameservers
 from ..core.variables import DEFAULT_INTERFACE
-from .rtnl import Rtnl
+from .rtnl import Route, Rtnl
 
 log = logging.getLogger(__name__)
 
-FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 MULTUS_HINT = ("the pod needs a macvlan interface: add the annotation "
                "pod.network.openshift.io/assign-macvlan: \"true\" (OpenShift), attach a macvlan "
                "NetworkAttachmentDefinition with Multus, or set EGRESS_INTERFACE")
@@ -59,10 +60,57 @@ def check_pod_interface(name: str) -> None:
                          "namespace (set EGRESS_POD_INTERFACE to the pod's cluster interface)")
 
 
-def forwarding_enabled() -> bool:
-    with open(FORWARDING, encoding="ascii") as handle:
-        return handle.read().strip() == "1"
+def read_sysctl(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        raise SetupError(f"{path} does not exist (is the interface there?)") from None
 
 
-def can_enable_forwarding() -> bool:
-    return os.access(FORWARDING, os.W_OK)
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def pod_facts(rtnl: Rtnl, pod_interface: str, resolv_conf: str = RESOLV_CONF) -> PodFacts:
+    """The pod interface's next hop and the pod's nameservers; PodFacts() where the next hop is unknown."""
+    try:
+        with open(resolv_conf, encoding="utf-8", errors="replace") as handle:
+            nameservers = parse_nameservers(handle.read())
+    except OSError:
+        nameservers = ()
+    index = None if pod_interface.endswith("+") else link_index(pod_interface)
+    if index is None:
+        return PodFacts(nameservers=nameservers)
+    hop = next_hop(rtnl, index)
+    if hop is None:
+        return PodFacts(nameservers=nameservers)
+    gateway = None if hop.gateway is None else IPv4Address(hop.gateway)
+    return PodFacts(True, gateway, nameservers, strict_rp_filter(pod_interface))
+
+
+def strict_rp_filter(interface: str) -> bool:
+    """Whether reverse-path filtering on `interface` is strict: the kernel uses the larger of `all` and it."""
+    values = []
+    for scope in ("all", interface):
+        try:
+            values.append(int(read_sysctl(f"/proc/sys/net/ipv4/conf/{scope}/rp_filter")))
+        except (SetupError, ValueError):
+            values.append(0)
+    return max(values) == 1
+
+
+def next_hop(rtnl: Rtnl, index: int) -> Route | None:
+    """The route whose next hop the pod interface uses, in order of trust: the one a previous run kept in
+    our table; the pod's default route through it (lowest metric); any route through it with a gateway
+    (OpenShift gives the router pod explicit cluster routes); a device route on it (its own subnet)."""
+    kept = [r for r in rtnl.routes(RETURN_TABLE) if r.dst_len == 0 and r.oif == index]
+    if kept:
+        return kept[0]
+    main = [r for r in rtnl.routes() if r.oif == index]
+    defaults = sorted((r for r in main if r.dst_len == 0), key=lambda r: r.priority or 0)
+    if defaults:
+        return defaults[0]
+    via = [r for r in main if r.gateway is not None]
+    if via:
+        return via[0]
+    return next((r for r in main if r.dst_len and r.gateway is None), None)

@@ -43,6 +43,7 @@ def load_pyroute2_modules() -> types.SimpleNamespace:
         ifinfmsg=_import("pyroute2.netlink.rtnl.ifinfmsg").ifinfmsg,
         ifaddrmsg=_import("pyroute2.netlink.rtnl.ifaddrmsg").ifaddrmsg,
         rtmsg=_import("pyroute2.netlink.rtnl.rtmsg").rtmsg,
+        fibmsg=_import("pyroute2.netlink.rtnl.fibmsg").fibmsg,
     )
 
 

@@ -23,11 +23,20 @@ F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+FR_ACT_TO_TBL = 1
+RTNH_F_ONLINK = 0x4
 IFF_UP = 0x1
 MAIN_TABLE = 254
 RTN_UNICAST = 1
 RTPROT_STATIC = 4
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = 0, 253, 255
+
+
+def compat_table(table: int) -> int:
+    """The 8-bit table field of a message: the table itself, or RT_TABLE_COMPAT with the real one in an
+    attribute (RTA_TABLE / FRA_TABLE), which the kernel reads first."""
+    return table if table < 256 else 252
 
 
 class NetlinkError(OSError):
@@ -50,7 +59,7 @@ class Link:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The fields of a main-table IPv4 unicast route that we compare, add and delete."""
+    """The fields of an IPv4 unicast route that we compare, add and delete."""
 
     dst: str | None
     dst_len: int
@@ -59,6 +68,18 @@ class Route:
     priority: int | None
     scope: int
     proto: int = field(default=RTPROT_STATIC, compare=False)  # kept so an undo re-adds a route as it was
+    table: int = MAIN_TABLE
+    onlink: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """An IPv4 policy routing rule of the form `fwmark MARK/MASK lookup TABLE priority PRIORITY`."""
+
+    priority: int
+    table: int
+    fwmark: int | None = None
+    fwmask: int | None = None
 
 
 class Rtnl:
@@ -152,18 +173,18 @@ class Rtnl:
                      [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)])
 
     # ------------------------------------------------------------ routes
-    def routes(self) -> list[Route]:
-        """Main-table IPv4 unicast routes."""
+    def routes(self, table: int = MAIN_TABLE) -> list[Route]:
+        """IPv4 unicast routes of one routing table (the main table unless told)."""
         found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
         return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"), m.get("RTA_OIF"), m.get("RTA_PRIORITY"),
-                      m["scope"], m["proto"])
-                for m in found if m.get("RTA_TABLE", m["table"]) == MAIN_TABLE and m["type"] == RTN_UNICAST]
+                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK))
+                for m in found if m.get("RTA_TABLE", m["table"]) == table and m["type"] == RTN_UNICAST]
 
     def route(self, command: str, route: Route) -> None:
         """command: 'replace', 'add' or 'del'."""
         msg_type, flags = {"replace": (RTM_NEWROUTE, F_CREATE | F_REPLACE), "add": (RTM_NEWROUTE, F_CREATE | F_EXCL),
                            "del": (RTM_DELROUTE, 0)}[command]
-        attrs: list[tuple[str, Any]] = [("RTA_TABLE", MAIN_TABLE)]
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", route.table)]
         if route.dst_len:
             attrs.append(("RTA_DST", route.dst))
         if route.gateway is not None:
@@ -175,5 +196,24 @@ class Rtnl:
         # A delete matches any protocol and scope (as `ip route del` does); the rest is ours to set.
         proto, scope = (0, SCOPE_NOWHERE) if command == "del" else (route.proto, route.scope)
         self.request(self.messages.rtmsg, msg_type, F_REQUEST | F_ACK | flags,
-                     {"family": socket.AF_INET, "dst_len": route.dst_len, "table": MAIN_TABLE,
-                      "proto": proto, "scope": scope, "type": RTN_UNICAST}, attrs)
+                     {"family": socket.AF_INET, "dst_len": route.dst_len, "table": compat_table(route.table),
+                      "proto": proto, "scope": scope, "type": RTN_UNICAST,
+                      "flags": RTNH_F_ONLINK if route.onlink else 0}, attrs)
+
+    # ------------------------------------------------------------ policy rules
+    def rules(self) -> list[Rule]:
+        """IPv4 policy rules that look a table up (fwmark match kept; other selectors are not ours)."""
+        found = self.request(self.messages.fibmsg, RTM_GETRULE, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
+        return [Rule(m.get("FRA_PRIORITY", 0), m.get("FRA_TABLE", m["table"]), m.get("FRA_FWMARK"), m.get("FRA_FWMASK"))
+                for m in found if m["action"] == FR_ACT_TO_TBL]
+
+    def rule(self, add: bool, rule: Rule) -> None:
+        attrs: list[tuple[str, Any]] = [("FRA_PRIORITY", rule.priority), ("FRA_TABLE", rule.table)]
+        if rule.fwmark is not None:
+            attrs.append(("FRA_FWMARK", rule.fwmark))
+        if rule.fwmask is not None:
+            attrs.append(("FRA_FWMASK", rule.fwmask))
+        msg_type, flags = (RTM_NEWRULE, F_CREATE | F_EXCL) if add else (RTM_DELRULE, 0)
+        self.request(self.messages.fibmsg, msg_type, F_REQUEST | F_ACK | flags,
+                     {"family": socket.AF_INET, "table": compat_table(rule.table),
+                      "action": FR_ACT_TO_TBL}, attrs)

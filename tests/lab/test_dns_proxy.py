@@ -1,7 +1,7 @@
 """DNS proxy mode for real: egress-router's TCP forwarder in the router namespace, clients in the client namespace,
 backends behind the gateway (and one on the pod-side veth for IPv6), names answered by a test DNS server
-(tests/lab/dnsserver.py) on 203.0.113.53 in the destination namespace, read through the router namespace's
-own resolv.conf."""
+(tests/lab/dnsserver.py) on 198.51.100.53 on the pod network (the client namespace, where a cluster DNS Service
+would be reached), read through the router namespace's own resolv.conf."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from tests.lab.proxyproc import (
 )
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
-DNS_IP = "203.0.113.53"
+DNS_IP = "198.51.100.53"  # on the pod network: the router reaches its nameservers through the pod interface
 NAME = "svc.example.test"
 POOL = "pool.example.test"
 READY_PORT = 7999  # every proxy also forwards this port to A:READY_PORT; readiness is polled through it
@@ -288,11 +288,12 @@ StartProxy = Callable[..., Proxy]
 
 @pytest.fixture
 def dns(lab: Lab) -> Iterator[DnsServer]:
-    """The test DNS server on 203.0.113.53:53 (destination namespace), named in the router's resolv.conf."""
-    lab.exec("dest", ["ip", "addr", "add", f"{DNS_IP}/24", "dev", "wan0"], check=True)
+    """The test DNS server on 198.51.100.53:53 on the pod network (client namespace), named in the router's
+    resolv.conf, as a cluster DNS Service is."""
+    lab.exec("client", ["ip", "addr", "add", f"{DNS_IP}/24", "dev", "eth0"], check=True)
     lab.etc_file("router", "resolv.conf", RESOLV)
     server = DnsServer()
-    with lab.entered("dest"):
+    with lab.entered("client"):
         server.start(DNS_IP, 53)
     try:
         yield server
@@ -605,7 +606,7 @@ def test_stale_answer_is_kept_when_dns_stops(lab: Lab, dns: DnsServer, services:
     assert not [m for m in proxy.connection_lines() if m["how"] != "closed by both sides"]
     # DNS comes back with a new answer: it is used again
     dns.set(NAME, C, ttl=1)
-    with lab.entered("dest"):
+    with lab.entered("client"):
         dns.start(DNS_IP, 53)
     proxy.wait_log(rf"Port 7000: {re.escape(NAME)} resolves again", timeout=25)
     assert eventually(lambda: whoami(lab, 7000)[0] == C, timeout=3)
@@ -832,7 +833,8 @@ def test_network_first_then_the_backend_sees_the_reserved_source(lab: Lab, dns: 
     proxy.wait_resolved(7000, NAME)
     assert whoami(lab, 7000) == (B, SOURCE_IP)
     assert all(a.peer_ip == SOURCE_IP for a in services.accepted)
-    assert {q.peer for q in dns.asked(NAME)} == {SOURCE_IP}  # the lookups leave from it too
+    # the lookups go to the cluster DNS through the pod interface, from the pod's own address
+    assert {q.peer for q in dns.asked(NAME)} == {ROUTER_POD_IP}
     log = proxy.stderr
     assert log.index("Ready:") < log.index("Starting DNS proxy"), log
     assert f"default via {GATEWAY_LAN_IP} dev macvlan0" in lab.exec("router", ["ip", "route"], check=True).stdout
