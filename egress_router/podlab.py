@@ -1,9 +1,14 @@
 """Pod-network layouts for the lab: Calico-, Cilium- and OpenShift-SDN-style router pods, two nodes, a cluster DNS.
 
-    client ─┐                                   ┌─ remote (pod on node2)
-    router ─┴─ node ──lan0── [lan: br0] ──lan0── node2
-      │ macvlan0 (on node's lan0)  │
-      └────────────────────────────┴──lan0── gateway 192.0.2.1 ──wan0── dest 203.0.113.10-12
+    router pod ─eth0─┐                    ┌─lan0─ node2 ─── remote pod (a client on another node)
+    client pod ─eth0─┴─ node ─lan0─ [lan: br0] ─lan0─ gateway 192.0.2.1 ─wan0─ dest 203.0.113.10-12
+    router pod ─macvlan0: a macvlan on the node's lan0, so on the LAN too (but never to lan0 itself)
+
+Addresses (documentation ranges only): the cluster network 198.51.100.0/25, a /26 per node (router
+pod .2, same-node client .3; the other node's client .66; cilium_host / tun0 at .1 and .65); the
+service network 198.51.100.128/26 with the cluster DNS at .138; the nodes at 198.51.100.225/.226 on
+the node network .224/28 (its router .238 is outside the lab); Calico's gateway stand-in .254; the
+LAN 192.0.2.0/24 with EGRESS_SOURCE 192.0.2.99 and the gateway .1, the destinations behind it as in lab.py.
 
 Every layout is the router pod's eth0 and routes as the CNI plugin leaves them, the node side of the
 veth, and the node's routes to local and remote pods:
@@ -12,7 +17,7 @@ veth, and the node's routes to local and remote pods:
   Calico's 169.254.1.1 (documentation addresses only) and exists nowhere: the node's cali* veth
   (MAC ee:ee:ee:ee:ee:ee) answers for it by proxy ARP (proxy_delay 0), as Calico configures it; the
   node routes each pod /32 to its veth, blackholes its own block and reaches the other node's block
-  via that node's IP (what BIRD installs), and felix's strict rp_filter on cali*. Simplified: the real
+  via that node's IP (what BIRD installs); felix's strict rp_filter on cali*. Simplified: the real
   CNI plugin writes `169.254.1.1 dev eth0 scope link` plus `default via 169.254.1.1` (the Cilium shape);
   the onlink form here is the one the issue measured.
 - cilium: eth0 a /32, `198.51.100.1 dev eth0 scope link` and `default via 198.51.100.1`, where .1 is
@@ -213,6 +218,7 @@ class PodLab(Lab):
         if self.layout == "openshift-sdn":  # OVS carries ARP over the overlay; proxy ARP on tun0 plays that part
             for node in ("node", "node2"):
                 self.sysctl(node, "net.ipv4.conf.tun0.proxy_arp", "1")
+                self.sysctl(node, "net.ipv4.neigh.tun0.proxy_delay", "0")
 
     # ------------------------------------------------------------ knobs
     def set_rp_filter(self, value: int, role: str = "router") -> None:
