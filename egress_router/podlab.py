@@ -78,9 +78,7 @@ search default.svc.cluster.local svc.cluster.local cluster.local
 nameserver {DNS_SERVICE_IP}
 options ndots:5 timeout:1 attempts:2
 """
-# (pod role, node role, its address, the node side of its veth by layout)
-PODS = (("router", "node", ROUTER_IP, "router"), ("client", "node", CLIENT_IP, "client"),
-        ("remote", "node2", REMOTE_IP, "remote"))
+PODS = (("router", "node", ROUTER_IP), ("client", "node", CLIENT_IP), ("remote", "node2", REMOTE_IP))  # role, node, IP
 VETH_PREFIX = {"calico": "cali", "cilium": "lxc", "openshift-sdn": "veth"}
 
 
@@ -108,7 +106,7 @@ class PodLab(Lab):
             self.node_prefix, self.node_router = int(NODE_NETWORK.split("/")[1]), NODE_ROUTER
         # the router pod's next hop through eth0, as the CNI plugin set it
         self.pod_gateway = CALICO_GATEWAY if layout == "calico" else NODE_POD_GATEWAYS[0]
-        self.node_veth = {role: VETH_PREFIX[layout] + name for role, _, _, name in PODS}
+        self.node_veth = {role: VETH_PREFIX[layout] + role for role, _, _ in PODS}  # the node side of each pod's veth
         self.dns: subprocess.Popen[str] | None = None
         self._tmp: str | None = None
 
@@ -116,7 +114,7 @@ class PodLab(Lab):
     def build(self) -> None:
         self.create_namespaces()
         self._lan()
-        for role, node, ip, _ in PODS:
+        for role, node, ip in PODS:
             self._pod(role, node, ip)
         for index, node in enumerate(("node", "node2")):
             self._node(index, node)
@@ -182,7 +180,7 @@ class PodLab(Lab):
         gateway = NODE_POD_GATEWAYS[index]
         commands = ["link set lo up", f"addr add {own_ip}/{self.node_prefix} dev lan0", "link set lan0 up",
                     f"route add default via {self.node_router} dev lan0"]
-        pods = [(role, ip) for role, pod_node, ip, _ in PODS if pod_node == node]
+        pods = [(role, ip) for role, pod_node, ip in PODS if pod_node == node]
         if self.layout == "calico":
             commands += [f"route add blackhole {own_block} proto bird",
                          f"route add {other_block} via {other_ip} dev lan0 proto bird"]
@@ -209,7 +207,7 @@ class PodLab(Lab):
         self.ip(node, commands)
 
     def _node_sysctls(self) -> None:
-        for role, node, _, _ in PODS:
+        for role, node, _ in PODS:
             veth = self.node_veth[role]
             if self.layout == "calico":  # what Calico's CNI plugin and felix set on every cali* interface
                 self.sysctl(node, f"net.ipv4.conf.{veth}.proxy_arp", "1")
