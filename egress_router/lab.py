@@ -94,9 +94,11 @@ def unsettled(ipr: Any) -> str | None:
 class Lab:
     """Builds the topology on enter, tears it down on exit (also when the body raises)."""
 
+    roles: tuple[str, ...] = ROLES  # one namespace each; a subclass with another topology names its own
+
     def __init__(self, *, ip_forward: bool = False, tag: str | None = None):
         self.suffix = tag or f"{os.getpid() % 100000}{secrets.token_hex(2)}"
-        self.ns = {role: f"egr-{self.suffix}-{role}" for role in ROLES}
+        self.ns = {role: f"egr-{self.suffix}-{role}" for role in self.roles}
         self.ip_forward = ip_forward
         self._processes: list[subprocess.Popen[Any]] = []
         self._servers: list[Servers] = []
@@ -117,17 +119,7 @@ class Lab:
         self.destroy()
 
     def build(self) -> None:
-        from pyroute2 import netns
-
-        for role in ROLES:
-            netns.create(self.ns[role])
-            self._created.append(self.ns[role])
-            # No IPv6 duplicate address detection in the lab: the kernel's link-local addresses (and
-            # their local routes) then exist as soon as a link is up, instead of about a second later,
-            # so a snapshot taken after settle() cannot change by itself. Nothing here uses IPv6 DAD.
-            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
-                with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
-                    self.sysctl(role, key, "0")
+        self.create_namespaces()
         IPRoute = iproute_class()
         path = self.path
         with IPRoute(netns=self.ns["client"]) as ipr:
@@ -160,11 +152,25 @@ class Lab:
         self.sysctl("router", "net.ipv4.ip_forward", "1" if self.ip_forward else "0")
         self.settle()
 
+    def create_namespaces(self) -> None:
+        """One namespace per role, each remembered at once (so that a failure half-way still tears down)."""
+        from pyroute2 import netns
+
+        for role in self.roles:
+            netns.create(self.ns[role])
+            self._created.append(self.ns[role])
+            # No IPv6 duplicate address detection in the lab: the kernel's link-local addresses (and
+            # their local routes) then exist as soon as a link is up, instead of about a second later,
+            # so a snapshot taken after settle() cannot change by itself. Nothing here uses IPv6 DAD.
+            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+                with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+                    self.sysctl(role, key, "0")
+
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until the kernel has finished what it does by itself after a change: every link that is
         up is operational (linkwatch runs asynchronously) and no IPv6 address is still tentative."""
         deadline = time.monotonic() + timeout
-        for role in ROLES:
+        for role in self.roles:
             with self.iproute(role) as ipr:
                 while (why := unsettled(ipr)) is not None:
                     if time.monotonic() > deadline:

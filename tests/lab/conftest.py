@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from egress_router.lab import DEMO_SERVERS, DEST_IPS, Lab
+from egress_router.podlab import LAYOUTS, PodLab
 from tests.lab.origin import Origin
+
+LAB_TOOLS = ("nsenter", "ip", "iptables-save", "iptables-restore", "setpriv")
+PODLAB_TOOLS = (*LAB_TOOLS, "dnsmasq", "getent")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -18,13 +23,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+def require_lab(tools: tuple[str, ...] = LAB_TOOLS) -> None:
     if os.geteuid() != 0:
         pytest.skip("lab tests need root (they create network namespaces)")
-    missing = [t for t in ("nsenter", "ip", "iptables-save", "iptables-restore", "setpriv") if not shutil.which(t)]
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
-        pytest.skip(f"lab tests need {', '.join(missing)} (apt-get install iptables iproute2 util-linux)")
+        pytest.skip(f"lab tests need {', '.join(missing)} (scripts/bootstrap installs them: "
+                    "apt-get install iptables iproute2 util-linux dnsmasq-base)")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_lab()
     with Lab() as built:
         yield built
 
@@ -36,8 +46,8 @@ def served(lab: Lab) -> Lab:
     return lab
 
 
-@pytest.fixture
-def origin(lab: Lab) -> Iterator[Origin]:
+@contextlib.contextmanager
+def origins(lab: Lab) -> Iterator[Origin]:
     """HTTP origins on 203.0.113.10-12:80 and 203.0.113.10:8081, TCP echo on 203.0.113.10-12:7000 (destination)."""
     server = Origin()
     with lab.entered("dest"):
@@ -50,3 +60,60 @@ def origin(lab: Lab) -> Iterator[Origin]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def origin(lab: Lab) -> Iterator[Origin]:
+    with origins(lab) as server:
+        yield server
+
+
+# ------------------------------------------------------------ pod-network layouts (egress_router/podlab.py)
+@pytest.fixture
+def make_podlab() -> Iterator[Callable[..., PodLab]]:
+    """Builds PodLabs on demand: make_podlab("cilium", node_in_egress_subnet=True, rp_filter=1).
+
+    Every one is torn down when the test ends, also when it fails or when building it fails.
+    """
+    require_lab(PODLAB_TOOLS)
+    built: list[PodLab] = []
+
+    def make(layout: str, *, node_in_egress_subnet: bool = False, rp_filter: int = 0,
+             ip_forward: bool = False) -> PodLab:
+        podlab = PodLab(layout, node_in_egress_subnet=node_in_egress_subnet, rp_filter=rp_filter,
+                        ip_forward=ip_forward)
+        built.append(podlab)
+        podlab.__enter__()
+        return podlab
+
+    try:
+        yield make
+    finally:
+        for podlab in reversed(built):
+            podlab.destroy()
+
+
+@pytest.fixture(params=LAYOUTS)
+def podlab(request: pytest.FixtureRequest, make_podlab: Callable[..., PodLab]) -> PodLab:
+    """One pod-network layout per parameter (calico, cilium, openshift-sdn), node IP outside EGRESS_SOURCE's subnet."""
+    return make_podlab(request.param)
+
+
+@pytest.fixture(params=LAYOUTS)
+def podlab_node_in_egress_subnet(request: pytest.FixtureRequest, make_podlab: Callable[..., PodLab]) -> PodLab:
+    """The same layouts with the nodes' IPs inside EGRESS_SOURCE's subnet (192.0.2.11 and .12 on the LAN)."""
+    return make_podlab(request.param, node_in_egress_subnet=True)
+
+
+@pytest.fixture
+def podlab_served(podlab: PodLab) -> PodLab:
+    """A layout with the demo's TCP/UDP servers in the destination namespace."""
+    podlab.serve(DEMO_SERVERS)
+    return podlab
+
+
+@pytest.fixture
+def podlab_origin(podlab: PodLab) -> Iterator[Origin]:
+    """The `origin` servers, in a layout's destination namespace."""
+    with origins(podlab) as server:
+        yield server
