@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -311,6 +312,8 @@ class Lab:
             lines = [strip_counters(line) for line in result.stdout.splitlines() if not line.startswith("#")]
             if argv == ["iptables-save"]:
                 lines = without_unused_tables(lines)
+            elif argv[0] == "ip":  # a link's operational state follows the kernel's linkwatch, not our steps
+                lines = [re.sub(r" state \S+ ", " ", line) for line in lines]
             parts.append(f"$ {' '.join(argv)}\n" + "\n".join(lines))
         parts.append(f"ip_forward={self.read_sysctl(role, 'net.ipv4.ip_forward')}")
         for scope in ("all", "eth0"):
