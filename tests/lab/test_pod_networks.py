@@ -8,6 +8,7 @@ rp_filter 0, 1 and 2 in the router pod. Destinations must see only EGRESS_SOURCE
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -185,3 +186,55 @@ def check(running: ProxyProcess) -> None:
 
 def origins_in(lab: PodLab) -> contextlib.AbstractContextManager[Origin]:
     return origins(lab)
+
+
+OTHERS_MANGLE = ["*mangle", ":MESH-MARK - [0:0]",
+                 "-A MESH-MARK -p tcp -m tcp --dport 15001 -j MARK --set-xmark 0x539/0xfff",
+                 "-A PREROUTING -j MESH-MARK", "-A OUTPUT -p udp -j RETURN", "COMMIT"]
+
+
+def test_other_owners_rules_survive_and_a_failure_undoes_the_new_steps(make_podlab: MakePodLab,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another owner's mangle rules and policy rule are untouched by a run and by its undo; when the last
+    network step fails, the return path's steps (table 7910, the policy rule, the nameserver route, the
+    loosened rp_filter, the mark rules) are undone with the rest."""
+    from egress_router import router
+    from egress_router.core.config import load
+    from egress_router.core.errors import SetupError
+    from egress_router.net import apply as net_apply
+
+    lab = make_podlab("calico", rp_filter=1)
+    lab.exec("router", ["iptables-restore", "--noflush"], stdin="\n".join(OTHERS_MANGLE) + "\n", check=True)
+    lab.exec("router", ["ip", "rule", "add", "fwmark", "0x539/0xfff", "lookup", "100", "priority", "5000"], check=True)
+    lab.settle()
+    before = lab.snapshot("router")
+
+    def write(path: str, value: str) -> None:
+        if path.endswith("ip_forward"):
+            raise PermissionError(13, "Permission denied")
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(value)
+
+    monkeypatch.setattr(net_apply, "write_sysctl", write)
+    with lab.entered("router"):
+        prepared = router.prepare(load(lab.router_env()))
+        try:
+            with pytest.raises(SetupError) as raised:
+                router.apply(prepared)
+        finally:
+            prepared.rtnl.close()
+    assert str(raised.value).endswith("; the changes made before it were undone")
+    assert no_qdisc(lab.snapshot("router")) == no_qdisc(before)
+    monkeypatch.undo()
+    init(lab)  # and for real: theirs still there, ours added
+    mangle = lab.exec("router", ["iptables-save", "-t", "mangle"], check=True).stdout
+    assert "-A MESH-MARK -p tcp -m tcp --dport 15001 -j MARK --set-xmark 0x539/0xfff" in mangle
+    assert "-A PREROUTING -j MESH-MARK" in mangle and "-A PREROUTING -j EGRESS-ROUTER-MARK" in mangle
+    rules = lab.exec("router", ["ip", "rule", "show"], check=True).stdout
+    assert "5000:\tfrom all fwmark 0x539/0xfff lookup 100" in rules
+    assert "7910:\tfrom all fwmark 0x2000000/0x2000000 lookup 7910" in rules
+
+
+def no_qdisc(snapshot: str) -> str:
+    """Setting a link up the first time attaches its default qdisc, which stays: kernel bookkeeping."""
+    return re.sub(r" qdisc \S+ ", " qdisc - ", snapshot)
