@@ -31,7 +31,7 @@ from egress_router.lab import (
     SOURCE_IP,
     Lab,
 )
-from tests.lab.dnsserver import DnsServer
+from tests.lab.dnsserver import DNS_IP, DnsServer, serving
 from tests.lab.origin import Endpoints, endpoint, host_of
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
@@ -46,7 +46,6 @@ from tests.lab.proxyproc import (
 )
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
-DNS_IP = "203.0.113.53"
 NAME = "svc.example.test"
 POOL = "pool.example.test"
 READY_PORT = 7999  # every proxy also forwards this port to A:READY_PORT; readiness is polled through it
@@ -289,15 +288,9 @@ StartProxy = Callable[..., Proxy]
 @pytest.fixture
 def dns(lab: Lab) -> Iterator[DnsServer]:
     """The test DNS server on 203.0.113.53:53 (destination namespace), named in the router's resolv.conf."""
-    lab.exec("dest", ["ip", "addr", "add", f"{DNS_IP}/24", "dev", "wan0"], check=True)
     lab.etc_file("router", "resolv.conf", RESOLV)
-    server = DnsServer()
-    with lab.entered("dest"):
-        server.start(DNS_IP, 53)
-    try:
+    with serving(lab) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
