@@ -52,14 +52,15 @@ class Failure:
     timed_out: bool = False
 
 
-async def resolve(resolver: Any, name: str, *, search: bool = False) -> tuple[list[Address], float]:
+async def resolve(resolver: Any, name: str, *, search: bool = False,
+                  backend: Any = None) -> tuple[list[Address], float]:
     """A and AAAA for `name` (both at once); the addresses, IPv4 first, and the smallest TTL. Raises if neither
     answers: the first error, or NoAddresses."""
     import dns.exception
     import dns.resolver
 
-    answers = await asyncio.gather(*(resolver.resolve(name, rdtype, search=search) for rdtype in ("A", "AAAA")),
-                                   return_exceptions=True)
+    answers = await asyncio.gather(*(resolver.resolve(name, rdtype, search=search, backend=backend)
+                                     for rdtype in ("A", "AAAA")), return_exceptions=True)
     addresses: list[Address] = []
     ttls: list[float] = []
     errors: list[BaseException] = []
@@ -84,8 +85,26 @@ async def resolve(resolver: Any, name: str, *, search: bool = False) -> tuple[li
 
 
 def describe_dns_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """One short line: for "all nameservers failed", what each said (dnspython's text repeats the query)."""
+    errors = getattr(exc, "kwargs", {}).get("errors") if type(exc).__name__ == "NoNameservers" else None
+    if errors:
+        text = "no nameserver answered (" + "; ".join(f"{e[0]}: {e[3]}" for e in errors) + ")"
+    else:
+        text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def connected_udp() -> Any:
+    """dnspython's asyncio backend on connected UDP sockets, as glibc's resolver uses: a nameserver whose port
+    is closed (a Service without endpoints) fails the lookup at once (ICMP port unreachable) instead of
+    letting it time out."""
+    import dns.asyncbackend
+
+    class ConnectedUdp(type(dns.asyncbackend.get_backend("asyncio"))):  # type: ignore[misc]
+        def datagram_connection_required(self) -> bool:
+            return True
+
+    return ConnectedUdp()
 
 
 def unmapped(address: Address) -> Address:
@@ -169,6 +188,7 @@ class Names:
         self.resolv_conf = resolv_conf
         self._resolver: Any = None
         self._resolver_stamp: tuple[int, int, int] | None = None
+        self._backend: Any = None
         self.slots = asyncio.Semaphore(MAX_LOOKUPS)
 
     def usable_stale(self, name: str, answer: Answer, now: float) -> bool:
@@ -224,7 +244,7 @@ class Names:
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
                 async with self.slots:
-                    addresses, ttl = await resolve(self.resolver(), name, search=True)
+                    addresses, ttl = await resolve(self.resolver(), name, search=True, backend=self._backend)
         except (TimeoutError, dns.exception.Timeout):
             counters.add(metrics.LOOKUPS_TIMED_OUT)
             failure = Failure(f"DNS lookup of {name} timed out after {LOOKUP_TIMEOUT:g} s", timed_out=True)
@@ -267,6 +287,8 @@ class Names:
                 resolver.nameservers = ["127.0.0.1"]
             resolver.lifetime = LOOKUP_TIMEOUT + 1.0  # our own timeout ends a lookup first: one way to time out
             self._resolver, self._resolver_stamp = resolver, current
+            if self._backend is None:
+                self._backend = connected_udp()
         return self._resolver
 
     def expire(self, now: float) -> None:

@@ -6,17 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import dns.asyncresolver
 import dns.resolver
 import pytest
 
 from egress_router.proxy import lookup, metrics
-from egress_router.proxy.lookup import Names, NotResolved, keep, parse_hosts
+from egress_router.proxy.lookup import (
+    Names,
+    NotResolved,
+    connected_udp,
+    describe_dns_error,
+    keep,
+    parse_hosts,
+    resolve,
+)
 from egress_router.proxy.metrics import SharedCounters
 
 HOSTS_TEXT = """\
@@ -52,7 +63,7 @@ class FakeResolver:
         self.ttl = ttl
         self.asked: list[tuple[str, str]] = []
 
-    async def resolve(self, name: str, rdtype: str, search: bool = False) -> Any:
+    async def resolve(self, name: str, rdtype: str, search: bool = False, backend: Any = None) -> Any:
         self.asked.append((name, rdtype))
         entry = self.table.get(name, dns.resolver.NXDOMAIN())
         if entry is None:
@@ -203,3 +214,24 @@ def test_tables_are_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch) -> Non
     for number, name in enumerate("abcad"):
         keep(table, name, number)
     assert table == {"c": 2, "a": 3, "d": 4}  # "a" stored again is the newest; "b" went first
+
+
+def test_a_closed_nameserver_port_fails_the_lookup_at_once() -> None:
+    """As with glibc: ICMP port unreachable reaches a connected UDP socket (dnspython's default is not connected)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> None:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = port
+        resolver.lifetime = 3.0
+        started = time.monotonic()
+        with pytest.raises(dns.resolver.NoNameservers) as raised:
+            await resolve(resolver, "nowhere.example", backend=connected_udp())
+        assert time.monotonic() - started < 1.0
+        assert describe_dns_error(raised.value) == \
+            f"no nameserver answered (Do53:127.0.0.1@{port}: [Errno 111] Connection refused)"
+
+    asyncio.run(main())
