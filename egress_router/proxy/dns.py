@@ -14,13 +14,14 @@ import logging
 import math
 import socket
 import time
-from ipaddress import IPv6Address, ip_address
-from typing import Any, cast
+from ipaddress import IPv6Address
+from typing import cast
 
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
 from ..core.hosts import Address
 from . import metrics
+from .lookup import describe_dns_error, resolve
 from .metrics import SharedCounters, WorkerCounters
 from .server import handle_stop_signals, reset
 
@@ -152,36 +153,6 @@ class Target:
                 return
         finally:
             backend.checking = False
-
-
-async def resolve(resolver: Any, name: str) -> tuple[list[Address], float]:
-    """A and AAAA for `name`; the addresses and the smallest TTL. Raises if neither answers."""
-    import dns.exception
-    import dns.resolver
-
-    addresses: list[Address] = []
-    ttls: list[float] = []
-    errors: list[Exception] = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NoAnswer:
-            continue
-        except (dns.exception.DNSException, OSError) as exc:
-            errors.append(exc)
-            continue
-        ttls.append(float(answer.rrset.ttl))
-        addresses.extend(ip_address(r.address) for r in answer)
-    if not addresses:
-        if errors:
-            raise errors[0]
-        raise OSError(f"{name} has no A or AAAA records")
-    return addresses, min(ttls)
-
-
-def describe_dns_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 class DnsWorker:

@@ -1,11 +1,10 @@
-"""One HTTP proxy process: its clients and life cycle, the allow list's verdicts, the DNS cache, connecting upstream."""
+"""One HTTP proxy process: its clients and life cycle, the allow list's verdicts, name lookups, connecting upstream."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 from collections.abc import Callable
-from ipaddress import IPv6Address, ip_address
 from typing import TYPE_CHECKING, Any
 
 from ..core.config import HttpProxySettings
@@ -13,6 +12,7 @@ from ..core.hosts import Address
 from . import metrics
 from .http_rules import Host, ProxyError
 from .http_upstream import Endpoint, Upstream, UpstreamPool
+from .lookup import Names, NotResolved
 from .metrics import SharedCounters, WorkerCounters
 from .server import handle_stop_signals
 
@@ -20,11 +20,10 @@ if TYPE_CHECKING:
     from .http import ClientConnection, Request
 
 HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
-DNS_TTL = 5.0  # the system resolver gives no TTL: cache answers briefly
 
 
 class Worker:
-    """One process's proxy: its connections, upstream pool and DNS cache."""
+    """One process's proxy: its connections, upstream pool and name lookups."""
 
     def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
                  client: Callable[[Worker], ClientConnection]):
@@ -38,7 +37,8 @@ class Worker:
         self.now = self.loop.time()
         self.clients: set[ClientConnection] = set()
         self.pool = UpstreamPool()
-        self.dns: dict[str, tuple[float, list[Address]]] = {}
+        self.names = Names(self.loop, self.counters)
+        self.dns = self.names.answers  # the hot path's dict probe
         self.draining = False
         self.stopped = asyncio.Event()
         self.dirty: list[Endpoint] = []  # endpoints with output waiting for the end of this callback
@@ -94,8 +94,7 @@ class Worker:
                 elif quiet > settings.tunnel_idle_timeout:
                     client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
             self.pool.expire(now)
-            for name in [n for n, (expires, _) in self.dns.items() if expires < now]:
-                del self.dns[name]
+            self.names.expire(now)
 
     # ------------------------------------------------------------ destinations
     def addresses_for(self, host: Host) -> list[Address] | None:
@@ -108,7 +107,7 @@ class Worker:
         if verdict is False:
             raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
         cached = self.dns.get(host)
-        if cached is None or cached[0] < self.now:
+        if cached is None or (cached[0] < self.now and not self.names.usable_stale(host, cached, self.now)):
             return None
         return self._allowed(host, cached[1], verdict)
 
@@ -118,20 +117,14 @@ class Worker:
             raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
         return allowed
 
-    async def resolve(self, host: str, port: int) -> list[Address]:
+    async def resolve(self, host: str) -> list[Address]:
+        """The allowed addresses of a name that had to be looked up: 504 if DNS did not answer in time, else 502."""
         try:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ProxyError(502, f"cannot resolve {host}: {exc.strerror}", metrics.UPSTREAM_ERRORS) from None
-        addresses: list[Address] = []
-        for family, _, _, _, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                address = ip_address(str(sockaddr[0]).split("%", 1)[0])
-                if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-                    address = address.ipv4_mapped
-                if address not in addresses:
-                    addresses.append(address)
-        self.dns[host] = (self.now + DNS_TTL, addresses)
+            addresses = await self.names.lookup(host)
+        except NotResolved as exc:
+            if exc.timed_out:
+                raise ProxyError(504, exc.message, metrics.DNS_TIMEOUTS) from None
+            raise ProxyError(502, exc.message, metrics.UPSTREAM_ERRORS) from None
         return self._allowed(host, addresses, self.acl.name_verdict(host))
 
     async def open_upstream(self, host: Host, port: int, addresses: list[Address] | None,
@@ -139,7 +132,7 @@ class Worker:
         """Connect to the first allowed address that answers; 502 or 504 if none does."""
         if addresses is None:
             assert isinstance(host, str)
-            addresses = await self.resolve(host, port)
+            addresses = await self.resolve(host)
         timeout = self.settings.connect_timeout
         last: ProxyError | None = None
         for address in addresses:
@@ -161,7 +154,7 @@ class Worker:
         """Send the request on an idle pooled connection to an allowed address (not if `fresh`), else on a new one."""
         try:
             if addresses is None:
-                addresses = await self.resolve(host, port) if isinstance(host, str) else [host]
+                addresses = await self.resolve(host) if isinstance(host, str) else [host]
                 upstream = None if fresh else self.pool.take((addresses[0], port))
                 if upstream is not None:
                     upstream.send_request(client, request)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 # Counter indexes (each worker owns one row: a single writer per cell, so no locking is needed).
 ALLOWED, DENIED, BAD, TUNNELS, BYTES_UP, BYTES_DOWN, OPEN, UPSTREAM_ERRORS, UPSTREAM_TIMEOUTS, REJECTED = range(10)
-WIDTH = 10
+# Name lookups (proxy/lookup.py): requests answered 504 because theirs timed out; lookups made, by outcome.
+DNS_TIMEOUTS, LOOKUPS_ANSWERED, LOOKUPS_NOT_FOUND, LOOKUPS_FAILED, LOOKUPS_TIMED_OUT = range(10, 15)
+WIDTH = 15
 
 
 class SharedCounters:
@@ -62,7 +64,12 @@ def prometheus_http(shared: SharedCounters) -> str:
            [('{direction="upstream"}', total(BYTES_UP)), ('{direction="downstream"}', total(BYTES_DOWN))])
     metric("egress_router_http_open_connections", "gauge", "Client connections open now.", [("", total(OPEN))])
     metric("egress_router_http_upstream_errors_total", "counter", "Upstream connections that failed, by kind.",
-           [('{kind="unreachable"}', total(UPSTREAM_ERRORS)), ('{kind="timeout"}', total(UPSTREAM_TIMEOUTS))])
+           [('{kind="unreachable"}', total(UPSTREAM_ERRORS)), ('{kind="timeout"}', total(UPSTREAM_TIMEOUTS)),
+            ('{kind="dns_timeout"}', total(DNS_TIMEOUTS))])
+    metric("egress_router_http_dns_lookups_total", "counter",
+           "DNS lookups made (requests waiting for the same name share one; cached answers make none), by result.",
+           [('{result="answered"}', total(LOOKUPS_ANSWERED)), ('{result="not_found"}', total(LOOKUPS_NOT_FOUND)),
+            ('{result="failed"}', total(LOOKUPS_FAILED)), ('{result="timeout"}', total(LOOKUPS_TIMED_OUT))])
     metric("egress_router_http_rejected_connections_total", "counter",
            "Client connections refused because the connection limit was reached.", [("", total(REJECTED))])
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ from egress_router.lab import (
     SOURCE_IP,
     Lab,
 )
-from tests.lab.dnsserver import DnsServer
+from tests.lab.dnsserver import DNS_IP, DNS_ROLE, DnsServer, serving
 from tests.lab.origin import Endpoints, endpoint, host_of
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
@@ -46,7 +46,6 @@ from tests.lab.proxyproc import (
 )
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12 in the destination namespace
-DNS_IP = "198.51.100.53"  # on the pod network: the router reaches its nameservers through the pod interface
 NAME = "svc.example.test"
 POOL = "pool.example.test"
 READY_PORT = 7999  # every proxy also forwards this port to A:READY_PORT; readiness is polled through it
@@ -288,17 +287,11 @@ StartProxy = Callable[..., Proxy]
 
 @pytest.fixture
 def dns(lab: Lab) -> Iterator[DnsServer]:
-    """The test DNS server on 198.51.100.53:53 on the pod network (client namespace), named in the router's
-    resolv.conf, as a cluster DNS Service is."""
-    lab.exec("client", ["ip", "addr", "add", f"{DNS_IP}/24", "dev", "eth0"], check=True)
+    """The test DNS server on the pod network (dnsserver.serving), named in the router's resolv.conf, as a
+    cluster DNS Service is."""
     lab.etc_file("router", "resolv.conf", RESOLV)
-    server = DnsServer()
-    with lab.entered("client"):
-        server.start(DNS_IP, 53)
-    try:
+    with serving(lab) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -606,7 +599,7 @@ def test_stale_answer_is_kept_when_dns_stops(lab: Lab, dns: DnsServer, services:
     assert not [m for m in proxy.connection_lines() if m["how"] != "closed by both sides"]
     # DNS comes back with a new answer: it is used again
     dns.set(NAME, C, ttl=1)
-    with lab.entered("client"):
+    with lab.entered(DNS_ROLE):
         dns.start(DNS_IP, 53)
     proxy.wait_log(rf"Port 7000: {re.escape(NAME)} resolves again", timeout=25)
     assert eventually(lambda: whoami(lab, 7000)[0] == C, timeout=3)

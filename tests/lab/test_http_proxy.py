@@ -4,6 +4,7 @@ namespace, origins (tests/lab/origin.py) behind the gateway, names from the rout
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -26,6 +27,8 @@ from egress_router.lab import (
     SOURCE_IP,
     Lab,
 )
+from egress_router.proxy.lookup import LOOKUP_TIMEOUT, NEGATIVE_TTL
+from tests.lab.dnsserver import DNS_IP, DnsServer, serving
 from tests.lab.origin import (
     CHUNKED_BODY,
     CLOSE_BODY,
@@ -621,6 +624,175 @@ def test_upstream_errors_502_and_504(lab: Lab, origin: Origin, start_proxy: Star
     started = time.monotonic()
     response = fetch(lab, "api.example.com:9", method="CONNECT")
     assert response.status == 504 and 0.8 < time.monotonic() - started < 3.0
+
+
+# ------------------------------------------------------------------ 6a. name lookups: slow, dead and missing DNS
+
+MARGIN = 1.0  # a 504 for a lookup that timed out arrives within LOOKUP_TIMEOUT + MARGIN of the request
+QUICK = 0.1  # what needs no lookup, or finds its answer cached, is answered within this however DNS is doing
+HANG, SLOW = "hang.test", "slow.test"  # the test DNS server never answers names under HANG, SLOW after 8 s
+
+
+@pytest.fixture
+def dns(lab: Lab) -> Iterator[DnsServer]:
+    """The test DNS server (tests/lab/dnsserver.py) behind the gateway; `use_dns` points the proxy at it."""
+    with serving(lab) as server:
+        yield server
+
+
+def use_dns(lab: Lab) -> None:
+    """The router's resolv.conf names the test DNS server, with the resolver's default timeouts and attempts."""
+    lab.etc_file("router", "resolv.conf", f"nameserver {DNS_IP}\n")
+
+
+class Waiting:
+    """Requests sent at once on connections of their own; their responses read in the background, each with
+    the seconds it took (an upper bound: they are read one after the other)."""
+
+    def __init__(self, lab: Lab, targets: Sequence[str]):
+        self.clients = [Client(lab, timeout=LOOKUP_TIMEOUT + 5) for _ in targets]
+        self.sent: list[float] = []
+        for client, target in zip(self.clients, targets, strict=True):
+            client.send(request_bytes("GET", target))
+            self.sent.append(time.monotonic())
+        self.answers: list[tuple[Response | Exception, float]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for client, sent in zip(self.clients, self.sent, strict=True):
+            try:
+                answer: Response | Exception = client.response()
+            except (OSError, ProtocolError) as exc:
+                answer = exc
+            self.answers.append((answer, time.monotonic() - sent))
+
+    def join(self) -> list[tuple[Response | Exception, float]]:
+        self.thread.join(timeout=LOOKUP_TIMEOUT + 10)
+        self.close()
+        return self.answers
+
+    def close(self) -> None:
+        """Shut the sockets down first: that ends a read in progress, whose reader close() would wait for."""
+        for client in self.clients:
+            with contextlib.suppress(OSError):
+                client.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=5)
+        for client in self.clients:
+            client.close()
+
+
+def seconds_to_hello(lab: Lab, target: str, ip: str) -> float:
+    """How long the origin's hello took through the proxy; inf if it did not come within 2 s."""
+    started = time.monotonic()
+    try:
+        assert_hello(fetch(lab, target, timeout=2.0), ip)
+    except (OSError, ProtocolError):
+        return math.inf
+    return time.monotonic() - started
+
+
+def assert_lookup_timeouts(answers: list[tuple[Response | Exception, float]], targets: Sequence[str]) -> None:
+    """Each request got its own 504 naming its host, in time: none was queued behind the others."""
+    assert len(answers) == len(targets), answers
+    for number, ((answer, seconds), target) in enumerate(zip(answers, targets, strict=True), 1):
+        host = urlsplit(target).hostname
+        assert isinstance(answer, Response) and answer.status == 504, (number, target, answer)
+        assert answer.text == f"DNS lookup of {host} timed out after {LOOKUP_TIMEOUT:g} s\n", answer.text
+        assert seconds < LOOKUP_TIMEOUT + MARGIN, (number, target, seconds)
+
+
+def test_an_allowed_cached_name_is_answered_at_once_while_100_lookups_hang(
+        lab: Lab, origin: Origin, dns: DnsServer, start_proxy: StartProxy) -> None:
+    """100 requests for names whose DNS never answers or answers after 8 s: meanwhile a cached name (whose own
+    DNS hangs too once its answer expires), a hosts file name and an IP literal are answered in under 100 ms
+    all along, a name DNS answers at once waits for nothing else, and each of the 100 gets its 504 in time."""
+    dns.set("cached.dns.test", WWW, ttl=1)  # expires during the test: the proxy keeps an answer 5 s at least
+    dns.set("fresh.dns.test", API)
+    for i in range(50):
+        dns.set(f"n{i}.{SLOW}", API)
+    dns.delay(HANG, math.inf)
+    dns.delay(SLOW, 8.0)
+    use_dns(lab)
+    proxy = start_proxy(f"*.test\n*.example.com\n{API}")
+    assert_hello(fetch(lab, "http://cached.dns.test/hello"), WWW)
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    dns.delay("cached.dns.test", math.inf)
+    hanging_since = time.monotonic()
+    before = scrape(lab)
+    targets = [f"http://n{i}.{HANG}/hello" for i in range(50)] + [f"http://n{i}.{SLOW}/hello" for i in range(50)]
+    waiting = Waiting(lab, targets)
+    try:
+        latencies: dict[str, list[float]] = {}
+        deadline = time.monotonic() + LOOKUP_TIMEOUT + 2  # past the 5 s the cached answers are kept for
+        while time.monotonic() < deadline:
+            for target, ip in (("http://cached.dns.test/hello", WWW), ("http://www.example.com/hello", WWW),
+                               (f"http://{API}/hello", API)):
+                latencies.setdefault(target, []).append(seconds_to_hello(lab, target, ip))
+            if "http://fresh.dns.test/hello" not in latencies:
+                latencies["http://fresh.dns.test/hello"] = [seconds_to_hello(lab, "http://fresh.dns.test/hello", API)]
+            time.sleep(0.2)
+        answers = waiting.join()
+    finally:
+        waiting.close()
+    slowest = {target: round(max(seconds), 3) for target, seconds in latencies.items()}
+    assert slowest.pop("http://fresh.dns.test/hello") < 0.5, slowest  # a lookup of its own, not queued
+    assert max(slowest.values()) < QUICK, slowest
+    assert all(len(latencies[target]) >= 20 for target in slowest), latencies
+    assert dns.asked("cached.dns.test", since=hanging_since), "its answer expired and was being refreshed"
+    assert_lookup_timeouts(answers, targets)
+    after = scrape(lab)
+    assert after['egress_router_http_upstream_errors_total{kind="dns_timeout"}'] - \
+        before['egress_router_http_upstream_errors_total{kind="dns_timeout"}'] == 100
+    assert after['egress_router_http_dns_lookups_total{result="timeout"}'] - \
+        before['egress_router_http_dns_lookups_total{result="timeout"}'] >= 100
+    logged = [line for line in proxy.lines() if " 504 " in line and "timed out after" in line]
+    assert len(logged) == 100, "\n".join(logged)
+
+
+def test_with_dns_down_the_30th_client_gets_its_504_within_the_lookup_timeout(
+        lab: Lab, origin: Origin, dns: DnsServer, start_proxy: StartProxy) -> None:
+    use_dns(lab)
+    start_proxy("*.test")
+    before = scrape(lab)
+    dns.silent = True
+    targets = [f"http://c{i}.dead.test/hello" for i in range(30)] + ["http://shared.dead.test/hello"] * 10
+    assert_lookup_timeouts(Waiting(lab, targets).join(), targets)
+    # ten clients asking for one name share one lookup: no more queries than for a name asked once
+    assert 0 < len(dns.asked("shared.dead.test")) <= len(dns.asked("c0.dead.test")) + 2
+    after = scrape(lab)
+    assert after['egress_router_http_upstream_errors_total{kind="dns_timeout"}'] - \
+        before['egress_router_http_upstream_errors_total{kind="dns_timeout"}'] == 40
+    assert after['egress_router_http_dns_lookups_total{result="timeout"}'] - \
+        before['egress_router_http_dns_lookups_total{result="timeout"}'] == 31
+    # a timeout is not remembered: once DNS answers again, so does the proxy
+    dns.silent = False
+    dns.set("shared.dead.test", API)
+    assert_hello(fetch(lab, "http://shared.dead.test/hello"), API)
+
+
+def test_the_hosts_file_comes_first_and_a_missing_name_is_remembered_briefly(
+        lab: Lab, origin: Origin, dns: DnsServer, start_proxy: StartProxy) -> None:
+    dns.set("www.example.com", INTERNAL)  # the hosts file says WWW: it wins, as with glibc's "files dns"
+    dns.set("dual.dns.test", API, CLIENT_IP6)
+    use_dns(lab)
+    start_proxy("*.example.com\n*.test")
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    assert_hello(fetch(lab, "http://dual.dns.test/hello"), API)  # A and AAAA: IPv4 first
+    assert dns.asked("www.example.com") == []
+    before = scrape(lab)
+    response = fetch(lab, "http://missing.dns.test/hello")
+    assert (response.status, response.text) == (502, "cannot resolve missing.dns.test: no such name\n")
+    asked = len(dns.asked("missing.dns.test"))
+    dns.set("missing.dns.test", API)
+    response = fetch(lab, "http://missing.dns.test/hello")  # the negative answer is kept for a moment
+    assert response.status == 502 and len(dns.asked("missing.dns.test")) == asked
+    after = scrape(lab)
+    assert after['egress_router_http_upstream_errors_total{kind="unreachable"}'] - \
+        before['egress_router_http_upstream_errors_total{kind="unreachable"}'] == 2
+    assert after['egress_router_http_dns_lookups_total{result="not_found"}'] - \
+        before['egress_router_http_dns_lookups_total{result="not_found"}'] == 1
+    assert eventually(lambda: fetch(lab, "http://missing.dns.test/hello").status == 200, timeout=NEGATIVE_TTL + 2)
 
 
 MALFORMED: dict[str, bytes] = {
