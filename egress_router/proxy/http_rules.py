@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from functools import lru_cache
 from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
 
 import httptools
 
 from ..core.hosts import Address, HostError, normalize_host
 from .metrics import BAD
 
+if TYPE_CHECKING:
+    from httptools.parser.url_parser import URL
+
 Host = str | Address  # a normalized destination host: a lower-case name or an address
 
 VIA = b"1.1 egress-router"
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
                         b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # RFC 9110 section 9.2.2
 NO_BODY_STATUS = frozenset({204, 304})
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout",
@@ -59,6 +64,15 @@ def ends_connection(status: int) -> bool:
     return status == 400 or status == 431
 
 
+def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int) -> bool:
+    """Whether a request may go again on a fresh upstream connection after the one it went on closed: only
+    the keep-alive race (a reused connection the server closed without answering anything), only an
+    idempotent method (RFC 9110 section 9.2.2: the server may have acted on it), only if it was read
+    whole and had no body (there is nothing kept to send again)."""
+    return reused and not answered and complete and body_sent == 0 and method in IDEMPOTENT
+
+
+
 # ------------------------------------------------------------ request targets and hosts
 
 def checked_host(text: str) -> Host:
@@ -74,13 +88,13 @@ def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     to send upstream in origin form (the path, '/' if none, and the query; a fragment is dropped)."""
     try:
         parsed = httptools.parse_url(target)
+        raw_host = parsed.host or b""
     except httptools.HttpParserInvalidURLError:
-        raise ProxyError(400, "the request target is not a valid URL", BAD) from None
+        parsed, raw_host = parse_url_with_underscores(target)
     if parsed.schema is None or parsed.schema.lower() != b"http":
         raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", BAD)
     if parsed.userinfo:
         raise ProxyError(400, "user information in the URL is not accepted", BAD)
-    raw_host = parsed.host or b""
     if b":" not in raw_host and b"[" in target.split(b"/", 3)[2]:
         raise ProxyError(400, "only IPv6 addresses may be written in brackets", BAD)
     host = checked_host(raw_host.decode("latin-1"))
@@ -91,6 +105,29 @@ def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     if parsed.query is not None:
         path += b"?" + parsed.query
     return host, port, path
+
+
+def parse_url_with_underscores(target: bytes) -> tuple[URL, bytes]:
+    """httptools refuses '_' in a URL's host, which DNS names (and the allow list) may have: the URL is
+    parsed again with each '_' of its authority read as a letter, so that everything else is judged as
+    httptools judges it, and the host is taken from the target as written; 400 if it is still refused."""
+    start = target.find(b"://") + 3
+    end = len(target)
+    for mark in b"/?#":
+        found = target.find(bytes((mark,)), start)
+        if 0 <= found < end:
+            end = found
+    authority = target[start:end]
+    if start < 3 or b"_" not in authority:
+        raise ProxyError(400, "the request target is not a valid URL", BAD)
+    try:
+        parsed = httptools.parse_url(target[:start] + authority.replace(b"_", b"u") + target[end:])
+    except httptools.HttpParserInvalidURLError:
+        raise ProxyError(400, "the request target is not a valid URL", BAD) from None
+    host = authority.rpartition(b"@")[2]
+    if parsed.port is not None:
+        host = host.rpartition(b":")[0]
+    return parsed, host
 
 
 def parse_connect_target(target: bytes) -> tuple[Host, int]:

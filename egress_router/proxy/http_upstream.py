@@ -10,7 +10,7 @@ import httptools
 
 from ..core.hosts import Address
 from . import metrics
-from .http_rules import request_head, response_ends_at_head
+from .http_rules import may_retry, request_head, response_ends_at_head
 from .server import reset
 
 if TYPE_CHECKING:
@@ -118,9 +118,8 @@ class Upstream(Endpoint, asyncio.Protocol):
         client, request = self.client, self.request
         self.client = self.request = None
         if client is not None and request is not None and request.upstream is self:
-            if self.reused and not self.answered and request.complete and request.bytes_up == 0:
-                # The server closed an idle keep-alive connection as we reused it (the usual race):
-                # nothing was answered and there is no body to resend, so try a fresh connection.
+            if may_retry(request.method, self.reused, self.answered, request.complete, request.bytes_up):
+                # The server closed an idle keep-alive connection as we reused it (the usual race).
                 client.retry(request)
             else:
                 client.upstream_failed(request, "the upstream server closed the connection"

@@ -59,7 +59,7 @@ WWW, API, INTERNAL = "203.0.113.10", "203.0.113.11", "203.0.113.12"
 HOSTS = f"""\
 127.0.0.1 localhost
 ::1 localhost
-{WWW} www.example.com example.com badexample.com
+{WWW} www.example.com example.com badexample.com my_host.example.com under_score.test bad_.host_
 {API} api.example.com deep.api.example.com other.test
 {INTERNAL} internal.example.com
 {CLIENT_IP6} v6.example.com
@@ -901,3 +901,35 @@ def test_a_crashed_worker_is_replaced(lab: Lab, origin: Origin, start_proxy: Sta
     proxy.remember_workers()
     for _ in range(6):  # both workers serve (the kernel spreads new connections over them)
         assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+
+
+# ------------------------------------------------------------------ 12. hostile clients and upstreams (issue 10)
+
+def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, origin: Origin,
+                                                                   start_proxy: StartProxy) -> None:
+    """A reused upstream connection closes without answering: GET and PUT go again on a new one, a POST
+    (even without a body) gets 502 and reaches the origin at most once (issue 10, item 5)."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        assert client.request("GET", "http://www.example.com/drop-next").status == 200
+        response = client.request("POST", "http://www.example.com/echo", body=b"")
+        assert response.status == 502, response
+        assert "closed" in response.text
+        assert origin.requests("/echo") == []
+        assert client.request("GET", "http://www.example.com/drop-next").status == 200
+        response = client.request("PUT", "http://www.example.com/echo", body=b"")
+        assert response.status == 200, response
+    assert [s.method for s in origin.requests("/echo")] == ["PUT"]
+
+
+def test_host_names_with_underscores(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """The allow list accepts '_' in names as DNS does: so do both request forms (issue 10, item 14)."""
+    start_proxy("*.example.com\nunder_score.test")
+    assert_hello(fetch(lab, "http://my_host.example.com/hello"), WWW)
+    assert_hello(fetch(lab, "http://under_score.test:8081/hello"), WWW, 8081)
+    assert origin.requests("/hello")[-1].header("Host") == "under_score.test:8081"
+    with Client(lab) as client:
+        assert connect(client, "my_host.example.com:7000").status == 200
+    assert fetch(lab, "http://bad_.host_/hello").status == 403  # a name the list does not allow
+    for refused in ("http://a_b@www.example.com/", "http://my_host.example.com:x/", "http://my host/"):
+        assert fetch(lab, refused).status == 400, refused

@@ -28,6 +28,7 @@ from egress_router.proxy.http_rules import (
     interim_head,
     lists_tokens,
     local_page,
+    may_retry,
     parse_absolute_form,
     parse_connect_target,
     request_fields,
@@ -109,6 +110,15 @@ ABSOLUTE_FORM: list[tuple[bytes, Host, int, bytes]] = [
     (b"http://a.example:1/", "a.example", 1, b"/"),
     (b"http://a.example:65535/", "a.example", 65535, b"/"),
     (b"http://@a.example/", "a.example", 80, b"/"),  # empty user information: nothing to refuse (today)
+    # test_host_names_with_underscores: '_' as DNS names (and the allow list) may have it, httptools not
+    (b"http://my_host.example.com/hello", "my_host.example.com", 80, b"/hello"),
+    (b"http://under_score.test:8081/hello", "under_score.test", 8081, b"/hello"),
+    (b"http://a_b.example/", "a_b.example", 80, b"/"),
+    (b"http://A_B.Example./p?q=_#f", "a_b.example", 80, b"/p?q=_"),
+    (b"http://_a.example", "_a.example", 80, b"/"),
+    (b"http://a_b.example?x=1", "a_b.example", 80, b"/?x=1"),
+    (b"http://a_b.example:00080/", "a_b.example", 80, b"/"),
+    (b"http://a.example/_path_", "a.example", 80, b"/_path_"),  # in the path httptools takes it anyway
 ]
 
 
@@ -155,7 +165,22 @@ ABSOLUTE_FORM_REFUSED: list[tuple[bytes, str]] = [
                             "ends with '-'"),
     (b"http://a.123/", "bad host 'a.123': 'a.123' is not a dotted-quad IPv4 address (nor a host name: its last "
                        "label is a number)"),
-    (b"http://a_b.example/", NOT_A_URL),  # today: httptools refuses '_' in a host, which CONNECT accepts
+    # test_host_names_with_underscores: with a '_', the rest of the URL is judged as without it
+    (b"http://a_b@www.example.com/", USERINFO),
+    (b"http://u:p_w@a_b.example/", USERINFO),
+    (b"http://my_host.example.com:x/", NOT_A_URL),
+    (b"http://a_b.example:/", NOT_A_URL),
+    (b"http://a_b.example:65536/", NOT_A_URL),
+    (b"http://a_b.example#frag", NOT_A_URL),
+    (b"http://a_b example/", NOT_A_URL),
+    (b"http://[a_b]/", NOT_A_URL),
+    (b"https://a_b.example/", NOT_HTTP),
+    (b"a_b.example:80", NOT_A_URL),
+    (b"http://a_b.example:0/", "port 0 is not a port number (1-65535)"),
+    (b"http://a_b..example/", "bad host 'a_b..example': 'a_b..example' is not a valid host name: it has an empty "
+                              "label ('..')"),
+    (b"http://a_.123/", "bad host 'a_.123': 'a_.123' is not a dotted-quad IPv4 address (nor a host name: its last "
+                        "label is a number)"),
 ]
 
 
@@ -473,6 +498,24 @@ def test_tunnel_established_and_via() -> None:
 ])
 def test_which_errors_end_the_connection(status: int, ends: bool) -> None:
     assert ends_connection(status) is ends
+
+
+@pytest.mark.parametrize("method, reused, answered, complete, body_sent, retry", [
+    # test_a_reused_upstream_closed_by_the_server_is_retried_on_a_fresh_connection
+    (b"GET", True, False, True, 0, True),
+    # test_only_idempotent_requests_are_retried_on_a_fresh_connection: RFC 9110 section 9.2.2
+    (b"PUT", True, False, True, 0, True), (b"HEAD", True, False, True, 0, True),
+    (b"OPTIONS", True, False, True, 0, True), (b"TRACE", True, False, True, 0, True),
+    (b"DELETE", True, False, True, 0, True),
+    (b"POST", True, False, True, 0, False), (b"PATCH", True, False, True, 0, False),
+    (b"LOCK", True, False, True, 0, False), (b"get", True, False, True, 0, False),
+    # only the keep-alive race, only with nothing to send again
+    (b"GET", False, False, True, 0, False), (b"GET", True, True, True, 0, False),
+    (b"GET", True, False, False, 0, False), (b"PUT", True, False, True, 5, False),
+])
+def test_which_requests_are_retried(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int,
+                                    retry: bool) -> None:
+    assert may_retry(method, reused, answered, complete, body_sent) is retry
 
 
 def test_proxy_error_carries_status_message_and_counter() -> None:
