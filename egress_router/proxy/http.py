@@ -42,7 +42,7 @@ class Request:
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
                  "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent", "local", "host")
+                 "tunnel", "sent", "local", "host", "trailers")
 
     def __init__(self, now: float):
         self.url = b""
@@ -65,6 +65,7 @@ class Request:
         self.sent = False  # response head sent to the client
         self.local = False  # answered by the proxy itself (probes, metrics)
         self.host: Host | None = None  # the normalized destination host
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # of a chunked body
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
@@ -184,8 +185,14 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.headers.append((name, value))
+        request = self.parsing
+        assert request is not None
+        if request.method:  # the head is complete: a trailer of a chunked body
+            if request.trailers is None:
+                request.trailers = []
+            request.trailers.append((name, value))
+        else:
+            request.headers.append((name, value))
         self._count_head(len(name) + len(value) + 4)
 
     def _count_head(self, size: int) -> None:
@@ -262,7 +269,15 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if transport is None or self.closing:
             return
         if 100 <= status < 200:  # informational: pass it on, the final response follows
-            self.send(interim_head(status, reason))
+            try:
+                interim = interim_head(status, reason, headers, request.version)
+            except ProxyError as exc:
+                upstream.detach()
+                upstream.close()
+                self.upstream_failed(request, exc.message)
+                return
+            if interim is not None:
+                self.send(interim)
             return
         head, upstream.rechunk, upstream.until_close, request.keep_alive = final_head(
             status, reason, headers, request.version, request.head_only,

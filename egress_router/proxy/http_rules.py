@@ -19,6 +19,7 @@ Host = str | Address  # a normalized destination host: a lower-case name or an a
 VIA = b"1.1 egress-router"
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
                         b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}  # framing and routing belong to the head
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # RFC 9110 section 9.2.2
 NO_BODY_STATUS = frozenset({204, 304})
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -167,6 +168,17 @@ def request_is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
     return chunked
 
 
+def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """The end of a chunked body sent upstream, with the client's trailer fields (framing, routing and
+    hop-by-hop fields left out: they belong to the head)."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    lines = [b"0\r\n"]
+    lines += [name + b": " + value + b"\r\n" for name, value in trailers if name.lower() not in NOT_IN_TRAILERS]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 def request_head(method: bytes, target: bytes, host: str, port: int, headers: list[tuple[bytes, bytes]],
                  chunked: bool) -> bytes:
     """The request head for the upstream server: origin-form `target`, HTTP/1.1, a Host header made from
@@ -192,9 +204,19 @@ def response_ends_at_head(status: int, head_only: bool) -> bool:
     return head_only or status in NO_BODY_STATUS
 
 
-def interim_head(status: int, reason: bytes) -> bytes:
-    """An informational (1xx) response, passed on without its headers; the final response follows."""
-    return b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason)
+def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str) -> bytes | None:
+    """An informational (1xx) response for the client, with its end-to-end headers (103's Link) and Via;
+    None for an HTTP/1.0 client, which must not get one (RFC 9110 section 15.2). A 101 (the proxy asked
+    for no upgrade) makes the response invalid: 502."""
+    if status == 101:
+        raise ProxyError(502, "the upstream server switched protocols, which the proxy did not ask for")
+    if version == "1.0":
+        return None
+    fields = response_fields(headers, _NO_TOKENS)
+    if fields is None:
+        fields = response_fields(headers, drop_tokens(headers))
+    assert fields is not None
+    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(fields[0]))
 
 
 def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str,

@@ -10,7 +10,7 @@ import httptools
 
 from ..core.hosts import Address
 from . import metrics
-from .http_rules import may_retry, request_head, response_ends_at_head
+from .http_rules import last_chunk, may_retry, request_head, response_ends_at_head
 from .server import reset
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     def send_body_end(self, request: Request) -> None:
         if request.chunked and self.transport is not None and not self.closed:
-            self.send(b"0\r\n\r\n")
+            self.send(last_chunk(request.trailers))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -132,17 +132,20 @@ class Upstream(Endpoint, asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # after a 101, which its client was answered 502 for
+            self.detach()
+            self.close()
         except httptools.HttpParserError as exc:
             client, request = self.client, self.request
-            self.client = self.request = None
+            self.detach()
             self.close()
             if client is not None and request is not None:
                 client.upstream_failed(request, f"invalid response from the upstream server: {exc}")
-            return
-        if self.done_early:  # a response without a body ended at its head: start a fresh parser
-            self.done_early = False
-            self.parser = httptools.HttpResponseParser(self)
-        self.worker.flush()
+        else:
+            if self.done_early:  # a response without a body ended at its head: start a fresh parser
+                self.done_early = False
+                self.parser = httptools.HttpResponseParser(self)
+        self.worker.flush()  # the answers this made, an error answer included
 
     def pause_writing(self) -> None:
         if self.client is not None and self.client.transport is not None:
@@ -151,6 +154,10 @@ class Upstream(Endpoint, asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.client is not None and self.client.transport is not None and not self.client.paused:
             self.client.transport.resume_reading()
+
+    def detach(self) -> None:
+        """No client any more: what the server still sends is not for anyone."""
+        self.client = self.request = None
 
     # httptools callbacks
     def on_status(self, reason: bytes) -> None:

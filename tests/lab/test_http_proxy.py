@@ -922,6 +922,54 @@ def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, or
     assert [s.method for s in origin.requests("/echo")] == ["PUT"]
 
 
+def test_chunked_request_trailers_are_forwarded_as_trailers(lab: Lab, origin: Origin,
+                                                            start_proxy: StartProxy) -> None:
+    """On a new upstream connection (made after the whole request was read) and on a reused one
+    (issue 10, item 10)."""
+    start_proxy("*.example.com")
+    body = b"4\r\nwiki\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+    with Client(lab) as client:
+        for _ in range(2):
+            client.send(request_bytes("POST", "http://www.example.com/echo",
+                                      headers=[("Transfer-Encoding", "chunked"), ("Trailer", "X-Checksum")]) + body)
+            assert client.response().body == b"wiki"
+            seen = origin.requests("/echo")[-1]
+            assert seen.header("X-Checksum") is None and seen.header("X-Other") is None, seen.head
+            assert seen.trailers == (b"X-Checksum: abc", b"X-Other: 1"), seen.trailers
+    assert len({s.peer for s in origin.requests("/echo")}) == 1  # the second went on the reused connection
+
+
+def test_an_upstream_switching_protocols_unasked_gets_one_502(lab: Lab, origin: Origin,
+                                                              start_proxy: StartProxy) -> None:
+    """101 to a plain GET: one 502, no 101 before it, and the connection goes on (issue 10, item 11)."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/switch"))
+        head = read_head(client.reader)
+        assert head is not None and head.startswith(b"HTTP/1.1 502 "), head
+        client.reader.read(int(re.search(rb"Content-Length: (\d+)", head)[1]))  # type: ignore[index]
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+
+
+def test_informational_responses_keep_their_headers_and_skip_http10_clients(
+        lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """103 Early Hints: forwarded with its Link header to HTTP/1.1 clients, never to HTTP/1.0 ones
+    (issue 10, item 12)."""
+    from tests.lab.origin import EARLY_HINT_LINK
+
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/early-hints"))
+        head = read_head(client.reader) or b""
+        assert head.startswith(b"HTTP/1.1 103 "), head
+        assert f"Link: {EARLY_HINT_LINK}\r\n".encode() in head, head
+        assert client.response().body == b"final\n"
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/early-hints", version="HTTP/1.0"))
+        head = read_head(client.reader) or b""
+        assert head.startswith(b"HTTP/1.1 200 "), head
+
+
 def test_host_names_with_underscores(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
     """The allow list accepts '_' in names as DNS does: so do both request forms (issue 10, item 14)."""
     start_proxy("*.example.com\nunder_score.test")

@@ -26,6 +26,7 @@ from egress_router.proxy.http_rules import (
     final_head,
     host_text,
     interim_head,
+    last_chunk,
     lists_tokens,
     local_page,
     may_retry,
@@ -300,6 +301,18 @@ def test_request_is_chunked(headers: H, chunked: bool) -> None:
     assert request_is_chunked(headers) is chunked
 
 
+@pytest.mark.parametrize("trailers, end", [
+    # test_chunked_request_trailers_are_forwarded_as_trailers
+    (None, b"0\r\n\r\n"), ([], b"0\r\n\r\n"),
+    ([(b"X-Checksum", b"abc"), (b"X-Other", b"1")], b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"),
+    # framing, routing and hop-by-hop fields belong to the head
+    ([(b"Content-Length", b"5"), (b"Host", b"evil"), (b"Transfer-Encoding", b"chunked"), (b"Connection", b"close"),
+      (b"X-Kept", b"y")], b"0\r\nX-Kept: y\r\n\r\n"),
+])
+def test_last_chunk(trailers: H | None, end: bytes) -> None:
+    assert last_chunk(trailers) == end
+
+
 HOPS = [(b"Connection", b"keep-alive, X-Conn-Token"), (b"X-Conn-Token", b"secret"), (b"Keep-Alive", b"timeout=5"),
         (b"Proxy-Connection", b"keep-alive"), (b"TE", b"trailers"), (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
         (b"Via", b"1.0 corporate-proxy"), (b"X-Kept", b"yes")]
@@ -431,11 +444,26 @@ def test_response_ends_at_head(status: int, head_only: bool, ends: bool) -> None
     assert response_ends_at_head(status, head_only) is ends
 
 
-@pytest.mark.parametrize("status, reason, head", [
-    (100, b"Continue", b"HTTP/1.1 100 Continue\r\n\r\n"), (103, b"Early Hints", b"HTTP/1.1 103 Early Hints\r\n\r\n"),
+@pytest.mark.parametrize("status, reason, headers, version, head", [
+    (100, b"Continue", [], "1.1", b"HTTP/1.1 100 Continue\r\nVia: 1.1 egress-router\r\n\r\n"),
+    # test_informational_responses_keep_their_headers_and_skip_http10_clients
+    (103, b"Early Hints", [(b"Link", b"</style.css>; rel=preload")], "1.1",
+     b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nVia: 1.1 egress-router\r\n\r\n"),
+    (103, b"Early Hints", [(b"Link", b"</style.css>; rel=preload")], "1.0", None),  # RFC 9110 section 15.2
+    (100, b"Continue", [], "1.0", None),
+    (102, b"Processing", [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"Keep-Alive", b"x")], "1.1",
+     b"HTTP/1.1 102 Processing\r\nVia: 1.1 egress-router\r\n\r\n"),  # hop-by-hop fields stay behind
 ])
-def test_interim_head(status: int, reason: bytes, head: bytes) -> None:
-    assert interim_head(status, reason) == head
+def test_interim_head(status: int, reason: bytes, headers: H, version: str, head: bytes | None) -> None:
+    assert interim_head(status, reason, headers, version) == head
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_an_unasked_switch_of_protocols_is_an_invalid_response(version: str) -> None:
+    # test_an_upstream_switching_protocols_unasked_gets_one_502
+    with pytest.raises(ProxyError) as info:
+        interim_head(101, b"Switching Protocols", [(b"Upgrade", b"other")], version)
+    assert (info.value.status, info.value.counter) == (502, None)
 
 
 # ------------------------------------------------------------------ the proxy's own answers
