@@ -21,6 +21,7 @@ from .http_rules import (
     ends_connection,
     error_response,
     final_head,
+    head_too_large,
     host_text,
     interim_head,
     local_page,
@@ -71,7 +72,7 @@ class Request:
 class ClientConnection(Endpoint, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
-    __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "last",
+    __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "head_raw", "last",
                  "closing", "tunnel", "client_eof", "upstream_eof", "paused")
 
     def __init__(self, worker: Worker):
@@ -81,7 +82,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         self.parsing: Request | None = None
         self.current: Request | None = None
         self.queue: list[Request] | None = None  # pipelined requests waiting behind the current one
-        self.head_size = 0
+        self.head_size = 0  # of the head being parsed, as its parts arrive
+        self.head_raw = 0  # bytes of reads that did not finish the head being parsed
         self.last = worker.now
         self.closing = False
         self.tunnel: asyncio.Transport | None = None
@@ -134,18 +136,32 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if current.body is not None:
                 current.body.append(data)
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
+        parsing = self.parsing
         try:
-            parser = self.parser
-            if parser is None:
-                parser = self.parser = httptools.HttpRequestParser(self)
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgraded(data[upgrade.args[0]:])
         except httptools.HttpParserError as exc:
-            self.bad_request(f"malformed request: {exc}")
-        except ProxyError as exc:
-            self.fail(exc)
+            self.parser_error(exc)
+        else:
+            if parsing is not None and self.parsing is parsing and not parsing.method:
+                # all of it went into one head, which the parser keeps until its header ends: bound that too
+                self.head_raw += len(data)
+                if self.head_raw > self.worker.settings.header_limit:
+                    self.fail(head_too_large(False))
         self.worker.flush()
+
+    def parser_error(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__  # what a callback raised (httptools reports it as a callback error)
+        if isinstance(cause, ProxyError):
+            self.fail(cause)
+        else:
+            if cause is not None:
+                log.error("%s: error handling a request", self.peer, exc_info=cause)
+            self.bad_request(f"malformed request: {exc}")
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
@@ -177,12 +193,15 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     # ------------------------------------------------------------ httptools callbacks
     def on_message_begin(self) -> None:
         self.parsing = Request(self.worker.loop.time())
-        self.head_size = 0
+        self.head_size = self.head_raw = 0
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
-        self._count_head(len(url))
+        request = self.parsing
+        assert request is not None
+        request.url += url
+        self.head_size += len(url)
+        if self.head_size > self.worker.settings.header_limit:
+            raise head_too_large(True)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
@@ -193,12 +212,9 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             request.trailers.append((name, value))
         else:
             request.headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
-
-    def _count_head(self, size: int) -> None:
-        self.head_size += size
+        self.head_size += len(name) + len(value) + 4
         if self.head_size > self.worker.settings.header_limit:
-            raise ProxyError(431, "request head too large", metrics.BAD)
+            raise head_too_large(False)
 
     def on_headers_complete(self) -> None:
         request = self.parsing
@@ -316,10 +332,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     def upstream_failed(self, request: Request, message: str) -> None:
         """The upstream closed or failed before the response was complete."""
         request.upstream = None
-        if request.sent or self.transport is None:
-            self.abort(message)  # the client has part of a response: it must see the connection end
-            return
         self.worker.counters.add(metrics.UPSTREAM_ERRORS)
+        if request.sent or self.transport is None:
+            # The client has part of a response: a reset, so that it cannot take it for all of it (a clean
+            # end would look complete to an HTTP/1.0 client or for a body that ends with the connection).
+            self.abort(message, hard=True)
+            return
         self.fail(ProxyError(502, message))
 
     def finish(self, request: Request) -> None:
@@ -357,12 +375,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             self.finish(request)
 
     def fail(self, exc: ProxyError) -> None:
-        if exc.counter is not None:
-            self.worker.counters.add(exc.counter)
         request = self.current
         if ends_connection(exc.status) or request is None:
-            self.bad_request(exc.message, exc.status)
+            self.bad_request(exc.message, exc.status, exc.counter)
             return
+        if exc.counter is not None:
+            self.worker.counters.add(exc.counter)
         request.status = exc.status
         if self.worker.settings.access_log or exc.status >= 500:
             self.access_log(request, "denied" if exc.status == 403 else "error", exc.message,
@@ -377,9 +395,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             self.current = self.queue.pop(0)
             self.start(self.current)
 
-    def bad_request(self, message: str, status: int = 400) -> None:
+    def bad_request(self, message: str, status: int = 400, counter: int | None = metrics.BAD) -> None:
+        """A request that cannot be read (malformed, too large, too slow): answered, counted, the end."""
         if self.closing:
             return
+        if counter is not None:
+            self.worker.counters.add(counter)
         if self.worker.settings.access_log:
             request = self.current or self.parsing
             method = request.method.decode("latin-1") if request is not None and request.method else "-"
@@ -467,13 +488,17 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, *, hard: bool = False) -> None:
+        """End the connection now, unsent output dropped; `hard`: with a TCP reset."""
         if self.worker.settings.access_log:
             log.info("%s connection closed: %s", self.peer, reason)
         self.closing = True
         if self.tunnel is not None:
             self.tunnel.abort()
-        if self.transport is not None:
+        if hard:
+            self.flush()
+            reset(self.transport)
+        elif self.transport is not None:
             self.transport.abort()
 
     def access_log(self, request: Request, verdict: str, note: str = "", level: int = logging.INFO) -> None:

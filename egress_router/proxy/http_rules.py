@@ -23,7 +23,7 @@ NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}  # framing and routi
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # RFC 9110 section 9.2.2
 NO_BODY_STATUS = frozenset({204, 304})
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
+           408: "Request Timeout", 414: "URI Too Long",
            431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 TUNNEL_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n"
@@ -60,9 +60,16 @@ def error_response(status: int, message: str, *, close: bool) -> bytes:
 
 
 def ends_connection(status: int) -> bool:
-    """Whether an error answer ends the connection whatever the request asked: after a 400 or a 431 the
+    """Whether an error answer ends the connection whatever the request asked: after a 400, 414 or 431 the
     request could not be read, so nothing after it on the connection can be either."""
-    return status == 400 or status == 431
+    return status == 400 or status == 431 or status == 414
+
+
+def head_too_large(in_target: bool) -> ProxyError:
+    """The answer to a request head over the limit: 414 while the request target is read, else 431."""
+    if in_target:
+        return ProxyError(414, "request target too long", BAD)
+    return ProxyError(431, "request head too large", BAD)
 
 
 def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int) -> bool:

@@ -44,6 +44,7 @@ from tests.lab.origin import (
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
     ClientConnection,
+    PeakRss,
     ProxyProcess,
     check_stopped,
     connection_refused,
@@ -905,6 +906,28 @@ def test_a_crashed_worker_is_replaced(lab: Lab, origin: Origin, start_proxy: Sta
 
 # ------------------------------------------------------------------ 12. hostile clients and upstreams (issue 10)
 
+UPLOAD = 1024 ** 3  # a 1 GiB upload
+RSS_BOUND = 16 * 1024 * 1024  # what the proxy may grow by while one is refused or stalled
+
+
+def upload(client: Client, head: bytes, total: int = UPLOAD, seconds: float = 20.0, fill: bytes = b"\0") -> int:
+    """Send `head`, then up to `total` bytes (`fill` repeated) in 1 MiB pieces until they are sent, `seconds`
+    have passed, the proxy ends the connection or a send blocks for the client's timeout; the bytes sent."""
+    piece = fill * (1024 * 1024 // len(fill))
+    sent = 0
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(OSError):  # TimeoutError (stuck), BrokenPipeError, ConnectionResetError (refused)
+        client.send(head)
+        while sent < total and time.monotonic() < deadline:
+            client.send(piece)
+            sent += len(piece)
+    return sent
+
+
+def upload_head(target: str, length: int = UPLOAD) -> bytes:
+    return request_bytes("POST", target, headers=[("Content-Length", str(length))])
+
+
 def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, origin: Origin,
                                                                    start_proxy: StartProxy) -> None:
     """A reused upstream connection closes without answering: GET and PUT go again on a new one, a POST
@@ -920,6 +943,68 @@ def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, or
         response = client.request("PUT", "http://www.example.com/echo", body=b"")
         assert response.status == 200, response
     assert [s.method for s in origin.requests("/echo")] == ["PUT"]
+
+
+def bad_request_lines(proxy: Proxy) -> list[str]:
+    return [line for line in proxy.lines() if " bad_request " in line]
+
+
+def test_oversized_heads_get_431_and_414_and_every_parser_error_is_counted(lab: Lab, origin: Origin,
+                                                                          start_proxy: StartProxy) -> None:
+    """A 70 KB header, 20,000 headers, a header that never ends: 431; a 70 KB URI: 414; with the garbage
+    400s and the head timeout's 408, each one logged line and one count (issue 10, item 8)."""
+    proxy = start_proxy("*.example.com")
+    pid = proxy.serving_pids()[0]
+    slow = Client(lab, timeout=40)
+    slow.send(b"GET http://www.example.com/hello HTTP/1.1\r\n")  # never finished: 408 after 30 s
+    sent = time.monotonic()
+    before = scrape(lab)
+    start = b"GET http://www.example.com/hello HTTP/1.1\r\nHost: www.example.com\r\n"
+    cases = {
+        "a 70 KB header": (start + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        "20,000 headers": (start + b"".join(b"X-%d: v\r\n" % i for i in range(20_000)) + b"\r\n", 431),
+        "a 70 KB URI": (b"GET http://www.example.com/" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        "garbage": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+    }
+    for name, (raw, status) in cases.items():
+        with Client(lab) as client:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                client.send(raw)
+            response = client.response()
+            assert response.status == status, (name, response)
+            assert "callback" not in response.text, response.text
+            assert client.at_eof(), name
+    with Client(lab) as client, PeakRss(pid) as rss:  # a header that never ends: refused, not accumulated
+        sent_bytes = upload(client, start + b"X-Endless: ", total=100 * 1024 * 1024, fill=b"a")
+    assert rss.growth < RSS_BOUND and sent_bytes < 64 * 1024 * 1024, (sent_bytes, rss.growth)
+    after = scrape(lab)
+    counted = after['egress_router_http_requests_total{verdict="bad_request"}'] - \
+        before['egress_router_http_requests_total{verdict="bad_request"}']
+    assert counted == len(cases) + 1, counted
+    assert slow.response().status == 408
+    assert time.monotonic() - sent > 29
+    assert eventually(lambda: len(bad_request_lines(proxy)) >= len(cases) + 2)  # the log line may come after
+    statuses = [line.split(" bad_request ", 1)[1].split()[0] for line in bad_request_lines(proxy)]
+    assert sorted(statuses) == sorted(["431", "431", "414", "400", "431", "408"]), statuses
+    final = scrape(lab)
+    assert final['egress_router_http_requests_total{verdict="bad_request"}'] - \
+        before['egress_router_http_requests_total{verdict="bad_request"}'] == len(statuses)
+    slow.close()
+
+
+def test_a_response_cut_by_an_upstream_reset_does_not_look_complete(lab: Lab, origin: Origin,
+                                                                    start_proxy: StartProxy) -> None:
+    """A close-delimited body cut off by a reset: HTTP/1.0 and HTTP/1.1 clients see a reset, not a clean end
+    (issue 10, item 9)."""
+    start_proxy("*.example.com")
+    for version in ("HTTP/1.0", "HTTP/1.1"):
+        with Client(lab) as client:
+            client.send(request_bytes("GET", "http://www.example.com/reset", version=version))
+            head = read_head(client.reader)
+            assert head is not None and b" 200 " in head.split(b"\r\n", 1)[0]
+            with pytest.raises((ConnectionResetError, ProtocolError)):
+                data = client.reader.read()  # a clean end would return the (cut) body
+                raise AssertionError(f"{version}: a clean end after {len(data)} bytes")
 
 
 def test_chunked_request_trailers_are_forwarded_as_trailers(lab: Lab, origin: Origin,

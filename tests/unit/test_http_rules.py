@@ -24,6 +24,7 @@ from egress_router.proxy.http_rules import (
     ends_connection,
     error_response,
     final_head,
+    head_too_large,
     host_text,
     interim_head,
     last_chunk,
@@ -470,7 +471,7 @@ def test_an_unasked_switch_of_protocols_is_an_invalid_response(version: str) -> 
 
 @pytest.mark.parametrize("status, reason", [
     (200, "OK"), (400, "Bad Request"), (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"),
-    (408, "Request Timeout"), (431, "Request Header Fields Too Large"), (502, "Bad Gateway"),
+    (408, "Request Timeout"), (414, "URI Too Long"), (431, "Request Header Fields Too Large"), (502, "Bad Gateway"),
     (503, "Service Unavailable"), (504, "Gateway Timeout"), (418, "Error"), (500, "Error"),
 ])
 def test_status_lines(status: int, reason: str) -> None:
@@ -522,10 +523,19 @@ def test_tunnel_established_and_via() -> None:
 
 
 @pytest.mark.parametrize("status, ends", [
-    (400, True), (431, True), (403, False), (408, False), (502, False), (503, False), (504, False),
+    (400, True), (431, True), (414, True), (403, False), (408, False), (502, False), (503, False), (504, False),
 ])
 def test_which_errors_end_the_connection(status: int, ends: bool) -> None:
     assert ends_connection(status) is ends
+
+
+@pytest.mark.parametrize("in_target, status, message", [
+    (True, 414, "request target too long"), (False, 431, "request head too large"),
+])
+def test_heads_too_large(in_target: bool, status: int, message: str) -> None:
+    error = head_too_large(in_target)
+    assert (error.status, error.message, error.counter) == (status, message, metrics.BAD)
+    assert ends_connection(error.status)
 
 
 @pytest.mark.parametrize("method, reused, answered, complete, body_sent, retry", [
