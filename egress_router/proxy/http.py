@@ -14,6 +14,8 @@ from ..core.config import HttpProxySettings
 from ..core.hosts import Address
 from . import metrics
 from .http_rules import (
+    BODY,
+    CHUNKED,
     HEALTHZ,
     TUNNEL_ESTABLISHED,
     Host,
@@ -24,10 +26,11 @@ from .http_rules import (
     head_too_large,
     host_text,
     interim_head,
+    keeps_connection,
     local_page,
     parse_absolute_form,
     parse_connect_target,
-    request_is_chunked,
+    request_framing,
     simple_response,
 )
 from .http_upstream import Endpoint, TunnelUpstream, Upstream
@@ -43,7 +46,7 @@ class Request:
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
                  "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent", "local", "host", "trailers")
+                 "tunnel", "sent", "local", "host", "trailers", "bodyless")
 
     def __init__(self, now: float):
         self.url = b""
@@ -67,13 +70,14 @@ class Request:
         self.local = False  # answered by the proxy itself (probes, metrics)
         self.host: Host | None = None  # the normalized destination host
         self.trailers: list[tuple[bytes, bytes]] | None = None  # of a chunked body
+        self.bodyless = False  # its head says it has no body: it is read whole with its head
 
 
 class ClientConnection(Endpoint, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
     __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "head_raw", "last",
-                 "closing", "tunnel", "client_eof", "upstream_eof", "paused")
+                 "closing", "tunnel", "client_eof", "upstream_eof", "paused", "advancing", "read_done")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -90,6 +94,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         self.client_eof = False  # tunnel half-closes
         self.upstream_eof = False
         self.paused = False
+        self.advancing = False  # next_request is starting queued requests
+        self.read_done = False  # the last request is read (Connection: close): what follows is ignored
         self.out = None
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -158,6 +164,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         cause = exc.__context__  # what a callback raised (httptools reports it as a callback error)
         if isinstance(cause, ProxyError):
             self.fail(cause)
+        elif self.read_done:
+            pass  # bytes after the last request (RFC 9112 9.6) are ignored: the answer to it is still due
         else:
             if cause is not None:
                 log.error("%s: error handling a request", self.peer, exc_info=cause)
@@ -224,7 +232,9 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive() and not self.worker.draining
-        request.chunked = request_is_chunked(request.headers)
+        framing = request_framing(request.headers)
+        request.chunked = framing & CHUNKED != 0
+        request.bodyless = not framing & BODY
         if self.current is None:
             self.current = request
             self.start(request)
@@ -249,6 +259,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         assert request is not None
         request.complete = True
         self.parsing = None
+        if not request.keep_alive and request.method != b"CONNECT":
+            self.read_done = True
         if request.body is None and request.upstream is not None:
             request.upstream.send_body_end(request)
 
@@ -344,16 +356,32 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if self.worker.settings.access_log:
             verdict = "local" if request.local else ("allowed" if request.status < 400 else "error")
             self.access_log(request, verdict)
+        self.done(request)
+
+    def done(self, request: Request) -> None:
+        """The current request is answered: the connection ends, or the next one starts."""
         self.current = None
         if not request.keep_alive or self.closing:
             self.close()
+        elif self.queue:
+            self.next_request()
+
+    def next_request(self) -> None:
+        """Start the queued requests in turn: answering one at once (a probe, a refusal) ends it, and the
+        loop here, not a recursion through done(), starts the next."""
+        if self.advancing:
             return
-        if self.queue:
-            self.current = self.queue.pop(0)
-            if not self.queue and self.paused and self.transport is not None:
-                self.transport.resume_reading()
-                self.paused = False
-            self.start(self.current)
+        self.advancing = True
+        try:
+            queue = self.queue
+            while queue and self.current is None and not self.closing:
+                self.current = request = queue.pop(0)
+                if not queue and self.paused and self.transport is not None:
+                    self.transport.resume_reading()
+                    self.paused = False
+                self.start(request)
+        finally:
+            self.advancing = False
 
     def origin_form(self, request: Request) -> None:
         request.local = True
@@ -365,14 +393,12 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def reply(self, request: Request, status: int, body: str, *, content_type: bytes = b"text/plain") -> None:
         request.status = status
+        # a body that is not read makes the connection unusable: it says so
+        request.keep_alive = request.keep_alive and (request.complete or request.bodyless)
         if self.transport is not None and not self.closing:
             self.send(simple_response(status, body, close=not request.keep_alive, content_type=content_type,
                                       head_only=request.method == b"HEAD"))
-        if request.complete:
-            self.finish(request)
-        else:
-            request.keep_alive = False  # the body we did not read makes the connection unusable
-            self.finish(request)
+        self.finish(request)
 
     def fail(self, exc: ProxyError) -> None:
         request = self.current
@@ -385,15 +411,10 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if self.worker.settings.access_log or exc.status >= 500:
             self.access_log(request, "denied" if exc.status == 403 else "error", exc.message,
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
-        request.keep_alive = request.keep_alive and request.complete
+        request.keep_alive = keeps_connection(exc.status, request.keep_alive, request.complete or request.bodyless)
         if self.transport is not None and not self.closing:
             self.send(error_response(exc.status, exc.message, close=not request.keep_alive))
-        self.current = None
-        if not request.keep_alive:
-            self.close()
-        elif self.queue:
-            self.current = self.queue.pop(0)
-            self.start(self.current)
+        self.done(request)
 
     def bad_request(self, message: str, status: int = 400, counter: int | None = metrics.BAD) -> None:
         """A request that cannot be read (malformed, too large, too slow): answered, counted, the end."""

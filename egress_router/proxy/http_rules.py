@@ -31,6 +31,10 @@ HEALTHZ, METRICS = b"/healthz", b"/metrics"  # the proxy's own pages (origin-for
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
+# request_framing's answer: bits
+CHUNKED = 1  # the body is chunked
+BODY = 2  # there is a body (chunked, or a Content-Length above 0)
+
 
 class ProxyError(Exception):
     """Answer the client with `status` and a one-line `message`; `counter`: the metrics counter to add one to."""
@@ -70,6 +74,13 @@ def head_too_large(in_target: bool) -> ProxyError:
     if in_target:
         return ProxyError(414, "request target too long", BAD)
     return ProxyError(431, "request head too large", BAD)
+
+
+def keeps_connection(status: int, keep_alive: bool, read_all: bool) -> bool:
+    """Whether the connection goes on after the proxy answered a request itself with `status`: only if
+    it may stay open (`keep_alive`), the request was read to its end (`read_all`: a body not read makes
+    the connection unusable) and the status does not end it."""
+    return keep_alive and read_all and not ends_connection(status)
 
 
 def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int) -> bool:
@@ -166,13 +177,19 @@ def host_text(host: Host) -> str:
 
 # ------------------------------------------------------------ requests: head and framing
 
-def request_is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the client sends its body chunked (the proxy then sends it upstream chunked too)."""
-    chunked = False
+def request_framing(headers: list[tuple[bytes, bytes]]) -> int:
+    """What the request head says of its body, as bits: CHUNKED (sent chunked, and the proxy sends it on
+    chunked too), BODY (there is one: chunked, or a Content-Length above 0; without it the request is
+    complete with its head)."""
+    framing = 0
     for name, value in headers:
-        if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
-    return chunked
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if b"chunked" in value.lower():
+                framing |= CHUNKED | BODY
+        elif lower == b"content-length" and value.strip(b" \t0"):  # a number (the parser checked) above 0
+            framing |= BODY
+    return framing
 
 
 def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:

@@ -945,6 +945,42 @@ def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, or
     assert [s.method for s in origin.requests("/echo")] == ["PUT"]
 
 
+def test_many_pipelined_requests_the_proxy_answers_itself(lab: Lab, origin: Origin,
+                                                          start_proxy: StartProxy) -> None:
+    """1,000 pipelined probes and denied requests, alone and behind a slow proxied one: every answer, in order,
+    no recursion (issue 10, item 6)."""
+    proxy = start_proxy("*.example.com")
+    probes = [request_bytes("GET", "/healthz", host="proxy") if i % 2 else
+              request_bytes("GET", "http://other.test/hello") for i in range(1000)]
+    for first in (b"", request_bytes("GET", "http://www.example.com/slow?delay=0.3")):
+        with Client(lab) as client:
+            client.send(first + b"".join(probes))
+            if first:
+                assert client.response().body == SLOW_BODY
+            for i in range(1000):
+                response = client.response()
+                assert response.status == (200 if i % 2 else 403), (i, response)
+            assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+    assert "RecursionError" not in proxy.stderr
+
+
+def test_the_proxy_s_own_pages_keep_the_connection_they_advertise(lab: Lab, origin: Origin,
+                                                                  start_proxy: StartProxy) -> None:
+    """/healthz and /metrics answer without Connection: close, and the connection stays (issue 10, item 7);
+    with a body they do not read, they say Connection: close and close."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        for method, target in (("GET", "/healthz"), ("GET", "/metrics"), ("HEAD", "/healthz"), ("GET", "/healthz")):
+            response = client.request(method, target, host="proxy")
+            assert response.status == 200 and response.header("Connection") is None, response
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "/healthz", host="proxy", headers=[("Content-Length", "1000")]) + b"x")
+        response = client.response()
+        assert response.status == 200 and (response.header("Connection") or "").lower() == "close", response
+        assert client.at_eof()
+
+
 def bad_request_lines(proxy: Proxy) -> list[str]:
     return [line for line in proxy.lines() if " bad_request " in line]
 
@@ -1053,6 +1089,19 @@ def test_informational_responses_keep_their_headers_and_skip_http10_clients(
         client.send(request_bytes("GET", "http://www.example.com/early-hints", version="HTTP/1.0"))
         head = read_head(client.reader) or b""
         assert head.startswith(b"HTTP/1.1 200 "), head
+
+
+def test_a_request_pipelined_after_connection_close_is_ignored(lab: Lab, origin: Origin,
+                                                               start_proxy: StartProxy) -> None:
+    """The first request's answer arrives, then the connection ends (issue 10, item 13)."""
+    start_proxy("*.example.com")
+    for version, close in (("HTTP/1.1", [("Connection", "close")]), ("HTTP/1.0", [])):
+        with Client(lab) as client:
+            client.send(request_bytes("GET", "http://www.example.com/hello", headers=close, version=version)
+                        + request_bytes("GET", "http://api.example.com/hello"))
+            assert_hello(client.response(), WWW)
+            assert client.at_eof()
+    assert not [seen for seen in origin.requests("/hello") if seen.landed_ip == API]
 
 
 def test_host_names_with_underscores(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:

@@ -13,6 +13,8 @@ import pytest
 
 from egress_router.proxy import metrics
 from egress_router.proxy.http_rules import (
+    BODY,
+    CHUNKED,
     HEALTHZ,
     METRICS,
     REASONS,
@@ -27,6 +29,7 @@ from egress_router.proxy.http_rules import (
     head_too_large,
     host_text,
     interim_head,
+    keeps_connection,
     last_chunk,
     lists_tokens,
     local_page,
@@ -34,8 +37,8 @@ from egress_router.proxy.http_rules import (
     parse_absolute_form,
     parse_connect_target,
     request_fields,
+    request_framing,
     request_head,
-    request_is_chunked,
     response_ends_at_head,
     response_fields,
     simple_response,
@@ -293,13 +296,16 @@ def test_host_text(host: Host, text: str) -> None:
 
 # ------------------------------------------------------------------ requests sent upstream
 
-@pytest.mark.parametrize("headers, chunked", [
-    ([(b"Transfer-Encoding", b"chunked")], True), ([(b"transfer-encoding", b"CHUNKED")], True),
-    ([(b"Transfer-Encoding", b"gzip, chunked")], True), ([(b"Content-Length", b"5")], False), ([], False),
-    ([(b"Transfer-Encoding", b"gzip")], False), ([(b"X-Transfer-Encoding", b"chunked")], False),
+@pytest.mark.parametrize("headers, framing", [
+    ([(b"Transfer-Encoding", b"chunked")], CHUNKED | BODY), ([(b"transfer-encoding", b"CHUNKED")], CHUNKED | BODY),
+    ([(b"Transfer-Encoding", b"gzip, chunked")], CHUNKED | BODY), ([(b"Content-Length", b"5")], BODY), ([], 0),
+    ([(b"Transfer-Encoding", b"gzip")], 0), ([(b"X-Transfer-Encoding", b"chunked")], 0),
+    # test_many_pipelined_requests_the_proxy_answers_itself: no body, the head is the whole request
+    ([(b"Host", b"proxy")], 0), ([(b"Content-Length", b"0")], 0), ([(b"content-length", b" 000 ")], 0),
+    ([(b"Content-Length", b"10")], BODY), ([(b"Content-Length", b"100")], BODY),
 ])
-def test_request_is_chunked(headers: H, chunked: bool) -> None:
-    assert request_is_chunked(headers) is chunked
+def test_request_framing(headers: H, framing: int) -> None:
+    assert request_framing(headers) == framing
 
 
 @pytest.mark.parametrize("trailers, end", [
@@ -527,6 +533,18 @@ def test_tunnel_established_and_via() -> None:
 ])
 def test_which_errors_end_the_connection(status: int, ends: bool) -> None:
     assert ends_connection(status) is ends
+
+
+@pytest.mark.parametrize("status, keep_alive, read_all, keeps", [
+    # test_many_pipelined_requests_the_proxy_answers_itself: a refused request without a body
+    (403, True, True, True), (200, True, True, True), (502, True, True, True),
+    (403, False, True, False),  # Connection: close, HTTP/1.0, draining
+    (403, True, False, False),  # a body not read
+    # test_oversized_heads_get_431_and_414_and_every_parser_error_is_counted
+    (400, True, True, False), (414, True, True, False), (431, True, True, False),
+])
+def test_which_answers_keep_the_connection(status: int, keep_alive: bool, read_all: bool, keeps: bool) -> None:
+    assert keeps_connection(status, keep_alive, read_all) is keeps
 
 
 @pytest.mark.parametrize("in_target, status, message", [
