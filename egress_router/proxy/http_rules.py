@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 Host = str | Address  # a normalized destination host: a lower-case name or an address
 
 VIA = b"1.1 egress-router"
+# The proxy does no protocol upgrades for plain HTTP: an Upgrade request is forwarded as a plain request.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+                        b"http2-settings"})
 NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}  # framing and routing belong to the head
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # RFC 9110 section 9.2.2
 NO_BODY_STATUS = frozenset({204, 304})
@@ -34,6 +36,7 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 # request_framing's answer: bits
 CHUNKED = 1  # the body is chunked
 BODY = 2  # there is a body (chunked, or a Content-Length above 0)
+UPGRADE = 4  # an Upgrade header (the parser may take the request for a protocol switch)
 
 
 class ProxyError(Exception):
@@ -69,18 +72,19 @@ def ends_connection(status: int) -> bool:
     return status == 400 or status == 431 or status == 414
 
 
+def keeps_connection(status: int, keep_alive: bool, read_all: bool, tunnel: bool) -> bool:
+    """Whether the connection goes on after the proxy answered a request itself with `status`: only if
+    it may stay open (`keep_alive`), the request was read to its end (`read_all`: a body not read makes
+    the connection unusable), the status does not end it, and the request was not a CONNECT (the bytes
+    after a CONNECT were meant for the tunnel: parsing them as requests would be a guess)."""
+    return keep_alive and read_all and not tunnel and not ends_connection(status)
+
+
 def head_too_large(in_target: bool) -> ProxyError:
     """The answer to a request head over the limit: 414 while the request target is read, else 431."""
     if in_target:
         return ProxyError(414, "request target too long", BAD)
     return ProxyError(431, "request head too large", BAD)
-
-
-def keeps_connection(status: int, keep_alive: bool, read_all: bool) -> bool:
-    """Whether the connection goes on after the proxy answered a request itself with `status`: only if
-    it may stay open (`keep_alive`), the request was read to its end (`read_all`: a body not read makes
-    the connection unusable) and the status does not end it."""
-    return keep_alive and read_all and not ends_connection(status)
 
 
 def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int) -> bool:
@@ -89,7 +93,6 @@ def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_
     idempotent method (RFC 9110 section 9.2.2: the server may have acted on it), only if it was read
     whole and had no body (there is nothing kept to send again)."""
     return reused and not answered and complete and body_sent == 0 and method in IDEMPOTENT
-
 
 
 # ------------------------------------------------------------ request targets and hosts
@@ -180,16 +183,32 @@ def host_text(host: Host) -> str:
 def request_framing(headers: list[tuple[bytes, bytes]]) -> int:
     """What the request head says of its body, as bits: CHUNKED (sent chunked, and the proxy sends it on
     chunked too), BODY (there is one: chunked, or a Content-Length above 0; without it the request is
-    complete with its head)."""
+    complete with its head), UPGRADE (it has an Upgrade header)."""
     framing = 0
     for name, value in headers:
         lower = name.lower()
         if lower == b"transfer-encoding":
             if b"chunked" in value.lower():
                 framing |= CHUNKED | BODY
-        elif lower == b"content-length" and value.strip(b" \t0"):  # a number (the parser checked) above 0
-            framing |= BODY
+        elif lower == b"content-length":
+            if value.strip(b" \t0"):  # the parser has checked that it is a number
+                framing |= BODY
+        elif lower == b"upgrade":
+            framing |= UPGRADE
     return framing
+
+
+def stand_in_head(headers: list[tuple[bytes, bytes]], chunked: bool) -> bytes:
+    """A head with only the framing of an Upgrade request's `headers`. The parser takes what follows such
+    a request for another protocol; the proxy does no upgrades, so it parses that as the body this head
+    announces (then the next requests) and gives it to the Upgrade request."""
+    if chunked:
+        return b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    length = b"0"
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            length = value.strip()
+    return b"PUT / HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n"
 
 
 def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:

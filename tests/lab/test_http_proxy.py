@@ -928,6 +928,133 @@ def upload_head(target: str, length: int = UPLOAD) -> bytes:
     return request_bytes("POST", target, headers=[("Content-Length", str(length))])
 
 
+def test_uploads_to_an_upstream_that_does_not_accept_are_not_buffered(lab: Lab, origin: Origin,
+                                                                     start_proxy: StartProxy) -> None:
+    """1 GiB to an allowed upstream whose SYNs vanish, as a request body and as the early bytes of a CONNECT:
+    the proxy holds at most 256 KiB of it and stops reading (issue 10, item 1)."""
+    lab.exec("dest", ["iptables", "-A", "INPUT", "-p", "tcp", "-d", API, "--dport", "9", "-j", "DROP"], check=True)
+    proxy = start_proxy("*", EGRESS_HTTP_PROXY_CONNECT_TIMEOUT="3")
+    pid = proxy.serving_pids()[0]
+    heads = {"body": upload_head("http://api.example.com:9/upload"),
+             "CONNECT": b"CONNECT api.example.com:9 HTTP/1.1\r\nHost: api.example.com:9\r\n\r\n"}
+    for name, head in heads.items():
+        with Client(lab) as client, PeakRss(pid) as rss:
+            sent = upload(client, head)
+        assert rss.growth < RSS_BOUND, (name, sent, rss.growth)
+        assert sent < 64 * 1024 * 1024, (name, sent)  # the proxy stopped reading: the sockets' buffers filled
+    assert eventually(lambda: proxy.stderr.count(" 504 ") >= 2, timeout=5), proxy.stderr
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+
+
+def test_upstreams_and_clients_that_do_not_drain_are_not_buffered(lab: Lab, origin: Origin,
+                                                                  start_proxy: StartProxy) -> None:
+    """A body to an upstream that accepts and never reads; a tunnel to an echo service whose client never reads:
+    the proxy stops reading from the side that sends (issue 10, item 1)."""
+    stall = Origin()
+    with lab.entered("dest"):
+        stall.listen(WWW, 9000, kind="stall")
+    stall.start()
+    try:
+        proxy = start_proxy("*")
+        pid = proxy.serving_pids()[0]
+        with Client(lab) as client, PeakRss(pid) as rss:
+            sent = upload(client, upload_head(f"http://{WWW}:9000/upload"))
+        assert rss.growth < RSS_BOUND and sent < 64 * 1024 * 1024, ("body", sent, rss.growth)
+        with Client(lab) as client, PeakRss(pid) as rss:  # both ways: the echo is stalled by the client
+            assert connect(client, "www.example.com:7000").status == 200
+            sent = upload(client, b"")
+        assert rss.growth < RSS_BOUND and sent < 64 * 1024 * 1024, ("tunnel", sent, rss.growth)
+        assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    finally:
+        stall.stop()
+
+
+def test_clients_that_leave_half_way_free_both_sides_at_once(lab: Lab, origin: Origin,
+                                                            start_proxy: StartProxy) -> None:
+    """1,000 clients send part of a body and half-close or close, against MAX_CONNECTIONS=1000: they are
+    let go at once, upstream connections included, and a complete request is served (issue 10, item 3)."""
+    start_proxy("203.0.113.0/24", EGRESS_HTTP_PROXY_MAX_CONNECTIONS="1000")
+    before = scrape(lab)
+    partial = upload_head(f"http://{WWW}/echo", 1000) + b"only part of the body"
+    clients = []
+    try:
+        for i in range(1000):
+            client = Client(lab)
+            client.send(partial)
+            if i % 2:
+                client.sock.shutdown(socket.SHUT_WR)  # half-closed: it could still read an answer
+                clients.append(client)
+            else:
+                client.close()
+        started = time.monotonic()
+
+        def served() -> bool:
+            try:
+                return fetch(lab, f"http://{WWW}/hello", timeout=1).status == 200
+            except (OSError, ProtocolError):
+                return False
+
+        assert eventually(served, timeout=3), "a complete request was locked out"
+        assert time.monotonic() - started < 3
+        assert all(client.at_eof() for client in clients)  # the proxy closed its side of each
+    finally:
+        for client in clients:
+            client.close()
+    assert eventually(lambda: origin.open_count() <= 1, timeout=3), origin.open_count()  # the pooled one left
+    assert eventually(lambda: scrape(lab)["egress_router_http_open_connections"] == 1)  # the scrape's own
+    after = scrape(lab)
+    for kind in ("unreachable", "timeout"):
+        name = f'egress_router_http_upstream_errors_total{{kind="{kind}"}}'
+        assert after[name] == before[name], "a client leaving is not an upstream error"
+
+
+def test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped(
+        lab: Lab, origin: Origin, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """curl --http2 to an http:// URL asks for h2c: the body is forwarded, Upgrade and HTTP2-Settings are not;
+    requests pipelined after an Upgrade request are answered, after a refused CONNECT the connection ends
+    (issue 10, item 4); the bytes after a CONNECT pipelined behind another request wait for its tunnel."""
+    start_proxy(f"www.example.com\n!{INTERNAL}/32\n203.0.113.0/24")
+    payload = os.urandom(100_000)
+    upload_file, download = tmp_path / "upload", tmp_path / "download"
+    upload_file.write_bytes(payload)
+    result = curl(lab, "--http2", "--data-binary", f"@{upload_file}", "-o", str(download),
+                  "http://www.example.com/echo")
+    assert result.returncode == 0, result.stderr
+    assert download.read_bytes() == payload
+    seen = origin.requests("/echo")[-1]
+    for name in ("Upgrade", "HTTP2-Settings", "Connection"):
+        assert seen.header(name) is None, seen.head
+    assert seen.body_length == len(payload)
+    upgrade = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAARAAAAA")]
+    with Client(lab) as client:
+        client.send(request_bytes("POST", "http://www.example.com/echo", headers=upgrade, body=b"hello")
+                    + request_bytes("GET", "http://www.example.com/hello"))
+        assert client.response().body == b"hello"
+        assert_hello(client.response(), WWW)
+        client.send(request_bytes("POST", "http://www.example.com/echo",
+                                  headers=[*upgrade, ("Transfer-Encoding", "chunked")]) + chunked(b"chunks")
+                    + request_bytes("GET", "http://www.example.com/hello", headers=upgrade)
+                    + request_bytes("GET", "http://www.example.com/hello"))
+        assert client.response().body == b"chunks"
+        assert_hello(client.response(), WWW)
+        assert_hello(client.response(), WWW)
+    with Client(lab) as client:  # a CONNECT pipelined behind a slow request keeps the bytes sent after it
+        client.send(request_bytes("GET", "http://www.example.com/slow?delay=0.3")
+                    + b"CONNECT www.example.com:7000 HTTP/1.1\r\nHost: www.example.com:7000\r\n\r\nearly\n")
+        assert client.response().body == SLOW_BODY
+        assert b" 200 " in (read_head(client.reader) or b"")
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reader.read() == b"early\n" + ECHO_TAIL
+    for denied in (f"{INTERNAL}:7000", "internal.example.com:7000"):  # refused at once, and after a lookup
+        with Client(lab) as client:
+            client.send(f"CONNECT {denied} HTTP/1.1\r\nHost: {denied}\r\n\r\n".encode()
+                        + request_bytes("GET", "http://www.example.com/hello"))
+            response = client.response()
+            assert response.status == 403, response
+            assert (response.header("Connection") or "").lower() == "close"
+            assert client.at_eof()
+
+
 def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, origin: Origin,
                                                                    start_proxy: StartProxy) -> None:
     """A reused upstream connection closes without answering: GET and PUT go again on a new one, a POST

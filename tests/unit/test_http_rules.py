@@ -19,6 +19,7 @@ from egress_router.proxy.http_rules import (
     METRICS,
     REASONS,
     TUNNEL_ESTABLISHED,
+    UPGRADE,
     VIA,
     Host,
     ProxyError,
@@ -42,6 +43,7 @@ from egress_router.proxy.http_rules import (
     response_ends_at_head,
     response_fields,
     simple_response,
+    stand_in_head,
 )
 
 H = list[tuple[bytes, bytes]]
@@ -303,9 +305,26 @@ def test_host_text(host: Host, text: str) -> None:
     # test_many_pipelined_requests_the_proxy_answers_itself: no body, the head is the whole request
     ([(b"Host", b"proxy")], 0), ([(b"Content-Length", b"0")], 0), ([(b"content-length", b" 000 ")], 0),
     ([(b"Content-Length", b"10")], BODY), ([(b"Content-Length", b"100")], BODY),
+    # test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped
+    ([(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"), (b"Content-Length", b"5")], UPGRADE | BODY),
+    ([(b"upgrade", b"websocket")], UPGRADE), ([(b"Upgrade", b"h2c"), (b"Transfer-Encoding", b"chunked")],
+                                              UPGRADE | CHUNKED | BODY),
+    ([(b"X-Upgrade", b"h2c")], 0),
 ])
 def test_request_framing(headers: H, framing: int) -> None:
     assert request_framing(headers) == framing
+
+
+@pytest.mark.parametrize("headers, chunked, head", [
+    # the stand-in after an Upgrade request carries its framing only
+    ([(b"Upgrade", b"h2c"), (b"Content-Length", b"5")], False, b"PUT / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+    ([(b"Upgrade", b"h2c"), (b"content-length", b" 12 ")], False, b"PUT / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+    ([(b"Upgrade", b"h2c")], False, b"PUT / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+    ([(b"Upgrade", b"h2c"), (b"Transfer-Encoding", b"chunked")], True,
+     b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+])
+def test_stand_in_head(headers: H, chunked: bool, head: bytes) -> None:
+    assert stand_in_head(headers, chunked) == head
 
 
 @pytest.mark.parametrize("trailers, end", [
@@ -535,16 +554,19 @@ def test_which_errors_end_the_connection(status: int, ends: bool) -> None:
     assert ends_connection(status) is ends
 
 
-@pytest.mark.parametrize("status, keep_alive, read_all, keeps", [
+@pytest.mark.parametrize("status, keep_alive, read_all, tunnel, keeps", [
     # test_many_pipelined_requests_the_proxy_answers_itself: a refused request without a body
-    (403, True, True, True), (200, True, True, True), (502, True, True, True),
-    (403, False, True, False),  # Connection: close, HTTP/1.0, draining
-    (403, True, False, False),  # a body not read
+    (403, True, True, False, True), (200, True, True, False, True), (502, True, True, False, True),
+    (403, False, True, False, False),  # Connection: close, HTTP/1.0, draining
+    (403, True, False, False, False),  # a body not read
+    # test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped: after a refused CONNECT
+    (403, True, True, True, False), (502, True, True, True, False), (504, True, True, True, False),
     # test_oversized_heads_get_431_and_414_and_every_parser_error_is_counted
-    (400, True, True, False), (414, True, True, False), (431, True, True, False),
+    (400, True, True, False, False), (414, True, True, False, False), (431, True, True, False, False),
 ])
-def test_which_answers_keep_the_connection(status: int, keep_alive: bool, read_all: bool, keeps: bool) -> None:
-    assert keeps_connection(status, keep_alive, read_all) is keeps
+def test_which_answers_keep_the_connection(status: int, keep_alive: bool, read_all: bool, tunnel: bool,
+                                          keeps: bool) -> None:
+    assert keeps_connection(status, keep_alive, read_all, tunnel) is keeps
 
 
 @pytest.mark.parametrize("in_target, status, message", [
