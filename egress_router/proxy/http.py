@@ -1,4 +1,4 @@
-"""The HTTP proxy's client side: httptools' request parser wired to http_rules and the transports; run_http_proxy."""
+"""The HTTP proxy's client connections: requests decided (http_rules) and answered, in order; run_http_proxy."""
 
 from __future__ import annotations
 
@@ -8,28 +8,25 @@ import os
 import time
 from typing import cast
 
-import httptools
-
 from ..core.config import HttpProxySettings
-from ..core.hosts import Address
 from . import metrics
+from .http_flow import BUFFERED, QUEUED, UPSTREAM_FULL
+from .http_reader import Request as Request  # where the other modules find it
+from .http_reader import RequestReader
 from .http_rules import (
     HEALTHZ,
-    TUNNEL_ESTABLISHED,
-    Host,
     ProxyError,
     ends_connection,
     error_response,
     final_head,
     host_text,
     interim_head,
+    keeps_connection,
     local_page,
     parse_absolute_form,
-    parse_connect_target,
-    request_is_chunked,
     simple_response,
 )
-from .http_upstream import Endpoint, TunnelUpstream, Upstream
+from .http_upstream import Upstream
 from .http_worker import Worker
 from .metrics import SharedCounters
 from .server import reset
@@ -37,56 +34,27 @@ from .server import reset
 log = logging.getLogger(__name__)
 
 
-class Request:
-    """One request from the client, parsed and being forwarded."""
-
-    __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
-                 "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent", "local", "host")
-
-    def __init__(self, now: float):
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
-        self.complete = False
-        self.body: list[bytes] | None = []  # buffered until an upstream takes it; then None
-        self.started = now
-        self.host_text = ""
-        self.port = 0
-        self.upstream: Upstream | None = None
-        self.head_only = False
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.status = 0
-        self.tunnel = False
-        self.sent = False  # response head sent to the client
-        self.local = False  # answered by the proxy itself (probes, metrics)
-        self.host: Host | None = None  # the normalized destination host
-
-
-class ClientConnection(Endpoint, asyncio.Protocol):
+class ClientConnection(RequestReader, asyncio.Protocol):
     """A client of the proxy: requests one after another (pipelining kept in order), or one tunnel."""
 
-    __slots__ = ("worker", "transport", "parser", "parsing", "current", "queue", "head_size", "last",
-                 "closing", "tunnel", "client_eof", "upstream_eof", "paused")
+    __slots__ = ("worker", "transport", "closing", "advancing")
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.transport: asyncio.Transport | None = None
-        self.parser: httptools.HttpRequestParser | None = None  # made when the first bytes arrive
-        self.parsing: Request | None = None
+        self.transport = None
         self.current: Request | None = None
-        self.queue: list[Request] | None = None  # pipelined requests waiting behind the current one
-        self.head_size = 0
-        self.last = worker.now
         self.closing = False
-        self.tunnel: asyncio.Transport | None = None
-        self.client_eof = False  # tunnel half-closes
-        self.upstream_eof = False
-        self.paused = False
+        self.advancing = False  # next_request is starting queued requests
+        self.last = worker.now
+        self.parser = self.parsing = self.queue = self.resuming = self.upgrading = None  # see RequestReader
+        self.head_size = self.head_raw = 0
+        self.read_done = False
+        self.connecting = None
+        self.tunnel = None  # see TunnelSide
+        self.client_eof = self.upstream_eof = False
+        self.holds = 0  # see FlowControl
+        self.write_full = False
+        self.paused_source = None
         self.out = None
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -113,38 +81,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             else:
                 self.tunnel.close()
             self.log_tunnel()
-        current = self.current
-        if current is not None and current.upstream is not None:
-            current.upstream.client = None
-            current.upstream.close()  # mid-response: the upstream connection cannot be reused
-
-    def data_received(self, data: bytes) -> None:
-        self.last = self.worker.now
-        if self.tunnel is not None:
-            self.tunnel.write(data)
-            self.worker.counters.add(metrics.BYTES_UP, len(data))
-            if self.current is not None:
-                self.current.bytes_up += len(data)
-            return
-        if self.closing:
-            return
-        current = self.current
-        if current is not None and current.tunnel:  # tunnel not open yet: hold the bytes for it
-            if current.body is not None:
-                current.body.append(data)
-            return
-        try:
-            parser = self.parser
-            if parser is None:
-                parser = self.parser = httptools.HttpRequestParser(self)
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.upgraded(data[upgrade.args[0]:])
-        except httptools.HttpParserError as exc:
-            self.bad_request(f"malformed request: {exc}")
-        except ProxyError as exc:
-            self.fail(exc)
-        self.worker.flush()
+        if self.current is not None:
+            self.let_go(self.current)  # mid-response: the upstream connection cannot be reused
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
@@ -152,82 +90,30 @@ class ClientConnection(Endpoint, asyncio.Protocol):
             if self.tunnel.can_write_eof():
                 self.tunnel.write_eof()
             return not self.upstream_eof  # keep the other direction open (half-close)
-        if self.current is not None:  # the client is done sending; let its response finish
-            self.current.keep_alive = False
-            for queued in self.queue or ():
-                queued.keep_alive = False
-            return True
-        return False
+        current, parsing = self.current, self.parsing
+        if parsing is not None and (current is None or parsing is current):
+            self.abandon("the client closed the connection before its request was complete")
+            return False
+        if current is None:
+            return False
+        # The client is done sending: what it sent whole is answered, then the connection ends.
+        if parsing is not None and self.queue and parsing in self.queue:
+            self.queue.remove(parsing)  # ... not a request it left half-sent
+        current.keep_alive = False
+        for queued in self.queue or ():
+            queued.keep_alive = False
+        if current.tunnel:
+            self.client_eof = True  # passed on when the tunnel opens
+        return True
 
     def pause_writing(self) -> None:
-        upstream = self.current.upstream if self.current is not None else None
-        if self.tunnel is not None:
-            self.tunnel.pause_reading()
-        elif upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
+        source = self.tunnel
+        if source is None and self.current is not None and self.current.upstream is not None:
+            source = self.current.upstream.transport
+        self.write_paused(source)
 
     def resume_writing(self) -> None:
-        upstream = self.current.upstream if self.current is not None else None
-        if self.tunnel is not None:
-            self.tunnel.resume_reading()
-        elif upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
-
-    # ------------------------------------------------------------ httptools callbacks
-    def on_message_begin(self) -> None:
-        self.parsing = Request(self.worker.loop.time())
-        self.head_size = 0
-
-    def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
-        self._count_head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
-
-    def _count_head(self, size: int) -> None:
-        self.head_size += size
-        if self.head_size > self.worker.settings.header_limit:
-            raise ProxyError(431, "request head too large", metrics.BAD)
-
-    def on_headers_complete(self) -> None:
-        request = self.parsing
-        assert request is not None
-        parser = self.parser
-        assert parser is not None
-        request.method = parser.get_method()
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive() and not self.worker.draining
-        request.chunked = request_is_chunked(request.headers)
-        if self.current is None:
-            self.current = request
-            self.start(request)
-        else:
-            if self.queue is None:
-                self.queue = []
-            self.queue.append(request)
-            if not self.paused and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
-
-    def on_body(self, body: bytes) -> None:
-        request = self.parsing
-        assert request is not None
-        if request.body is not None:
-            request.body.append(body)
-        elif request.upstream is not None:
-            request.upstream.send_body(request, body)
-
-    def on_message_complete(self) -> None:
-        request = self.parsing
-        assert request is not None
-        request.complete = True
-        self.parsing = None
-        if request.body is None and request.upstream is not None:
-            request.upstream.send_body_end(request)
+        self.write_resumed()
 
     # ------------------------------------------------------------ requests
     def start(self, request: Request) -> None:
@@ -250,7 +136,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
                 if upstream is not None:
                     upstream.send_request(self, request)
                     return
-            self.worker.loop.create_task(self.worker.dispatch(self, request, host, port, addresses))
+            request.task = self.worker.loop.create_task(
+                self.worker.dispatch(self, request, host, port, addresses))
         except ProxyError as exc:
             self.fail(exc)
 
@@ -262,7 +149,15 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if transport is None or self.closing:
             return
         if 100 <= status < 200:  # informational: pass it on, the final response follows
-            self.send(interim_head(status, reason))
+            try:
+                interim = interim_head(status, reason, headers, request.version)
+            except ProxyError as exc:
+                upstream.detach()
+                upstream.close()
+                self.upstream_failed(request, exc.message)
+                return
+            if interim is not None:
+                self.send(interim)
             return
         head, upstream.rechunk, upstream.until_close, request.keep_alive = final_head(
             status, reason, headers, request.version, request.head_only,
@@ -285,6 +180,8 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         if upstream.rechunk:
             self.send(b"0\r\n\r\n")
         request.upstream = None
+        if self.paused_source is not None:
+            self.stops_feeding(upstream.transport)
         if reusable and request.complete:
             self.worker.release(upstream)
         else:
@@ -295,32 +192,51 @@ class ClientConnection(Endpoint, asyncio.Protocol):
         request.upstream = None
         if request.host is None or self.closing:
             return
-        self.worker.loop.create_task(self.worker.dispatch(self, request, request.host, request.port, None,
-                                                          fresh=True))
+        request.task = self.worker.loop.create_task(
+            self.worker.dispatch(self, request, request.host, request.port, None, fresh=True))
 
     def upstream_failed(self, request: Request, message: str) -> None:
         """The upstream closed or failed before the response was complete."""
         request.upstream = None
-        if request.sent or self.transport is None:
-            self.abort(message)  # the client has part of a response: it must see the connection end
-            return
         self.worker.counters.add(metrics.UPSTREAM_ERRORS)
+        if request.sent or self.transport is None:
+            # The client has part of a response: a reset, so that it cannot take it for all of it (a clean
+            # end would look complete to an HTTP/1.0 client or for a body that ends with the connection).
+            self.abort(message, hard=True)
+            return
         self.fail(ProxyError(502, message))
 
     def finish(self, request: Request) -> None:
         if self.worker.settings.access_log:
             verdict = "local" if request.local else ("allowed" if request.status < 400 else "error")
             self.access_log(request, verdict)
+        self.done(request)
+
+    def done(self, request: Request) -> None:
+        """The current request is answered: the connection ends, or the next one starts."""
         self.current = None
+        if self.holds:
+            self.release(UPSTREAM_FULL | BUFFERED)  # those were for this request's upstream
         if not request.keep_alive or self.closing:
             self.close()
+        elif self.queue:
+            self.next_request()
+
+    def next_request(self) -> None:
+        """Start the queued requests in turn: answering one at once (a probe, a refusal) ends it, and the
+        loop here, not a recursion through done(), starts the next."""
+        if self.advancing:
             return
-        if self.queue:
-            self.current = self.queue.pop(0)
-            if not self.queue and self.paused and self.transport is not None:
-                self.transport.resume_reading()
-                self.paused = False
-            self.start(self.current)
+        self.advancing = True
+        try:
+            queue = self.queue
+            while queue and self.current is None and not self.closing:
+                self.current = request = queue.pop(0)
+                if not queue:
+                    self.release(QUEUED)
+                self.start(request)
+        finally:
+            self.advancing = False
 
     def origin_form(self, request: Request) -> None:
         request.local = True
@@ -332,109 +248,42 @@ class ClientConnection(Endpoint, asyncio.Protocol):
 
     def reply(self, request: Request, status: int, body: str, *, content_type: bytes = b"text/plain") -> None:
         request.status = status
+        # a body that is not read makes the connection unusable: it says so
+        request.keep_alive = request.keep_alive and (request.complete or request.bodyless)
         if self.transport is not None and not self.closing:
             self.send(simple_response(status, body, close=not request.keep_alive, content_type=content_type,
                                       head_only=request.method == b"HEAD"))
-        if request.complete:
-            self.finish(request)
-        else:
-            request.keep_alive = False  # the body we did not read makes the connection unusable
-            self.finish(request)
+        self.finish(request)
 
     def fail(self, exc: ProxyError) -> None:
-        if exc.counter is not None:
-            self.worker.counters.add(exc.counter)
         request = self.current
         if ends_connection(exc.status) or request is None:
-            self.bad_request(exc.message, exc.status)
+            self.bad_request(exc.message, exc.status, exc.counter)
             return
+        if exc.counter is not None:
+            self.worker.counters.add(exc.counter)
         request.status = exc.status
         if self.worker.settings.access_log or exc.status >= 500:
             self.access_log(request, "denied" if exc.status == 403 else "error", exc.message,
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
-        request.keep_alive = request.keep_alive and request.complete
+        request.keep_alive = keeps_connection(exc.status, request.keep_alive,
+                                              request.complete or request.bodyless, request.tunnel)
         if self.transport is not None and not self.closing:
             self.send(error_response(exc.status, exc.message, close=not request.keep_alive))
-        self.current = None
-        if not request.keep_alive:
-            self.close()
-        elif self.queue:
-            self.current = self.queue.pop(0)
-            self.start(self.current)
+        self.done(request)
 
-    def bad_request(self, message: str, status: int = 400) -> None:
+    def bad_request(self, message: str, status: int = 400, counter: int | None = metrics.BAD) -> None:
+        """A request that cannot be read (malformed, too large, too slow): answered, counted, the end."""
         if self.closing:
             return
+        if counter is not None:
+            self.worker.counters.add(counter)
         if self.worker.settings.access_log:
             request = self.current or self.parsing
             method = request.method.decode("latin-1") if request is not None and request.method else "-"
             log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message)
         self.send(error_response(status, message, close=True))
         self.close()
-
-    # ------------------------------------------------------------ tunnels
-    def start_tunnel(self, request: Request) -> None:
-        host, request.port = parse_connect_target(request.url)
-        request.host_text = host_text(host)
-        request.tunnel = True
-        addresses = self.worker.addresses_for(host)
-        self.worker.loop.create_task(self.open_tunnel(request, host, addresses))
-
-    def upgraded(self, early: bytes) -> None:
-        """The parser stopped after the CONNECT head; bytes after it belong to the tunnel."""
-        if early and self.current is not None and self.current.tunnel:
-            assert self.current.body is not None
-            self.current.body.append(early)
-
-    async def open_tunnel(self, request: Request, host: Host, addresses: list[Address] | None) -> None:
-        try:
-            transport, relay, address = await self.worker.open_upstream(
-                host, request.port, addresses, lambda: TunnelUpstream(self))
-        except ProxyError as exc:
-            if not self.closing:
-                self.fail(exc)
-                self.worker.flush()
-            return
-        if self.closing or self.transport is None:
-            transport.close()
-            return
-        worker = self.worker
-        worker.counters.add(metrics.ALLOWED)
-        worker.counters.add(metrics.TUNNELS)
-        self.tunnel = transport
-        self.flush()
-        self.transport.write(TUNNEL_ESTABLISHED)
-        request.status = 200
-        for chunk in request.body or ():
-            transport.write(chunk)
-            worker.counters.add(metrics.BYTES_UP, len(chunk))
-        request.body = None
-        request.host_text = f"{request.host_text}:{request.port}"
-
-    def tunnel_data(self, data: bytes) -> None:
-        self.last = self.worker.now
-        if self.transport is not None:
-            self.transport.write(data)
-            self.worker.counters.add(metrics.BYTES_DOWN, len(data))
-            if self.current is not None:
-                self.current.bytes_down += len(data)
-
-    def tunnel_upstream_eof(self) -> bool:
-        self.upstream_eof = True
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        return not self.client_eof
-
-    def tunnel_closed(self) -> None:
-        self.log_tunnel()
-        self.tunnel = None
-        self.close()
-
-    def log_tunnel(self) -> None:
-        request = self.current
-        if request is not None and request.tunnel and self.worker.settings.access_log:
-            self.access_log(request, "allowed")
-            request.tunnel = False  # logged once
 
     # ------------------------------------------------------------ closing
     @property
@@ -446,19 +295,43 @@ class ClientConnection(Endpoint, asyncio.Protocol):
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
 
+    def let_go(self, request: Request) -> None:
+        """Nothing more goes to or comes from the request's upstream: its connection (which cannot be
+        reused mid-request) is closed, or the connecting given up."""
+        upstream = request.upstream
+        if upstream is not None:
+            request.upstream = None
+            upstream.detach()
+            upstream.close()
+        task = request.task
+        if task is not None and not task.done():
+            task.cancel()
+
+    def abandon(self, reason: str) -> None:
+        """The client left with a request half-sent: both sides are freed at once (not an upstream error)."""
+        if self.worker.settings.access_log:
+            log.info("%s connection closed: %s", self.peer, reason)
+        if self.current is not None:
+            self.let_go(self.current)
+        self.close()
+
     def close(self) -> None:
         self.closing = True
         self.flush()
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, *, hard: bool = False) -> None:
+        """End the connection now, unsent output dropped; `hard`: with a TCP reset."""
         if self.worker.settings.access_log:
             log.info("%s connection closed: %s", self.peer, reason)
         self.closing = True
         if self.tunnel is not None:
             self.tunnel.abort()
-        if self.transport is not None:
+        if hard:
+            self.flush()
+            reset(self.transport)
+        elif self.transport is not None:
             self.transport.abort()
 
     def access_log(self, request: Request, verdict: str, note: str = "", level: int = logging.INFO) -> None:

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 from functools import lru_cache
 from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
 
 import httptools
 
 from ..core.hosts import Address, HostError, normalize_host
 from .metrics import BAD
 
+if TYPE_CHECKING:
+    from httptools.parser.url_parser import URL
+
 Host = str | Address  # a normalized destination host: a lower-case name or an address
 
 VIA = b"1.1 egress-router"
+# The proxy does no protocol upgrades for plain HTTP: an Upgrade request is forwarded as a plain request.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+                        b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+                        b"http2-settings"})
+NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}  # framing and routing belong to the head
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # RFC 9110 section 9.2.2
 NO_BODY_STATUS = frozenset({204, 304})
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
+           408: "Request Timeout", 414: "URI Too Long",
            431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 TUNNEL_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\nVia: " + VIA + b"\r\n\r\n"
 HEALTHZ, METRICS = b"/healthz", b"/metrics"  # the proxy's own pages (origin-form requests)
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+
+# request_framing's answer: bits
+CHUNKED = 1  # the body is chunked
+BODY = 2  # there is a body (chunked, or a Content-Length above 0)
+UPGRADE = 4  # an Upgrade header (the parser may take the request for a protocol switch)
 
 
 class ProxyError(Exception):
@@ -54,9 +67,32 @@ def error_response(status: int, message: str, *, close: bool) -> bytes:
 
 
 def ends_connection(status: int) -> bool:
-    """Whether an error answer ends the connection whatever the request asked: after a 400 or a 431 the
+    """Whether an error answer ends the connection whatever the request asked: after a 400, 414 or 431 the
     request could not be read, so nothing after it on the connection can be either."""
-    return status == 400 or status == 431
+    return status == 400 or status == 431 or status == 414
+
+
+def keeps_connection(status: int, keep_alive: bool, read_all: bool, tunnel: bool) -> bool:
+    """Whether the connection goes on after the proxy answered a request itself with `status`: only if
+    it may stay open (`keep_alive`), the request was read to its end (`read_all`: a body not read makes
+    the connection unusable), the status does not end it, and the request was not a CONNECT (the bytes
+    after a CONNECT were meant for the tunnel: parsing them as requests would be a guess)."""
+    return keep_alive and read_all and not tunnel and not ends_connection(status)
+
+
+def head_too_large(in_target: bool) -> ProxyError:
+    """The answer to a request head over the limit: 414 while the request target is read, else 431."""
+    if in_target:
+        return ProxyError(414, "request target too long", BAD)
+    return ProxyError(431, "request head too large", BAD)
+
+
+def may_retry(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int) -> bool:
+    """Whether a request may go again on a fresh upstream connection after the one it went on closed: only
+    the keep-alive race (a reused connection the server closed without answering anything), only an
+    idempotent method (RFC 9110 section 9.2.2: the server may have acted on it), only if it was read
+    whole and had no body (there is nothing kept to send again)."""
+    return reused and not answered and complete and body_sent == 0 and method in IDEMPOTENT
 
 
 # ------------------------------------------------------------ request targets and hosts
@@ -74,13 +110,13 @@ def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     to send upstream in origin form (the path, '/' if none, and the query; a fragment is dropped)."""
     try:
         parsed = httptools.parse_url(target)
+        raw_host = parsed.host or b""
     except httptools.HttpParserInvalidURLError:
-        raise ProxyError(400, "the request target is not a valid URL", BAD) from None
+        parsed, raw_host = parse_url_with_underscores(target)
     if parsed.schema is None or parsed.schema.lower() != b"http":
         raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", BAD)
     if parsed.userinfo:
         raise ProxyError(400, "user information in the URL is not accepted", BAD)
-    raw_host = parsed.host or b""
     if b":" not in raw_host and b"[" in target.split(b"/", 3)[2]:
         raise ProxyError(400, "only IPv6 addresses may be written in brackets", BAD)
     host = checked_host(raw_host.decode("latin-1"))
@@ -91,6 +127,29 @@ def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     if parsed.query is not None:
         path += b"?" + parsed.query
     return host, port, path
+
+
+def parse_url_with_underscores(target: bytes) -> tuple[URL, bytes]:
+    """httptools refuses '_' in a URL's host, which DNS names (and the allow list) may have: the URL is
+    parsed again with each '_' of its authority read as a letter, so that everything else is judged as
+    httptools judges it, and the host is taken from the target as written; 400 if it is still refused."""
+    start = target.find(b"://") + 3
+    end = len(target)
+    for mark in b"/?#":
+        found = target.find(bytes((mark,)), start)
+        if 0 <= found < end:
+            end = found
+    authority = target[start:end]
+    if start < 3 or b"_" not in authority:
+        raise ProxyError(400, "the request target is not a valid URL", BAD)
+    try:
+        parsed = httptools.parse_url(target[:start] + authority.replace(b"_", b"u") + target[end:])
+    except httptools.HttpParserInvalidURLError:
+        raise ProxyError(400, "the request target is not a valid URL", BAD) from None
+    host = authority.rpartition(b"@")[2]
+    if parsed.port is not None:
+        host = host.rpartition(b":")[0]
+    return parsed, host
 
 
 def parse_connect_target(target: bytes) -> tuple[Host, int]:
@@ -121,13 +180,46 @@ def host_text(host: Host) -> str:
 
 # ------------------------------------------------------------ requests: head and framing
 
-def request_is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the client sends its body chunked (the proxy then sends it upstream chunked too)."""
-    chunked = False
+def request_framing(headers: list[tuple[bytes, bytes]]) -> int:
+    """What the request head says of its body, as bits: CHUNKED (sent chunked, and the proxy sends it on
+    chunked too), BODY (there is one: chunked, or a Content-Length above 0; without it the request is
+    complete with its head), UPGRADE (it has an Upgrade header)."""
+    framing = 0
     for name, value in headers:
-        if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
-    return chunked
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if b"chunked" in value.lower():
+                framing |= CHUNKED | BODY
+        elif lower == b"content-length":
+            if value.strip(b" \t0"):  # the parser has checked that it is a number
+                framing |= BODY
+        elif lower == b"upgrade":
+            framing |= UPGRADE
+    return framing
+
+
+def stand_in_head(headers: list[tuple[bytes, bytes]], chunked: bool) -> bytes:
+    """A head with only the framing of an Upgrade request's `headers`. The parser takes what follows such
+    a request for another protocol; the proxy does no upgrades, so it parses that as the body this head
+    announces (then the next requests) and gives it to the Upgrade request."""
+    if chunked:
+        return b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    length = b"0"
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            length = value.strip()
+    return b"PUT / HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n"
+
+
+def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """The end of a chunked body sent upstream, with the client's trailer fields (framing, routing and
+    hop-by-hop fields left out: they belong to the head)."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    lines = [b"0\r\n"]
+    lines += [name + b": " + value + b"\r\n" for name, value in trailers if name.lower() not in NOT_IN_TRAILERS]
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def request_head(method: bytes, target: bytes, host: str, port: int, headers: list[tuple[bytes, bytes]],
@@ -155,9 +247,19 @@ def response_ends_at_head(status: int, head_only: bool) -> bool:
     return head_only or status in NO_BODY_STATUS
 
 
-def interim_head(status: int, reason: bytes) -> bytes:
-    """An informational (1xx) response, passed on without its headers; the final response follows."""
-    return b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason)
+def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str) -> bytes | None:
+    """An informational (1xx) response for the client, with its end-to-end headers (103's Link) and Via;
+    None for an HTTP/1.0 client, which must not get one (RFC 9110 section 15.2). A 101 (the proxy asked
+    for no upgrade) makes the response invalid: 502."""
+    if status == 101:
+        raise ProxyError(502, "the upstream server switched protocols, which the proxy did not ask for")
+    if version == "1.0":
+        return None
+    fields = response_fields(headers, _NO_TOKENS)
+    if fields is None:
+        fields = response_fields(headers, drop_tokens(headers))
+    assert fields is not None
+    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(fields[0]))
 
 
 def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str,

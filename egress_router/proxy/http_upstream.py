@@ -1,4 +1,4 @@
-"""The HTTP proxy's upstream side: batched output (Endpoint), keep-alive origin connections, their pool, tunnels."""
+"""The HTTP proxy's upstream side: keep-alive origin connections and their pool."""
 
 from __future__ import annotations
 
@@ -10,42 +10,18 @@ import httptools
 
 from ..core.hosts import Address
 from . import metrics
-from .http_rules import request_head, response_ends_at_head
-from .server import reset
+from .http_flow import UPSTREAM_FULL, Endpoint
+from .http_rules import last_chunk, may_retry, request_head, response_ends_at_head
 
 if TYPE_CHECKING:
-    from .http import ClientConnection, Request
+    from .http import ClientConnection
+    from .http_reader import Request
     from .http_worker import Worker
+
+__all__ = ["POOL_IDLE_SECONDS", "POOL_MAX_PER_KEY", "Endpoint", "Upstream", "UpstreamPool"]  # Endpoint: from http_flow
 
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 POOL_MAX_PER_KEY = 256
-
-
-class Endpoint:
-    """A connection whose output is gathered during a callback and written once at its end."""
-
-    # Subclasses use slots too, and allocate what an idle connection does not need only when it is
-    # needed (output list, parser, request queue): 10,000 idle connections should cost little memory.
-    __slots__ = ("out",)
-    worker: Worker
-    transport: asyncio.Transport | None
-    out: list[bytes] | None
-
-    def send(self, data: bytes) -> None:
-        out = self.out
-        if out is None:
-            self.out = [data]
-            self.worker.dirty.append(self)
-        else:
-            out.append(data)
-
-    def flush(self) -> None:
-        out = self.out
-        if out is not None:
-            self.out = None
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class Upstream(Endpoint, asyncio.Protocol):
@@ -91,6 +67,8 @@ class Upstream(Endpoint, asyncio.Protocol):
             self.send_body(request, chunk)
         if request.complete:
             self.send_body_end(request)
+        if client.holds or client.write_full:
+            client.feeding(self.transport)
 
     def send_body(self, request: Request, chunk: bytes) -> None:
         if self.transport is None or self.closed:
@@ -104,7 +82,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     def send_body_end(self, request: Request) -> None:
         if request.chunked and self.transport is not None and not self.closed:
-            self.send(b"0\r\n\r\n")
+            self.send(last_chunk(request.trailers))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -118,9 +96,8 @@ class Upstream(Endpoint, asyncio.Protocol):
         client, request = self.client, self.request
         self.client = self.request = None
         if client is not None and request is not None and request.upstream is self:
-            if self.reused and not self.answered and request.complete and request.bytes_up == 0:
-                # The server closed an idle keep-alive connection as we reused it (the usual race):
-                # nothing was answered and there is no body to resend, so try a fresh connection.
+            if may_retry(request.method, self.reused, self.answered, request.complete, request.bytes_up):
+                # The server closed an idle keep-alive connection as we reused it (the usual race).
                 client.retry(request)
             else:
                 client.upstream_failed(request, "the upstream server closed the connection"
@@ -133,25 +110,32 @@ class Upstream(Endpoint, asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # after a 101, which its client was answered 502 for
+            self.detach()
+            self.close()
         except httptools.HttpParserError as exc:
             client, request = self.client, self.request
-            self.client = self.request = None
+            self.detach()
             self.close()
             if client is not None and request is not None:
                 client.upstream_failed(request, f"invalid response from the upstream server: {exc}")
-            return
-        if self.done_early:  # a response without a body ended at its head: start a fresh parser
-            self.done_early = False
-            self.parser = httptools.HttpResponseParser(self)
-        self.worker.flush()
+        else:
+            if self.done_early:  # a response without a body ended at its head: start a fresh parser
+                self.done_early = False
+                self.parser = httptools.HttpResponseParser(self)
+        self.worker.flush()  # the answers this made, an error answer included
 
     def pause_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.pause_reading()
+        if self.client is not None:
+            self.client.hold(UPSTREAM_FULL)
 
     def resume_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None and not self.client.paused:
-            self.client.transport.resume_reading()
+        if self.client is not None:
+            self.client.release(UPSTREAM_FULL)
+
+    def detach(self) -> None:
+        """No client any more: what the server still sends is not for anyone."""
+        self.client = self.request = None
 
     # httptools callbacks
     def on_status(self, reason: bytes) -> None:
@@ -198,38 +182,6 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-
-class TunnelUpstream(asyncio.Protocol):
-    """The upstream side of a CONNECT tunnel: bytes go straight to the client."""
-
-    __slots__ = ("client", "transport")
-
-    def __init__(self, client: ClientConnection):
-        self.client = client
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        self.client.tunnel_data(data)
-
-    def eof_received(self) -> bool:
-        return self.client.tunnel_upstream_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            reset(self.client.transport)  # the destination reset: the client must not see a clean end
-        self.client.tunnel_closed()
-
-    def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.resume_reading()
 
 
 class UpstreamPool:

@@ -6,7 +6,10 @@ each connection and each request it saw, so tests can check what really reached 
 dropped hop-by-hop headers, the source address, or that nothing arrived at all).
 
 Routes (any host): /hello, /headers (the raw request head back), /echo (the body back), /blob?size=N,
-/chunked, /close (close-delimited), /status/204, /status/304, /slow?delay=S; anything else is 404.
+/chunked, /close (close-delimited), /status/204, /status/304, /slow?delay=S, /reset (a close-delimited
+body cut by a TCP reset), /switch (101 Switching Protocols to any request), /early-hints (103 with a Link
+header, then 200); anything else is 404. Listener kinds: 'http', 'echo', and 'stall' (accepts, never
+reads: an upstream that does not drain).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import hashlib
 import random
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +33,8 @@ CHUNKED_BODY = b"".join(CHUNKS)
 CLOSE_BODY = b"this body ends when the connection does\n" * 100
 ECHO_TAIL = b"[echo: end of input seen]\n"
 SLOW_BODY = b"slow response done\n"
+RESET_BODY = b"the origin resets the connection after this line\n" * 20
+EARLY_HINT_LINK = "</style.css>; rel=preload; as=style"
 HOP_HEADER = "X-Origin-Hop"  # the origin names it in its own Connection header
 
 
@@ -90,7 +96,8 @@ def read_exact(reader: BinaryIO, size: int) -> bytes:
     return data
 
 
-def read_chunked(reader: BinaryIO) -> bytes:
+def read_chunked(reader: BinaryIO, trailers: list[bytes] | None = None) -> bytes:
+    """A chunked body; its trailer lines (without CRLF) go into `trailers` when given."""
     parts: list[bytes] = []
     total = 0
     while True:
@@ -105,6 +112,8 @@ def read_chunked(reader: BinaryIO) -> bytes:
                     return b"".join(parts)
                 if not trailer:
                     raise ProtocolError("connection closed inside the trailers")
+                if trailers is not None:
+                    trailers.append(trailer.rstrip(b"\r\n"))
         total += size
         if total > MAX_BODY:
             raise ProtocolError("chunked body too large")
@@ -188,6 +197,7 @@ class Seen(Endpoints):
     head: bytes
     body_length: int
     body_sha256: str
+    trailers: tuple[bytes, ...] = ()  # trailer lines of a chunked body
 
     def header(self, name: str) -> str | None:
         return field(self.headers, name)
@@ -222,10 +232,12 @@ class Origin:
         self._open: set[socket.socket] = set()
 
     def listen(self, ip: str, port: int, kind: str = "http") -> None:
-        """Bind in the current thread's network namespace; kind is 'http' or 'echo'."""
+        """Bind in the current thread's network namespace; kind is 'http', 'echo' or 'stall'."""
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == "stall":  # a small window (inherited by accepted sockets): the sender soon has to wait
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.bind((ip, port))
         sock.listen(128)
         sock.settimeout(0.2)  # the accept loop looks at the stop flag this often
@@ -255,6 +267,11 @@ class Origin:
         with self._lock:
             return [s for s in self.seen if path is None or s.path == path]
 
+    def open_count(self) -> int:
+        """Connections accepted and not yet ended."""
+        with self._lock:
+            return len(self._open)
+
     def connections_to(self, ip: str) -> list[tuple[str, str]]:
         with self._lock:
             return [c for c in self.connections if host_of(c[0]) == ip]
@@ -272,7 +289,7 @@ class Origin:
             with self._lock:
                 self.connections.append((landed, seen_peer))
                 self._open.add(conn)
-            target = self._serve_http if kind == "http" else self._serve_echo
+            target = {"http": self._serve_http, "echo": self._serve_echo, "stall": self._serve_stall}[kind]
             thread = threading.Thread(target=self._connection, args=(target, conn, landed, seen_peer), daemon=True)
             thread.start()
 
@@ -293,6 +310,9 @@ class Origin:
         conn.sendall(ECHO_TAIL)  # only after the client's half-close reached us
         conn.shutdown(socket.SHUT_WR)
 
+    def _serve_stall(self, conn: socket.socket, landed: str, peer: str) -> None:
+        self._stopping.wait(IO_TIMEOUT)  # never reads
+
     def _serve_http(self, conn: socket.socket, landed: str, peer: str) -> None:
         reader = conn.makefile("rb")
         drop_next = False
@@ -306,13 +326,15 @@ class Origin:
             method, target, version = start.split(" ")
             encoding = (field(fields, "Transfer-Encoding") or "").lower()
             length = field(fields, "Content-Length")
+            trailers: list[bytes] = []
             if "chunked" in encoding:
-                body = read_chunked(reader)
+                body = read_chunked(reader, trailers)
             elif length is not None:
                 body = read_exact(reader, int(length))
             else:
                 body = b""
-            seen = Seen(landed, peer, method, target, version, tuple(fields), head, len(body), sha256(body))
+            seen = Seen(landed, peer, method, target, version, tuple(fields), head, len(body), sha256(body),
+                        tuple(trailers))
             with self._lock:
                 self.seen.append(seen)
             connection = (field(fields, "Connection") or "").lower()
@@ -344,6 +366,20 @@ class Origin:
                 conn.sendall(CLOSE_BODY)
             conn.shutdown(socket.SHUT_WR)
             return False
+        if path == "/reset":  # a close-delimited body, cut off: the proxy must not make it look complete
+            self._send(conn, 200, extra + [("Connection", "close")], b"", head_only=True, length=False)
+            conn.sendall(RESET_BODY)
+            self._stopping.wait(0.3)  # the proxy has read what was sent before the reset comes
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        if path == "/switch":  # switching protocols although the request asked for no upgrade
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: Upgrade\r\n\r\n"
+                         b"bytes of another protocol")
+            return False
+        if path == "/early-hints":
+            conn.sendall(f"HTTP/1.1 103 Early Hints\r\nLink: {EARLY_HINT_LINK}\r\n\r\n".encode())
+            self._send(conn, 200, extra, b"final\n", head_only=head_only)
+            return True
         if path in ("/status/204", "/status/304"):
             status = int(path.rsplit("/", 1)[1])
             fields = extra + ([("ETag", '"v1"')] if status == 304 else [])

@@ -211,3 +211,38 @@ def unprivileged_program(lab: Lab, probe_imports: str) -> tuple[list[str], dict[
 def status_fields(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status", encoding="ascii") as handle:
         return dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a process now."""
+    return int(status_fields(pid)["VmRSS"].split()[0]) * 1024
+
+
+class PeakRss:
+    """`with PeakRss(pid) as peak:` samples the process's RSS every 20 ms; `peak.growth`: the highest
+    sample less the RSS at the start, in bytes."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.start = self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.start = self.peak = rss_bytes(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            with contextlib.suppress(OSError, KeyError):
+                self.peak = max(self.peak, rss_bytes(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start

@@ -48,6 +48,7 @@ from tests.lab.origin import (
 from tests.lab.proxyproc import (
     UNPRIVILEGED,
     ClientConnection,
+    PeakRss,
     ProxyProcess,
     check_stopped,
     connection_refused,
@@ -63,7 +64,7 @@ WWW, API, INTERNAL = "203.0.113.10", "203.0.113.11", "203.0.113.12"
 HOSTS = f"""\
 127.0.0.1 localhost
 ::1 localhost
-{WWW} www.example.com example.com badexample.com
+{WWW} www.example.com example.com badexample.com my_host.example.com under_score.test bad_.host_
 {API} api.example.com deep.api.example.com other.test
 {INTERNAL} internal.example.com
 {CLIENT_IP6} v6.example.com
@@ -1079,3 +1080,343 @@ def test_a_crashed_worker_is_replaced(lab: Lab, origin: Origin, start_proxy: Sta
     proxy.remember_workers()
     for _ in range(6):  # both workers serve (the kernel spreads new connections over them)
         assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+
+
+# ------------------------------------------------------------------ 12. hostile clients and upstreams (issue 10)
+
+UPLOAD = 1024 ** 3  # a 1 GiB upload
+RSS_BOUND = 16 * 1024 * 1024  # what the proxy may grow by while one is refused or stalled
+
+
+def upload(client: Client, head: bytes, total: int = UPLOAD, seconds: float = 20.0, fill: bytes = b"\0") -> int:
+    """Send `head`, then up to `total` bytes (`fill` repeated) in 1 MiB pieces until they are sent, `seconds`
+    have passed, the proxy ends the connection or a send blocks for the client's timeout; the bytes sent."""
+    piece = fill * (1024 * 1024 // len(fill))
+    sent = 0
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(OSError):  # TimeoutError (stuck), BrokenPipeError, ConnectionResetError (refused)
+        client.send(head)
+        while sent < total and time.monotonic() < deadline:
+            client.send(piece)
+            sent += len(piece)
+    return sent
+
+
+def upload_head(target: str, length: int = UPLOAD) -> bytes:
+    return request_bytes("POST", target, headers=[("Content-Length", str(length))])
+
+
+def test_uploads_to_an_upstream_that_does_not_accept_are_not_buffered(lab: Lab, origin: Origin,
+                                                                     start_proxy: StartProxy) -> None:
+    """1 GiB to an allowed upstream whose SYNs vanish, as a request body and as the early bytes of a CONNECT:
+    the proxy holds at most 256 KiB of it and stops reading (issue 10, item 1)."""
+    lab.exec("dest", ["iptables", "-A", "INPUT", "-p", "tcp", "-d", API, "--dport", "9", "-j", "DROP"], check=True)
+    proxy = start_proxy("*", EGRESS_HTTP_PROXY_CONNECT_TIMEOUT="3")
+    pid = proxy.serving_pids()[0]
+    heads = {"body": upload_head("http://api.example.com:9/upload"),
+             "CONNECT": b"CONNECT api.example.com:9 HTTP/1.1\r\nHost: api.example.com:9\r\n\r\n"}
+    for name, head in heads.items():
+        with Client(lab) as client, PeakRss(pid) as rss:
+            sent = upload(client, head)
+        assert rss.growth < RSS_BOUND, (name, sent, rss.growth)
+        assert sent < 64 * 1024 * 1024, (name, sent)  # the proxy stopped reading: the sockets' buffers filled
+    assert eventually(lambda: proxy.stderr.count(" 504 ") >= 2, timeout=5), proxy.stderr
+    assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+
+
+def test_upstreams_and_clients_that_do_not_drain_are_not_buffered(lab: Lab, origin: Origin,
+                                                                  start_proxy: StartProxy) -> None:
+    """A body to an upstream that accepts and never reads; a tunnel to an echo service whose client never reads:
+    the proxy stops reading from the side that sends (issue 10, item 1)."""
+    stall = Origin()
+    with lab.entered("dest"):
+        stall.listen(WWW, 9000, kind="stall")
+    stall.start()
+    try:
+        proxy = start_proxy("*")
+        pid = proxy.serving_pids()[0]
+        with Client(lab) as client, PeakRss(pid) as rss:
+            sent = upload(client, upload_head(f"http://{WWW}:9000/upload"))
+        assert rss.growth < RSS_BOUND and sent < 64 * 1024 * 1024, ("body", sent, rss.growth)
+        with Client(lab) as client, PeakRss(pid) as rss:  # both ways: the echo is stalled by the client
+            assert connect(client, "www.example.com:7000").status == 200
+            sent = upload(client, b"")
+        assert rss.growth < RSS_BOUND and sent < 64 * 1024 * 1024, ("tunnel", sent, rss.growth)
+        assert_hello(fetch(lab, "http://www.example.com/hello"), WWW)
+    finally:
+        stall.stop()
+
+
+def test_clients_that_leave_half_way_free_both_sides_at_once(lab: Lab, origin: Origin,
+                                                            start_proxy: StartProxy) -> None:
+    """1,000 clients send part of a body and half-close or close, against MAX_CONNECTIONS=1000: they are
+    let go at once, upstream connections included, and a complete request is served (issue 10, item 3)."""
+    start_proxy("203.0.113.0/24", EGRESS_HTTP_PROXY_MAX_CONNECTIONS="1000")
+    before = scrape(lab)
+    partial = upload_head(f"http://{WWW}/echo", 1000) + b"only part of the body"
+    clients = []
+    try:
+        for i in range(1000):
+            client = Client(lab)
+            client.send(partial)
+            if i % 2:
+                client.sock.shutdown(socket.SHUT_WR)  # half-closed: it could still read an answer
+                clients.append(client)
+            else:
+                client.close()
+        started = time.monotonic()
+
+        def served() -> bool:
+            try:
+                return fetch(lab, f"http://{WWW}/hello", timeout=1).status == 200
+            except (OSError, ProtocolError):
+                return False
+
+        assert eventually(served, timeout=3), "a complete request was locked out"
+        assert time.monotonic() - started < 3
+        assert all(client.at_eof() for client in clients)  # the proxy closed its side of each
+    finally:
+        for client in clients:
+            client.close()
+    assert eventually(lambda: origin.open_count() <= 1, timeout=3), origin.open_count()  # the pooled one left
+    assert eventually(lambda: scrape(lab)["egress_router_http_open_connections"] == 1)  # the scrape's own
+    after = scrape(lab)
+    for kind in ("unreachable", "timeout"):
+        name = f'egress_router_http_upstream_errors_total{{kind="{kind}"}}'
+        assert after[name] == before[name], "a client leaving is not an upstream error"
+
+
+def test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped(
+        lab: Lab, origin: Origin, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """curl --http2 to an http:// URL asks for h2c: the body is forwarded, Upgrade and HTTP2-Settings are not;
+    requests pipelined after an Upgrade request are answered, after a refused CONNECT the connection ends
+    (issue 10, item 4); the bytes after a CONNECT pipelined behind another request wait for its tunnel."""
+    start_proxy(f"www.example.com\n!{INTERNAL}/32\n203.0.113.0/24")
+    payload = os.urandom(100_000)
+    upload_file, download = tmp_path / "upload", tmp_path / "download"
+    upload_file.write_bytes(payload)
+    result = curl(lab, "--http2", "--data-binary", f"@{upload_file}", "-o", str(download),
+                  "http://www.example.com/echo")
+    assert result.returncode == 0, result.stderr
+    assert download.read_bytes() == payload
+    seen = origin.requests("/echo")[-1]
+    for name in ("Upgrade", "HTTP2-Settings", "Connection"):
+        assert seen.header(name) is None, seen.head
+    assert seen.body_length == len(payload)
+    upgrade = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAARAAAAA")]
+    with Client(lab) as client:
+        client.send(request_bytes("POST", "http://www.example.com/echo", headers=upgrade, body=b"hello")
+                    + request_bytes("GET", "http://www.example.com/hello"))
+        assert client.response().body == b"hello"
+        assert_hello(client.response(), WWW)
+        client.send(request_bytes("POST", "http://www.example.com/echo",
+                                  headers=[*upgrade, ("Transfer-Encoding", "chunked")]) + chunked(b"chunks")
+                    + request_bytes("GET", "http://www.example.com/hello", headers=upgrade)
+                    + request_bytes("GET", "http://www.example.com/hello"))
+        assert client.response().body == b"chunks"
+        assert_hello(client.response(), WWW)
+        assert_hello(client.response(), WWW)
+    with Client(lab) as client:  # a CONNECT pipelined behind a slow request keeps the bytes sent after it
+        client.send(request_bytes("GET", "http://www.example.com/slow?delay=0.3")
+                    + b"CONNECT www.example.com:7000 HTTP/1.1\r\nHost: www.example.com:7000\r\n\r\nearly\n")
+        assert client.response().body == SLOW_BODY
+        assert b" 200 " in (read_head(client.reader) or b"")
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reader.read() == b"early\n" + ECHO_TAIL
+    for denied in (f"{INTERNAL}:7000", "internal.example.com:7000"):  # refused at once, and after a lookup
+        with Client(lab) as client:
+            client.send(f"CONNECT {denied} HTTP/1.1\r\nHost: {denied}\r\n\r\n".encode()
+                        + request_bytes("GET", "http://www.example.com/hello"))
+            response = client.response()
+            assert response.status == 403, response
+            assert (response.header("Connection") or "").lower() == "close"
+            assert client.at_eof()
+
+
+def test_only_idempotent_requests_are_retried_on_a_fresh_connection(lab: Lab, origin: Origin,
+                                                                   start_proxy: StartProxy) -> None:
+    """A reused upstream connection closes without answering: GET and PUT go again on a new one, a POST
+    (even without a body) gets 502 and reaches the origin at most once (issue 10, item 5)."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        assert client.request("GET", "http://www.example.com/drop-next").status == 200
+        response = client.request("POST", "http://www.example.com/echo", body=b"")
+        assert response.status == 502, response
+        assert "closed" in response.text
+        assert origin.requests("/echo") == []
+        assert client.request("GET", "http://www.example.com/drop-next").status == 200
+        response = client.request("PUT", "http://www.example.com/echo", body=b"")
+        assert response.status == 200, response
+    assert [s.method for s in origin.requests("/echo")] == ["PUT"]
+
+
+def test_many_pipelined_requests_the_proxy_answers_itself(lab: Lab, origin: Origin,
+                                                          start_proxy: StartProxy) -> None:
+    """1,000 pipelined probes and denied requests, alone and behind a slow proxied one: every answer, in order,
+    no recursion (issue 10, item 6)."""
+    proxy = start_proxy("*.example.com")
+    probes = [request_bytes("GET", "/healthz", host="proxy") if i % 2 else
+              request_bytes("GET", "http://other.test/hello") for i in range(1000)]
+    for first in (b"", request_bytes("GET", "http://www.example.com/slow?delay=0.3")):
+        with Client(lab) as client:
+            client.send(first + b"".join(probes))
+            if first:
+                assert client.response().body == SLOW_BODY
+            for i in range(1000):
+                response = client.response()
+                assert response.status == (200 if i % 2 else 403), (i, response)
+            assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+    assert "RecursionError" not in proxy.stderr
+
+
+def test_the_proxy_s_own_pages_keep_the_connection_they_advertise(lab: Lab, origin: Origin,
+                                                                  start_proxy: StartProxy) -> None:
+    """/healthz and /metrics answer without Connection: close, and the connection stays (issue 10, item 7);
+    with a body they do not read, they say Connection: close and close."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        for method, target in (("GET", "/healthz"), ("GET", "/metrics"), ("HEAD", "/healthz"), ("GET", "/healthz")):
+            response = client.request(method, target, host="proxy")
+            assert response.status == 200 and response.header("Connection") is None, response
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "/healthz", host="proxy", headers=[("Content-Length", "1000")]) + b"x")
+        response = client.response()
+        assert response.status == 200 and (response.header("Connection") or "").lower() == "close", response
+        assert client.at_eof()
+
+
+def bad_request_lines(proxy: Proxy) -> list[str]:
+    return [line for line in proxy.lines() if " bad_request " in line]
+
+
+def test_oversized_heads_get_431_and_414_and_every_parser_error_is_counted(lab: Lab, origin: Origin,
+                                                                          start_proxy: StartProxy) -> None:
+    """A 70 KB header, 20,000 headers, a header that never ends: 431; a 70 KB URI: 414; with the garbage
+    400s and the head timeout's 408, each one logged line and one count (issue 10, item 8)."""
+    proxy = start_proxy("*.example.com")
+    pid = proxy.serving_pids()[0]
+    slow = Client(lab, timeout=40)
+    slow.send(b"GET http://www.example.com/hello HTTP/1.1\r\n")  # never finished: 408 after 30 s
+    sent = time.monotonic()
+    before = scrape(lab)
+    start = b"GET http://www.example.com/hello HTTP/1.1\r\nHost: www.example.com\r\n"
+    cases = {
+        "a 70 KB header": (start + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        "20,000 headers": (start + b"".join(b"X-%d: v\r\n" % i for i in range(20_000)) + b"\r\n", 431),
+        "a 70 KB URI": (b"GET http://www.example.com/" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        "garbage": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+    }
+    for name, (raw, status) in cases.items():
+        with Client(lab) as client:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                client.send(raw)
+            response = client.response()
+            assert response.status == status, (name, response)
+            assert "callback" not in response.text, response.text
+            assert client.at_eof(), name
+    with Client(lab) as client, PeakRss(pid) as rss:  # a header that never ends: refused, not accumulated
+        sent_bytes = upload(client, start + b"X-Endless: ", total=100 * 1024 * 1024, fill=b"a")
+    assert rss.growth < RSS_BOUND and sent_bytes < 64 * 1024 * 1024, (sent_bytes, rss.growth)
+    after = scrape(lab)
+    counted = after['egress_router_http_requests_total{verdict="bad_request"}'] - \
+        before['egress_router_http_requests_total{verdict="bad_request"}']
+    assert counted == len(cases) + 1, counted
+    assert slow.response().status == 408
+    assert time.monotonic() - sent > 29
+    assert eventually(lambda: len(bad_request_lines(proxy)) >= len(cases) + 2)  # the log line may come after
+    statuses = [line.split(" bad_request ", 1)[1].split()[0] for line in bad_request_lines(proxy)]
+    assert sorted(statuses) == sorted(["431", "431", "414", "400", "431", "408"]), statuses
+    final = scrape(lab)
+    assert final['egress_router_http_requests_total{verdict="bad_request"}'] - \
+        before['egress_router_http_requests_total{verdict="bad_request"}'] == len(statuses)
+    slow.close()
+
+
+def test_a_response_cut_by_an_upstream_reset_does_not_look_complete(lab: Lab, origin: Origin,
+                                                                    start_proxy: StartProxy) -> None:
+    """A close-delimited body cut off by a reset: HTTP/1.0 and HTTP/1.1 clients see a reset, not a clean end
+    (issue 10, item 9)."""
+    start_proxy("*.example.com")
+    for version in ("HTTP/1.0", "HTTP/1.1"):
+        with Client(lab) as client:
+            client.send(request_bytes("GET", "http://www.example.com/reset", version=version))
+            head = read_head(client.reader)
+            assert head is not None and b" 200 " in head.split(b"\r\n", 1)[0]
+            with pytest.raises((ConnectionResetError, ProtocolError)):
+                data = client.reader.read()  # a clean end would return the (cut) body
+                raise AssertionError(f"{version}: a clean end after {len(data)} bytes")
+
+
+def test_chunked_request_trailers_are_forwarded_as_trailers(lab: Lab, origin: Origin,
+                                                            start_proxy: StartProxy) -> None:
+    """On a new upstream connection (made after the whole request was read) and on a reused one
+    (issue 10, item 10)."""
+    start_proxy("*.example.com")
+    body = b"4\r\nwiki\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+    with Client(lab) as client:
+        for _ in range(2):
+            client.send(request_bytes("POST", "http://www.example.com/echo",
+                                      headers=[("Transfer-Encoding", "chunked"), ("Trailer", "X-Checksum")]) + body)
+            assert client.response().body == b"wiki"
+            seen = origin.requests("/echo")[-1]
+            assert seen.header("X-Checksum") is None and seen.header("X-Other") is None, seen.head
+            assert seen.trailers == (b"X-Checksum: abc", b"X-Other: 1"), seen.trailers
+    assert len({s.peer for s in origin.requests("/echo")}) == 1  # the second went on the reused connection
+
+
+def test_an_upstream_switching_protocols_unasked_gets_one_502(lab: Lab, origin: Origin,
+                                                              start_proxy: StartProxy) -> None:
+    """101 to a plain GET: one 502, no 101 before it, and the connection goes on (issue 10, item 11)."""
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/switch"))
+        head = read_head(client.reader)
+        assert head is not None and head.startswith(b"HTTP/1.1 502 "), head
+        client.reader.read(int(re.search(rb"Content-Length: (\d+)", head)[1]))  # type: ignore[index]
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)
+
+
+def test_informational_responses_keep_their_headers_and_skip_http10_clients(
+        lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """103 Early Hints: forwarded with its Link header to HTTP/1.1 clients, never to HTTP/1.0 ones
+    (issue 10, item 12)."""
+    from tests.lab.origin import EARLY_HINT_LINK
+
+    start_proxy("*.example.com")
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/early-hints"))
+        head = read_head(client.reader) or b""
+        assert head.startswith(b"HTTP/1.1 103 "), head
+        assert f"Link: {EARLY_HINT_LINK}\r\n".encode() in head, head
+        assert client.response().body == b"final\n"
+    with Client(lab) as client:
+        client.send(request_bytes("GET", "http://www.example.com/early-hints", version="HTTP/1.0"))
+        head = read_head(client.reader) or b""
+        assert head.startswith(b"HTTP/1.1 200 "), head
+
+
+def test_a_request_pipelined_after_connection_close_is_ignored(lab: Lab, origin: Origin,
+                                                               start_proxy: StartProxy) -> None:
+    """The first request's answer arrives, then the connection ends (issue 10, item 13)."""
+    start_proxy("*.example.com")
+    for version, close in (("HTTP/1.1", [("Connection", "close")]), ("HTTP/1.0", [])):
+        with Client(lab) as client:
+            client.send(request_bytes("GET", "http://www.example.com/hello", headers=close, version=version)
+                        + request_bytes("GET", "http://api.example.com/hello"))
+            assert_hello(client.response(), WWW)
+            assert client.at_eof()
+    assert not [seen for seen in origin.requests("/hello") if seen.landed_ip == API]
+
+
+def test_host_names_with_underscores(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """The allow list accepts '_' in names as DNS does: so do both request forms (issue 10, item 14)."""
+    start_proxy("*.example.com\nunder_score.test")
+    assert_hello(fetch(lab, "http://my_host.example.com/hello"), WWW)
+    assert_hello(fetch(lab, "http://under_score.test:8081/hello"), WWW, 8081)
+    assert origin.requests("/hello")[-1].header("Host") == "under_score.test:8081"
+    with Client(lab) as client:
+        assert connect(client, "my_host.example.com:7000").status == 200
+    assert fetch(lab, "http://bad_.host_/hello").status == 403  # a name the list does not allow
+    for refused in ("http://a_b@www.example.com/", "http://my_host.example.com:x/", "http://my host/"):
+        assert fetch(lab, refused).status == 400, refused

@@ -13,10 +13,13 @@ import pytest
 
 from egress_router.proxy import metrics
 from egress_router.proxy.http_rules import (
+    BODY,
+    CHUNKED,
     HEALTHZ,
     METRICS,
     REASONS,
     TUNNEL_ESTABLISHED,
+    UPGRADE,
     VIA,
     Host,
     ProxyError,
@@ -24,18 +27,23 @@ from egress_router.proxy.http_rules import (
     ends_connection,
     error_response,
     final_head,
+    head_too_large,
     host_text,
     interim_head,
+    keeps_connection,
+    last_chunk,
     lists_tokens,
     local_page,
+    may_retry,
     parse_absolute_form,
     parse_connect_target,
     request_fields,
+    request_framing,
     request_head,
-    request_is_chunked,
     response_ends_at_head,
     response_fields,
     simple_response,
+    stand_in_head,
 )
 
 H = list[tuple[bytes, bytes]]
@@ -109,6 +117,15 @@ ABSOLUTE_FORM: list[tuple[bytes, Host, int, bytes]] = [
     (b"http://a.example:1/", "a.example", 1, b"/"),
     (b"http://a.example:65535/", "a.example", 65535, b"/"),
     (b"http://@a.example/", "a.example", 80, b"/"),  # empty user information: nothing to refuse (today)
+    # test_host_names_with_underscores: '_' as DNS names (and the allow list) may have it, httptools not
+    (b"http://my_host.example.com/hello", "my_host.example.com", 80, b"/hello"),
+    (b"http://under_score.test:8081/hello", "under_score.test", 8081, b"/hello"),
+    (b"http://a_b.example/", "a_b.example", 80, b"/"),
+    (b"http://A_B.Example./p?q=_#f", "a_b.example", 80, b"/p?q=_"),
+    (b"http://_a.example", "_a.example", 80, b"/"),
+    (b"http://a_b.example?x=1", "a_b.example", 80, b"/?x=1"),
+    (b"http://a_b.example:00080/", "a_b.example", 80, b"/"),
+    (b"http://a.example/_path_", "a.example", 80, b"/_path_"),  # in the path httptools takes it anyway
 ]
 
 
@@ -155,7 +172,22 @@ ABSOLUTE_FORM_REFUSED: list[tuple[bytes, str]] = [
                             "ends with '-'"),
     (b"http://a.123/", "bad host 'a.123': 'a.123' is not a dotted-quad IPv4 address (nor a host name: its last "
                        "label is a number)"),
-    (b"http://a_b.example/", NOT_A_URL),  # today: httptools refuses '_' in a host, which CONNECT accepts
+    # test_host_names_with_underscores: with a '_', the rest of the URL is judged as without it
+    (b"http://a_b@www.example.com/", USERINFO),
+    (b"http://u:p_w@a_b.example/", USERINFO),
+    (b"http://my_host.example.com:x/", NOT_A_URL),
+    (b"http://a_b.example:/", NOT_A_URL),
+    (b"http://a_b.example:65536/", NOT_A_URL),
+    (b"http://a_b.example#frag", NOT_A_URL),
+    (b"http://a_b example/", NOT_A_URL),
+    (b"http://[a_b]/", NOT_A_URL),
+    (b"https://a_b.example/", NOT_HTTP),
+    (b"a_b.example:80", NOT_A_URL),
+    (b"http://a_b.example:0/", "port 0 is not a port number (1-65535)"),
+    (b"http://a_b..example/", "bad host 'a_b..example': 'a_b..example' is not a valid host name: it has an empty "
+                              "label ('..')"),
+    (b"http://a_.123/", "bad host 'a_.123': 'a_.123' is not a dotted-quad IPv4 address (nor a host name: its last "
+                        "label is a number)"),
 ]
 
 
@@ -266,13 +298,45 @@ def test_host_text(host: Host, text: str) -> None:
 
 # ------------------------------------------------------------------ requests sent upstream
 
-@pytest.mark.parametrize("headers, chunked", [
-    ([(b"Transfer-Encoding", b"chunked")], True), ([(b"transfer-encoding", b"CHUNKED")], True),
-    ([(b"Transfer-Encoding", b"gzip, chunked")], True), ([(b"Content-Length", b"5")], False), ([], False),
-    ([(b"Transfer-Encoding", b"gzip")], False), ([(b"X-Transfer-Encoding", b"chunked")], False),
+@pytest.mark.parametrize("headers, framing", [
+    ([(b"Transfer-Encoding", b"chunked")], CHUNKED | BODY), ([(b"transfer-encoding", b"CHUNKED")], CHUNKED | BODY),
+    ([(b"Transfer-Encoding", b"gzip, chunked")], CHUNKED | BODY), ([(b"Content-Length", b"5")], BODY), ([], 0),
+    ([(b"Transfer-Encoding", b"gzip")], 0), ([(b"X-Transfer-Encoding", b"chunked")], 0),
+    # test_many_pipelined_requests_the_proxy_answers_itself: no body, the head is the whole request
+    ([(b"Host", b"proxy")], 0), ([(b"Content-Length", b"0")], 0), ([(b"content-length", b" 000 ")], 0),
+    ([(b"Content-Length", b"10")], BODY), ([(b"Content-Length", b"100")], BODY),
+    # test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped
+    ([(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"), (b"Content-Length", b"5")], UPGRADE | BODY),
+    ([(b"upgrade", b"websocket")], UPGRADE), ([(b"Upgrade", b"h2c"), (b"Transfer-Encoding", b"chunked")],
+                                              UPGRADE | CHUNKED | BODY),
+    ([(b"X-Upgrade", b"h2c")], 0),
 ])
-def test_request_is_chunked(headers: H, chunked: bool) -> None:
-    assert request_is_chunked(headers) is chunked
+def test_request_framing(headers: H, framing: int) -> None:
+    assert request_framing(headers) == framing
+
+
+@pytest.mark.parametrize("headers, chunked, head", [
+    # the stand-in after an Upgrade request carries its framing only
+    ([(b"Upgrade", b"h2c"), (b"Content-Length", b"5")], False, b"PUT / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+    ([(b"Upgrade", b"h2c"), (b"content-length", b" 12 ")], False, b"PUT / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+    ([(b"Upgrade", b"h2c")], False, b"PUT / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+    ([(b"Upgrade", b"h2c"), (b"Transfer-Encoding", b"chunked")], True,
+     b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+])
+def test_stand_in_head(headers: H, chunked: bool, head: bytes) -> None:
+    assert stand_in_head(headers, chunked) == head
+
+
+@pytest.mark.parametrize("trailers, end", [
+    # test_chunked_request_trailers_are_forwarded_as_trailers
+    (None, b"0\r\n\r\n"), ([], b"0\r\n\r\n"),
+    ([(b"X-Checksum", b"abc"), (b"X-Other", b"1")], b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"),
+    # framing, routing and hop-by-hop fields belong to the head
+    ([(b"Content-Length", b"5"), (b"Host", b"evil"), (b"Transfer-Encoding", b"chunked"), (b"Connection", b"close"),
+      (b"X-Kept", b"y")], b"0\r\nX-Kept: y\r\n\r\n"),
+])
+def test_last_chunk(trailers: H | None, end: bytes) -> None:
+    assert last_chunk(trailers) == end
 
 
 HOPS = [(b"Connection", b"keep-alive, X-Conn-Token"), (b"X-Conn-Token", b"secret"), (b"Keep-Alive", b"timeout=5"),
@@ -406,18 +470,33 @@ def test_response_ends_at_head(status: int, head_only: bool, ends: bool) -> None
     assert response_ends_at_head(status, head_only) is ends
 
 
-@pytest.mark.parametrize("status, reason, head", [
-    (100, b"Continue", b"HTTP/1.1 100 Continue\r\n\r\n"), (103, b"Early Hints", b"HTTP/1.1 103 Early Hints\r\n\r\n"),
+@pytest.mark.parametrize("status, reason, headers, version, head", [
+    (100, b"Continue", [], "1.1", b"HTTP/1.1 100 Continue\r\nVia: 1.1 egress-router\r\n\r\n"),
+    # test_informational_responses_keep_their_headers_and_skip_http10_clients
+    (103, b"Early Hints", [(b"Link", b"</style.css>; rel=preload")], "1.1",
+     b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nVia: 1.1 egress-router\r\n\r\n"),
+    (103, b"Early Hints", [(b"Link", b"</style.css>; rel=preload")], "1.0", None),  # RFC 9110 section 15.2
+    (100, b"Continue", [], "1.0", None),
+    (102, b"Processing", [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"Keep-Alive", b"x")], "1.1",
+     b"HTTP/1.1 102 Processing\r\nVia: 1.1 egress-router\r\n\r\n"),  # hop-by-hop fields stay behind
 ])
-def test_interim_head(status: int, reason: bytes, head: bytes) -> None:
-    assert interim_head(status, reason) == head
+def test_interim_head(status: int, reason: bytes, headers: H, version: str, head: bytes | None) -> None:
+    assert interim_head(status, reason, headers, version) == head
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_an_unasked_switch_of_protocols_is_an_invalid_response(version: str) -> None:
+    # test_an_upstream_switching_protocols_unasked_gets_one_502
+    with pytest.raises(ProxyError) as info:
+        interim_head(101, b"Switching Protocols", [(b"Upgrade", b"other")], version)
+    assert (info.value.status, info.value.counter) == (502, None)
 
 
 # ------------------------------------------------------------------ the proxy's own answers
 
 @pytest.mark.parametrize("status, reason", [
     (200, "OK"), (400, "Bad Request"), (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"),
-    (408, "Request Timeout"), (431, "Request Header Fields Too Large"), (502, "Bad Gateway"),
+    (408, "Request Timeout"), (414, "URI Too Long"), (431, "Request Header Fields Too Large"), (502, "Bad Gateway"),
     (503, "Service Unavailable"), (504, "Gateway Timeout"), (418, "Error"), (500, "Error"),
 ])
 def test_status_lines(status: int, reason: str) -> None:
@@ -469,10 +548,52 @@ def test_tunnel_established_and_via() -> None:
 
 
 @pytest.mark.parametrize("status, ends", [
-    (400, True), (431, True), (403, False), (408, False), (502, False), (503, False), (504, False),
+    (400, True), (431, True), (414, True), (403, False), (408, False), (502, False), (503, False), (504, False),
 ])
 def test_which_errors_end_the_connection(status: int, ends: bool) -> None:
     assert ends_connection(status) is ends
+
+
+@pytest.mark.parametrize("status, keep_alive, read_all, tunnel, keeps", [
+    # test_many_pipelined_requests_the_proxy_answers_itself: a refused request without a body
+    (403, True, True, False, True), (200, True, True, False, True), (502, True, True, False, True),
+    (403, False, True, False, False),  # Connection: close, HTTP/1.0, draining
+    (403, True, False, False, False),  # a body not read
+    # test_upgrade_requests_are_plain_requests_and_nothing_after_them_is_dropped: after a refused CONNECT
+    (403, True, True, True, False), (502, True, True, True, False), (504, True, True, True, False),
+    # test_oversized_heads_get_431_and_414_and_every_parser_error_is_counted
+    (400, True, True, False, False), (414, True, True, False, False), (431, True, True, False, False),
+])
+def test_which_answers_keep_the_connection(status: int, keep_alive: bool, read_all: bool, tunnel: bool,
+                                          keeps: bool) -> None:
+    assert keeps_connection(status, keep_alive, read_all, tunnel) is keeps
+
+
+@pytest.mark.parametrize("in_target, status, message", [
+    (True, 414, "request target too long"), (False, 431, "request head too large"),
+])
+def test_heads_too_large(in_target: bool, status: int, message: str) -> None:
+    error = head_too_large(in_target)
+    assert (error.status, error.message, error.counter) == (status, message, metrics.BAD)
+    assert ends_connection(error.status)
+
+
+@pytest.mark.parametrize("method, reused, answered, complete, body_sent, retry", [
+    # test_a_reused_upstream_closed_by_the_server_is_retried_on_a_fresh_connection
+    (b"GET", True, False, True, 0, True),
+    # test_only_idempotent_requests_are_retried_on_a_fresh_connection: RFC 9110 section 9.2.2
+    (b"PUT", True, False, True, 0, True), (b"HEAD", True, False, True, 0, True),
+    (b"OPTIONS", True, False, True, 0, True), (b"TRACE", True, False, True, 0, True),
+    (b"DELETE", True, False, True, 0, True),
+    (b"POST", True, False, True, 0, False), (b"PATCH", True, False, True, 0, False),
+    (b"LOCK", True, False, True, 0, False), (b"get", True, False, True, 0, False),
+    # only the keep-alive race, only with nothing to send again
+    (b"GET", False, False, True, 0, False), (b"GET", True, True, True, 0, False),
+    (b"GET", True, False, False, 0, False), (b"PUT", True, False, True, 5, False),
+])
+def test_which_requests_are_retried(method: bytes, reused: bool, answered: bool, complete: bool, body_sent: int,
+                                    retry: bool) -> None:
+    assert may_retry(method, reused, answered, complete, body_sent) is retry
 
 
 def test_proxy_error_carries_status_message_and_counter() -> None:
