@@ -9,9 +9,9 @@ from .config import RouterConfig
 from .nat import NatRules, nat_rules
 from .podnet import PodFacts, return_path_steps
 from .redirect import Destinations
-from .steps import Address, Announce, LinkUp, PolicyRule, Route, Sysctl
+from .steps import Address, Announce, LinkUp, PolicyRule, PruneRoutes, Route, Sysctl
 
-Step = NatRules | Address | LinkUp | Route | PolicyRule | Sysctl | Announce
+Step = NatRules | Address | LinkUp | Route | PolicyRule | PruneRoutes | Sysctl | Announce
 
 IP_FORWARD = "net.ipv4.ip_forward"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from .nat import POD_MARK
-from .steps import MAIN_TABLE, PolicyRule, Route, Sysctl
+from .steps import MAIN_TABLE, PolicyRule, PruneRoutes, Route, Sysctl
 
 RETURN_TABLE = 7910  # the routing table the router owns (ip route show table 7910)
 RETURN_PRIORITY = 7910  # its policy rule's priority: before the main table (32766), after local (0)
@@ -51,15 +51,15 @@ def parse_nameservers(text: str) -> tuple[IPv4Address, ...]:
 
 
 def return_path_steps(pod_interface: str, facts: PodFacts,
-                      cluster_cidrs: tuple[IPv4Network, ...]) -> list[Route | PolicyRule | Sysctl]:
+                      cluster_cidrs: tuple[IPv4Network, ...]) -> list[Route | PolicyRule | Sysctl | PruneRoutes]:
     """The routing steps of the return path (the mark rules are in the iptables step)."""
     gateway = facts.gateway
     onlink = gateway is not None
 
     def via_pod(destination: IPv4Network, table: int = MAIN_TABLE, sole: bool = False) -> Route:
-        return Route(pod_interface, destination, gateway, sole=sole, table=table, onlink=onlink)
+        return Route(pod_interface, destination, gateway, sole=sole, table=table, onlink=onlink, owned=True)
 
-    steps: list[Route | PolicyRule | Sysctl] = [
+    steps: list[Route | PolicyRule | Sysctl | PruneRoutes] = [
         via_pod(DEFAULT, RETURN_TABLE, sole=True),
         PolicyRule(RETURN_PRIORITY, POD_MARK, POD_MARK, RETURN_TABLE),
     ]
@@ -68,6 +68,7 @@ def return_path_steps(pod_interface: str, facts: PodFacts,
         # default route now leaves through the egress interface, and drops what arrives on the pod
         # interface. Loose mode there (the effective value is the larger of `all` and the interface's).
         steps.append(Sysctl(f"net.ipv4.conf.{pod_interface}.rp_filter", "2"))
-    for network in (*(IPv4Network(ns) for ns in facts.nameservers), *cluster_cidrs):
-        steps.append(via_pod(network))
+    kept = tuple(dict.fromkeys((*(IPv4Network(ns) for ns in facts.nameservers), *cluster_cidrs)))
+    steps += [via_pod(network) for network in kept]
+    steps.append(PruneRoutes(pod_interface, kept))
     return steps

@@ -32,6 +32,7 @@ class LinkUp:
 
 
 MAIN_TABLE = 254
+ROUTER_PROTO = 245  # the routing protocol number routes of the router's own carry (ip route show proto 245)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class Route:
     sole: bool = False
     table: int = MAIN_TABLE
     onlink: bool = False
+    owned: bool = False  # tagged with ROUTER_PROTO, so that a later plan without it removes it (PruneRoutes)
 
     def render(self) -> str:
         where = "default" if self.destination.prefixlen == 0 else str(self.destination)
@@ -57,7 +59,23 @@ class Route:
         scope = " scope link" if self.gateway is None else ""
         onlink = " onlink" if self.onlink and self.gateway is not None else ""
         table = f" table {self.table}" if self.table != MAIN_TABLE else ""
-        return f"ip route replace {where}{via} dev {self.interface}{scope}{onlink}{table}"
+        proto = f" proto {ROUTER_PROTO}" if self.owned else ""
+        return f"ip route replace {where}{via} dev {self.interface}{scope}{onlink}{table}{proto}"
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRoutes:
+    """Routes of the router's own (ROUTER_PROTO) through `interface` in the main table other than `keep` are
+    removed: what a changed configuration no longer asks for (a network dropped from EGRESS_CLUSTER_CIDRS).
+    Routes of anyone else are never touched."""
+
+    interface: str
+    keep: tuple[IPv4Network, ...]
+
+    def render(self) -> str:
+        kept = ", ".join(map(str, self.keep)) or "none"
+        return (f"ip route del <each route dev {self.interface} proto {ROUTER_PROTO} but {kept}>"
+                "  # only what an earlier configuration added")
 
 
 @dataclass(frozen=True, slots=True)

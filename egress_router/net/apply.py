@@ -19,9 +19,9 @@ from typing import Any
 from ..core.errors import SetupError
 from ..core.nat import NatRules, NatState, restore_payload
 from ..core.plan import Plan, Step
-from ..core.steps import Address, Announce, LinkUp, PolicyRule, Route, Sysctl
+from ..core.steps import ROUTER_PROTO, Address, Announce, LinkUp, PolicyRule, PruneRoutes, Route, Sysctl
 from . import arp, iptables
-from .rtnl import SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
+from .rtnl import RTPROT_STATIC, SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
 from .rtnl import Route as KernelRoute
 from .rtnl import Rule as KernelRule
 
@@ -171,7 +171,8 @@ def kernel_route(context: Context, step: Route) -> KernelRoute:
     gateway = None if step.gateway is None else str(step.gateway)
     scope = SCOPE_LINK if step.gateway is None else SCOPE_UNIVERSE
     return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface), None, scope,
-                       table=step.table, onlink=step.onlink and gateway is not None)
+                       ROUTER_PROTO if step.owned else RTPROT_STATIC, table=step.table,
+                       onlink=step.onlink and gateway is not None)
 
 
 def same_destination(context: Context, wanted: KernelRoute) -> list[KernelRoute]:
@@ -200,6 +201,26 @@ def route_apply(context: Context, step: Route, undo: Undo) -> None:
             log.info("Removed old %s route %s", "default" if not old.dst_len else old.dst, describe(old))
     log.info("Added route %s", shown)
     context.changes += 1
+
+
+def stale_routes(context: Context, step: PruneRoutes) -> list[KernelRoute]:
+    index = context.index(step.interface)
+    keep = {(str(n.network_address), n.prefixlen) for n in step.keep}
+    return [r for r in context.rtnl.routes() if r.proto == ROUTER_PROTO and r.oif == index
+            and (r.dst or "0.0.0.0", r.dst_len) not in keep]
+
+
+def prune_holds(context: Context, step: PruneRoutes) -> bool:
+    return not stale_routes(context, step)
+
+
+def prune_apply(context: Context, step: PruneRoutes, undo: Undo) -> None:
+    for route in stale_routes(context, step):
+        shown = f"{route.dst}/{route.dst_len} via {route.gateway or '(on link)'} dev {step.interface}"
+        attempt(f"removing the route {shown} (no longer configured)", partial(context.rtnl.route, "del", route))
+        undo.push(f"remove route {shown}", partial(context.rtnl.route, "add", route))
+        log.info("Removed route %s: the configuration no longer asks for it", shown)
+        context.changes += 1
 
 
 # ---------------------------------------------------------------- policy rules
@@ -312,6 +333,7 @@ APPLIERS: Mapping[type, Applier] = MappingProxyType({
     LinkUp: Applier(link_up_holds, link_up_apply),
     Route: Applier(route_holds, route_apply),
     PolicyRule: Applier(rule_holds, rule_apply),
+    PruneRoutes: Applier(prune_holds, prune_apply),
     Sysctl: Applier(sysctl_holds, sysctl_apply),
     Announce: Applier(announce_holds, announce_apply),
 })

@@ -238,3 +238,24 @@ def test_other_owners_rules_survive_and_a_failure_undoes_the_new_steps(make_podl
 def no_qdisc(snapshot: str) -> str:
     """Setting a link up the first time attaches its default qdisc, which stays: kernel bookkeeping."""
     return re.sub(r" qdisc \S+ ", " qdisc - ", snapshot)
+
+
+def test_a_changed_configuration_converges_and_leaves_other_routes_alone(make_podlab: MakePodLab) -> None:
+    """Networks dropped from EGRESS_CLUSTER_CIDRS lose their routes on the next run (ours carry proto 245);
+    a route through the pod interface that someone else added stays."""
+    lab = make_podlab("cilium")
+    lab.exec("router", ["ip", "route", "add", "198.51.100.232/30", "via", lab.pod_gateway, "dev", "eth0"], check=True)
+
+    def ours() -> list[str]:
+        shown = lab.exec("router", ["ip", "route", "show", "proto", "245"], check=True).stdout
+        return sorted(line.split()[0] for line in shown.splitlines())
+
+    init_with(lab, lab.router_env(EGRESS_CLUSTER_CIDRS="198.51.100.240/29, 198.51.100.248/30"))
+    assert ours() == ["198.51.100.138", "198.51.100.240/29", "198.51.100.248/30"]
+    changed = init_with(lab, lab.router_env(EGRESS_CLUSTER_CIDRS="198.51.100.240/29"))
+    assert "Removed route 198.51.100.248/30" in changed
+    assert ours() == ["198.51.100.138", "198.51.100.240/29"]
+    init_with(lab, lab.router_env())
+    assert ours() == ["198.51.100.138"]
+    assert "198.51.100.232/30 via" in lab.exec("router", ["ip", "route"], check=True).stdout
+    assert "network already configured" in init_with(lab, lab.router_env())

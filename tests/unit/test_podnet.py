@@ -48,13 +48,15 @@ def test_return_path_steps_in_order_and_before_the_default_route() -> None:
     facts = PodFacts(True, POD_GATEWAY, (DNS,))
     plan = network_plan("macvlan0", "eth0", SOURCE, LAN_GATEWAY, None, facts, (IPv4Network("198.51.100.192/26"),))
     rendered = [step.render() for step in plan.steps[1:]]
-    assert rendered[3:7] == [
-        f"ip route replace default via {POD_GATEWAY} dev eth0 onlink table {RETURN_TABLE}",
+    assert rendered[3:8] == [
+        f"ip route replace default via {POD_GATEWAY} dev eth0 onlink table {RETURN_TABLE} proto 245",
         f"ip rule add fwmark {POD_MARK:#x}/{POD_MARK:#x} lookup {RETURN_TABLE} priority {RETURN_PRIORITY}",
-        f"ip route replace {DNS}/32 via {POD_GATEWAY} dev eth0 onlink",
-        f"ip route replace 198.51.100.192/26 via {POD_GATEWAY} dev eth0 onlink",
+        f"ip route replace {DNS}/32 via {POD_GATEWAY} dev eth0 onlink proto 245",
+        f"ip route replace 198.51.100.192/26 via {POD_GATEWAY} dev eth0 onlink proto 245",
+        f"ip route del <each route dev eth0 proto 245 but {DNS}/32, 198.51.100.192/26>  # only what an earlier "
+        "configuration added",
     ]
-    assert rendered[7] == "ip route replace default via 192.0.2.1 dev macvlan0"  # taken over only after
+    assert rendered[8] == "ip route replace default via 192.0.2.1 dev macvlan0"  # taken over only after
 
 
 def test_the_iptables_step_marks_pod_connections_even_without_nat() -> None:
@@ -89,8 +91,8 @@ def test_strict_rp_filter_is_loosened_on_the_pod_interface_only_when_strict() ->
 
 def test_a_device_route_next_hop_and_unknown_or_pattern_interfaces() -> None:
     direct = return_steps(PodFacts(True, None))
-    assert direct[0] == Route("eth0", IPv4Network("0.0.0.0/0"), None, sole=True, table=RETURN_TABLE)
-    assert direct[0].render() == f"ip route replace default dev eth0 scope link table {RETURN_TABLE}"
+    assert direct[0] == Route("eth0", IPv4Network("0.0.0.0/0"), None, sole=True, table=RETURN_TABLE, owned=True)
+    assert direct[0].render() == f"ip route replace default dev eth0 scope link table {RETURN_TABLE} proto 245"
     assert return_steps(PodFacts()) == []  # next hop unknown: no return path
     assert return_steps(PodFacts(True, POD_GATEWAY), pod="veth+") == []  # a pattern is not one interface
 
@@ -141,8 +143,8 @@ def test_render_with_a_next_hop_shows_every_step(tmp_path: object) -> None:
                                 env=env)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "*mangle" in lines and f"ip route replace {DNS}/32 via {POD_GATEWAY} dev eth0 onlink" in lines
-    assert f"ip route replace default via {POD_GATEWAY} dev eth0 onlink table 7910" in lines
-    assert "ip route replace 198.51.100.192/26 via 198.51.100.254 dev eth0 onlink" in lines
+    assert "*mangle" in lines and f"ip route replace {DNS}/32 via {POD_GATEWAY} dev eth0 onlink proto 245" in lines
+    assert f"ip route replace default via {POD_GATEWAY} dev eth0 onlink table 7910 proto 245" in lines
+    assert "ip route replace 198.51.100.192/26 via 198.51.100.254 dev eth0 onlink proto 245" in lines
     bad = CliRunner().invoke(main, ["render", "--pod-next-hop", "10.0.0"], env=BASE)
     assert bad.exit_code == 1 and bad.stderr.startswith("error: --pod-next-hop: '10.0.0' is not an IPv4 address")
