@@ -16,6 +16,7 @@ from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
 from egress_router.lab import ROUTER_POD_IP, SOURCE_IP, Lab, router_command
 from egress_router.net import lock
 from tests.demo_rules import demo_dnat_rules, demo_snat_rules
+from tests.lab.inprocess import failed_apply
 
 
 def rules_in_place(lab: Lab) -> bool:
@@ -113,9 +114,6 @@ def test_a_stuck_holder_is_a_clear_error_and_nothing_changes(lab: Lab, monkeypat
 
 def test_a_failed_undo_is_not_reported_as_done(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step fails and so does the undo of an earlier one: the error must say so, not 'were undone'."""
-    from egress_router import router
-    from egress_router.core.config import load
-    from egress_router.core.errors import SetupError
     from egress_router.net.rtnl import NetlinkError, Route, Rtnl
 
     real_route, real_address = Rtnl.route, Rtnl.address
@@ -132,14 +130,7 @@ def test_a_failed_undo_is_not_reported_as_done(lab: Lab, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(Rtnl, "route", route)
     monkeypatch.setattr(Rtnl, "address", address)
-    with lab.entered("router"):
-        prepared = router.prepare(load(lab.router_env()))
-        try:
-            with pytest.raises(SetupError) as raised:
-                router.apply(prepared)
-        finally:
-            prepared.rtnl.close()
-    message = str(raised.value)
+    message = failed_apply(lab)
     assert "were undone" not in message
     assert "undoing the changes made before it failed too, for: add address 192.0.2.99/24 (Device or resource " \
            "busy)" in message

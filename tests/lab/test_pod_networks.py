@@ -8,7 +8,6 @@ rp_filter 0, 1 and 2 in the router pod. Destinations must see only EGRESS_SOURCE
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 from egress_router.lab import DEMO_SERVERS, DEST_IPS
 from egress_router.podlab import LAYOUTS, PodLab
 from tests.lab.conftest import origins
+from tests.lab.inprocess import failed_apply, without_qdisc
 from tests.lab.origin import Origin, host_of, read_response
 from tests.lab.proxyproc import ProxyProcess, proxy_env, spawn_proxy
 
@@ -198,9 +198,6 @@ def test_other_owners_rules_survive_and_a_failure_undoes_the_new_steps(make_podl
     """Another owner's mangle rules and policy rule are untouched by a run and by its undo; when the last
     network step fails, the return path's steps (table 7910, the policy rule, the nameserver route, the
     loosened rp_filter, the mark rules) are undone with the rest."""
-    from egress_router import router
-    from egress_router.core.config import load
-    from egress_router.core.errors import SetupError
     from egress_router.net import apply as net_apply
 
     lab = make_podlab("calico", rp_filter=1)
@@ -216,15 +213,8 @@ def test_other_owners_rules_survive_and_a_failure_undoes_the_new_steps(make_podl
             handle.write(value)
 
     monkeypatch.setattr(net_apply, "write_sysctl", write)
-    with lab.entered("router"):
-        prepared = router.prepare(load(lab.router_env()))
-        try:
-            with pytest.raises(SetupError) as raised:
-                router.apply(prepared)
-        finally:
-            prepared.rtnl.close()
-    assert str(raised.value).endswith("; the changes made before it were undone")
-    assert no_qdisc(lab.snapshot("router")) == no_qdisc(before)
+    assert failed_apply(lab).endswith("; the changes made before it were undone")
+    assert without_qdisc(lab.snapshot("router")) == without_qdisc(before)
     monkeypatch.undo()
     init(lab)  # and for real: theirs still there, ours added
     mangle = lab.exec("router", ["iptables-save", "-t", "mangle"], check=True).stdout
@@ -233,11 +223,6 @@ def test_other_owners_rules_survive_and_a_failure_undoes_the_new_steps(make_podl
     rules = lab.exec("router", ["ip", "rule", "show"], check=True).stdout
     assert "5000:\tfrom all fwmark 0x539/0xfff lookup 100" in rules
     assert "7910:\tfrom all fwmark 0x2000000/0x2000000 lookup 7910" in rules
-
-
-def no_qdisc(snapshot: str) -> str:
-    """Setting a link up the first time attaches its default qdisc, which stays: kernel bookkeeping."""
-    return re.sub(r" qdisc \S+ ", " qdisc - ", snapshot)
 
 
 def test_a_changed_configuration_converges_and_leaves_other_routes_alone(make_podlab: MakePodLab) -> None:

@@ -12,6 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter of this venv, with an environment of nothing but PATH."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+
 def test_only_the_package_is_installed_at_the_top_level() -> None:
     """The root entrypoint.py (the design card's container entry) is not installed as a module `entrypoint`."""
     top_level = importlib.metadata.distribution("egress-router").read_text("top_level.txt")
@@ -42,8 +48,7 @@ def test_the_init_path_does_not_import_pyroute2_whole() -> None:
         "print(getattr(sys.modules['pyroute2'], '__file__', None))\n"
         "print(sorted(n for n in sys.modules if n.startswith(('pyroute2.iproute', 'pyroute2.ndb', 'asyncio'))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["None", "[]"], done.stdout
     assert "loading the whole package" not in done.stderr
@@ -57,8 +62,7 @@ def test_the_fallback_is_not_silent() -> None:
         "from egress_router.net import pyroute\n"
         "print(pyroute._import('pyroute2.netlink.rtnl.no_such_module_here'))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    done = run_python(code)
     assert done.returncode == 1  # the module really does not exist, also after the whole import
     assert "loading the whole package" in done.stderr
     assert "ModuleNotFoundError" in done.stderr
