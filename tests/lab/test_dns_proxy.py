@@ -221,14 +221,23 @@ class Services:
 class Proxy(ProxyProcess):
     """egress-router running the DNS proxy in the router namespace; its stderr collected as it comes."""
 
-    def __init__(self, lab: Lab, process: subprocess.Popen[str], grace: float, ready_port: int):
+    def __init__(self, lab: Lab, process: subprocess.Popen[str], grace: float, ready_port: int, debug: bool):
         super().__init__(lab, process, grace)
         self.ready_port = ready_port
+        self.debug = debug  # every connection's end is logged, the readiness probes' too
 
     def connection_lines(self, port: int | None = None) -> list[re.Match[str]]:
         """The per-connection log lines (the readiness probes aside)."""
         matches = [m for line in self.lines() if (m := CONN_LINE.search(line))]
         return [m for m in matches if int(m["port"]) != self.ready_port and (port is None or int(m["port"]) == port)]
+
+    def probe_ends(self) -> int:
+        """How many readiness probes the proxy has logged as ended."""
+        return sum(1 for line in self.lines() if (m := CONN_LINE.search(line)) and int(m["port"]) == self.ready_port)
+
+    def wait_probe_ends(self, count: int) -> None:
+        if not eventually(lambda: self.probe_ends() >= count, IO_TIMEOUT):
+            pytest.fail(f"{count} readiness probe(s), {self.probe_ends()} ended:\n{self.stderr}")
 
     def wait_connection_lines(self, count: int, port: int | None = None, timeout: float = 3.0) -> list[re.Match[str]]:
         """The per-connection lines once there are at least `count` (a line may come just after the client saw
@@ -254,19 +263,27 @@ class Proxy(ProxyProcess):
         return self.wait_log(rf"Port {port}: {re.escape(name)} is now ", timeout)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        """Polls a TCP connection through the readiness port until it is relayed (bounded)."""
+        """Polls a TCP connection through the readiness port until it is relayed (bounded). With the
+        per-connection log on, it then waits until the proxy has seen every probe end: a probe the
+        client closed still counts as open until then (against EGRESS_DNS_PROXY_MAX_CONNECTIONS too)."""
         deadline = time.monotonic() + timeout
+        probes = 0  # probes the proxy accepted
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 time.sleep(0.1)  # let the readers collect the last words
                 pytest.fail(f"the proxy exited with {self.process.returncode}:\n{self.stderr}")
+            relayed = False
             try:
                 with Conn(self.lab, self.ready_port, timeout=1) as conn:
-                    if conn.line().startswith(f"{A}:{self.ready_port} "):
-                        self.remember_workers()
-                        return
+                    probes += 1
+                    relayed = conn.line().startswith(f"{A}:{self.ready_port} ")
             except OSError:
                 pass
+            if relayed:  # the probe is closed now: wait until the proxy saw it (and every earlier one) end
+                self.remember_workers()
+                if self.debug:
+                    self.wait_probe_ends(probes)
+                return
             time.sleep(0.03)
         pytest.fail(f"the proxy did not relay a connection within {timeout} s:\n{self.stderr}")
 
@@ -315,7 +332,7 @@ def start_proxy(lab: Lab, dns: DnsServer, services: Services) -> Iterator[StartP
                          "EGRESS_DNS_PROXY_WORKERS": "1", "EGRESS_DNS_PROXY_DEBUG": "1",
                          "EGRESS_PROXY_GRACE_SECONDS": "3"}, network=network, variables=variables)
         proxy = Proxy(lab, spawn_proxy(lab, env, prefix, program), float(env["EGRESS_PROXY_GRACE_SECONDS"]),
-                      ready_port)
+                      ready_port, env["EGRESS_DNS_PROXY_DEBUG"] == "1")
         started.append(proxy)
         if wait:
             proxy.wait_ready()
@@ -460,12 +477,12 @@ def test_every_address_is_a_backend_and_load_is_balanced(lab: Lab, dns: DnsServe
             conn = Conn(lab, 7001)
             held[conn.landed_ip()].append(conn)
         assert [len(v) for v in held.values()] == [1, 1, 1], {k: len(v) for k, v in held.items()}
-        for gone in (B, C, B):
+        for ended, gone in enumerate((B, C, B), 1):
             leaving = held[gone].pop()
             assert leaving.finish() == TAIL
             leaving.close()
             assert eventually(lambda: services.open_count(gone) == len(held[gone]))  # noqa: B023
-            time.sleep(0.1)  # the proxy has seen both ends close too
+            proxy.wait_connection_lines(ended, 7001)  # the proxy has seen both ends close too
             conn = Conn(lab, 7001)  # the emptier backend gets the next one
             landed = conn.landed_ip()
             held[landed].append(conn)
