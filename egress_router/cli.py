@@ -20,7 +20,7 @@ from . import __version__
 from .container import fail, run_container
 from .core import variables as v
 from .core.allowlist import GRAMMAR_HELP as ACL_HELP
-from .core.config import RouterConfig, load
+from .core.config import RouterConfig
 from .core.errors import ConfigError, EgressRouterError
 from .core.forwards import GRAMMAR_HELP as DNS_HELP
 from .core.nat import POD_MARK
@@ -29,6 +29,7 @@ from .core.podnet import RETURN_PRIORITY, RETURN_TABLE, PodFacts, parse_nameserv
 from .core.redirect import GRAMMAR_HELP
 from .core.values import parse_ipv4
 from .core.variables import DEFAULT_INTERFACE, VARIABLES, Variable
+from .sources import load_config
 
 
 def _variables_help() -> str:
@@ -118,7 +119,7 @@ class VariableOption(click.Option):
 
     def get_help_extra(self, ctx: click.Context) -> Any:
         extra = super().get_help_extra(ctx)
-        if not self.required and self.variable.shown_default:
+        if not self.required and self.variable.shown_default not in ("", "(unset)"):
             extra["default"] = self.variable.shown_default
         return extra
 
@@ -161,6 +162,7 @@ CONFIG_OPTIONS = (
     option(v.POD_INTERFACE, "--pod-interface"),
     option(v.INTERFACE, "--interface"),
     option(v.DESTINATION, "--destination", help="redirect rules, one per line (use $'...\\n...')"),
+    option(v.DESTINATION_FILE, "--destination-file"),
     option(v.GATEWAY, "--gateway"),
     option(v.SOURCE, "--source"),
     option(v.IPTABLES, "--iptables"),
@@ -175,7 +177,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def config_from_options(options: Mapping[str, str | None]) -> RouterConfig:
-    config: RouterConfig = guarded(lambda: load(environment(options)))
+    config: RouterConfig = guarded(lambda: load_config(environment(options)))
     return config
 
 

@@ -17,10 +17,10 @@ def fail(message: str) -> NoReturn:
 
 def run_container(env: Mapping[str, str]) -> int:
     """The container behaviour for `env`; returns the exit code (user errors: one line on stderr, 1)."""
-    from .core.config import load
+    from .sources import load_config
 
     try:
-        config = load(env)
+        config = load_config(env)
         if config.mode == "unit-test":
             from .core.nat import legacy_lines
 

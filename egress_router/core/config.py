@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from types import MappingProxyType
+from typing import Any
 
 from . import variables as v
 from .allowlist import AccessList, parse_access_list
@@ -19,8 +21,10 @@ from .redirect import Destinations, parse_destinations
 from .values import parse_ipv4
 from .variables import DEFAULT_IPTABLES, DEFAULT_MODE, MODES, NAT_MODES, unknown_variable_warnings
 
-__all__ = ["DEFAULT_MODE", "MODES", "NAT_MODES", "DnsProxySettings", "HttpProxySettings", "RouterConfig", "load"]
+__all__ = ["DEFAULT_MODE", "MODES", "NAT_MODES", "DnsProxySettings", "HttpProxySettings", "RouterConfig", "load",
+           "rule_files"]
 
+NO_FILES: Mapping[str, str] = MappingProxyType({})
 HEADER_LIMIT = 64 * 1024  # bytes of request line + headers
 
 
@@ -84,11 +88,14 @@ class RouterConfig:
         return self.source is not None
 
 
-def load(env: Mapping[str, str]) -> RouterConfig:
-    """Validate the environment; raise ConfigError naming the first bad variable."""
+def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterConfig:
+    """Validate the environment; raise ConfigError naming the first bad variable.
+
+    `files` holds the content of every file rule_files(env) names (path -> text), read by the caller:
+    the core reads nothing itself."""
     mode = select_mode(env)
-    http_proxy = load_http_proxy(env) if v.HTTP_DESTINATION.is_set(env) else None
-    dns_proxy = load_dns_proxy(env) if v.DNS_DESTINATION.is_set(env) else None
+    http_proxy = load_http_proxy(env, files) if given(env, v.HTTP_DESTINATION) else None
+    dns_proxy = load_dns_proxy(env, files) if given(env, v.DNS_DESTINATION) else None
     source: IPv4Interface | None = None
     gateway: IPv4Address | None = None
     has_prefix = False
@@ -101,7 +108,7 @@ def load(env: Mapping[str, str]) -> RouterConfig:
         gateway = parse_gateway(v.GATEWAY.require(env), source, has_prefix)
     destinations = None
     if mode in NAT_MODES:
-        destinations = parse_destinations(v.DESTINATION.require(env), v.DESTINATION.name)
+        destinations = parse_destinations(*rules(env, files, v.DESTINATION))
     interface = v.INTERFACE.read(env)
     pod_interface = v.POD_INTERFACE.read(env)
     if interface is not None and interface == pod_interface:
@@ -127,7 +134,7 @@ def select_mode(env: Mapping[str, str]) -> str:
     """EGRESS_ROUTER_MODE; unset with EGRESS_HTTP_PROXY_DESTINATION set means http-proxy (the legacy proxy
     container set only the latter)."""
     mode = v.MODE.read(env) if v.MODE.is_set(env) else ""
-    http, dns = v.HTTP_DESTINATION.is_set(env), v.DNS_DESTINATION.is_set(env)
+    http, dns = given(env, v.HTTP_DESTINATION), given(env, v.DNS_DESTINATION)
     if http and dns:
         raise ConfigError(v.DNS_DESTINATION.name, "is set together with EGRESS_HTTP_PROXY_DESTINATION: "
                           "run the two proxies in two containers")
@@ -141,10 +148,10 @@ def select_mode(env: Mapping[str, str]) -> str:
     return mode or DEFAULT_MODE
 
 
-def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
+def load_http_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> HttpProxySettings:
     """Validate the HTTP proxy variables; raise ConfigError naming the first bad one."""
     return HttpProxySettings(
-        acl=parse_access_list(v.HTTP_DESTINATION.require(env), v.HTTP_DESTINATION.name),
+        acl=parse_access_list(*rules(env, files, v.HTTP_DESTINATION)),
         port=v.HTTP_PORT.read(env),
         workers=v.HTTP_WORKERS.read(env),
         access_log=v.HTTP_ACCESS_LOG.read(env),
@@ -156,9 +163,9 @@ def load_http_proxy(env: Mapping[str, str]) -> HttpProxySettings:
     )
 
 
-def load_dns_proxy(env: Mapping[str, str]) -> DnsProxySettings:
+def load_dns_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> DnsProxySettings:
     """Validate the DNS proxy variables; raise ConfigError naming the first bad one."""
-    forwards = parse_dns_destinations(env.get(v.DNS_DESTINATION.name, ""), v.DNS_DESTINATION.name)
+    forwards = parse_dns_destinations(*rules(env, files, v.DNS_DESTINATION))
     ttl_min, ttl_max = v.DNS_TTL_MIN.read(env), v.DNS_TTL_MAX.read(env)
     if ttl_max < ttl_min:
         raise ConfigError(v.DNS_TTL_MAX.name, f"{ttl_max:g} is below EGRESS_DNS_PROXY_TTL_MIN ({ttl_min:g})")
@@ -173,6 +180,33 @@ def load_dns_proxy(env: Mapping[str, str]) -> DnsProxySettings:
         ttl_max=ttl_max,
         grace_seconds=v.GRACE.read(env),
     )
+
+
+def given(env: Mapping[str, str], grammar: v.Variable[Any]) -> bool:
+    """Whether the rules of `grammar` are given, inline or in a file."""
+    return grammar.is_set(env) or v.RULE_FILES[grammar.name].is_set(env)
+
+
+def rule_files(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The paths of the rule files the environment names, for the caller to read and pass to load()."""
+    return tuple(dict.fromkeys(file.read(env) for file in v.RULE_FILES.values() if file.is_set(env)))
+
+
+def rules(env: Mapping[str, str], files: Mapping[str, str], grammar: v.Variable[Any]) -> tuple[str, str]:
+    """The rules of one grammar and the name its errors give: the variable, or the file variable with its path
+    (`EGRESS_DESTINATION_FILE=/etc/egress/rules line 3: ...`). Inline and file together is an error."""
+    file = v.RULE_FILES[grammar.name]
+    if not file.is_set(env):
+        return grammar.require(env), grammar.name
+    if grammar.is_set(env):
+        raise ConfigError(file.name, f"is set together with {grammar.name}: give the rules in one of them")
+    path = file.read(env)
+    where = f"{file.name}={path}"
+    if path not in files:
+        raise ConfigError(where, "was not read")
+    if not files[path].strip():
+        raise ConfigError(where, "is empty")
+    return files[path], where
 
 
 def parse_source(value: str) -> tuple[IPv4Interface, bool]:

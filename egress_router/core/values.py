@@ -184,3 +184,11 @@ def non_empty(value: str, variable: str) -> bool:
 def text(value: str, variable: str) -> str:
     """The text as given (multiline grammars are parsed where their rules are needed)."""
     return value
+
+
+def path(value: str, variable: str) -> str:
+    """A file path (relative ones are taken from the working directory)."""
+    stripped = value.strip()
+    if "\0" in stripped or "\n" in stripped:
+        raise ConfigError(variable, f"{stripped!r} is not a file path")
+    return stripped

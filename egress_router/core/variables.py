@@ -79,6 +79,9 @@ GATEWAY: Variable[str] = Variable(
 DESTINATION: Variable[str] = Variable(
     "EGRESS_DESTINATION", "", "(required in init, legacy, unit-test)", "redirect rules, one per line",
     NAT_MODES, values.text, "RULES")
+DESTINATION_FILE: Variable[str] = Variable(
+    "EGRESS_DESTINATION_FILE", "", "(unset)", "a file holding the redirect rules instead (e.g. a mounted ConfigMap "
+    "key); legacy mode reloads it when it changes", NAT_MODES, values.path, "PATH")
 MODE: Variable[str] = Variable(
     "EGRESS_ROUTER_MODE", DEFAULT_MODE, DEFAULT_MODE, "one of " + ", ".join(MODES), MODES, values.one_of(MODES),
     "MODE", choices=MODES)
@@ -104,6 +107,9 @@ CLUSTER_CIDRS: Variable[tuple[IPv4Network, ...]] = Variable(
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
     ("http-proxy",), values.text, "RULES")
+HTTP_DESTINATION_FILE: Variable[str] = Variable(
+    "EGRESS_HTTP_PROXY_DESTINATION_FILE", "", "(unset)", "a file holding the allow list instead; set: run the "
+    "proxy, which reloads the file when it changes", ("http-proxy",), values.path, "PATH")
 HTTP_PORT: Variable[int] = Variable(
     "EGRESS_HTTP_PROXY_PORT", 8080, "8080", "port the HTTP proxy listens on (IPv4 and IPv6)", ("http-proxy",),
     values.whole_number(1, 65535), "PORT")
@@ -130,6 +136,9 @@ GRACE: Variable[float] = Variable(
 DNS_DESTINATION: Variable[str] = Variable(
     "EGRESS_DNS_PROXY_DESTINATION", "", "(unset)", "TCP forwards, one per line: port host [remote_port]; "
     "set: run the proxy", ("dns-proxy",), values.text, "RULES")
+DNS_DESTINATION_FILE: Variable[str] = Variable(
+    "EGRESS_DNS_PROXY_DESTINATION_FILE", "", "(unset)", "a file holding the forwards instead; set: run the "
+    "proxy, which reloads the file when it changes", ("dns-proxy",), values.path, "PATH")
 DNS_DEBUG: Variable[bool] = Variable(
     "EGRESS_DNS_PROXY_DEBUG", False, "(off)", "1: one log line per connection", ("dns-proxy",), values.flag, "BOOL")
 DNS_WORKERS = _workers("EGRESS_DNS_PROXY_WORKERS", "dns-proxy", "ports")
@@ -151,12 +160,19 @@ DNS_TTL_MAX: Variable[float] = Variable(
 
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
-    SOURCE, GATEWAY, DESTINATION, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES, CLUSTER_CIDRS,
-    HTTP_DESTINATION, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT, HTTP_MAX_CONNECTIONS,
-    HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
-    DNS_DESTINATION, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT, DNS_MAX_CONNECTIONS,
-    DNS_TTL_MIN, DNS_TTL_MAX,
+    SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES, CLUSTER_CIDRS,
+    HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
+    HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
+    DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,
+    DNS_MAX_CONNECTIONS, DNS_TTL_MIN, DNS_TTL_MAX,
 )}
+
+# Each multiline grammar and the variable naming a file that may hold it instead (one of the two, not both).
+RULE_FILES: Mapping[str, Variable[str]] = {
+    DESTINATION.name: DESTINATION_FILE,
+    HTTP_DESTINATION.name: HTTP_DESTINATION_FILE,
+    DNS_DESTINATION.name: DNS_DESTINATION_FILE,
+}
 
 
 def unknown_variable_warnings(env: Mapping[str, str]) -> tuple[str, ...]:
