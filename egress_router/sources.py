@@ -43,6 +43,11 @@ def read_rule_file(path: str, variable: str) -> str:
         raise ConfigError(where, f"is not UTF-8 text (byte {exc.start})", line=line) from None
 
 
+def watched_paths(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Every file the configuration was read from: the ones a long-running mode watches and reloads."""
+    return tuple(variable.read(env) for variable in v.RULE_FILES.values() if variable.is_set(env))
+
+
 def load_config(env: Mapping[str, str]) -> RouterConfig:
     """core.config.load with the rule files read."""
     return load(env, read_files(env))
