@@ -24,8 +24,8 @@ DEFAULT_MACVLAN_MODE = "Bridge"  # the CRD's default
 PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 # Why the OpenShift operator and we differ on fallbackIP: its controller hands the value to its templates, whose
 # NetworkAttachmentDefinition never uses it, so there connections to ports without a rule are rejected.
-FALLBACK_NOTE = ("the OpenShift cluster-network-operator drops spec.redirect.fallbackIP (its egress router rejects "
-                 "connections to ports without a rule); egress-router honours it")
+FALLBACK_NOTE = ("the OpenShift cluster-network-operator drops it (its egress router rejects connections to ports "
+                 "without a rule); egress-router honours it")
 # Variables about how our router does its work, not what it redirects: no EgressRouter field, and nothing lost
 # for the traffic when they are dropped (the operator's pod makes these choices itself).
 IMPLEMENTATION = (v.DEBUG, v.INTERFACE, v.POD_INTERFACE, v.IPTABLES, v.CLUSTER_CIDRS)
@@ -278,7 +278,7 @@ def from_env(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES, *, nam
     dropped += [f"{name} only matters to the proxies; dropped" for name, variable in v.VARIABLES.items()
                 if variable.is_set(env) and not set(variable.modes) & set(v.NAT_MODES)]
     if config.destinations.fallback is not None:
-        dropped.append(FALLBACK_NOTE)
+        dropped.append(f"spec.redirect.fallbackIP: {FALLBACK_NOTE}")
     router = EgressRouter(name, namespace, config.source, config.gateway, config.destinations, macvlan_mode, master)
     return router, (*config.warnings, *dropped)
 
