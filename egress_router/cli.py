@@ -1,4 +1,4 @@
-"""The command line for people: render, validate, variables, demo and the two proxies' commands.
+"""The command line for people: render, validate, convert, variables, demo and the two proxies' commands.
 
 Every option mirrors an EGRESS_* variable and takes its name, envvar, metavar and shown default from
 the registry (core.variables); an option given on the command line wins over its variable, and the
@@ -163,6 +163,7 @@ CONFIG_OPTIONS = (
     option(v.INTERFACE, "--interface"),
     option(v.DESTINATION, "--destination", help="redirect rules, one per line (use $'...\\n...')"),
     option(v.DESTINATION_FILE, "--destination-file"),
+    option(v.CONFIG_FILE, "--config-file"),
     option(v.GATEWAY, "--gateway"),
     option(v.SOURCE, "--source"),
     option(v.IPTABLES, "--iptables"),
@@ -348,6 +349,36 @@ def http_proxy(**options: str | bool | None) -> None:
 @flag(v.DNS_DEBUG, "--debug/--no-debug")
 def dns_proxy(**options: str | bool | None) -> None:
     sys.exit(run_container(environment(options, without=(v.MODE.name,))))
+
+
+@main.command()
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--to", "to", required=True, type=click.Choice(("env", "pod", "deployment", "egressrouter")),
+              help="What to print: the container's env list, a Pod or a Deployment (each with its macvlan "
+                   "NetworkAttachmentDefinition) from an EgressRouter; or an EgressRouter from a Pod or workload.")
+@click.option("--image", default="egress-router:latest", show_default=True, help="The router image (pod, deployment).")
+def convert(file: str, to: str, image: str) -> None:
+    """Convert between an EgressRouter object (network.operator.openshift.io/v1, YAML or JSON) and a legacy-style
+    router in redirect mode; FILE '-' reads stdin. What one side cannot say is an error naming the field or the
+    variable; what is dropped without changing the traffic is a warning on stderr.
+
+    \b
+    egress-router convert router.yaml --to deployment > deployment.yaml
+    egress-router convert redirect-pod.yaml --to egressrouter"""
+    from .convert import convert as run
+
+    def action() -> None:
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(file, f"cannot read it: {reason}") from None
+        converted = run("<stdin>" if file == "-" else file, text, to, image=image)
+        for warning in converted.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(converted.text, nl=False)
+
+    guarded(action)
 
 
 @main.command()

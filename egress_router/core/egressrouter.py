@@ -269,8 +269,8 @@ def from_env(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES, *, nam
             raise ConfigError(named.name, "has no EgressRouter counterpart: the API has only mode Redirect (no HTTP "
                               "or DNS proxy)")
     if v.MODE.is_set(env) and v.MODE.read(env) not in ("init", "legacy"):
-        raise ConfigError(v.MODE.name, f"{v.MODE.read(env)!r} has no EgressRouter counterpart: only the redirect "
-                          "modes init and legacy do")
+        raise ConfigError(v.MODE.name, f"{v.MODE.read(env)!r} has no EgressRouter counterpart: the API has only "
+                          "mode Redirect (egress-router's init and legacy)")
     config = load(env, files)
     assert config.source is not None and config.gateway is not None and config.destinations is not None
     dropped = [f"{variable.name} has no EgressRouter field; dropped (the operator's pod decides it)"
