@@ -123,7 +123,8 @@ def _proxy(env: Mapping[str, str]) -> bool:
 def _router(item: RouterEnvironment, objects: Sequence[KubeObject], where: str) -> tuple[EgressRouter, tuple[str, ...]]:
     from .sources import with_config_file
 
-    metadata = item.obj.body.get("metadata") if isinstance(item.obj.body.get("metadata"), dict) else {}
+    found = item.obj.body.get("metadata")
+    metadata: Mapping[str, Any] = found if isinstance(found, dict) else {}
     annotations = item.pod_metadata.get("annotations")
     networks = pod_networks(annotations if isinstance(annotations, Mapping) else {})
     definitions = [obj.body for obj in objects if obj.kind == NAD_KIND]
@@ -147,13 +148,12 @@ def dump(documents: Sequence[Any], *, explicit_start: bool = True) -> str:
     """YAML documents; multiline strings (rule lists) as literal blocks, one rule a line."""
     import yaml
 
-    class Dumper(yaml.SafeDumper):
-        pass
+    dumper_class: Any = type("Dumper", (yaml.SafeDumper,), {})  # a representer of our own, not on SafeDumper itself
 
-    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    def text(dumper: Any, value: str) -> Any:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
 
-    Dumper.add_representer(str, text)
-    text_out: str = yaml.dump_all(documents, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=1000,
+    dumper_class.add_representer(str, text)
+    text_out: str = yaml.dump_all(documents, Dumper=dumper_class, sort_keys=False, default_flow_style=False, width=1000,
                                   explicit_start=explicit_start)
     return text_out
