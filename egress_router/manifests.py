@@ -396,10 +396,11 @@ def _load(env: _Environment, problems: list[tuple[Severity, str]]) -> RouterConf
         if env.incomplete or any(name == exc.variable or name in str(exc) for name in env.broken):
             return None  # a consequence of an error already reported for that variable
         hidden = [name for name in env.unknown if name == exc.variable or name in str(exc)]
-        hidden += [f"{name}: {why}" for name, why in env.unread.items() if name in str(exc)]
-        if hidden or env.opaque:
+        unread = [f"{name}: {why}" for name, why in env.unread.items() if name in str(exc)]
+        if hidden or unread or env.opaque:
             why = ", ".join(hidden) or ", ".join(env.opaque)
-            problems.append(("warning", f"not fully checked ({why} known only in the cluster): {exc}"))
+            why = ", ".join([f"{why} known only in the cluster"] * bool(hidden or not unread) + unread)
+            problems.append(("warning", f"not fully checked ({why}): {exc}"))
         else:
             problems.append(("error", str(exc)))
         return None
