@@ -440,3 +440,36 @@ def test_convert_names_the_field_and_the_object(tmp_path: Path) -> None:
                              "spec.redirect.redirectRules[1].protocol: 'ICMP' is not TCP, UDP or SCTP\n")
     missing = invoke(["convert", str(tmp_path / "none.yaml"), "--to", "env"])
     assert missing.exit_code == 1 and missing.stderr.endswith("cannot read it: No such file or directory\n")
+
+
+def test_the_container_path_takes_the_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The console script with no arguments (the image's entrypoint): unit-test mode prints the legacy NAT
+    rules, the same from the EgressRouter file as from the variables; a bad file is one line and exit 1."""
+    from egress_router.container import run_container
+
+    path = tmp_path / "router.yaml"
+    path.write_text(DOCUMENTED, encoding="utf-8")
+    assert run_container({"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_ROUTER_CONFIG_FILE": str(path)}) == 0
+    from_file = capsys.readouterr().out
+    assert run_container({"EGRESS_ROUTER_MODE": "unit-test", **DOCUMENTED_ENV}) == 0
+    assert capsys.readouterr().out == from_file
+    assert "--to-destination 203.0.113.11:80" in from_file and "203.0.113.13" in from_file
+    path.write_text(DOCUMENTED.replace("port: 8080", "port: 0"), encoding="utf-8")
+    with pytest.raises(SystemExit) as exited:
+        run_container({"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_ROUTER_CONFIG_FILE": str(path)})
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (f"error: EGRESS_ROUTER_CONFIG_FILE={path}: spec.redirect.redirectRules[1].port: "
+                                       "0 is not a port number (1-65535)\n")
+
+
+def test_render_and_validate_take_the_config_file_option(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(DOCUMENTED, encoding="utf-8")
+    result = invoke(["validate", "--config-file", str(path), "--mode", "init"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("valid: init mode; source 192.0.2.99/24; gateway 192.0.2.1; 3 port rule(s), "
+                             "fallback 203.0.113.13\n")
+    rendered = invoke(["render", "--config-file", str(path), "--mode", "init"])
+    by_env = invoke(["render", "--mode", "init", "--source", DOCUMENTED_ENV["EGRESS_SOURCE"], "--gateway",
+                     DOCUMENTED_ENV["EGRESS_GATEWAY"], "--destination", DOCUMENTED_ENV["EGRESS_DESTINATION"]])
+    assert rendered.exit_code == 0 and rendered.stdout == by_env.stdout
