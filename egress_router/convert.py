@@ -148,7 +148,8 @@ def dump(documents: Sequence[Any], *, explicit_start: bool = True) -> str:
     """YAML documents; multiline strings (rule lists) as literal blocks, one rule a line."""
     import yaml
 
-    dumper_class: Any = type("Dumper", (yaml.SafeDumper,), {})  # a representer of our own, not on SafeDumper itself
+    # a representer of our own, not on SafeDumper itself; libyaml's emitter when PyYAML has it (faster)
+    dumper_class: Any = type("Dumper", (getattr(yaml, "CSafeDumper", yaml.SafeDumper),), {})
 
     def text(dumper: Any, value: str) -> Any:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)

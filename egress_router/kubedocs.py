@@ -39,7 +39,7 @@ def parse_objects(name: str, text: str) -> tuple[list[KubeObject], list[str]]:
 
     try:
         # JSON may be indented with tabs, which YAML refuses
-        documents = [json.loads(text)] if name.endswith(".json") else list(yaml.safe_load_all(text))
+        documents = [json.loads(text)] if name.endswith(".json") else load_yaml(text)
     except json.JSONDecodeError as exc:
         return [], [f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
     except yaml.MarkedYAMLError as exc:
@@ -62,6 +62,20 @@ def parse_objects(name: str, text: str) -> tuple[list[KubeObject], list[str]]:
             else:
                 objects.append(obj)
     return objects, problems
+
+
+def load_yaml(text: str) -> list[Any]:
+    """Every document of `text`: with libyaml's loader when PyYAML has it (~10x faster on long rule lists), and on
+    an error again with PyYAML's own, whose messages (and line numbers) are the ones people know."""
+    import yaml
+
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return list(yaml.load_all(text, Loader=fast))
+        except (yaml.YAMLError, RecursionError):
+            pass
+    return list(yaml.safe_load_all(text))
 
 
 def _flatten(name: str, number: int, document: Any) -> Iterator[tuple[KubeObject, str]]:
