@@ -357,7 +357,10 @@ def dns_proxy(**options: str | bool | None) -> None:
               help="What to print: the container's env list, a Pod or a Deployment (each with its macvlan "
                    "NetworkAttachmentDefinition) from an EgressRouter; or an EgressRouter from a Pod or workload.")
 @click.option("--image", default="egress-router:latest", show_default=True, help="The router image (pod, deployment).")
-def convert(file: str, to: str, image: str) -> None:
+@click.option("--macvlan", type=click.Choice(("multus", "openshift-sdn")), default="multus", show_default=True,
+              help="Where the pod's macvlan comes from (pod, deployment): a Multus NetworkAttachmentDefinition, or "
+                   "OpenShift SDN's pod.network.openshift.io/assign-macvlan annotation.")
+def convert(file: str, to: str, image: str, macvlan: str) -> None:
     """Convert between an EgressRouter object (network.operator.openshift.io/v1, YAML or JSON) and a legacy-style
     router in redirect mode; FILE '-' reads stdin. What one side cannot say is an error naming the field or the
     variable; what is dropped without changing the traffic is a warning on stderr.
@@ -373,7 +376,7 @@ def convert(file: str, to: str, image: str) -> None:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(file, f"cannot read it: {reason}") from None
-        converted = run("<stdin>" if file == "-" else file, text, to, image=image)
+        converted = run("<stdin>" if file == "-" else file, text, to, image=image, macvlan=macvlan)
         for warning in converted.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(converted.text, nl=False)

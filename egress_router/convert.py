@@ -12,7 +12,7 @@ from .core.config import given
 from .core.egressrouter import EgressRouter
 from .core.errors import ConfigError
 from .kubedocs import KubeObject, parse_objects
-from .manifests import RouterEnvironment, router_environments
+from .manifests import OPENSHIFT_MACVLAN, RouterEnvironment, router_environments
 from .podfiles import MULTUS_NETWORKS, NAD_KIND, macvlan_of, nad_object, pod_networks
 
 TARGETS = ("env", "pod", "deployment", "egressrouter")
@@ -28,7 +28,7 @@ class Converted:
     warnings: tuple[str, ...] = ()
 
 
-def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE) -> Converted:
+def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE, macvlan: str = "multus") -> Converted:
     """Convert the objects in `text` (read from `name`); ConfigError on anything without a counterpart."""
     objects, problems = parse_objects(name, text)
     if problems:
@@ -46,13 +46,20 @@ def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE) -> Con
         raise ConfigError(f"{name}: {routers[0].label}", str(exc)) from None
     if to == "env":
         return Converted(dump([env_list(router)], explicit_start=False))
-    documents = [nad_object(network_name(router), router.namespace, router.macvlan_mode, router.master)]
-    documents.append(pod_object(router, image) if to == "pod" else deployment_object(router, image))
-    header = (f"# From EgressRouter/{router.name}: the reserved address on a macvlan interface (Multus, the "
-              "NetworkAttachmentDefinition below),\n# an init container that configures it and the NAT rules, a pause "
-              "container that keeps them.\n# Add a Service for the ports clients use. Check before applying: "
-              "egress-router validate -f FILE\n")
-    return Converted(header + dump(documents))
+    sdn = macvlan == "openshift-sdn"
+    documents = [] if sdn else [nad_object(network_name(router), router.namespace, router.macvlan_mode,
+                                           router.master)]
+    documents.append(pod_object(router, image, sdn) if to == "pod" else deployment_object(router, image, sdn))
+    interface = ("OpenShift SDN's, asked for by the assign-macvlan annotation" if sdn
+                 else "Multus', the NetworkAttachmentDefinition below")
+    header = (f"# From EgressRouter/{router.name}: the reserved address on a macvlan interface ({interface}),\n"
+              "# an init container that configures it and the NAT rules, a pause container that keeps them.\n"
+              "# Add a Service for the ports clients use. Check before applying: egress-router validate -f FILE\n")
+    warnings: tuple[str, ...] = ()
+    if sdn and (router.macvlan_mode != egressrouter.DEFAULT_MACVLAN_MODE or router.master):
+        warnings = ("spec.networkInterface.macvlan: dropped: OpenShift SDN's assign-macvlan annotation takes no "
+                    "mode or master (use --macvlan multus to keep them)",)
+    return Converted(header + dump(documents), warnings)
 
 
 def network_name(router: EgressRouter) -> str:
@@ -64,9 +71,10 @@ def env_list(router: EgressRouter) -> list[dict[str, str]]:
     return [{"name": key, "value": value} for key, value in env.items()]
 
 
-def pod_template(router: EgressRouter, image: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The pod's metadata (labels, the Multus annotation) and its spec: init container + pause container."""
-    metadata = {"labels": {"app": router.name}, "annotations": {MULTUS_NETWORKS: network_name(router)}}
+def pod_template(router: EgressRouter, image: str, sdn: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pod's metadata (labels, the macvlan annotation) and its spec: init container + pause container."""
+    annotation = {OPENSHIFT_MACVLAN: "true"} if sdn else {MULTUS_NETWORKS: network_name(router)}
+    metadata = {"labels": {"app": router.name}, "annotations": annotation}
     init = {"name": "egress-router", "image": image, "imagePullPolicy": "IfNotPresent",
             "securityContext": {"privileged": True}, "env": env_list(router)}
     pause = {"name": "egress-router-wait", "image": PAUSE_IMAGE,
@@ -74,13 +82,13 @@ def pod_template(router: EgressRouter, image: str) -> tuple[dict[str, Any], dict
     return metadata, {"initContainers": [init], "containers": [pause]}
 
 
-def pod_object(router: EgressRouter, image: str) -> dict[str, Any]:
-    metadata, spec = pod_template(router, image)
+def pod_object(router: EgressRouter, image: str, sdn: bool = False) -> dict[str, Any]:
+    metadata, spec = pod_template(router, image, sdn)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {**_identity(router), **metadata}, "spec": spec}
 
 
-def deployment_object(router: EgressRouter, image: str) -> dict[str, Any]:
-    metadata, spec = pod_template(router, image)
+def deployment_object(router: EgressRouter, image: str, sdn: bool = False) -> dict[str, Any]:
+    metadata, spec = pod_template(router, image, sdn)
     # one replica and Recreate: two pods would claim the same reserved address on the LAN
     body = {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": {"app": router.name}},
             "template": {"metadata": metadata, "spec": spec}}

@@ -473,3 +473,24 @@ def test_render_and_validate_take_the_config_file_option(tmp_path: Path) -> None
     by_env = invoke(["render", "--mode", "init", "--source", DOCUMENTED_ENV["EGRESS_SOURCE"], "--gateway",
                      DOCUMENTED_ENV["EGRESS_GATEWAY"], "--destination", DOCUMENTED_ENV["EGRESS_DESTINATION"]])
     assert rendered.exit_code == 0 and rendered.stdout == by_env.stdout
+
+
+def test_convert_for_openshift_sdn_uses_the_assign_macvlan_annotation(tmp_path: Path) -> None:
+    source = tmp_path / "router.yaml"
+    source.write_text(DOCUMENTED, encoding="utf-8")
+    result = invoke(["convert", str(source), "--to", "deployment", "--macvlan", "openshift-sdn"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # Bridge without a master: what the annotation gives anyway, nothing dropped
+    documents = list(yaml.safe_load_all(result.stdout))
+    assert [doc["kind"] for doc in documents] == ["Deployment"]
+    annotations = documents[0]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"pod.network.openshift.io/assign-macvlan": "true"}
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(result.stdout, encoding="utf-8")
+    checked = invoke(["validate", "-f", str(manifest)])
+    assert checked.exit_code == 0 and checked.stderr == "", checked.output
+    source.write_text(DOCUMENTED.replace('mode: "Bridge"', 'mode: "Private"'), encoding="utf-8")
+    private = invoke(["convert", str(source), "--to", "pod", "--macvlan", "openshift-sdn"])
+    assert private.exit_code == 0
+    assert private.stderr == ("warning: spec.networkInterface.macvlan: dropped: OpenShift SDN's assign-macvlan "
+                              "annotation takes no mode or master (use --macvlan multus to keep them)\n")
