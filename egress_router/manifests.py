@@ -385,6 +385,14 @@ def _is_egress_router(container: Mapping[str, Any], env: _Environment) -> bool:
 
 def _load(env: _Environment, problems: list[tuple[Severity, str]]) -> RouterConfig | None:
     """config.load(); an error that may only come from a value we could not see is a warning, not an error."""
+    name = v.CONFIG_FILE.name
+    if name in env.broken:
+        return None  # its error is reported: the rest follows from it
+    if name in env.unread or name in env.unknown:
+        why = f"{name}: {env.unread[name]}" if name in env.unread else f"{name} comes from {env.unknown[name]}"
+        problems.append(("warning", f"not fully checked ({why}): the EgressRouter it names is known only in the "
+                                    "cluster"))
+        return None
     try:
         values: Mapping[str, str] = env.values
         if v.CONFIG_FILE.is_set(values) and v.CONFIG_FILE.read(values) in env.files:

@@ -189,3 +189,24 @@ def test_pod_networks_and_their_macvlan() -> None:
     assert macvlan_of([lan], [(None, "lan")], "egress") == Macvlan("Private", "eth2")
     assert macvlan_of([lan], [(None, "wan")], None) is None
     assert macvlan_of([nad_object("lan", "a", "VEPA", None)], [(None, "lan")], "b") is None  # another namespace
+
+
+def test_a_config_file_known_only_in_the_cluster_is_a_warning(tmp_path: Path) -> None:
+    env = [{"name": "EGRESS_ROUTER_CONFIG_FILE", "value": "/etc/egress/router.yaml"}]
+    secret = validate(tmp_path, pod(env, RULES_MOUNT, [{"name": "rules", "secret": {"secretName": "rules"}}]))
+    assert secret.exit_code == 0, secret.output
+    assert lines(secret, tmp_path) == [
+        f"{WHERE}: partly checked: the rest needs values only the cluster has (see warnings)",
+        f"{WHERE}: warning: not fully checked (EGRESS_ROUTER_CONFIG_FILE: volume 'rules' is a secret): the "
+        "EgressRouter it names is known only in the cluster"]
+    from_secret = [{"name": "EGRESS_ROUTER_CONFIG_FILE",
+                    "valueFrom": {"secretKeyRef": {"name": "paths", "key": "router"}}}]
+    hidden = validate(tmp_path, pod(from_secret, RULES_MOUNT, RULES_VOLUME))
+    assert hidden.exit_code == 0, hidden.output
+    assert (f"{WHERE}: warning: not fully checked (EGRESS_ROUTER_CONFIG_FILE comes from secretKeyRef): the "
+            "EgressRouter it names is known only in the cluster") in lines(hidden, tmp_path)
+    missing = validate(tmp_path, configmap("rules", {"other": "x"}), pod(env, RULES_MOUNT, RULES_VOLUME))
+    assert missing.exit_code == 1
+    assert lines(missing, tmp_path) == [
+        f"{WHERE}: error: EGRESS_ROUTER_CONFIG_FILE=/etc/egress/router.yaml: ConfigMap 'rules' (volume 'rules') has "
+        "no key for 'router.yaml', so the file will not exist"]
