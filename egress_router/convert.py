@@ -12,7 +12,7 @@ from .core.config import given
 from .core.egressrouter import EgressRouter
 from .core.errors import ConfigError
 from .kubedocs import KubeObject, parse_objects
-from .manifests import OPENSHIFT_MACVLAN, RouterEnvironment, router_environments
+from .manifests import OPENSHIFT_MACVLAN, POD_SPEC_PATHS, configmaps_of, router_containers
 from .podfiles import MULTUS_NETWORKS, NAD_KIND, macvlan_of, nad_object, pod_networks
 
 TARGETS = ("env", "pod", "deployment", "egressrouter")
@@ -98,6 +98,45 @@ def deployment_object(router: EgressRouter, image: str, sdn: bool = False) -> di
 
 def _identity(router: EgressRouter) -> dict[str, str]:
     return {"name": router.name, **({"namespace": router.namespace} if router.namespace else {})}
+
+
+@dataclass(frozen=True, slots=True)
+class RouterEnvironment:
+    """An egress-router container's environment as the kubelet would give it, for `convert`."""
+
+    obj: KubeObject
+    container: str
+    values: Mapping[str, str]
+    files: Mapping[str, str]  # path -> content of the files its variables name, where the files checked hold them
+    problems: tuple[str, ...]  # errors, and what is known only in the cluster
+    pod_metadata: Mapping[str, Any]
+
+
+def router_environments(objects: Sequence[KubeObject]) -> list[RouterEnvironment]:
+    """Every egress-router container of the workloads among `objects` (ConfigMaps looked up among them too)."""
+    configmaps = configmaps_of(objects)
+    found = []
+    for obj in objects:
+        path = POD_SPEC_PATHS.get(obj.kind)
+        spec = _at(obj.body, path or ())
+        if path is None or not spec:
+            continue
+        for label, _, env in router_containers(obj, spec, configmaps):
+            problems = [message for severity, message in env.problems if severity == "error"]
+            problems += [f"{name} comes from {how}: known only in the cluster" for name, how in env.unknown.items()
+                         if name.startswith("EGRESS_")]
+            problems += [f"{name}: {why}: known only in the cluster" for name, why in env.unread.items()]
+            problems += [f"{source}: known only in the cluster" for source in env.opaque]
+            found.append(RouterEnvironment(obj, label, dict(env.values), dict(env.files), tuple(problems),
+                                           _at(obj.body, (*path[:-1], "metadata"))))
+    return found
+
+
+def _at(body: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any]:
+    value: Any = body
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def to_egress_router(name: str, objects: Sequence[KubeObject]) -> Converted:

@@ -119,7 +119,7 @@ def check(sources: Sequence[tuple[str, str]]) -> Report:
     """
     files = [(name, objects, [Finding("error", problem, name) for problem in problems])
              for name, text in sources for objects, problems in [parse_objects(name, text)]]
-    configmaps = _configmaps([obj for _, objects, _ in files for obj in objects])
+    configmaps = configmaps_of([obj for _, objects, _ in files for obj in objects])
     checked = []
     used: set[str] = set()
     for _, objects, _ in files:
@@ -138,41 +138,11 @@ def check(sources: Sequence[tuple[str, str]]) -> Report:
     return Report(tuple(report))
 
 
-def _configmaps(objects: Sequence[KubeObject]) -> list[_ConfigMap]:
+def configmaps_of(objects: Sequence[KubeObject]) -> list[_ConfigMap]:
+    """The ConfigMaps among `objects`, for router_containers to look references up in."""
     return [_ConfigMap(obj.file, obj.namespace, _mapping(obj.body["metadata"])["name"], _mapping(obj.body.get("data")))
             for obj in objects
             if obj.kind == "ConfigMap" and isinstance(_mapping(obj.body.get("metadata")).get("name"), str)]
-
-
-@dataclass(frozen=True, slots=True)
-class RouterEnvironment:
-    """An egress-router container's environment as the kubelet would give it, for `convert`."""
-
-    obj: KubeObject
-    container: str
-    values: Mapping[str, str]
-    files: Mapping[str, str]  # path -> content of the files its variables name, where the files checked hold them
-    problems: tuple[str, ...]  # errors, and what is known only in the cluster
-    pod_metadata: Mapping[str, Any]
-
-
-def router_environments(objects: Sequence[KubeObject]) -> list[RouterEnvironment]:
-    """Every egress-router container of the workloads among `objects` (ConfigMaps looked up among them too)."""
-    configmaps = _configmaps(objects)
-    found = []
-    for obj in objects:
-        path = POD_SPEC_PATHS.get(obj.kind)
-        if path is None or not isinstance(_nested_any(obj.body, path), dict):
-            continue
-        for label, _, env in router_containers(obj, _nested(obj.body, path), configmaps):
-            problems = [message for severity, message in env.problems if severity == "error"]
-            problems += [f"{name} comes from {how}: known only in the cluster" for name, how in env.unknown.items()
-                         if name.startswith("EGRESS_")]
-            problems += [f"{name}: {why}: known only in the cluster" for name, why in env.unread.items()]
-            problems += [f"{source}: known only in the cluster" for source in env.opaque]
-            found.append(RouterEnvironment(obj, label, dict(env.values), dict(env.files), tuple(problems),
-                                           _nested(obj.body, path[:-1] + ("metadata",))))
-    return found
 
 
 def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap]) -> tuple[list[Finding | Checked], set[str]]:
