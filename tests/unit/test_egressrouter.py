@@ -494,3 +494,15 @@ def test_convert_for_openshift_sdn_uses_the_assign_macvlan_annotation(tmp_path: 
     assert private.exit_code == 0
     assert private.stderr == ("warning: spec.networkInterface.macvlan: dropped: OpenShift SDN's assign-macvlan "
                               "annotation takes no mode or master (use --macvlan multus to keep them)\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(routers(), st.sampled_from(["pod", "deployment"]))
+def test_cr_to_a_workload_and_back_is_the_same_cr(router: EgressRouter, kind: str) -> None:
+    """Through the YAML people apply: the macvlan mode and master travel in the NetworkAttachmentDefinition."""
+    from egress_router.convert import convert
+
+    workload = convert("router.json", json.dumps(router.to_object()), kind)
+    back = convert("workload.yaml", workload.text, "egressrouter")
+    assert from_object(yaml.safe_load(back.text)) == router
+    assert (f"spec.redirect.fallbackIP: {FALLBACK_NOTE}" in back.warnings) == (router.destinations.fallback is not None)
