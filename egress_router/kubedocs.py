@@ -39,7 +39,7 @@ def parse_objects(name: str, text: str) -> tuple[list[KubeObject], list[str]]:
 
     try:
         # JSON may be indented with tabs, which YAML refuses
-        documents = [json.loads(text)] if name.endswith(".json") else load_yaml(text)
+        documents = [json.loads(text)] if name.endswith(".json") else _json_or_yaml(text)
     except json.JSONDecodeError as exc:
         return [], [f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
     except yaml.MarkedYAMLError as exc:
@@ -62,6 +62,16 @@ def parse_objects(name: str, text: str) -> tuple[list[KubeObject], list[str]]:
             else:
                 objects.append(obj)
     return objects, problems
+
+
+def _json_or_yaml(text: str) -> list[Any]:
+    """JSON without a .json name (stdin): JSON may be indented with tabs, which YAML refuses."""
+    if text.lstrip().startswith("{"):
+        try:
+            return [json.loads(text)]
+        except json.JSONDecodeError:
+            pass  # YAML flow style, or broken: YAML's message then
+    return load_yaml(text)
 
 
 def load_yaml(text: str) -> list[Any]:

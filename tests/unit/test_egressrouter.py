@@ -506,3 +506,9 @@ def test_cr_to_a_workload_and_back_is_the_same_cr(router: EgressRouter, kind: st
     back = convert("workload.yaml", workload.text, "egressrouter")
     assert from_object(yaml.safe_load(back.text)) == router
     assert (f"spec.redirect.fallbackIP: {FALLBACK_NOTE}" in back.warnings) == (router.destinations.fallback is not None)
+
+
+def test_convert_reads_tab_indented_json_from_stdin() -> None:
+    result = invoke(["convert", "-", "--to", "env"], stdin=json.dumps(documented(), indent="\t"))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)[1] == {"name": "EGRESS_SOURCE", "value": "192.0.2.99/24"}
