@@ -22,10 +22,11 @@ KIND = "EgressRouter"
 MACVLAN_MODES = ("Bridge", "Private", "VEPA", "Passthru")
 DEFAULT_MACVLAN_MODE = "Bridge"  # the CRD's default
 PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
-# Why the OpenShift operator and we differ on fallbackIP: its controller hands the value to its templates, whose
-# NetworkAttachmentDefinition never uses it, so there connections to ports without a rule are rejected.
-FALLBACK_NOTE = ("the OpenShift cluster-network-operator drops it (its egress router rejects connections to ports "
-                 "without a rule); egress-router honours it")
+# Why OpenShift and we differ on fallbackIP: the cluster-network-operator writes it into the NetworkAttachmentDefinition
+# it renders (since 2021; at first it did not), but the egress-router CNI plugin that reads that configuration knows
+# only addresses, gateway and destinations, so the value goes nowhere and other ports are not redirected.
+FALLBACK_NOTE = ("OpenShift's egress router drops it (the egress-router CNI plugin has no such setting: connections "
+                 "to ports without a rule are not redirected there); egress-router honours it")
 # Variables about how our router does its work, not what it redirects: no EgressRouter field, and nothing lost
 # for the traffic when they are dropped (the operator's pod makes these choices itself).
 IMPLEMENTATION = (v.DEBUG, v.INTERFACE, v.POD_INTERFACE, v.IPTABLES, v.CLUSTER_CIDRS)

@@ -201,7 +201,7 @@ def test_from_env_warns_of_what_it_drops() -> None:
         "EGRESS_IPTABLES has no EgressRouter field; dropped (the operator's pod decides it)",
         "EGRESS_PROXY_GRACE_SECONDS only matters to the proxies; dropped",
         f"spec.redirect.fallbackIP: {FALLBACK_NOTE}")
-    assert "drops it" in FALLBACK_NOTE and "honours it" in FALLBACK_NOTE
+    assert "OpenShift's egress router drops it" in FALLBACK_NOTE and "egress-router honours it" in FALLBACK_NOTE
     no_fallback = {**DOCUMENTED_ENV, "EGRESS_DESTINATION": "80 tcp 203.0.113.10"}
     assert from_env(no_fallback, name="r")[1] == ()
 
