@@ -35,15 +35,15 @@ def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE, macvla
         raise ConfigError(name, problems[0])
     routers = [obj for obj in objects if egressrouter.is_egress_router(obj.body)]
     if to == "egressrouter":
+        if len(routers) == 1 and len(objects) == 1:  # already one: checked, with the API's defaults spelled out
+            router = _from_object(name, routers[0])
+            return Converted(dump([router.to_object()]))
         return to_egress_router(name, objects)
     if len(routers) != 1:
         found = ", ".join(obj.label for obj in objects) or "nothing"
         raise ConfigError(name, f"--to {to} converts one EgressRouter object; found {found}"
                           + ("" if routers else " (from a Pod or Deployment: --to egressrouter)"))
-    try:
-        router = egressrouter.from_object(routers[0].body)
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {routers[0].label}", str(exc)) from None
+    router = _from_object(name, routers[0])
     if to == "env":
         return Converted(dump([env_list(router)], explicit_start=False))
     sdn = macvlan == "openshift-sdn"
@@ -60,6 +60,13 @@ def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE, macvla
         warnings = ("spec.networkInterface.macvlan: dropped: OpenShift SDN's assign-macvlan annotation takes no "
                     "mode or master (use --macvlan multus to keep them)",)
     return Converted(header + dump(documents), warnings)
+
+
+def _from_object(name: str, obj: KubeObject) -> EgressRouter:
+    try:
+        return egressrouter.from_object(obj.body)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {obj.label}", str(exc)) from None
 
 
 def network_name(router: EgressRouter) -> str:

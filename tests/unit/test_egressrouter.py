@@ -512,3 +512,14 @@ def test_convert_reads_tab_indented_json_from_stdin() -> None:
     result = invoke(["convert", "-", "--to", "env"], stdin=json.dumps(documented(), indent="\t"))
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)[1] == {"name": "EGRESS_SOURCE", "value": "192.0.2.99/24"}
+
+
+def test_convert_an_egress_router_to_one_checks_it_and_spells_out_the_defaults() -> None:
+    obj = documented()
+    del obj["spec"]["networkInterface"], obj["spec"]["mode"]
+    result = invoke(["convert", "-", "--to", "egressrouter"], stdin=json.dumps(obj))
+    assert result.exit_code == 0, result.output
+    spelled = yaml.safe_load(result.stdout)
+    assert spelled["spec"]["mode"] == "Redirect"
+    assert spelled["spec"]["networkInterface"] == {"macvlan": {"mode": "Bridge"}}
+    assert from_object(spelled) == from_object(obj)
