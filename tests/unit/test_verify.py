@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from egress_router.cli import main
 from egress_router.core.nat import DNAT_CHAIN, MARK_CHAIN, SNAT_CHAIN, NatRules, parse_save
+from egress_router.testinfra_plugin import RouterState, router_state, verify_command
 from egress_router.verify import Difference, Report, table_differences, verify
 
 NAT = NatRules(((DNAT_CHAIN, ("-i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.10",
@@ -129,3 +133,43 @@ def test_cli_help_documents_the_exit_codes_and_the_json_document() -> None:
     for expected in ("0  converged", "1  not converged", "2  cannot tell", '"converged": bool', "--output [text|json]",
                      "--destination-file"):
         assert expected in text
+
+
+# ---------------------------------------------------------------- the pytest plugin's command (no router needed)
+
+AWKWARD = "# partner's \"API\" $HOME `id` \\ ; & |\n80 tcp 203.0.113.10\n"
+FAKE_VERIFY = """#!{python}
+import json, os, sys
+assert sys.argv[1:] == ["verify", "--output", "json"], sys.argv
+seen = {{"env": sorted(os.environ), "rules": os.environ.get("EGRESS_DESTINATION")}}
+print(json.dumps({{"converged": True, "differences": [], "error": None, "summary": json.dumps(seen)}}))
+"""
+
+
+def test_the_plugin_passes_exactly_the_given_variables_quoted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import testinfra
+
+    fake = tmp_path / "egress-router"
+    fake.write_text(FAKE_VERIFY.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setenv("EGRESS_GATEWAY", "192.0.2.254")  # the runner's own: not passed on
+    state = router_state(testinfra.get_host("local://"), {"EGRESS_DESTINATION": AWKWARD, "EGRESS_SOURCE": "x y"},
+                         command=str(fake))
+    seen = json.loads(state.summary)
+    assert seen["rules"] == AWKWARD
+    assert [name for name in seen["env"] if name not in ("PWD", "SHLVL", "_", "LC_CTYPE")] == [
+        "EGRESS_DESTINATION", "EGRESS_SOURCE", "PATH"]
+    assert verify_command({"EGRESS_SOURCE": "x y"}, netns="egr-1") == (
+        "ip netns exec egr-1 env -i \"PATH=$PATH\" 'EGRESS_SOURCE=x y' egress-router verify --output json")
+    assert verify_command() == "egress-router verify --output json"
+
+
+def test_the_plugins_failure_message_lists_each_difference_on_its_own_line() -> None:
+    state = RouterState("docker://router", False, ({"kind": "missing", "step": "ip rule add x", "detail": ""},
+                                                   {"kind": "differs", "step": "sysctl -w a=1", "detail": "found 0"}),
+                        None, "not converged: 2 of 11 steps do not hold", 1)
+    assert state.failure().splitlines() == [
+        "egress router on docker://router is not as configured: not converged: 2 of 11 steps do not hold",
+        "  missing: ip rule add x", "  differs: sysctl -w a=1 (found 0)"]
+    assert RouterState("h", False, (), "EGRESS_SOURCE: bad", "", 2).failure() == \
+        "egress-router verify on h cannot tell: EGRESS_SOURCE: bad"
