@@ -157,3 +157,37 @@ def test_an_ops_test_file_passes_then_fails_readably(lab: Lab, tmp_path: Path) -
     assert [explained[explained.index(line) + 1] for line in explained if line.startswith(heading)] == [
         f"missing: iptables -t nat -A PREROUTING -j {DNAT_CHAIN}"] * 2, failed.stdout
     assert "Traceback" not in failed.stdout
+
+
+# ---------------------------------------------------------------- examples/test_router.py, as its docstring runs it
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "test_router.py"
+
+
+def run_example(lab: Lab, tmp_path: Path, router: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`ip netns exec ROUTER-NAMESPACE pytest examples/test_router.py --hosts=local://`, with the router's own
+    environment set (what test_router_own_environment reads) and the console script on PATH."""
+    ini = tmp_path / "pytest.ini"
+    ini.write_text("[pytest]\n")
+    own = {name: value for name, value in os.environ.items() if not name.startswith(("EGRESS_", "PYTEST_"))}
+    own["PATH"] = f"{os.path.dirname(router_command()[0])}:{own.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return lab.exec("router", [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tmp_path),
+                               "-p", "no:cacheprovider", "-q", "--hosts=local://", str(EXAMPLE)],
+                    env={**own, **router}, etc=True, timeout=120)
+
+
+def test_the_example_passes_on_the_router_it_describes_and_fails_readably_once_it_drifts(lab: Lab,
+                                                                                          tmp_path: Path) -> None:
+    import runpy
+
+    router: dict[str, str] = runpy.run_path(str(EXAMPLE))["ROUTER"]
+    configure(lab, {**router, "EGRESS_ROUTER_MODE": "init"})  # init or legacy: the same plan
+    passed = run_example(lab, tmp_path, router)
+    assert passed.returncode == 0 and "3 passed" in passed.stdout, passed.stdout + passed.stderr
+    lab.exec("router", ["iptables", "-t", "nat", "-F", SNAT_CHAIN], check=True)
+    failed = run_example(lab, tmp_path, router)
+    assert failed.returncode == 1 and "3 failed" in failed.stdout, failed.stdout + failed.stderr
+    explained = [line.removeprefix("E").strip() for line in failed.stdout.splitlines() if line.startswith("E ")]
+    missing = f"missing: iptables -t nat -A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source 192.0.2.92"
+    assert explained.count(missing) == 2, failed.stdout  # test_router and test_router_own_environment
+    assert f"missing: -A {SNAT_CHAIN} -o macvlan0 -j SNAT --to-source 192.0.2.92" in explained  # test_nat_rules
