@@ -377,7 +377,7 @@ Exit status:
   2  cannot tell: bad configuration, no privileges to read, missing interface or tool (one error line)
 
 \b
-With --output json, stdout is one JSON document whatever the outcome:
+With --output json, stdout is one JSON document whatever verify concludes:
   {"converged": bool, "differences": [{"kind", "step", "detail"}], "error": str|null, "summary": str}
 
 Usable as an exec readiness or liveness probe of a long-running router container (legacy mode, or a
