@@ -10,7 +10,8 @@ swap of the `..data` symlink, until a TCP probe from the client namespace lands 
 (probes every 10 ms: the figure is an upper bound by that much). Meanwhile HELD connections through
 the unchanged 7000 rule carry one echo before and one after; a connection that fails is lost.
 
-  ours       the running legacy-mode router notices the swap (it polls every 0.5 s) and reloads
+  ours       the running legacy-mode router notices the swap (inotify on the volume's directory; a
+             0.5 s stat poll behind it), validates, and applies the difference
   reference  a restart: SIGTERM the router, swap, start a new one, until the rule is in force. This
              is a lower bound for a pod restart: a real one also recreates the pod sandbox and its
              network namespace (seconds more), and resets every connection through the pod, which

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
+from . import inotify
 from .core import variables as v
 from .core.config import RouterConfig
 from .core.errors import ConfigError, EgressRouterError
@@ -25,16 +28,19 @@ from .core.podnet import PodFacts
 from .core.redirect import Destinations
 from .core.steps import Address, Announce
 from .net import apply as apply_steps
-from .net import iptables
+from .net import conntrack, iptables
 from .net.lock import namespace_lock
 from .sources import FileWatch, load_config, watched_paths
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often the rule files are stat'ed: a swap is in force well within 2 s
+SETTLE_SECONDS = 0.05
+SETTLE_ROUNDS = 20  # at most 1 s
 REANNOUNCE_AFTER_SECONDS = 2.0  # as ifup does: a second announcement once switches have settled
 STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
-SIGNALS = STOPS | {signal.SIGHUP}
+WAKE = signal.SIGUSR1  # sent to ourselves by the inotify thread: a watched directory changed
+SIGNALS = STOPS | {signal.SIGHUP, WAKE}
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Live:
         self.context = context
         self.counts = Counts()
         self.watch = FileWatch(watched_paths(env))
+        main = threading.main_thread().ident
+        assert main is not None
+        inotify.start(self.watch.paths, partial(signal.pthread_kill, main, WAKE))
 
     def run(self) -> int:
         """Until SIGTERM/SIGINT (blocked by the caller since before set-up); returns the signal received."""
@@ -70,9 +79,10 @@ class Live:
             received = signal.sigtimedwait(SIGNALS, wait)
             if received is not None and received.si_signo in STOPS:
                 return received.si_signo
-            if received is not None:
+            if received is not None and received.si_signo == signal.SIGHUP:
                 self.reload("SIGHUP")
             elif self.watch.changed():
+                self.settle()
                 self.reload("a changed file")
             now = time.monotonic()
             if announce_at is not None and now >= announce_at:
@@ -83,6 +93,14 @@ class Live:
                 check_at = time.monotonic() + self.config.drift_seconds
 
     # ------------------------------------------------------------ reload
+
+    def settle(self) -> None:
+        """Wait until the files stop changing (bounded): a file written in place is read once complete, not
+        while its writer is halfway (a ConfigMap swap is atomic and settles at once)."""
+        for _ in range(SETTLE_ROUNDS):
+            time.sleep(SETTLE_SECONDS)
+            if not self.watch.changed():
+                return
 
     def reload(self, why: str) -> None:
         sources = ", ".join(f"{f.name}={f.read(self.env)}" for f in v.RULE_FILES.values() if f.is_set(self.env))
@@ -116,7 +134,16 @@ class Live:
         old, new = self.config.destinations, config.destinations
         self.config, self.plan = config, plan
         self.counts.reloads += 1
-        log.info("Reloaded %s (%s): %s (reload %d)", sources, why, describe_change(old, new), self.counts.reloads)
+        flows = ""
+        if old is not None and new is not None:
+            try:
+                if forgotten := conntrack.repointed_udp_flows(old, new):
+                    flows = f", {forgotten} UDP flow(s) re-pointed"
+            except Exception as exc:  # the rules are in force; only old flows keep their destination longer
+                log.warning("Could not re-point the UDP flows of changed rules (they follow the new rules once "
+                            "idle for the conntrack UDP timeout): %s", exc)
+        log.info("Reloaded %s (%s): %s%s (reload %d)", sources, why, describe_change(old, new), flows,
+                 self.counts.reloads)
 
     # ------------------------------------------------------------ drift
 

@@ -271,3 +271,29 @@ def test_no_repair_without_drift_and_none_when_turned_off(served: Lab, start_rou
     time.sleep(2.5)
     assert "Repaired" not in off.stderr
     assert "default" not in served.exec("router", ["ip", "route", "show"], check=True).stdout
+
+
+def test_a_udp_flow_follows_a_changed_rule_at_once(served: Lab, start_router: StartRouter, tmp_path: Path) -> None:
+    """One client port sending without pause: its tracked flow would keep the old destination for as long
+    as it keeps sending; the reload deletes it, as kube-proxy does for UDP. TCP keeps its connections."""
+    volume = Volume(tmp_path, f"53 udp {A} 5353\n7000 tcp {C}\n")
+    router = start_router(EGRESS_DESTINATION_FILE=volume.path)
+    with served.entered("client"):
+        flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with flow:
+        flow.bind(("0.0.0.0", 40053))
+        flow.settimeout(1.0)
+        flow.connect((ROUTER_POD_IP, 53))
+
+        def answer() -> str:
+            flow.send(b"hello\n")
+            return flow.recv(4096).decode().split()[0].rsplit(":", 1)[0]
+
+        assert answer() == A
+        held = served.request("tcp", ROUTER_POD_IP, 7000)  # (a new TCP connection works throughout)
+        assert held.landed.startswith(C)
+        volume.update(f"53 udp {C} 7001\n7000 tcp {C}\n")
+        took = eventually(lambda: answer() == C, IN_FORCE_WITHIN)
+        assert took is not None, router.stderr
+        line = router.wait_log(r"Reloaded ")
+        assert "1 UDP flow(s) re-pointed" in line, line
