@@ -341,3 +341,40 @@ def test_verify_is_fast_enough_for_a_probe(lab: Lab) -> None:
         assert_converged(lab, env)
         times.append(time.monotonic() - started)
     assert statistics.median(times) < 1.0, times
+
+
+# ---------------------------------------------------------------- the probe of a running legacy router
+
+def test_as_the_probe_of_a_live_legacy_router_beside_its_reloads_and_repairs(served: Lab, tmp_path: Path) -> None:
+    """Verify in the namespace of a legacy router that reloads its rule file and repairs drift: converged after
+    start, converged again once the repair ran (both take the namespace lock), following a good edit once it
+    is in force; a refused edit is exit 2 for verify while the old rules still carry traffic (the README's
+    caveat for probes)."""
+    from tests.lab.test_live_legacy import REPAIRED_WITHIN, Router, Volume, eventually
+
+    volume = Volume(tmp_path, "80 tcp 203.0.113.10\n")
+    env = served.router_env("", mode="legacy", EGRESS_DESTINATION_FILE=volume.path)
+    del env["EGRESS_DESTINATION"]
+    router = Router(served, served.spawn("router", router_command(), env=env), 3.0)
+    try:
+        router.wait_log("Ready:")
+        assert_converged(served, env)
+
+        def converged() -> bool:
+            return verify(served, env).returncode == 0
+
+        served.exec("router", ["ip", "route", "del", "default"], check=True)
+        assert eventually(converged, REPAIRED_WITHIN) is not None, router.stderr
+        router.wait_log("Repaired drift: 'ip route replace default via 192.0.2.1 dev macvlan0'")
+        volume.update("80 tcp 203.0.113.10\n8080 tcp 203.0.113.11 80\n")
+        assert eventually(converged, REPAIRED_WITHIN) is not None, router.stderr
+        assert "3 NAT rules" in verify(served, env).stdout  # the two redirect rules and the SNAT rule
+        volume.update("80 tcp 203.0.113.10\n8080 tcp 10.0.0\n")
+        router.wait_log("Reload .* rejected, the rules in force stay")
+        refused = verify(served, env)
+        assert refused.returncode == 2
+        assert refused.stderr.startswith(f"error: EGRESS_DESTINATION_FILE={volume.path} line 2: '8080 tcp 10.0.0'")
+        assert served.request("tcp", "198.51.100.1", 8080).landed == "203.0.113.11:80"
+    finally:
+        problems = router.stop_and_check()
+    assert not problems, problems
