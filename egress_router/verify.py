@@ -138,8 +138,10 @@ def summary(mode: str, plan: Plan, drifted: int) -> str:
 def explain(step: Step, context: Context) -> list[Difference]:
     """The differences of one step that does not hold; never none (then the step itself is the line)."""
     found = EXPLAINERS[type(step)](context, step)
-    return found or [Difference("differs", step.render().splitlines()[0] if not isinstance(step, NatRules)
-                                else str(step))]
+    if found:
+        return found
+    shown = str(step) if isinstance(step, NatRules) else step.render().splitlines()[0].split("  # ")[0]
+    return [Difference("differs", shown, "did not hold, then changed while it was read again")]
 
 
 # ---------------------------------------------------------------- addresses and links

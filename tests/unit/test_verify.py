@@ -173,3 +173,27 @@ def test_the_plugins_failure_message_lists_each_difference_on_its_own_line() -> 
         "  missing: ip rule add x", "  differs: sysctl -w a=1 (found 0)"]
     assert RouterState("h", False, (), "EGRESS_SOURCE: bad", "", 2).failure() == \
         "egress-router verify on h cannot tell: EGRESS_SOURCE: bad"
+
+
+def test_a_step_that_does_not_hold_is_never_explained_away() -> None:
+    """A step drift reported but whose explanation finds nothing (the state changed between the two reads) is
+    still one line: the step itself."""
+    from ipaddress import IPv4Network
+
+    from egress_router.core.steps import PruneRoutes
+    from egress_router.verify import explain
+
+    class NoRoutes:
+        def routes(self, table: int = 254) -> list[object]:
+            return []
+
+    class Context:
+        rtnl = NoRoutes()
+
+        def index(self, interface: str) -> int:
+            return 2
+
+    step = PruneRoutes("eth0", (IPv4Network("10.96.0.10/32"),))
+    assert [d.line() for d in explain(step, Context())] == [  # type: ignore[arg-type]
+        "differs: ip route del <each route dev eth0 proto 245 but 10.96.0.10/32> (did not hold, then changed "
+        "while it was read again)"]
