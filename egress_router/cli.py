@@ -1,4 +1,4 @@
-"""The command line for people: render, validate, convert, variables, demo and the two proxies' commands.
+"""The command line for people: render, validate, verify, convert, variables, demo and the two proxies' commands.
 
 Every option mirrors an EGRESS_* variable and takes its name, envvar, metavar and shown default from
 the registry (core.variables); an option given on the command line wins over its variable, and the
@@ -392,3 +392,46 @@ def demo(keep: bool) -> None:
         fail("the demo creates network namespaces and needs root (sudo egress-router demo)")
     from .lab import run_demo
     guarded(lambda: run_demo(keep=keep))
+
+
+# ---------------------------------------------------------------- verify (egress_router/verify.py)
+
+VERIFY_HELP = """Compare the live network namespace with the plan the configuration gives; change nothing.
+
+The plan is built from the same environment and files as the container's own run (so give the router
+container's EGRESS_* variables), and every step is read back: addresses, link state, routes, policy
+rules, our iptables chains and the jumps to them (nat and mangle tables), sysctls. Each difference is
+one line on stdout, 'missing:', 'differs:' or 'extra:' and the command that would repair it, then a
+summary line. Reading needs NET_ADMIN when there are iptables rules to read (the router's privileges).
+
+\b
+Exit status:
+  0  converged: every step holds (also: nothing to verify, e.g. a proxy without EGRESS_SOURCE)
+  1  not converged: one line per difference
+  2  cannot tell: bad configuration, no privileges to read, missing interface or tool (one error line)
+
+\b
+With --output json, stdout is one JSON document whatever verify concludes:
+  {"converged": bool, "differences": [{"kind", "step", "detail"}], "error": str|null, "summary": str}
+
+Usable as an exec readiness or liveness probe of a long-running router container (legacy mode, or a
+proxy mode with EGRESS_SOURCE), and through `kubectl debug` for a pod whose router ran as an init
+container (see the README, 'Verifying a router')."""
+
+
+@main.command(help=VERIFY_HELP)
+@config_options
+@click.option("--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: one line per difference and a summary; json: one document.")
+def verify(output: str, **options: str | None) -> None:
+    from .verify import verify as compare_live
+
+    report = compare_live(environment(options))
+    if output == "json":
+        click.echo(report.json())
+    elif report.error is not None:
+        click.echo(f"error: {report.error}", err=True)
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(report.exit_code)
