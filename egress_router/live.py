@@ -103,7 +103,8 @@ class Live:
                 return
 
     def reload(self, why: str) -> None:
-        sources = ", ".join(f"{f.name}={f.read(self.env)}" for f in v.RULE_FILES.values() if f.is_set(self.env))
+        sources = ", ".join(f"{f.name}={f.read(self.env)}" for f in (v.CONFIG_FILE, *v.RULE_FILES.values())
+                            if f.is_set(self.env))
         try:
             config = load_config(self.env)
             unchanged_elsewhere = dataclasses.replace(config, destinations=self.config.destinations,
