@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from . import inotify
+from . import inforce, inotify
 from .core import variables as v
 from .core.config import RouterConfig
 from .core.errors import ConfigError, EgressRouterError
@@ -30,7 +30,7 @@ from .core.steps import Address, Announce
 from .net import apply as apply_steps
 from .net import conntrack, iptables
 from .net.lock import namespace_lock
-from .sources import FileWatch, load_config, watched_paths
+from .sources import FileWatch, load_files, read_files, watched_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,23 @@ class Live:
         main = threading.main_thread().ident
         assert main is not None
         inotify.start(self.watch.paths, partial(signal.pthread_kill, main, WAKE))
+        self.stale = False  # the files changed between set-up and now: reload at once
+        if self.watch.paths:
+            try:
+                files = read_files(env)
+                self.stale = load_files(env, files) != config
+            except ConfigError:
+                self.stale = True
+            if not self.stale:
+                inforce.record(files)
 
     def run(self) -> int:
         """Until SIGTERM/SIGINT (blocked by the caller since before set-up); returns the signal received."""
         now = time.monotonic()
         announce_at: float | None = now + REANNOUNCE_AFTER_SECONDS
         check_at = now + self.config.drift_seconds if self.config.drift_seconds else None
+        if self.stale:
+            self.reload("changed during set-up")
         while True:
             due = [t for t in (announce_at, check_at) if t is not None]
             wait = min([POLL_SECONDS, *(max(0.0, t - time.monotonic()) for t in due)])
@@ -106,7 +117,8 @@ class Live:
         sources = ", ".join(f"{f.name}={f.read(self.env)}" for f in (v.CONFIG_FILE, *v.RULE_FILES.values())
                             if f.is_set(self.env))
         try:
-            config = load_config(self.env)
+            files = read_files(self.env)
+            config = load_files(self.env, files)
             unchanged_elsewhere = dataclasses.replace(config, destinations=self.config.destinations,
                                                       warnings=self.config.warnings)
             if unchanged_elsewhere != self.config:
@@ -122,6 +134,7 @@ class Live:
                 log.info("Reload (%s): the rules are inline (EGRESS_DESTINATION); they change only with a restart",
                          why)
             else:
+                inforce.record(files)  # the same rules (comments or layout may differ)
                 log.debug("Reload (%s): %s unchanged", why, sources)
             return
         plan = build_plan(config, self.plan.interface, self.facts)
@@ -134,6 +147,7 @@ class Live:
             return
         old, new = self.config.destinations, config.destinations
         self.config, self.plan = config, plan
+        inforce.record(files)
         self.counts.reloads += 1
         flows = ""
         if old is not None and new is not None:

@@ -58,7 +58,11 @@ def watched_paths(env: Mapping[str, str]) -> tuple[str, ...]:
 
 def load_config(env: Mapping[str, str]) -> RouterConfig:
     """core.config.load with the rule files read and an EgressRouter from EGRESS_ROUTER_CONFIG_FILE applied."""
-    files = read_files(env)
+    return load_files(env, read_files(env))
+
+
+def load_files(env: Mapping[str, str], files: Mapping[str, str]) -> RouterConfig:
+    """core.config.load with the given content of the files (read_files' result, or the rules in force)."""
     return load(with_config_file(env, files), files)
 
 

@@ -10,6 +10,7 @@ re-run, a drift repair) is waited for instead of being reported as a transient d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from collections.abc import Callable, Mapping
@@ -54,6 +55,7 @@ class Report:
     differences: tuple[Difference, ...] = ()
     error: str | None = None
     summary: str = ""
+    notes: tuple[str, ...] = ()  # e.g. the files differ from the rules the running router has in force
 
     @property
     def converged(self) -> bool:
@@ -66,24 +68,24 @@ class Report:
         return EXIT_DIFFERS if self.differences else EXIT_CONVERGED
 
     def as_dict(self) -> dict[str, Any]:
-        return {"converged": self.converged, "differences": [d.as_dict() for d in self.differences],
-                "error": self.error, "summary": self.summary}
+        found = {"converged": self.converged, "differences": [d.as_dict() for d in self.differences],
+                 "error": self.error, "summary": self.summary}
+        return {**found, "notes": list(self.notes)} if self.notes else found
 
     def json(self) -> str:
         return json.dumps(self.as_dict())
 
     def lines(self) -> list[str]:
         """The text output (stdout): one line per difference, then the summary (errors go to stderr)."""
-        return [d.line() for d in self.differences] + ([self.summary] if self.summary else [])
+        return ([f"note: {note}" for note in self.notes] + [d.line() for d in self.differences]
+                + ([self.summary] if self.summary else []))
 
 
 def verify(env: Mapping[str, str]) -> Report:
     """Build the plan for `env` and compare it with the current network namespace; never raises for a user
     error (bad configuration, missing privileges, interface or tool): that is the report's error."""
-    from .sources import load_config
-
     try:
-        config = load_config(env)
+        config, notes = configuration(env)
         if config.mode == "unit-test" or not config.configures_network:
             why = "unit-test mode changes nothing" if config.mode == "unit-test" else \
                 "EGRESS_SOURCE is unset, the network is not configured (proxy only)"
@@ -91,11 +93,34 @@ def verify(env: Mapping[str, str]) -> Report:
         from .net.lock import namespace_lock
 
         with namespace_lock(LOCK_WAIT_SECONDS):
-            return compare(config)
+            report = compare(config)
+        return dataclasses.replace(report, notes=notes) if notes else report
     except EgressRouterError as exc:
         return Report(error=str(exc))
     except OSError as exc:  # a read the kernel refused (netlink, /proc/sys): nothing to conclude from
         return Report(error=f"cannot read the network state: {exc.strerror or exc}")
+
+
+def configuration(env: Mapping[str, str]) -> tuple[RouterConfig, tuple[str, ...]]:
+    """The configuration to verify: from the files as they are, unless a router running in this container
+    recorded other content as in force (it refused an edit, or has not applied it yet): then that one."""
+    from . import inforce
+    from .core.errors import ConfigError
+    from .sources import load_files, read_files, watched_paths
+
+    in_force = inforce.read() if watched_paths(env) else None
+    if in_force is None or set(in_force) != set(watched_paths(env)):
+        return load_files(env, read_files(env)), ()
+    try:
+        files = read_files(env)
+        if files == in_force:
+            return load_files(env, files), ()
+        load_files(env, files)
+        why = "the running router has not applied them (yet)"
+    except ConfigError as exc:
+        why = f"the running router refuses them: {exc}"
+    return load_files(env, in_force), (f"the files differ from the rules in force ({why}); verified against "
+                                       "the rules in force",)
 
 
 def compare(config: RouterConfig) -> Report:

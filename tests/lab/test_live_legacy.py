@@ -8,6 +8,7 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -297,3 +298,32 @@ def test_a_udp_flow_follows_a_changed_rule_at_once(served: Lab, start_router: St
         assert took is not None, router.stderr
         line = router.wait_log(r"Reloaded ")
         assert "1 UDP flow(s) re-pointed" in line, line
+
+
+def test_verify_checks_the_rules_in_force_while_an_edit_is_refused(served: Lab, start_router: StartRouter,
+                                                                   tmp_path: Path) -> None:
+    """A probe running `egress-router verify` in the router's container must not fail a router that
+    refused a bad edit and keeps serving the old rules: it verifies those, and says why in a note."""
+    volume = Volume(tmp_path, f"80 tcp {A}\n")
+    router = start_router(EGRESS_DESTINATION_FILE=volume.path)
+    env = served.router_env("", mode="legacy", EGRESS_DESTINATION_FILE=volume.path)
+    env.pop("EGRESS_DESTINATION")
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return served.exec("router", [*router_command(), "verify"], env=env)
+
+    assert verify().returncode == 0
+    volume.update(f"80 tcp {B}\n81 tcp 203.0.113\n")
+    router.wait_log("rejected")
+    result = verify()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("note: the files differ from the rules in force (the running router refuses "
+                                    f"them: EGRESS_DESTINATION_FILE={volume.path} line 2:"), result.stdout
+    volume.update(f"80 tcp {B}\n")
+    assert eventually(lambda: landed(served, 80) == B, IN_FORCE_WITHIN) is not None
+    result = verify()
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stdout
+    router.stop()
+    volume.update(f"80 tcp {B}\n81 tcp 203.0.113\n")
+    result = verify()  # no router running: the record is not believed, the file is what there is
+    assert result.returncode == 2 and "line 2" in result.stderr, result.stdout + result.stderr
