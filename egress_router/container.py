@@ -33,6 +33,6 @@ def run_container(env: Mapping[str, str]) -> int:
             logging.getLogger("egress_router").warning("%s", warning)
         from . import router
 
-        return router.run_mode(config)
+        return router.run_mode(config, env)
     except EgressRouterError as exc:
         fail(str(exc))

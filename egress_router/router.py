@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .core.config import RouterConfig
@@ -160,17 +161,18 @@ def wait_for_stop(prepared: Prepared) -> None:
     log.info("Received %s; exiting", signal.Signals(received.si_signo).name)
 
 
-def run_mode(config: RouterConfig) -> int:
+def run_mode(config: RouterConfig, env: Mapping[str, str] | None = None) -> int:
     """The container behaviour of every mode but unit-test: the network first (if configured), then the
-    proxy the mode runs (if any); returns the exit code."""
+    proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
+    reload their rules from the files it names)."""
     if config.configures_network:
         configure(config)
     if config.http_proxy is not None:
         from .proxy.http import run_http_proxy
 
-        return run_http_proxy(config.http_proxy)
+        return run_http_proxy(config.http_proxy, env)
     if config.dns_proxy is not None:
         from .proxy.dns import run_dns_proxy
 
-        return run_dns_proxy(config.dns_proxy)
+        return run_dns_proxy(config.dns_proxy, env)
     return 0
