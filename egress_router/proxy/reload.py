@@ -104,10 +104,16 @@ class Reloader(Generic[T]):
 
     def poll(self, workers: Iterable[int]) -> Update[T] | None:
         """A reload if the file changed since the last look (cheap when it did not: one stat)."""
-        if self.watch is None or not (self.watch.changed() or self.pending):
+        if self.watch is None:
+            return None
+        if self.watch.changed():
+            trigger = "file changed"
+        elif self.pending:
+            trigger = "start-up check"
+        else:
             return None
         self.pending = False
-        return self.check("file changed", workers)
+        return self.check(trigger, workers)
 
     def check(self, trigger: str, workers: Iterable[int]) -> Update[T] | None:
         """Read and validate the rules, bind what they add; None when there is nothing to apply (logged)."""
