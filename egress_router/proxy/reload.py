@@ -205,13 +205,11 @@ def forward_changes(old: tuple[Forward, ...], new: tuple[Forward, ...]) -> str |
     added = [f"{p} to {f.target()}" for p, f in sorted(after.items()) if p not in before]
     removed = [str(p) for p in sorted(before) if p not in after]
     changed = [f"{p} to {f.target()}" for p, f in sorted(after.items()) if p in before and before[p] != f]
-    parts = []
-    if added:
-        parts.append(f"+{len(added)} forward{'s' * (len(added) != 1)} ({listed(added)})")
-    if removed:
-        parts.append(f"-{len(removed)} ({listed(removed)})")
-    if changed:
-        parts.append(f"{len(changed)} changed ({listed(changed)})")
+    parts: list[str] = []
+    for sign, items, after in (("+", added, ""), ("-", removed, ""), ("", changed, " changed")):
+        if items:
+            noun = "" if parts else f" forward{'s' * (len(items) != 1)}"  # said once, in the first part
+            parts.append(f"{sign}{len(items)}{noun}{after} ({listed(items)})")
     return ", ".join(parts)
 
 
