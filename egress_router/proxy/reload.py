@@ -206,10 +206,10 @@ def forward_changes(old: tuple[Forward, ...], new: tuple[Forward, ...]) -> str |
     removed = [str(p) for p in sorted(before) if p not in after]
     changed = [f"{p} to {f.target()}" for p, f in sorted(after.items()) if p in before and before[p] != f]
     parts: list[str] = []
-    for sign, items, after in (("+", added, ""), ("-", removed, ""), ("", changed, " changed")):
+    for sign, items, how in (("+", added, ""), ("-", removed, ""), ("", changed, " changed")):
         if items:
             noun = "" if parts else f" forward{'s' * (len(items) != 1)}"  # said once, in the first part
-            parts.append(f"{sign}{len(items)}{noun}{after} ({listed(items)})")
+            parts.append(f"{sign}{len(items)}{noun}{how} ({listed(items)})")
     return ", ".join(parts)
 
 
