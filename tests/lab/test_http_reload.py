@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from egress_router.lab import ROUTER_POD_IP, Lab
 from tests.lab.origin import Origin
 from tests.lab.reloadlib import (
@@ -184,11 +186,12 @@ def padded(text: str, like: str) -> str:
     return text + "#" + "x" * fill + "\n"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_1000_tunnels_through_an_unchanged_rule_survive_a_reload(lab: Lab, origin: Origin, start_proxy: StartProxy,
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path, workers: str) -> None:
     hub = EchoHub(lab, "dest", WWW, 7100)
     volume = RuleVolume(tmp_path, "allow", "www.example.com\nother.test\n")
-    proxy = start_from(start_proxy, volume, EGRESS_HTTP_PROXY_ACCESS_LOG="0")
+    proxy = start_from(start_proxy, volume, EGRESS_HTTP_PROXY_ACCESS_LOG="0", EGRESS_HTTP_PROXY_WORKERS=workers)
     socks: list[socket.socket] = []
     with file_limit(4 * HELD + 256):
         try:
@@ -206,7 +209,7 @@ def test_1000_tunnels_through_an_unchanged_rule_survive_a_reload(lab: Lab, origi
                 assert head.startswith(b"HTTP/1.1 200 "), head
             assert exchange_all(socks, "before") == []
             swapped = volume.swap("www.example.com\napi.example.com\n")  # other.test out, api in
-            in_force_after(swapped, lambda: allowed(lab, API_URL), "with 1,000 tunnels open: api allowed",
+            in_force_after(swapped, lambda: allowed(lab, API_URL), f"{workers} worker(s), 1,000 tunnels: api allowed",
                            lambda: proxy.stderr)
             lost = exchange_all(socks, "after")
             assert lost == [], f"{len(lost)} of {HELD} tunnels lost: {lost[:10]}"
