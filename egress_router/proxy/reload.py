@@ -36,7 +36,8 @@ T = TypeVar("T")
 POLL_SECONDS = 0.5  # how often the rule file's stamp is looked at (one stat)
 SEND_TIMEOUT = 5.0  # a worker that takes longer to read an update is stuck: the master replaces it
 HEADER = struct.Struct("!QII")  # generation, text length in bytes, sockets attached
-MAX_FDS = 64  # sockets one recvmsg takes (a message's own come with its first bytes)
+FDS_PER_SEND = 250  # sockets sent with one sendmsg (Linux's SCM_MAX_FD is 253)
+MAX_FDS = 253  # ... and taken by one recvmsg (which returns at most one sendmsg's sockets)
 SHOWN = 4  # rules or forwards a reload's log line names, per kind
 
 
@@ -221,13 +222,19 @@ def forward_listeners(forwards: tuple[Forward, ...]) -> list[Listen]:
 # ------------------------------------------------------------ the control channel (master -> worker)
 
 def send_update(channel: socket.socket, generation: int, text: str, sockets: list[socket.socket]) -> None:
-    """One update on a worker's channel (blocking, bounded by the channel's timeout); its sockets go with its
-    first bytes."""
+    """One update on a worker's channel (blocking, bounded by the channel's timeout). Its sockets go with its
+    first bytes, at most FDS_PER_SEND per byte sent (the kernel takes at most 253 in one message): a message has
+    more bytes than it has batches, as every new port has a rule line of its own."""
     payload = text.encode("utf-8")
     message = HEADER.pack(generation, len(payload), len(sockets)) + payload
-    sent = socket.send_fds(channel, [message], [s.fileno() for s in sockets]) if sockets else channel.send(message)
-    if sent < len(message):
-        channel.sendall(message[sent:])
+    fds = [s.fileno() for s in sockets]
+    batches = [fds[i:i + FDS_PER_SEND] for i in range(0, len(fds), FDS_PER_SEND)]
+    assert len(batches) <= len(message)
+    offset = 0
+    for number, batch in enumerate(batches):
+        piece = message[offset:offset + 1] if number < len(batches) - 1 else message[offset:]
+        offset += socket.send_fds(channel, [piece], batch)
+    channel.sendall(message[offset:])
 
 
 class ControlReader:

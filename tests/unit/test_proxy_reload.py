@@ -115,7 +115,7 @@ def test_inline_rules_are_revalidated_on_sighup_and_not_watched(caplog: pytest.L
 
 def test_the_channel_carries_updates_in_order_with_their_sockets() -> None:
     master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    listeners = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    listeners = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(300)]  # > one sendmsg's share
     received: list[tuple[int, str, list[tuple[int, int]]]] = []
     big = "# filler\n" * 100_000  # larger than the socket buffer: sent in pieces, read in pieces
 
@@ -131,7 +131,7 @@ def test_the_channel_carries_updates_in_order_with_their_sockets() -> None:
                 done.set()
 
         reader = ControlReader(loop, worker, deliver)
-        await loop.run_in_executor(None, lambda: (send_update(master, 2, "7000 a.test\n", listeners),
+        await loop.run_in_executor(None, lambda: (send_update(master, 2, "7000 a.test\n" * 40, listeners),
                                                   send_update(master, 3, big, [])))
         await asyncio.wait_for(done.wait(), 10)
         reader.close()
@@ -142,4 +142,4 @@ def test_the_channel_carries_updates_in_order_with_their_sockets() -> None:
         master.close()
         for sock in listeners:
             sock.close()
-    assert received == [(2, "7000 a.test\n", [(socket.AF_INET, socket.SOCK_STREAM)] * 2), (3, big, [])]
+    assert received == [(2, "7000 a.test\n" * 40, [(socket.AF_INET, socket.SOCK_STREAM)] * 300), (3, big, [])]
