@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import os
 import selectors
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -195,7 +197,19 @@ def proxy(lab: Lab, kind: Kind, path: str, log: Path) -> Iterator[Managed]:
     try:
         yield managed
     finally:
-        managed.stop()
+        stop(managed)
+
+
+def stop(managed: Managed) -> None:
+    """SIGTERM, then SIGKILL if it outstays 15 s (one process: the proxies run one worker by default). Not
+    Managed.stop, which select()s on pidfds: with 1,000 connections held, those are above select's limit."""
+    if managed.alive():
+        managed.process.send_signal(signal.SIGTERM)
+        try:
+            managed.process.wait(15)
+        except subprocess.TimeoutExpired:
+            managed.process.kill()
+            managed.process.wait(10)
 
 
 def wait_serving(lab: Lab, kind: Kind, managed: Managed) -> None:
@@ -232,7 +246,7 @@ def one_round(lab: Lab, kind: Kind, count: int, method: str, held: int, work: Pa
                 elapsed = wait_probe(lab, kind, changed, managed)
                 return elapsed, exchange(socks, "after")
             changed = time.monotonic()
-            managed.stop()
+            stop(managed)
             volume.swap(kind.rules(count, True))
             with proxy(lab, kind, volume.path, log) as fresh:
                 elapsed = wait_probe(lab, kind, changed, fresh)

@@ -356,8 +356,10 @@ class WorkerReloads(Generic[T]):
         for task in self.tasks:
             task.cancel()
         if self.sighup:
+            # stopping: a late SIGHUP must not kill the drain, so it waits blocked (removing the handler
+            # puts the default action back)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             self.loop.remove_signal_handler(signal.SIGHUP)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stopping: a late SIGHUP must not kill the drain
             self.sighup = False
         if self.reader is not None:
             self.reader.close()
