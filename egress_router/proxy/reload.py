@@ -186,8 +186,9 @@ def acl_changes(old: AccessList, new: AccessList) -> str | None:
     if old.rules == new.rules:
         return None
     before, after = [str(r) for r in old.rules], [str(r) for r in new.rules]
-    added = [r for r in after if r not in before]
-    removed = [r for r in before if r not in after]
+    known, kept = set(before), set(after)  # sets: 10,000 rules must not cost 10,000 x 10,000 comparisons
+    added = [r for r in after if r not in known]
+    removed = [r for r in before if r not in kept]
     parts = []
     if added:
         parts.append(f"+{len(added)} rule{'s' * (len(added) != 1)} ({listed(added)})")
