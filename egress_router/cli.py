@@ -1,4 +1,4 @@
-"""The command line for people: render, validate, variables, demo and the two proxies' commands.
+"""The command line for people: render, validate, verify, convert, variables, demo and the two proxies' commands.
 
 Every option mirrors an EGRESS_* variable and takes its name, envvar, metavar and shown default from
 the registry (core.variables); an option given on the command line wins over its variable, and the
@@ -163,6 +163,7 @@ CONFIG_OPTIONS = (
     option(v.INTERFACE, "--interface"),
     option(v.DESTINATION, "--destination", help="redirect rules, one per line (use $'...\\n...')"),
     option(v.DESTINATION_FILE, "--destination-file"),
+    option(v.CONFIG_FILE, "--config-file"),
     option(v.GATEWAY, "--gateway"),
     option(v.SOURCE, "--source"),
     option(v.IPTABLES, "--iptables"),
@@ -351,6 +352,39 @@ def dns_proxy(**options: str | bool | None) -> None:
 
 
 @main.command()
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--to", "to", required=True, type=click.Choice(("env", "pod", "deployment", "egressrouter")),
+              help="What to print: the container's env list, a Pod or a Deployment (each with its macvlan "
+                   "NetworkAttachmentDefinition) from an EgressRouter; or an EgressRouter from a Pod or workload.")
+@click.option("--image", default="egress-router:latest", show_default=True, help="The router image (pod, deployment).")
+@click.option("--macvlan", type=click.Choice(("multus", "openshift-sdn")), default="multus", show_default=True,
+              help="Where the pod's macvlan comes from (pod, deployment): a Multus NetworkAttachmentDefinition, or "
+                   "OpenShift SDN's pod.network.openshift.io/assign-macvlan annotation.")
+def convert(file: str, to: str, image: str, macvlan: str) -> None:
+    """Convert between an EgressRouter object (network.operator.openshift.io/v1, YAML or JSON) and a legacy-style
+    router in redirect mode; FILE '-' reads stdin. What one side cannot say is an error naming the field or the
+    variable; what is dropped without changing the traffic is a warning on stderr.
+
+    \b
+    egress-router convert router.yaml --to deployment > deployment.yaml
+    egress-router convert redirect-pod.yaml --to egressrouter"""
+    from .convert import convert as run
+
+    def action() -> None:
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(file, f"cannot read it: {reason}") from None
+        converted = run("<stdin>" if file == "-" else file, text, to, image=image, macvlan=macvlan)
+        for warning in converted.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(converted.text, nl=False)
+
+    guarded(action)
+
+
+@main.command()
 @click.option("--keep", is_flag=True, help="Leave the lab up (print how to remove it) instead of tearing it down.")
 def demo(keep: bool) -> None:
     """Build a namespace lab, run redirect mode in it, send traffic, print where it landed (root)."""
@@ -358,3 +392,46 @@ def demo(keep: bool) -> None:
         fail("the demo creates network namespaces and needs root (sudo egress-router demo)")
     from .lab import run_demo
     guarded(lambda: run_demo(keep=keep))
+
+
+# ---------------------------------------------------------------- verify (egress_router/verify.py)
+
+VERIFY_HELP = """Compare the live network namespace with the plan the configuration gives; change nothing.
+
+The plan is built from the same environment and files as the container's own run (so give the router
+container's EGRESS_* variables), and every step is read back: addresses, link state, routes, policy
+rules, our iptables chains and the jumps to them (nat and mangle tables), sysctls. Each difference is
+one line on stdout, 'missing:', 'differs:' or 'extra:' and the command that would repair it, then a
+summary line. Reading needs NET_ADMIN when there are iptables rules to read (the router's privileges).
+
+\b
+Exit status:
+  0  converged: every step holds (also: nothing to verify, e.g. a proxy without EGRESS_SOURCE)
+  1  not converged: one line per difference
+  2  cannot tell: bad configuration, no privileges to read, missing interface or tool (one error line)
+
+\b
+With --output json, stdout is one JSON document whatever verify concludes:
+  {"converged": bool, "differences": [{"kind", "step", "detail"}], "error": str|null, "summary": str}
+
+Usable as an exec readiness or liveness probe of a long-running router container (legacy mode, or a
+proxy mode with EGRESS_SOURCE), and through `kubectl debug` for a pod whose router ran as an init
+container (see the README, 'Verifying a router')."""
+
+
+@main.command(help=VERIFY_HELP)
+@config_options
+@click.option("--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: one line per difference and a summary; json: one document.")
+def verify(output: str, **options: str | None) -> None:
+    from .verify import verify as compare_live
+
+    report = compare_live(environment(options))
+    if output == "json":
+        click.echo(report.json())
+    elif report.error is not None:
+        click.echo(f"error: {report.error}", err=True)
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(report.exit_code)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .core import egressrouter
+from .core import variables as v
 from .core.config import NAT_MODES, RouterConfig, load
 from .core.errors import ConfigError
+from .kubedocs import KubeObject, parse_objects
+from .podfiles import file_content
 
 Severity = Literal["error", "warning"]
 
@@ -60,7 +63,7 @@ class Checked:
 
     @property
     def where(self) -> str:
-        return f"{self.file}: {self.obj}: {self.container}"
+        return ": ".join(part for part in (self.file, self.obj, self.container) if part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,29 +108,8 @@ class _Environment:
     incomplete: bool = False  # an envFrom error was reported: any variable may be missing because of it
     problems: list[tuple[Severity, str]] = field(default_factory=list)
     used_files: set[str] = field(default_factory=set)  # files whose ConfigMaps were used
-
-
-@dataclass(frozen=True, slots=True)
-class _Object:
-    file: str
-    document: int
-    body: Mapping[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return str(self.body.get("kind", ""))
-
-    @property
-    def label(self) -> str:
-        name = _mapping(self.body.get("metadata")).get("name")
-        if isinstance(name, str) and name:
-            return f"{self.kind}/{name}"
-        return f"{self.kind}/(unnamed, document {self.document})"
-
-    @property
-    def namespace(self) -> str | None:
-        namespace = _mapping(self.body.get("metadata")).get("namespace")
-        return namespace if isinstance(namespace, str) and namespace else None
+    files: dict[str, str] = field(default_factory=dict)  # path -> content of the files the variables name
+    unread: dict[str, str] = field(default_factory=dict)  # file variable -> why its content is unknown offline
 
 
 def check(sources: Sequence[tuple[str, str]]) -> Report:
@@ -135,11 +117,9 @@ def check(sources: Sequence[tuple[str, str]]) -> Report:
 
     ConfigMaps are looked up across all the sources, as if they were applied together.
     """
-    files = [(name, *_parse(name, text)) for name, text in sources]
-    configmaps = [_ConfigMap(obj.file, obj.namespace, _mapping(obj.body["metadata"])["name"],
-                             _mapping(obj.body.get("data")))
-                  for _, objects, _ in files for obj in objects
-                  if obj.kind == "ConfigMap" and isinstance(_mapping(obj.body.get("metadata")).get("name"), str)]
+    files = [(name, objects, [Finding("error", problem, name) for problem in problems])
+             for name, text in sources for objects, problems in [parse_objects(name, text)]]
+    configmaps = configmaps_of([obj for _, objects, _ in files for obj in objects])
     checked = []
     used: set[str] = set()
     for _, objects, _ in files:
@@ -158,89 +138,92 @@ def check(sources: Sequence[tuple[str, str]]) -> Report:
     return Report(tuple(report))
 
 
-def _parse(name: str, text: str) -> tuple[list[_Object], list[Finding]]:
-    import yaml  # only for `validate -f`: the container's start path never pays for it
-
-    try:
-        # JSON may be indented with tabs, which YAML refuses
-        documents = [json.loads(text)] if name.endswith(".json") else list(yaml.safe_load_all(text))
-    except json.JSONDecodeError as exc:
-        return [], [Finding("error", f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}", name)]
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "cannot be parsed"
-        return [], [Finding("error", f"YAML syntax error{where}: {_one_line(problem)}", name)]
-    except yaml.YAMLError as exc:
-        return [], [Finding("error", f"not YAML: {_one_line(str(exc))}", name)]
-    except RecursionError:
-        return [], [Finding("error", "YAML nested too deeply to be a Kubernetes manifest", name)]
-    objects: list[_Object] = []
-    problems: list[Finding] = []
-    for number, document in enumerate(documents, start=1):
-        if document is None:
-            continue  # an empty document (a trailing ---)
-        for obj, problem in _flatten(name, number, document):
-            if problem:
-                problems.append(Finding("error", problem, name))
-            else:
-                objects.append(obj)
-    return objects, problems
+def configmaps_of(objects: Sequence[KubeObject]) -> list[_ConfigMap]:
+    """The ConfigMaps among `objects`, for router_containers to look references up in."""
+    return [_ConfigMap(obj.file, obj.namespace, _mapping(obj.body["metadata"])["name"], _mapping(obj.body.get("data")))
+            for obj in objects
+            if obj.kind == "ConfigMap" and isinstance(_mapping(obj.body.get("metadata")).get("name"), str)]
 
 
-def _flatten(name: str, number: int, document: Any) -> Iterator[tuple[_Object, str]]:
-    """The objects in a document; a List's items one by one."""
-    if not isinstance(document, dict):
-        yield _Object(name, number, {}), f"document {number} is not a Kubernetes object (a mapping with a kind)"
-        return
-    kind = document.get("kind")
-    if not isinstance(kind, str) or not kind:
-        yield _Object(name, number, {}), f"document {number} has no kind"
-        return
-    if kind == "List" or (kind.endswith("List") and "items" in document):
-        items = document.get("items")
-        if not isinstance(items, list):
-            yield _Object(name, number, {}), f"document {number}: {kind} without a list of items"
-            return
-        for item in items:
-            yield from _flatten(name, number, item)
-        return
-    yield _Object(name, number, document), ""
-
-
-def _check_object(obj: _Object, configmaps: Sequence[_ConfigMap]) -> tuple[list[Finding | Checked], set[str]]:
+def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap]) -> tuple[list[Finding | Checked], set[str]]:
     """The findings and summaries of one object's egress-router containers, and the files whose ConfigMaps it used."""
+    if egressrouter.is_egress_router(obj.body):
+        return _check_egress_router(obj), set()
     path = POD_SPEC_PATHS.get(obj.kind)
     if path is None:
         return [], set()
-    spec: Any = obj.body
-    for key in path:
-        spec = spec.get(key) if isinstance(spec, dict) else None
-    if not isinstance(spec, dict):
+    spec = _nested(obj.body, path) if isinstance(_nested_any(obj.body, path), dict) else None
+    if spec is None:
         return [Finding("error", f"no pod spec at {'.'.join(path)}", obj.file, obj.label)], set()
     pod_metadata = _nested(obj.body, path[:-1] + ("metadata",))
     entries: list[Finding | Checked] = []
     used: set[str] = set()
+    for label, container, env in router_containers(obj, spec, configmaps):
+        used |= env.used_files
+        problems = list(env.problems)
+        config = _load(env, problems)
+        claims = (config.configures_network if config is not None
+                  else bool(env.values.get("EGRESS_SOURCE", "").strip()) or "EGRESS_SOURCE" in env.unknown
+                  or v.CONFIG_FILE.is_set(env.values))
+        if claims:
+            problems += _privilege_problems(container, spec, config)
+            problems += _placement_problems(obj, spec, pod_metadata, env, config)
+        entries += [Finding(severity, message, obj.file, obj.label, label) for severity, message in problems]
+        if not any(severity == "error" for severity, _ in problems):
+            entries.append(Checked(obj.file, obj.label, label, config))
+    return entries, used
+
+
+def router_containers(obj: KubeObject, spec: Mapping[str, Any],
+                      configmaps: Sequence[_ConfigMap]) -> Iterator[tuple[str, Mapping[str, Any], _Environment]]:
+    """Each egress-router container of a pod spec: its label, the container and its environment (files read)."""
     for key, title in (("initContainers", "initContainer"), ("containers", "container")):
         for container in _list(spec.get(key)):
             if not isinstance(container, dict):
                 continue
-            label = f"{title} {container.get('name') or '(unnamed)'}"
             env = _environment(container, configmaps, obj.namespace)
-            if not _is_egress_router(container, env):
-                continue
-            used |= env.used_files
-            problems = list(env.problems)
-            config = _load(env, problems)
-            claims = (config.configures_network if config is not None
-                      else bool(env.values.get("EGRESS_SOURCE", "").strip()) or "EGRESS_SOURCE" in env.unknown)
-            if claims:
-                problems += _privilege_problems(container, spec, config)
-                problems += _placement_problems(obj, spec, pod_metadata, env, config)
-            entries += [Finding(severity, message, obj.file, obj.label, label) for severity, message in problems]
-            if not any(severity == "error" for severity, _ in problems):
-                entries.append(Checked(obj.file, obj.label, label, config))
-    return entries, used
+            if _is_egress_router(container, env):
+                _read_files(env, container, spec, configmaps, obj.namespace)
+                yield f"{title} {container.get('name') or '(unnamed)'}", container, env
+
+
+def _read_files(env: _Environment, container: Mapping[str, Any], spec: Mapping[str, Any],
+                configmaps: Sequence[_ConfigMap], namespace: str | None) -> None:
+    """The files the variables name, through the container's volumeMounts to ConfigMap volumes in the same files."""
+    def lookup(name: Any) -> Mapping[str, Any] | None:
+        configmap = _find(configmaps, name, namespace)
+        if configmap is not None:
+            env.used_files.add(configmap.file)
+        return None if configmap is None else configmap.data
+
+    for variable in (v.CONFIG_FILE, *v.RULE_FILES.values()):
+        if variable.name in env.unknown or variable.name in env.broken or not variable.is_set(env.values):
+            continue
+        try:
+            path = variable.read(env.values)
+        except ConfigError:
+            continue  # load() reports the bad path itself
+        content = file_content(path, container, spec, lookup)
+        if content.text is not None:
+            env.files[path] = content.text
+        elif content.error:
+            env.problems.append(("error", f"{variable.name}={path}: {content.error}"))
+            env.broken.add(variable.name)
+        else:
+            env.unread[variable.name] = content.unknown
+
+
+def _check_egress_router(obj: KubeObject) -> list[Finding | Checked]:
+    """An EgressRouter object, checked as egress-router would take it from EGRESS_ROUTER_CONFIG_FILE."""
+    try:
+        router = egressrouter.from_object(obj.body)
+        config = load({**router.env(), v.MODE.name: "legacy"})
+    except ConfigError as exc:
+        return [Finding("error", str(exc), obj.file, obj.label)]
+    found: list[Finding | Checked] = []
+    if router.destinations.fallback is not None:
+        found.append(Finding("warning", f"spec.redirect.fallbackIP: {egressrouter.FALLBACK_NOTE}", obj.file, obj.label))
+    return [*found, Checked(obj.file, obj.label, "", config)]
 
 
 def _environment(container: Mapping[str, Any], configmaps: Sequence[_ConfigMap], namespace: str | None) -> _Environment:
@@ -372,15 +355,30 @@ def _is_egress_router(container: Mapping[str, Any], env: _Environment) -> bool:
 
 def _load(env: _Environment, problems: list[tuple[Severity, str]]) -> RouterConfig | None:
     """config.load(); an error that may only come from a value we could not see is a warning, not an error."""
+    name = v.CONFIG_FILE.name
+    if name in env.broken:
+        return None  # its error is reported: the rest follows from it
+    if name in env.unread or name in env.unknown:
+        why = f"{name}: {env.unread[name]}" if name in env.unread else f"{name} comes from {env.unknown[name]}"
+        problems.append(("warning", f"not fully checked ({why}): the EgressRouter it names is known only in the "
+                                    "cluster"))
+        return None
     try:
-        config = load(env.values)
+        values: Mapping[str, str] = env.values
+        if v.CONFIG_FILE.is_set(values) and v.CONFIG_FILE.read(values) in env.files:
+            from .sources import with_config_file  # the EgressRouter document is parsed (YAML) where it is read
+
+            values = with_config_file(values, env.files)
+        config = load(values, env.files)
     except ConfigError as exc:
         if env.incomplete or any(name == exc.variable or name in str(exc) for name in env.broken):
             return None  # a consequence of an error already reported for that variable
         hidden = [name for name in env.unknown if name == exc.variable or name in str(exc)]
-        if hidden or env.opaque:
+        unread = [f"{name}: {why}" for name, why in env.unread.items() if name in str(exc)]
+        if hidden or unread or env.opaque:
             why = ", ".join(hidden) or ", ".join(env.opaque)
-            problems.append(("warning", f"not fully checked ({why} known only in the cluster): {exc}"))
+            why = ", ".join([f"{why} known only in the cluster"] * bool(hidden or not unread) + unread)
+            problems.append(("warning", f"not fully checked ({why}): {exc}"))
         else:
             problems.append(("error", str(exc)))
         return None
@@ -412,7 +410,7 @@ def _privilege_problems(container: Mapping[str, Any], spec: Mapping[str, Any],
     return problems
 
 
-def _placement_problems(obj: _Object, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any], env: _Environment,
+def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any], env: _Environment,
                         config: RouterConfig | None) -> list[tuple[Severity, str]]:
     """Mistakes of the object around the container: more than one pod claiming the source IP, or no macvlan."""
     source = (str(config.source.ip) if config is not None and config.source is not None
@@ -458,10 +456,14 @@ def _capability(name: Any) -> str:
 
 
 def _nested(body: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any]:
+    return _mapping(_nested_any(body, path))
+
+
+def _nested_any(body: Mapping[str, Any], path: Sequence[str]) -> Any:
     value: Any = body
     for key in path:
         value = value.get(key) if isinstance(value, dict) else None
-    return _mapping(value)
+    return value
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -470,7 +472,3 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

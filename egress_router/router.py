@@ -19,6 +19,7 @@ from .core.errors import SetupError
 from .core.plan import IP_FORWARD, Plan, build_plan
 from .core.podnet import PodFacts
 from .core.steps import Sysctl
+from .live import SIGNALS, Live
 from .net import apply as apply_steps
 from .net import iptables, links
 from .net.lock import namespace_lock
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
-REANNOUNCE_AFTER_SECONDS = 2.0  # as ifup does: a second announcement once switches have settled
 
 
 def effective_capabilities() -> int:
@@ -45,6 +45,7 @@ class Prepared:
 
     plan: Plan
     context: apply_steps.Context
+    facts: PodFacts | None = None  # the pod interface's next hop and nameservers, as read before the plan
 
     @property
     def rtnl(self) -> Rtnl:
@@ -76,7 +77,7 @@ def prepare(config: RouterConfig) -> Prepared:
                     "learn %s's new MAC only when their ARP entries expire; add NET_RAW", plan.address.ip)
     context = apply_steps.Context(rtnl, restore_tool=tools[1] if tools else None, save_tool=tools[0] if tools else None,
                                   nat_before=nat_before, can_announce=can_announce)
-    return Prepared(plan, context)
+    return Prepared(plan, context, facts)
 
 
 def pod_facts(rtnl: Rtnl, config: RouterConfig) -> PodFacts:
@@ -121,16 +122,17 @@ def seconds_since_process_start() -> float:
         return float("nan")
 
 
-def configure(config: RouterConfig) -> None:
-    """Apply the plan; in legacy mode then stay up until SIGTERM/SIGINT.
+def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
+    """Apply the plan; in legacy mode then stay up until SIGTERM/SIGINT, reloading and repairing (live.py).
 
     Runs in one network namespace take turns (net.lock): kubelet may restart an init container while
     the first run is still applying, and two interleaved runs could undo each other's work.
     """
     stay_up = config.mode == "legacy"
     if stay_up:
-        # Block the stop signals now, so a stop during setup waits until setup is complete.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        # Block the stop and reload signals now, so a stop during setup waits until setup is complete
+        # (and a SIGHUP does not kill the process).
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     with namespace_lock():
         prepared = prepare(config)
         try:
@@ -146,27 +148,18 @@ def configure(config: RouterConfig) -> None:
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
                  plan.gateway, nat_part, state, config.mode, seconds_since_process_start())
         if stay_up:
-            wait_for_stop(prepared)
+            received = Live(env, config, plan, prepared.facts, context).run()
+            log.info("Received %s; exiting", signal.Signals(received).name)
     finally:
         prepared.rtnl.close()
 
 
-def wait_for_stop(prepared: Prepared) -> None:
-    """Legacy mode: stay up until SIGTERM/SIGINT; re-announce once meanwhile."""
-    stops = {signal.SIGTERM, signal.SIGINT}
-    received = signal.sigtimedwait(stops, REANNOUNCE_AFTER_SECONDS)
-    if received is None:
-        apply_steps.announce(prepared.plan, prepared.context)
-        received = signal.sigwaitinfo(stops)
-    log.info("Received %s; exiting", signal.Signals(received.si_signo).name)
-
-
-def run_mode(config: RouterConfig, env: Mapping[str, str] | None = None) -> int:
+def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     """The container behaviour of every mode but unit-test: the network first (if configured), then the
     proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
     reload their rules from the files it names)."""
     if config.configures_network:
-        configure(config)
+        configure(config, env)
     if config.http_proxy is not None:
         from .proxy.http import run_http_proxy
 

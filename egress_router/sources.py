@@ -1,4 +1,4 @@
-"""The configuration's inputs as this process sees them: the environment and the rule files it names.
+"""The configuration's inputs as this process sees them: the environment and the files it names.
 
 The core never reads a file (core.config.load takes their content); this is the one place that does,
 for the container path, the CLI and the reload watchers alike.
@@ -6,20 +6,28 @@ for the container path, the CLI and the reload watchers alike.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .core import variables as v
 from .core.config import RouterConfig, load
+from .core.egressrouter import with_config_document
 from .core.errors import ConfigError
+from .kubedocs import load_yaml
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # ~700,000 redirect rules: a larger file is a mistake, not a rule list
 
 
 def read_files(env: Mapping[str, str]) -> dict[str, str]:
-    """The content of every rule file the environment names (path -> text)."""
+    """The content of every file the environment names (path -> text): the rule files and
+    EGRESS_ROUTER_CONFIG_FILE."""
     files: dict[str, str] = {}
+    if v.CONFIG_FILE.is_set(env):
+        path = v.CONFIG_FILE.read(env)
+        files[path] = read_rule_file(path, v.CONFIG_FILE.name)
     for variable in v.RULE_FILES.values():
         if variable.is_set(env):
             path = variable.read(env)
@@ -45,12 +53,49 @@ def read_rule_file(path: str, variable: str) -> str:
 
 def watched_paths(env: Mapping[str, str]) -> tuple[str, ...]:
     """Every file the configuration was read from: the ones a long-running mode watches and reloads."""
-    return tuple(variable.read(env) for variable in v.RULE_FILES.values() if variable.is_set(env))
+    return tuple(variable.read(env) for variable in (v.CONFIG_FILE, *v.RULE_FILES.values()) if variable.is_set(env))
 
 
 def load_config(env: Mapping[str, str]) -> RouterConfig:
-    """core.config.load with the rule files read."""
-    return load(env, read_files(env))
+    """core.config.load with the rule files read and an EgressRouter from EGRESS_ROUTER_CONFIG_FILE applied."""
+    files = read_files(env)
+    return load(with_config_file(env, files), files)
+
+
+def with_config_file(env: Mapping[str, str], files: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` plus what the EgressRouter in EGRESS_ROUTER_CONFIG_FILE supplies (`env` itself if it is unset)."""
+    if not v.CONFIG_FILE.is_set(env):
+        return env
+    path = v.CONFIG_FILE.read(env)
+    where = f"{v.CONFIG_FILE.name}={path}"
+    return with_config_document(env, parse_document(files[path], where, json_first=path.endswith(".json")), where)
+
+
+def parse_document(text: str, where: str, *, json_first: bool = False) -> Any:
+    """One YAML or JSON document (JSON is YAML, except for tabs in its indentation: tried first when the name
+    says .json or the text starts with '{'); a syntax error is one line naming `where`, the line and the column."""
+    import yaml  # only when a document is given: the init container's start path never pays for it
+
+    if json_first or text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            if json_first:
+                raise ConfigError(where, f"JSON syntax error at column {exc.colno}: {exc.msg}", line=exc.lineno) \
+                    from None
+    try:
+        # libyaml's loader where there is one: a reload of 10,000 rules must stay well under 2 s
+        documents = [doc for doc in load_yaml(text) if doc is not None]
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(str(exc.problem or exc.context or "cannot be parsed").split())
+        raise ConfigError(where, f"YAML syntax error{'' if mark is None else f' at column {mark.column + 1}'}: "
+                          f"{problem}", line=None if mark is None else mark.line + 1) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(where, f"not YAML: {' '.join(str(exc).split())}") from None
+    if len(documents) != 1:
+        raise ConfigError(where, f"holds {len(documents)} documents, not one EgressRouter")
+    return documents[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,7 @@ class RouterConfig:
     dns_proxy: DnsProxySettings | None = None
     iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see net.iptables.find_tools)
     cluster_cidrs: tuple[IPv4Network, ...] = ()  # reached through the pod interface (core.podnet)
+    drift_seconds: float = 2.0  # legacy mode: seconds between drift checks (0: none)
 
     @property
     def configures_nat(self) -> bool:
@@ -127,6 +128,7 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
         dns_proxy=dns_proxy,
         iptables=v.IPTABLES.read(env),
         cluster_cidrs=v.CLUSTER_CIDRS.read(env),
+        drift_seconds=v.DRIFT_SECONDS.read(env),
     )
 
 

@@ -46,6 +46,19 @@ class Destinations:
     def __len__(self) -> int:
         return len(self.rules) + (self.fallback is not None)
 
+    def targets(self) -> dict[tuple[str, int], tuple[IPv4Address, int]]:
+        """(proto, router port) -> (address, port) each rule redirects to (the fallback: see `target`)."""
+        return {(rule.proto, rule.port): (rule.ip, rule.target_port) for rule in self.rules}
+
+    def target(self, proto: str, port: int, targets: dict[tuple[str, int], tuple[IPv4Address, int]] | None = None
+               ) -> tuple[IPv4Address, int] | None:
+        """Where a connection to the router's `port`/`proto` goes: its rule's target, else the fallback's
+        same port, else nowhere (None). Pass `targets()` when asking many times."""
+        found = (self.targets() if targets is None else targets).get((proto, port))
+        if found is not None:
+            return found
+        return None if self.fallback is None else (self.fallback, port)
+
 
 def parse_destinations(text: str, variable: str = "EGRESS_DESTINATION") -> Destinations:
     """Parse the multiline destination grammar (see GRAMMAR_HELP); raise ConfigError on the first bad line."""

@@ -82,6 +82,10 @@ DESTINATION: Variable[str] = Variable(
 DESTINATION_FILE: Variable[str] = Variable(
     "EGRESS_DESTINATION_FILE", "", "(unset)", "a file holding the redirect rules instead (e.g. a mounted ConfigMap "
     "key); legacy mode reloads it when it changes", NAT_MODES, values.path, "PATH")
+CONFIG_FILE: Variable[str] = Variable(
+    "EGRESS_ROUTER_CONFIG_FILE", "", "(unset)", "a file holding an EgressRouter object "
+    "(network.operator.openshift.io/v1, YAML or JSON) that supplies EGRESS_SOURCE, EGRESS_GATEWAY and "
+    "EGRESS_DESTINATION instead; legacy mode reloads it when it changes", NAT_MODES, values.path, "PATH")
 MODE: Variable[str] = Variable(
     "EGRESS_ROUTER_MODE", DEFAULT_MODE, DEFAULT_MODE, "one of " + ", ".join(MODES), MODES, values.one_of(MODES),
     "MODE", choices=MODES)
@@ -99,6 +103,9 @@ IPTABLES: Variable[str] = Variable(
     "rules: nft (iptables-nft-save/-restore), legacy (iptables-legacy-*), or auto: the backend that already has "
     "rules in the pod's network namespace, else nft", MODES, values.one_of(IPTABLES_CHOICES), "BACKEND",
     NETWORK_NOTE, choices=IPTABLES_CHOICES)
+DRIFT_SECONDS: Variable[float] = Variable(
+    "EGRESS_ROUTER_DRIFT_SECONDS", 2.0, "2", "legacy mode: how often the live state is compared with the plan and "
+    "repaired where it drifted (0: never)", ("legacy",), values.seconds(minimum=0.0), "SECONDS")
 CLUSTER_CIDRS: Variable[tuple[IPv4Network, ...]] = Variable(
     "EGRESS_CLUSTER_CIDRS", (), "(none)", "networks the router itself reaches through the pod interface, as it "
     "does the nameservers of /etc/resolv.conf (space- or comma-separated, e.g. the service network)", MODES,
@@ -160,7 +167,8 @@ DNS_TTL_MAX: Variable[float] = Variable(
 
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
-    SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES, CLUSTER_CIDRS,
+    SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES,
+    CLUSTER_CIDRS, DRIFT_SECONDS,
     HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
     HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,

@@ -50,3 +50,9 @@ def load_pyroute2_modules() -> types.SimpleNamespace:
 def iproute_class() -> Any:
     """pyroute2's full IPRoute (used by the lab, where start-up time does not matter)."""
     return _import("pyroute2.iproute.linux").IPRoute
+
+
+def conntrack_classes() -> tuple[Any, Any]:
+    """pyroute2's Conntrack (ctnetlink) and its tuple filter class (the reload's UDP flow clean-up)."""
+    module = _import("pyroute2.conntrack")
+    return module.Conntrack, module.NFCTAttrTuple

@@ -4,11 +4,15 @@ checked from inside with testinfra's docker backend, the proxies as an unprivile
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
+import pytest
+
 from egress_router import __version__
 from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
+from egress_router.testinfra_plugin import EgressRouter
 from tests.container.conftest import (
     LAN_GATEWAY,
     POD_GATEWAY,
@@ -92,11 +96,12 @@ def test_invalid_configuration_exits_1_with_one_line_and_no_traceback(docker_env
 
 # ------------------------------------------------------------------ the redirect modes in a pod network namespace
 
-def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image: str, pod: PodNetwork) -> None:
+def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image: str, pod: PodNetwork,
+                                                       egress_router: EgressRouter) -> None:
     import testinfra
 
-    status, _, err = docker_env.run(image, "init", environment={**ROUTER_ENV, "EGRESS_ROUTER_MODE": "init"},
-                                    network_mode=pod.network_mode, cap_add=NET_CAPS)
+    env = {**ROUTER_ENV, "EGRESS_ROUTER_MODE": "init"}
+    status, _, err = docker_env.run(image, "init", environment=env, network_mode=pod.network_mode, cap_add=NET_CAPS)
     assert status == 0, err
     assert "using eth1, the only macvlan interface" in err
     assert "Ready: 192.0.2.99/24 on eth1 via 192.0.2.1, 5 NAT rules" in err
@@ -106,6 +111,7 @@ def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image
     assert host.iptables.rules("nat", SNAT_CHAIN) == demo_snat_rules("eth1", SOURCE)
     assert f"-A PREROUTING -j {DNAT_CHAIN}" in host.iptables.rules("nat", "PREROUTING")
     assert f"-A POSTROUTING -j {SNAT_CHAIN}" in host.iptables.rules("nat", "POSTROUTING")
+    egress_router.assert_nat_rules(env, interface="eth1", host=host)  # the plugin's check, from the plan
     # the pod side keeps its cluster address; the macvlan interface has the reserved one
     assert container_ip(pod.pause, pod.pod_net) in host.interface("eth0").addresses
     macvlan = host.interface("eth1")
@@ -120,12 +126,73 @@ def test_init_configures_the_pod_and_testinfra_sees_it(docker_env: Docker, image
     assert host.run("cat /proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
 
 
+def debug_container(docker_env: Docker, image: str, pod: PodNetwork, role: str, **options: Any) -> Any:
+    """Our image beside a pod whose router has exited, sharing its network namespace: what `kubectl debug` adds
+    to a redirect pod (an init container and a pause container) as an ephemeral container."""
+    return docker_env.start(image, role, entrypoint=["sleep", "infinity"], network_mode=pod.network_mode, **options)
+
+
+def test_verify_through_the_plugin_in_a_debug_container_after_init(docker_env: Docker, image: str, pod: PodNetwork,
+                                                                  egress_router: EgressRouter) -> None:
+    """The redirect pod's router ran as an init container; a debug container with our image asserts its state
+    (the docker:// host), fails readably once the state drifts, and passes again once init has run again."""
+    import testinfra
+
+    env = {**ROUTER_ENV, "EGRESS_ROUTER_MODE": "init"}
+    status, _, err = docker_env.run(image, "init-verify", environment=env, network_mode=pod.network_mode,
+                                    cap_add=NET_CAPS)
+    assert status == 0, err
+    debug = testinfra.get_host(f"docker://{debug_container(docker_env, image, pod, 'debug', cap_add=NET_CAPS).id}")
+    state = egress_router.assert_converged(env, host=debug)
+    assert state.summary == "converged: all 10 steps hold (init mode: 192.0.2.99/24 on eth1 via 192.0.2.1, 5 NAT rules)"
+    pause = testinfra.get_host(f"docker://{pod.pause.id}")  # the tools image: ip and iptables
+    assert pause.run(f"iptables -t nat -D PREROUTING -j {DNAT_CHAIN} && ip route del default").rc == 0
+    try:
+        with pytest.raises(AssertionError) as failed:
+            egress_router.assert_converged(env, host=debug)
+        assert str(failed.value).splitlines() == [
+            f"egress router on docker://{debug.backend.name} is not as configured: not converged: 2 of 10 steps do "
+            "not hold (init mode: 192.0.2.99/24 on eth1 via 192.0.2.1, 5 NAT rules)",
+            f"  missing: iptables -t nat -A PREROUTING -j {DNAT_CHAIN}",
+            f"  missing: ip route replace default via {LAN_GATEWAY} dev eth1",
+        ]
+        # the text form, as a person runs it in the debug container: exit 1, one line per difference
+        text = debug.run("egress-router verify " + " ".join(
+            f"--{flag}={shlex.quote(env[name])}" for flag, name in (("source", "EGRESS_SOURCE"),
+                                                                     ("gateway", "EGRESS_GATEWAY"),
+                                                                     ("destination", "EGRESS_DESTINATION"),
+                                                                     ("mode", "EGRESS_ROUTER_MODE"))))
+        assert text.rc == 1 and text.stdout.splitlines()[:2] == [
+            f"missing: iptables -t nat -A PREROUTING -j {DNAT_CHAIN}", f"missing: ip route replace default via "
+            f"{LAN_GATEWAY} dev eth1"], text.stdout + text.stderr
+    finally:
+        status, _, err = docker_env.run(image, "init-again", environment=env, network_mode=pod.network_mode,
+                                        cap_add=NET_CAPS)
+        assert status == 0, err
+    egress_router.assert_converged(env, host=debug)
+
+
+def test_verify_without_net_admin_cannot_tell(docker_env: Docker, image: str, pod: PodNetwork) -> None:
+    env = {**ROUTER_ENV, "EGRESS_ROUTER_MODE": "init"}
+    status, out, err = docker_env.run(image, "verify-nocaps", command=["verify"], environment=env,
+                                      network_mode=pod.network_mode, cap_drop=["NET_ADMIN"])
+    assert (status, out) == (2, "")
+    assert err.startswith("error: cannot read the iptables rules without the NET_ADMIN capability"), err
+
+
 def test_legacy_mode_stays_up_and_stops_promptly_on_docker_stop(docker_env: Docker, image: str,
-                                                                 pod: PodNetwork) -> None:
+                                                                 pod: PodNetwork, egress_router: EgressRouter) -> None:
+    import testinfra
+
     router = docker_env.start(image, "legacy", environment={**ROUTER_ENV, "EGRESS_ROUTER_MODE": "legacy"},
                               network_mode=pod.network_mode, cap_add=NET_CAPS)
     wait_for_log(router, "Ready:")
-    time.sleep(0.3)
+    # the long-running router container answers for itself, with its own environment (as an exec probe does);
+    # 10 steps: Docker's nameserver is on loopback (127.0.0.11), so there is no route to a nameserver
+    state = egress_router.assert_converged(host=testinfra.get_host(f"docker://{router.id}"))
+    assert state.summary.startswith("converged: all 10 steps hold (legacy mode: ")
+    probe = router.exec_run(["egress-router", "verify"])
+    assert probe.exit_code == 0 and probe.output.decode().startswith("converged: "), probe.output
     router.reload()
     assert router.status == "running"
     started = time.monotonic()

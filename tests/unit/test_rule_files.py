@@ -120,3 +120,17 @@ def test_the_watch_sees_a_configmap_swap_and_an_in_place_write(tmp_path: Path) -
     (tmp_path / "..data").unlink()
     assert watch.changed()  # gone (mid-swap, or the volume went away): a change, which the reload reports
     assert not watch.changed()
+
+
+def test_inotify_wakes_on_a_configmap_swap(tmp_path: Path) -> None:
+    import threading
+
+    from egress_router import inotify
+
+    configmap_volume(tmp_path, "..2026_12_01_00_00_00.1", {"destination": "80 tcp 203.0.113.10\n"})
+    woken = threading.Event()
+    assert inotify.start([str(tmp_path / "destination")], woken.set)
+    assert not woken.wait(0.2)
+    configmap_volume(tmp_path, "..2026_12_01_00_00_01.2", {"destination": "81 tcp 203.0.113.10\n"})
+    assert woken.wait(5.0)
+    assert not inotify.start([], woken.set)  # nothing to watch: no thread

@@ -1,0 +1,216 @@
+"""Legacy mode after set-up: reload the rules when their files change or on SIGHUP, and repair drift.
+
+The loop waits for signals with a short timeout, so one thread does everything in turn: a stop
+signal, a reload and a repair never run at the same time. Reloads and repairs hold the namespace lock
+(net.lock) as set-up does, and change only what differs (net.apply): the NAT chains are replaced in one
+iptables-restore, so connections to unchanged destinations keep their conntrack entries and flow on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+from . import inotify
+from .core import variables as v
+from .core.config import RouterConfig
+from .core.errors import ConfigError, EgressRouterError
+from .core.nat import NatRules
+from .core.plan import Plan, Step, build_plan
+from .core.podnet import PodFacts
+from .core.redirect import Destinations
+from .core.steps import Address, Announce
+from .net import apply as apply_steps
+from .net import conntrack, iptables
+from .net.lock import namespace_lock
+from .sources import FileWatch, load_config, watched_paths
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # how often the rule files are stat'ed: a swap is in force well within 2 s
+SETTLE_SECONDS = 0.05
+SETTLE_ROUNDS = 20  # at most 1 s
+REANNOUNCE_AFTER_SECONDS = 2.0  # as ifup does: a second announcement once switches have settled
+STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
+WAKE = signal.SIGUSR1  # sent to ourselves by the inotify thread: a watched directory changed
+SIGNALS = STOPS | {signal.SIGHUP, WAKE}
+
+
+@dataclass
+class Counts:
+    """What the loop did, for the log lines (and the metrics of the operability issue)."""
+
+    reloads: int = 0
+    reload_failures: int = 0
+    repairs: int = 0
+
+
+class Live:
+    """The running legacy-mode router: the plan in force and what it was built from."""
+
+    def __init__(self, env: Mapping[str, str], config: RouterConfig, plan: Plan, facts: PodFacts | None,
+                 context: apply_steps.Context):
+        self.env = env
+        self.config = config
+        self.plan = plan
+        self.facts = facts
+        self.context = context
+        self.counts = Counts()
+        self.watch = FileWatch(watched_paths(env))
+        main = threading.main_thread().ident
+        assert main is not None
+        inotify.start(self.watch.paths, partial(signal.pthread_kill, main, WAKE))
+
+    def run(self) -> int:
+        """Until SIGTERM/SIGINT (blocked by the caller since before set-up); returns the signal received."""
+        now = time.monotonic()
+        announce_at: float | None = now + REANNOUNCE_AFTER_SECONDS
+        check_at = now + self.config.drift_seconds if self.config.drift_seconds else None
+        while True:
+            due = [t for t in (announce_at, check_at) if t is not None]
+            wait = min([POLL_SECONDS, *(max(0.0, t - time.monotonic()) for t in due)])
+            received = signal.sigtimedwait(SIGNALS, wait)
+            if received is not None and received.si_signo in STOPS:
+                return received.si_signo
+            if received is not None and received.si_signo == signal.SIGHUP:
+                self.reload("SIGHUP")
+            elif self.watch.changed():
+                self.settle()
+                self.reload("a changed file")
+            now = time.monotonic()
+            if announce_at is not None and now >= announce_at:
+                apply_steps.announce(self.plan, self.context)
+                announce_at = None
+            if check_at is not None and now >= check_at:
+                self.repair()
+                check_at = time.monotonic() + self.config.drift_seconds
+
+    # ------------------------------------------------------------ reload
+
+    def settle(self) -> None:
+        """Wait until the files stop changing (bounded): a file written in place is read once complete, not
+        while its writer is halfway (a ConfigMap swap is atomic and settles at once)."""
+        for _ in range(SETTLE_ROUNDS):
+            time.sleep(SETTLE_SECONDS)
+            if not self.watch.changed():
+                return
+
+    def reload(self, why: str) -> None:
+        sources = ", ".join(f"{f.name}={f.read(self.env)}" for f in (v.CONFIG_FILE, *v.RULE_FILES.values())
+                            if f.is_set(self.env))
+        try:
+            config = load_config(self.env)
+            unchanged_elsewhere = dataclasses.replace(config, destinations=self.config.destinations,
+                                                      warnings=self.config.warnings)
+            if unchanged_elsewhere != self.config:
+                raise ConfigError(sources or "the configuration", "changes more than the rules: only the rules "
+                                  "reload; restart the pod to apply the rest")
+        except ConfigError as exc:
+            self.counts.reload_failures += 1
+            log.error("Reload (%s) rejected, the rules in force stay: %s (%d rejected so far)", why, exc,
+                      self.counts.reload_failures)
+            return
+        if config == self.config:
+            if not sources:
+                log.info("Reload (%s): the rules are inline (EGRESS_DESTINATION); they change only with a restart",
+                         why)
+            else:
+                log.debug("Reload (%s): %s unchanged", why, sources)
+            return
+        plan = build_plan(config, self.plan.interface, self.facts)
+        try:  # the address is unchanged (only rules reload): no announcement
+            self.converge(tuple(step for step in plan.steps if not isinstance(step, Announce)))
+        except EgressRouterError as exc:
+            self.counts.reload_failures += 1
+            log.error("Reload (%s) failed, the rules in force stay: %s (%d failed so far)", why, exc,
+                      self.counts.reload_failures)
+            return
+        old, new = self.config.destinations, config.destinations
+        self.config, self.plan = config, plan
+        self.counts.reloads += 1
+        flows = ""
+        if old is not None and new is not None:
+            try:
+                if forgotten := conntrack.repointed_udp_flows(old, new):
+                    flows = f", {forgotten} UDP flow(s) re-pointed"
+            except Exception as exc:  # the rules are in force; only old flows keep their destination longer
+                log.warning("Could not re-point the UDP flows of changed rules (they follow the new rules once "
+                            "idle for the conntrack UDP timeout): %s", exc)
+        log.info("Reloaded %s (%s): %s%s (reload %d)", sources, why, describe_change(old, new), flows,
+                 self.counts.reloads)
+
+    # ------------------------------------------------------------ drift
+
+    def repair(self) -> None:
+        """Re-apply the steps that no longer hold; one line per repaired step."""
+        try:
+            with namespace_lock():
+                drifted = apply_steps.drift(self.plan, self.context)
+                if not drifted:
+                    return
+                if any(isinstance(step, Address) for step in drifted):
+                    drifted += [step for step in self.plan.steps if isinstance(step, Announce)]
+                self.apply_locked(tuple(drifted), quiet=True)
+        except EgressRouterError as exc:
+            log.error("Drift repair failed (will try again in %g s): %s", self.config.drift_seconds, exc)
+            return
+        for step in drifted:
+            if not isinstance(step, Announce):
+                self.counts.repairs += 1
+                log.warning("Repaired drift: %s no longer held; re-applied (repair %d)", what(step),
+                            self.counts.repairs)
+
+    def converge(self, steps: tuple[Step, ...]) -> None:
+        with namespace_lock():
+            self.apply_locked(steps, quiet=False)
+
+    def apply_locked(self, steps: tuple[Step, ...], *, quiet: bool) -> None:
+        context = self.context
+        if context.save_tool is not None:
+            context.nat_before = iptables.read_state(context.save_tool)
+        with (muted(apply_steps.log) if quiet else nothing()):
+            apply_steps.apply(dataclasses.replace(self.plan, steps=steps), context)
+
+
+def what(step: Step) -> str:
+    """A drifted step as the admin would check it: its iproute2/sysctl command, or the iptables summary."""
+    if isinstance(step, NatRules):
+        return f"the {iptables.describe(step)}"
+    return f"'{step.render().strip()}'"
+
+
+def describe_change(old: Destinations | None, new: Destinations | None) -> str:
+    """'+1 -0 ~2 rule(s) (5 now)': redirect rules added, removed and changed (same port, other target)."""
+    before = {(r.proto, r.port): r for r in (old.rules if old else ())}
+    after = {(r.proto, r.port): r for r in (new.rules if new else ())}
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    changed = sum(1 for key in after.keys() & before.keys() if after[key] != before[key])
+    text = f"+{added} -{removed} ~{changed} rule(s) ({len(after)} now)"
+    old_fallback, new_fallback = old.fallback if old else None, new.fallback if new else None
+    if old_fallback != new_fallback:
+        text += f", fallback {old_fallback or 'none'} -> {new_fallback or 'none'}"
+    return text
+
+
+@contextmanager
+def muted(logger: logging.Logger) -> Iterator[None]:
+    """The appliers' own info lines off while a repair runs: the repair logs one line per step itself."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def nothing() -> Iterator[None]:
+    yield

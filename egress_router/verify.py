@@ -1,0 +1,276 @@
+"""`egress-router verify`: the plan built from the environment and files, compared with the live namespace (read-only).
+
+The plan is built as router.prepare builds it (configuration, egress interface, pod facts); which steps do
+not hold is net.apply.drift's answer, the same reads drift repair uses. This module only explains each
+such step as one line (what is missing, what differs, what is left over) and never changes anything.
+
+The namespace's lock (net.lock) is held while reading, so a run applying at that moment (an init container
+re-run, a drift repair) is waited for instead of being reported as a transient difference.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .core.errors import EgressRouterError, SetupError
+from .core.nat import TABLE_JUMPS, NatRules, NatState
+from .core.plan import Plan, Step, build_plan
+from .core.steps import MAIN_TABLE, ROUTER_PROTO, Address, Announce, LinkUp, PolicyRule, PruneRoutes, Route, Sysctl
+
+if TYPE_CHECKING:
+    from .core.config import RouterConfig
+    from .net.apply import Context
+
+EXIT_CONVERGED, EXIT_DIFFERS, EXIT_UNKNOWN = 0, 1, 2
+LOCK_WAIT_SECONDS = 3.0  # a run holds the lock ~0.1 s; a probe's own timeout is a few seconds
+RULES_SHOWN_PER_CHAIN = 10  # a flushed chain of 5,000 rules is one line per rule up to here, then a count
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One way the namespace is not as planned. `step` is the command that would repair it (the plan's
+    steps as `render` prints them; NAT: the iptables command for the one chain, rule or jump)."""
+
+    kind: str  # "missing", "differs" or "extra"
+    step: str
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"{self.kind}: {self.step}" + (f" ({self.detail})" if self.detail else "")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "step": self.step, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What verify found: converged (no differences), differences, or an error (it cannot tell)."""
+
+    differences: tuple[Difference, ...] = ()
+    error: str | None = None
+    summary: str = ""
+
+    @property
+    def converged(self) -> bool:
+        return self.error is None and not self.differences
+
+    @property
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return EXIT_UNKNOWN
+        return EXIT_DIFFERS if self.differences else EXIT_CONVERGED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"converged": self.converged, "differences": [d.as_dict() for d in self.differences],
+                "error": self.error, "summary": self.summary}
+
+    def json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    def lines(self) -> list[str]:
+        """The text output (stdout): one line per difference, then the summary (errors go to stderr)."""
+        return [d.line() for d in self.differences] + ([self.summary] if self.summary else [])
+
+
+def verify(env: Mapping[str, str]) -> Report:
+    """Build the plan for `env` and compare it with the current network namespace; never raises for a user
+    error (bad configuration, missing privileges, interface or tool): that is the report's error."""
+    from .sources import load_config
+
+    try:
+        config = load_config(env)
+        if config.mode == "unit-test" or not config.configures_network:
+            why = "unit-test mode changes nothing" if config.mode == "unit-test" else \
+                "EGRESS_SOURCE is unset, the network is not configured (proxy only)"
+            return Report(summary=f"converged: nothing to verify ({why})")
+        from .net.lock import namespace_lock
+
+        with namespace_lock(LOCK_WAIT_SECONDS):
+            return compare(config)
+    except EgressRouterError as exc:
+        return Report(error=str(exc))
+    except OSError as exc:  # a read the kernel refused (netlink, /proc/sys): nothing to conclude from
+        return Report(error=f"cannot read the network state: {exc.strerror or exc}")
+
+
+def compare(config: RouterConfig) -> Report:
+    """router.prepare's reads, then drift; the differences of every step that does not hold."""
+    from . import router
+    from .net import apply as net_apply
+    from .net import iptables, links
+
+    if config.configures_nat:
+        links.check_pod_interface(config.pod_interface)
+    rtnl = links.open_rtnl()
+    try:
+        interface = links.resolve_interface(rtnl, config)
+        plan = build_plan(config, interface, links.pod_facts(rtnl, config.pod_interface))
+        save_tool = None
+        if plan.nat is not None:
+            if not router.effective_capabilities() & (1 << router.CAP_NET_ADMIN):
+                raise SetupError("cannot read the iptables rules without the NET_ADMIN capability (run verify "
+                                 "with the router container's privileges: securityContext.capabilities.add "
+                                 "NET_ADMIN, docker run --cap-add NET_ADMIN)")
+            save_tool = iptables.find_tools(config.iptables)[0]
+        context = net_apply.Context(rtnl, save_tool=save_tool)
+        drifted = net_apply.drift(plan, context)
+        differences = tuple(d for step in drifted for d in explain(step, context))
+    finally:
+        rtnl.close()
+    return Report(differences, summary=summary(config.mode, plan, len(drifted)))
+
+
+def summary(mode: str, plan: Plan, drifted: int) -> str:
+    what = f"{plan.address} on {plan.interface} via {plan.gateway}"
+    if plan.nat is not None and plan.nat.chains:
+        what += f", {sum(len(rules) for _, rules in plan.nat.chains)} NAT rules"
+    checked = len(plan.steps)
+    if not drifted:
+        return f"converged: all {checked} steps hold ({mode} mode: {what})"
+    return f"not converged: {drifted} of {checked} steps do not hold ({mode} mode: {what})"
+
+
+def explain(step: Step, context: Context) -> list[Difference]:
+    """The differences of one step that does not hold; never none (then the step itself is the line)."""
+    found = EXPLAINERS[type(step)](context, step)
+    if found:
+        return found
+    shown = str(step) if isinstance(step, NatRules) else step.render().splitlines()[0].split("  # ")[0]
+    return [Difference("differs", shown, "did not hold, then changed while it was read again")]
+
+
+# ---------------------------------------------------------------- addresses and links
+
+def address_differences(context: Context, step: Address) -> list[Difference]:
+    present = context.rtnl.addresses(context.index(step.interface))
+    others = [f"{ip}/{prefix}" for ip, prefix in present if ip == str(step.address.ip)]
+    if others:
+        return [Difference("differs", step.render(), f"found {', '.join(others)}")]
+    return [Difference("missing", step.render())]
+
+
+def link_differences(context: Context, step: LinkUp) -> list[Difference]:
+    return [Difference("differs", step.render(), f"{step.interface} is down")]
+
+
+# ---------------------------------------------------------------- routes
+
+def shown_route(route: Any) -> str:
+    """A kernel route as `ip route` prints it (the parts we compare)."""
+    where = "default" if not route.dst_len else f"{route.dst}/{route.dst_len}"
+    text = where + (f" via {route.gateway}" if route.gateway else "")
+    if route.oif is not None:
+        try:
+            text += f" dev {socket.if_indextoname(route.oif)}"
+        except OSError:
+            text += f" dev #{route.oif}"
+    if route.gateway is None and route.scope:
+        text += " scope link"
+    text += " onlink" if route.onlink else ""
+    text += f" metric {route.priority}" if route.priority else ""
+    return text + (f" table {route.table}" if route.table != MAIN_TABLE else "")
+
+
+def route_differences(context: Context, step: Route) -> list[Difference]:
+    from .net.apply import kernel_route, same_destination
+
+    wanted = kernel_route(context, step)
+    present = same_destination(context, wanted)
+    if not present:
+        return [Difference("missing", step.render())]
+    if wanted in present:  # a sole route with company: the others are what differs
+        return [Difference("extra", f"ip route del {shown_route(route)}", f"besides {step.render()}")
+                for route in present if route != wanted]
+    return [Difference("differs", step.render(), "found " + "; ".join(shown_route(r) for r in present))]
+
+
+def prune_differences(context: Context, step: PruneRoutes) -> list[Difference]:
+    from .net.apply import stale_routes
+
+    return [Difference("extra", f"ip route del {shown_route(route)} proto {ROUTER_PROTO}",
+                       "added by an earlier configuration, no longer configured")
+            for route in stale_routes(context, step)]
+
+
+def rule_differences(context: Context, step: PolicyRule) -> list[Difference]:
+    same = [r for r in context.rtnl.rules() if r.priority == step.priority]
+    if same:
+        found = "; ".join(f"fwmark {r.fwmark or 0:#x}/{r.fwmask or 0:#x} lookup {r.table}" for r in same)
+        return [Difference("differs", step.render(), f"found priority {step.priority}: {found}")]
+    return [Difference("missing", step.render())]
+
+
+# ---------------------------------------------------------------- sysctls, announcements
+
+def sysctl_differences(context: Context, step: Sysctl) -> list[Difference]:
+    from .net.apply import read_sysctl
+
+    return [Difference("differs", step.render(), f"found {read_sysctl(step.path)}")]
+
+
+def announce_differences(context: Context, step: Announce) -> list[Difference]:
+    return []  # an announcement leaves nothing behind; it always holds
+
+
+# ---------------------------------------------------------------- NAT
+
+def nat_differences(context: Context, step: NatRules) -> list[Difference]:
+    from .net import iptables
+
+    assert context.save_tool is not None, "found in compare, before drift read the tables"
+    return table_differences(step, iptables.read_state(context.save_tool))
+
+
+def table_differences(step: NatRules, state: NatState) -> list[Difference]:
+    """Our chains and the jumps to them, compared with the tables as read (pure)."""
+    found: list[Difference] = []
+    for table, wanted in step.tables().items():
+        current = state.table(table)
+        for chain, rules in wanted.items():
+            if chain not in current:
+                found.append(Difference("missing", f"iptables -t {table} -N {chain}",
+                                        f"the chain and its {len(rules)} rule(s)"))
+            elif current[chain] != rules:
+                found += chain_differences(table, chain, rules, current[chain])
+        for builtin, target in TABLE_JUMPS[table].items():
+            count = state.jump_count(builtin, target, table)
+            if count == 0:
+                found.append(Difference("missing", f"iptables -t {table} -A {builtin} -j {target}"))
+            elif count > 1:
+                found.append(Difference("extra", f"iptables -t {table} -D {builtin} -j {target}",
+                                        f"{count} copies of the jump"))
+    return found
+
+
+def chain_differences(table: str, chain: str, wanted: list[str], current: list[str]) -> list[Difference]:
+    missing = [rule for rule in wanted if rule not in current]
+    extra = [rule for rule in current if rule not in wanted]
+    if not missing and not extra:
+        return [Difference("differs", f"iptables -t {table} chain {chain}",
+                           f"the same {len(wanted)} rule(s) in another order or with duplicates")]
+    found = [Difference("missing", f"iptables -t {table} -A {chain} {rule}") for rule in missing]
+    found += [Difference("extra", f"iptables -t {table} -D {chain} {rule}") for rule in extra]
+    if len(found) > RULES_SHOWN_PER_CHAIN:
+        shown = found[:RULES_SHOWN_PER_CHAIN]
+        shown.append(Difference("differs", f"iptables -t {table} chain {chain}",
+                                f"{len(found) - len(shown)} more: {len(missing)} rule(s) missing, "
+                                f"{len(extra)} not configured in all"))
+        return shown
+    return found
+
+
+EXPLAINERS: Mapping[type, Callable[[Context, Any], list[Difference]]] = MappingProxyType({
+    NatRules: nat_differences,
+    Address: address_differences,
+    LinkUp: link_differences,
+    Route: route_differences,
+    PolicyRule: rule_differences,
+    PruneRoutes: prune_differences,
+    Sysctl: sysctl_differences,
+    Announce: announce_differences,
+})
