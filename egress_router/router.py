@@ -156,15 +156,16 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
 
 def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     """The container behaviour of every mode but unit-test: the network first (if configured), then the
-    proxy the mode runs (if any); returns the exit code."""
+    proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
+    reload their rules from the files it names)."""
     if config.configures_network:
         configure(config, env)
     if config.http_proxy is not None:
         from .proxy.http import run_http_proxy
 
-        return run_http_proxy(config.http_proxy)
+        return run_http_proxy(config.http_proxy, env)
     if config.dns_proxy is not None:
         from .proxy.dns import run_dns_proxy
 
-        return run_dns_proxy(config.dns_proxy)
+        return run_dns_proxy(config.dns_proxy, env)
     return 0

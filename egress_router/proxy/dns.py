@@ -10,180 +10,55 @@ only an active TCP check that succeeds brings the backend back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import socket
 import time
-from ipaddress import IPv6Address
+from collections.abc import Mapping
 from typing import cast
 
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
-from ..core.hosts import Address
 from . import metrics
-from .lookup import describe_dns_error, resolve
+from .dns_targets import Backend, Target
 from .metrics import SharedCounters, WorkerCounters
+from .reload import Reloader, WorkerReloads, forward_changes, forward_listeners, rule_source
 from .server import handle_stop_signals, reset
 
 log = logging.getLogger(__name__)
 
-
-RESOLVE_RETRY_MAX = 30.0
-RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a tight loop
 PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
-class Backend:
-    """One address of a forward's host."""
-
-    __slots__ = ("address", "port", "open", "down_until", "checking", "text")
-
-    def __init__(self, address: Address, port: int):
-        self.address = address
-        self.port = port
-        self.open = 0
-        self.down_until = 0.0
-        self.checking = False
-        self.text = f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
-
-
-class Target:
-    """A forward and its current backends (static for an address, resolved for a name)."""
-
-    def __init__(self, worker: DnsWorker, forward: Forward):
-        self.worker = worker
-        self.forward = forward
-        self.backends: list[Backend] = []
-        self.resolved_once = False
-        self.failing = False
-        self.turn = 0
-        self.first_attempt = asyncio.Event()  # set once the first lookup has answered or failed
-        if not isinstance(forward.host, str):
-            self.backends = [Backend(forward.host, forward.remote_port)]
-            self.resolved_once = True
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.backends)
-
-    def choose(self, exclude: set[Backend]) -> Backend | None:
-        """Least open connections among healthy backends, round-robin among equals; all down: any."""
-        now = self.worker.loop.time()
-        candidates = [b for b in self.backends if b not in exclude and b.down_until <= now]
-        if not candidates:
-            candidates = sorted((b for b in self.backends if b not in exclude), key=lambda b: b.down_until)[:1]
-        if not candidates:
-            return None
-        fewest = min(b.open for b in candidates)
-        equal = [b for b in candidates if b.open == fewest]
-        self.turn += 1
-        return equal[self.turn % len(equal)]
-
-    async def keep_resolved(self) -> None:
-        """Re-resolve the name as its TTL says; keep the last good answer when DNS fails."""
-        import dns.asyncresolver
-        import dns.exception
-        import dns.resolver
-
-        assert isinstance(self.forward.host, str)
-        name = self.forward.host
-        settings = self.worker.settings
-        resolver = dns.asyncresolver.Resolver()
-        retry = 1.0
-        while True:
-            try:
-                addresses, ttl = await resolve(resolver, name)
-            except (dns.exception.DNSException, OSError) as exc:
-                self.first_attempt.set()
-                if self.resolved_once:
-                    if not self.failing:
-                        log.warning("Port %d: cannot resolve %s (%s); keeping the last answer (%s)",
-                                    self.forward.port, name, describe_dns_error(exc),
-                                    ", ".join(b.text for b in self.backends))
-                else:
-                    log.warning("Port %d: cannot resolve %s (%s); connections are refused until it resolves; "
-                                "retrying in %g s", self.forward.port, name, describe_dns_error(exc), retry)
-                self.failing = True
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RESOLVE_RETRY_MAX)
-                continue
-            retry = 1.0
-            if self.failing:
-                log.info("Port %d: %s resolves again", self.forward.port, name)
-                self.failing = False
-            self.update(addresses)
-            self.first_attempt.set()
-            await asyncio.sleep(max(RESOLVE_MIN_INTERVAL, min(max(ttl, settings.ttl_min), settings.ttl_max)))
-
-    def update(self, addresses: list[Address]) -> None:
-        current = {b.address: b for b in self.backends}
-        fresh = [current.get(a) or Backend(a, self.forward.remote_port) for a in addresses]
-        # A server that rotates its records (CoreDNS loadbalance) changes the order, not the set: not news.
-        if {b.address for b in fresh} != set(current):
-            log.info("Port %d: %s is now %s", self.forward.port, self.forward.host,
-                     ", ".join(b.text for b in fresh) or "(no addresses)")
-        self.backends = fresh
-        self.resolved_once = self.resolved_once or bool(fresh)
-
-    def mark_down(self, backend: Backend, reason: str) -> None:
-        """Take the backend out of rotation until an active check succeeds (not merely until a timer runs
-        out: a backend whose connects time out would otherwise make one client in a few wait that long)."""
-        worker = self.worker
-        if backend.down_until <= worker.loop.time():
-            log.warning("Port %d: backend %s failed (%s); skipped until a check succeeds (every %g s)",
-                        self.forward.port, backend.text, reason, worker.settings.check_interval)
-        backend.down_until = math.inf
-        if not backend.checking:
-            backend.checking = True
-            worker.loop.create_task(self.check(backend))
-
-    async def check(self, backend: Backend) -> None:
-        """Active TCP check every check interval until the backend accepts a connection again, or leaves
-        the answer; only then does it get client connections again."""
-        worker = self.worker
-        try:
-            while backend in self.backends:
-                await asyncio.sleep(worker.settings.check_interval)
-                try:
-                    _, writer = await asyncio.wait_for(
-                        asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
-                except (TimeoutError, OSError):
-                    continue
-                writer.close()
-                backend.down_until = 0.0
-                log.info("Port %d: backend %s is back", self.forward.port, backend.text)
-                return
-        finally:
-            backend.checking = False
-
-
 class DnsWorker:
     """One process's forwards and connections."""
 
-    def __init__(self, settings: DnsProxySettings, shared: SharedCounters, index: int):
+    def __init__(self, settings: DnsProxySettings, shared: SharedCounters, index: int,
+                 reloader: Reloader[tuple[Forward, ...]] | None = None):
         self.settings = settings
         self.shared = shared
+        self.index = index
         self.counters: WorkerCounters = shared.row(index)
         self.loop = asyncio.get_event_loop()
         self.targets = {f.port: Target(self, f) for f in settings.forwards}
+        self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()
         self.stopped = asyncio.Event()
         self.draining = False
+        self.reloader = reloader
+        self.drains: set[asyncio.Task[None]] = set()
 
-    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
-        names = [t for t in self.targets.values() if isinstance(t.forward.host, str)]
-        for target in names:
-            self.loop.create_task(target.keep_resolved())
-        if names:  # connections wait in the listen backlog meanwhile, so the first ones are not refused
-            await asyncio.wait([self.loop.create_task(t.first_attempt.wait()) for t in names], timeout=5.0)
-        servers = []
-        for sock in sockets:
-            target = self.targets[sock.getsockname()[1]]
-            servers.append(await self.loop.create_server(
-                lambda t=target: Relay(self, t), sock=sock, backlog=4096))  # type: ignore[misc]
+    async def run(self, sockets: list[socket.socket], alone: bool = False, channel: socket.socket | None = None) -> int:
+        await self.resolved(list(self.targets.values()))
+        await self.listen(sockets)
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
+        reloads = None if self.reloader is None else \
+            WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
         sweeper = self.loop.create_task(self.sweep())
         await self.stopped.wait()
-        for server in servers:
-            server.close()
+        if reloads is not None:
+            reloads.stop()
+        for servers in self.servers.values():
+            for server in servers:
+                server.close()
         self.draining = True
         deadline = self.loop.time() + self.settings.grace_seconds
         while self.connections and self.loop.time() < deadline:
@@ -192,6 +67,66 @@ class DnsWorker:
             relay.abort("the grace period ended")
         sweeper.cancel()
         return 0
+
+    async def resolved(self, targets: list[Target]) -> None:
+        """Start the lookups of the names among `targets` and wait (bounded) for their first answers: connections
+        wait in the listen backlog meanwhile, so the first ones are not refused."""
+        names = [t for t in targets if t.forward.is_name]
+        for target in names:
+            target.start()
+        if names:
+            await asyncio.wait([self.loop.create_task(t.first_attempt.wait()) for t in names], timeout=5.0)
+
+    async def listen(self, sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            port = sock.getsockname()[1]
+            # the target is looked up per connection: a reload that changes the forward moves new connections
+            server = await self.loop.create_server(lambda p=port: self.accept(p), sock=sock,  # type: ignore[misc]
+                                                   backlog=4096)
+            self.servers.setdefault(port, []).append(server)
+
+    def accept(self, port: int) -> Relay:
+        return Relay(self, self.targets[port])
+
+    async def apply_rules(self, generation: int, forwards: tuple[Forward, ...], sockets: list[socket.socket]) -> None:
+        """A reload: removed forwards stop accepting now and drain; added and changed ones are resolved first, then
+        take new connections; unchanged ones (their connections, lookups, health) are not touched."""
+        wanted = {f.port: f for f in forwards}
+        for port in [p for p in self.targets if p not in wanted]:
+            for server in self.servers.pop(port, []):
+                server.close()
+            self.retire(self.targets.pop(port), "removed")
+        fresh = {p: Target(self, f) for p, f in wanted.items() if p not in self.targets or self.targets[p].forward != f}
+        await self.resolved(list(fresh.values()))
+        if self.draining:  # stopping meanwhile: the new ones are not started
+            for target in fresh.values():
+                target.retire()
+            for sock in sockets:
+                sock.close()
+            return
+        for port, target in fresh.items():
+            old = self.targets.get(port)
+            self.targets[port] = target
+            if old is not None:
+                self.retire(old, "changed")
+        await self.listen(sockets)
+
+    def retire(self, target: Target, how: str) -> None:
+        """The forward is gone (or changed): its connections get the grace period to end, then are closed."""
+        target.retire()
+        if any(relay.target is target for relay in self.connections):
+            task = self.loop.create_task(self.drain(target, how))
+            self.drains.add(task)
+            task.add_done_callback(self.drains.discard)
+
+    async def drain(self, target: Target, how: str) -> None:
+        deadline = self.loop.time() + self.settings.grace_seconds
+        while self.loop.time() < deadline:
+            if not any(relay.target is target for relay in self.connections):
+                return
+            await asyncio.sleep(0.1)
+        for relay in [r for r in self.connections if r.target is target]:
+            relay.abort(f"forward {how} by a reload: the grace period ended")
 
     async def sweep(self) -> None:
         idle = self.settings.idle_timeout
@@ -418,18 +353,40 @@ class BackendSide(asyncio.Protocol):
             self.relay.transport.resume_reading()
 
 
-def run_dns_proxy(settings: DnsProxySettings) -> int:
-    """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
-    from .server import Listen, available_cpus, loop_worker, serve
+def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = None) -> int:
+    """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code.
+
+    With `env` (the environment `settings` came from), the forwards are reloaded when their file changes
+    and on SIGHUP (proxy/reload.py)."""
+    from .server import available_cpus, loop_worker, serve
 
     workers = settings.workers or available_cpus()
     shared = SharedCounters(workers)
     for forward in settings.forwards:
         log.info("Forwarding port %d to %s", forward.port, forward.target())
-    specs = [Listen(family, host, f.port) for f in settings.forwards
-             for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))]
     started = time.monotonic()
-    worker_main = loop_worker(shared, lambda index: DnsWorker(settings, shared, index))
-    code = serve("DNS proxy", specs, workers, worker_main, settings.grace_seconds)
+    reloader = None if env is None else forwards_reloader(settings, env, shared)
+
+    def make_worker(index: int) -> DnsWorker:
+        # a worker forked after a reload starts from the forwards in force then (and listens on their ports)
+        in_force = settings if reloader is None else dataclasses.replace(settings, forwards=reloader.rules)
+        return DnsWorker(in_force, shared, index, reloader)
+
+    code = serve("DNS proxy", forward_listeners(settings.forwards), workers, loop_worker(shared, make_worker),
+                 settings.grace_seconds, reloader)
     log.debug("DNS proxy ran for %.1f s", time.monotonic() - started)
     return code
+
+
+def forwards_reloader(settings: DnsProxySettings, env: Mapping[str, str],
+                      shared: SharedCounters) -> Reloader[tuple[Forward, ...]]:
+    from ..core import variables as v
+    from ..core.config import load_dns_proxy
+
+    source = rule_source(env, v.DNS_DESTINATION)
+
+    def parse(text: str) -> tuple[Forward, ...]:
+        """The core's loader on `text` as the file's content (inline rules: the environment's, `text` unused)."""
+        return load_dns_proxy(env, {source.path: text} if source.path is not None else {}).forwards
+
+    return Reloader(source, settings.forwards, parse, forward_changes, shared.row(0), forward_listeners)

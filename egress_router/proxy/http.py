@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import cast
 
+from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from . import metrics
 from .http_flow import BUFFERED, QUEUED, UPSTREAM_FULL
@@ -29,6 +32,7 @@ from .http_rules import (
 from .http_upstream import Upstream
 from .http_worker import Worker
 from .metrics import SharedCounters
+from .reload import Reloader, acl_changes, rule_source
 from .server import reset
 
 log = logging.getLogger(__name__)
@@ -343,16 +347,39 @@ class ClientConnection(RequestReader, asyncio.Protocol):
                 f" {note}" if note else "")
 
 
-def run_http_proxy(settings: HttpProxySettings) -> int:
-    """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code."""
+def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = None) -> int:
+    """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code.
+
+    With `env` (the environment `settings` came from), the allow list is reloaded when its file changes
+    and on SIGHUP (proxy/reload.py)."""
     from .server import available_cpus, listen_spec, loop_worker, serve
 
     workers = settings.workers or available_cpus()
     shared = SharedCounters(workers)
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
-    worker_main = loop_worker(shared, lambda index: Worker(settings, shared, index, ClientConnection))
-    code = serve("HTTP proxy", listen_spec(settings.port), workers, worker_main,
-                 settings.grace_seconds)
+    reloader = None if env is None else allow_list_reloader(settings, env, shared)
+
+    def make_worker(index: int) -> Worker:
+        # a worker forked after a reload starts from the list in force then, not from the start-up one
+        in_force = settings if reloader is None else dataclasses.replace(settings, acl=reloader.rules)
+        return Worker(in_force, shared, index, ClientConnection, reloader)
+
+    code = serve("HTTP proxy", listen_spec(settings.port), workers, loop_worker(shared, make_worker),
+                 settings.grace_seconds, reloader)
     log.debug("HTTP proxy ran for %.1f s (pid %d)", time.monotonic() - started, os.getpid())
     return code
+
+
+def allow_list_reloader(settings: HttpProxySettings, env: Mapping[str, str],
+                        shared: SharedCounters) -> Reloader[AccessList]:
+    from ..core import variables as v
+    from ..core.config import load_http_proxy
+
+    source = rule_source(env, v.HTTP_DESTINATION)
+
+    def parse(text: str) -> AccessList:
+        """The core's loader on `text` as the file's content (inline rules: the environment's, `text` unused)."""
+        return load_http_proxy(env, {source.path: text} if source.path is not None else {}).acl
+
+    return Reloader(source, settings.acl, parse, acl_changes, shared.row(0))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from ..core.hosts import Address
 from . import metrics
@@ -14,6 +16,7 @@ from .http_rules import Host, ProxyError
 from .http_upstream import Endpoint, Upstream, UpstreamPool
 from .lookup import Names, NotResolved
 from .metrics import SharedCounters, WorkerCounters
+from .reload import Reloader, WorkerReloads
 from .server import handle_stop_signals
 
 if TYPE_CHECKING:
@@ -26,7 +29,7 @@ class Worker:
     """One process's proxy: its connections, upstream pool and name lookups."""
 
     def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
-                 client: Callable[[Worker], ClientConnection]):
+                 client: Callable[[Worker], ClientConnection], reloader: Reloader[AccessList] | None = None):
         self.settings = settings
         self.acl = settings.acl
         self.shared = shared
@@ -42,6 +45,7 @@ class Worker:
         self.draining = False
         self.stopped = asyncio.Event()
         self.dirty: list[Endpoint] = []  # endpoints with output waiting for the end of this callback
+        self.reloader = reloader
 
     def flush(self) -> None:
         """Write what this callback queued: one write per connection instead of one per piece."""
@@ -51,18 +55,30 @@ class Worker:
                 endpoint.flush()
 
     # ------------------------------------------------------------ life cycle
-    async def run(self, sockets: list[socket.socket], alone: bool = False) -> int:
+    async def run(self, sockets: list[socket.socket], alone: bool = False, channel: socket.socket | None = None) -> int:
         client = self.client
         servers = [await self.loop.create_server(lambda: client(self), sock=sock, backlog=4096)
                    for sock in sockets]
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
+        reloads = None if self.reloader is None else \
+            WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
         sweeper = self.loop.create_task(self.sweep())
         await self.stopped.wait()
+        if reloads is not None:
+            reloads.stop()
         for server in servers:
             server.close()
         await self.drain()
         sweeper.cancel()
         return 0
+
+    async def apply_rules(self, generation: int, acl: AccessList, sockets: list[socket.socket]) -> None:
+        """New requests (a keep-alive connection's next one too) are judged by `acl` from now on; tunnels and
+        requests already past their check go on."""
+        for sock in sockets:  # the HTTP proxy's port is not in its rules: nothing to listen on
+            sock.close()
+        self.acl = acl
+        self.settings = dataclasses.replace(self.settings, acl=acl)
 
     async def drain(self) -> None:
         self.draining = True

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 ALLOWED, DENIED, BAD, TUNNELS, BYTES_UP, BYTES_DOWN, OPEN, UPSTREAM_ERRORS, UPSTREAM_TIMEOUTS, REJECTED = range(10)
 # Name lookups (proxy/lookup.py): requests answered 504 because theirs timed out; lookups made, by outcome.
 DNS_TIMEOUTS, LOOKUPS_ANSWERED, LOOKUPS_NOT_FOUND, LOOKUPS_FAILED, LOOKUPS_TIMED_OUT = range(10, 15)
-WIDTH = 15
+# Rule reloads (proxy/reload.py) applied and refused; written by the deciding process only (the master, or the
+# only process) into row 0, which its worker 0 never writes these cells of.
+RELOADS, RELOAD_FAILURES = range(15, 17)
+WIDTH = 17
 
 
 class SharedCounters:
@@ -72,4 +75,7 @@ def prometheus_http(shared: SharedCounters) -> str:
             ('{result="failed"}', total(LOOKUPS_FAILED)), ('{result="timeout"}', total(LOOKUPS_TIMED_OUT))])
     metric("egress_router_http_rejected_connections_total", "counter",
            "Client connections refused because the connection limit was reached.", [("", total(REJECTED))])
+    metric("egress_router_http_reloads_total", "counter",
+           "Reloads of the allow list (its file changed, or SIGHUP), by result: applied, or failed (the list in "
+           "force stays).", [('{result="applied"}', total(RELOADS)), ('{result="failed"}', total(RELOAD_FAILURES))])
     return "\n".join(lines) + "\n"

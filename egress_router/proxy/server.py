@@ -4,13 +4,13 @@ With more than one worker, the master binds one socket per worker and address fa
 forking, so a port that cannot be bound is reported at once, and the kernel spreads new connections
 evenly over the workers. It restarts a worker that dies, forwards SIGTERM/SIGINT, and gives workers the grace period to
 drain before it kills what is left. Each worker runs its own event loop (uvloop when installed).
+The master also decides rule reloads (file changes, SIGHUP: proxy/reload.py) and hands them to the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
 import math
@@ -21,16 +21,19 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..core.errors import SetupError
+from .listeners import Listen, bind_all, listen_spec, probe_ports
 from .metrics import SharedCounters
+from .reload import POLL_SECONDS, SEND_TIMEOUT, Reloader, Update, send_update
+
+__all__ = ["Listen", "Master", "available_cpus", "bind_all", "listen_spec", "loop_worker", "probe_ports", "serve"]
 
 log = logging.getLogger(__name__)
 
-WorkerMain = Callable[[list[socket.socket], int, bool], int]  # (sockets, index, alone)
+# (sockets, index, alone, control channel from the master: None when alone)
+WorkerMain = Callable[[list[socket.socket], int, bool, socket.socket | None], int]
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW before the master gives up
 RESTART_WINDOW = 60.0
 
@@ -60,123 +63,120 @@ def raise_file_limit() -> int:
     return soft
 
 
-@dataclass(frozen=True, slots=True)
-class Listen:
-    family: socket.AddressFamily
-    host: str
-    port: int
-
-
-def listen_spec(port: int) -> list[Listen]:
-    return [Listen(socket.AF_INET, "0.0.0.0", port), Listen(socket.AF_INET6, "::", port)]
-
-
-def bind(spec: Listen, backlog: int = 4096) -> socket.socket:
-    sock = socket.socket(spec.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if spec.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((spec.host, spec.port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def bind_all(specs: list[Listen]) -> list[socket.socket]:
-    """Bind every spec; IPv6 is skipped (with a log line) where the namespace has no IPv6."""
-    sockets = []
-    try:
-        for spec in specs:
-            try:
-                sockets.append(bind(spec))
-            except OSError as exc:
-                if spec.family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                    log.info("No IPv6 in this network namespace; listening on IPv4 only")
-                    continue
-                family = "IPv6" if spec.family == socket.AF_INET6 else "IPv4"
-                raise SetupError(f"cannot listen on port {spec.port} ({family}): {exc.strerror}") from None
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def probe_ports(specs: list[Listen]) -> None:
-    """SO_REUSEPORT would let us share a port someone else holds; binding without it first says so."""
-    for spec in specs:
-        try:
-            with socket.socket(spec.family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if spec.family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((spec.host, spec.port))
-        except OSError as exc:
-            if spec.family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                continue
-            raise SetupError(f"cannot listen on port {spec.port}: {exc.strerror} (is another proxy "
-                             "running?)") from None
-
-
-def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain, grace: float) -> int:
+def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain, grace: float,
+          reloader: Reloader[Any] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.
 
     One worker runs in this very process: no master, no fork, one process's memory (a crash ends the
-    container, which the kubelet restarts). More workers are forked and supervised by this process.
+    container, which the kubelet restarts); it reloads its rules itself. More workers are forked and
+    supervised by this process, which also decides reloads (`reloader`) and sends them to the workers.
     """
     limit = raise_file_limit()
     ports = ",".join(sorted({str(s.port) for s in specs}))
+    if reloader is not None:
+        # SIGHUP means "reload" from now on, never "die": blocked until a loop handles it (the worker's,
+        # when alone; the master's sigtimedwait otherwise), so one that comes early waits instead.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     if workers == 1:
         log.info("Starting %s: one process on port(s) %s (open files limit %d)", name, ports, limit)
         probe_ports(specs)
         listening = bind_all(specs)
         try:
-            return worker_main(listening, 0, True)
+            return worker_main(listening, 0, True, None)
         except Exception:
             log.exception("%s failed", name)
             return 1
     log.info("Starting %s: %d worker processes on port(s) %s (open files limit %d)", name, workers, ports, limit)
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops | {signal.SIGCHLD})
-    children: dict[int, int] = {}  # pid -> worker index
-    probe_ports(specs)
-    sockets: dict[int, list[socket.socket]] = {}
-    for index in range(workers):
-        sockets[index] = bind_all(specs)
-    for index in range(workers):
-        children[spawn(index, sockets, worker_main)] = index
-    for socks in sockets.values():
-        for sock in socks:
-            sock.close()
-    restarts: list[float] = []
-    while True:
-        info = signal.sigwaitinfo(stops | {signal.SIGCHLD})
-        if info.si_signo in stops:
-            log.info("Received %s; draining for up to %g s", signal.Signals(info.si_signo).name, grace)
-            return stop_children(children, grace)
-        for pid, status in reap():
-            if pid not in children:
-                continue
-            index = children.pop(pid)
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-            log.error("Worker %d (pid %d) exited unexpectedly (%s)", index, pid, describe_status(status))
-            if len(restarts) > RESTART_LIMIT:
-                log.error("Workers keep dying (%d restarts in %g s); stopping", len(restarts), RESTART_WINDOW)
-                stop_children(children, 0)
-                return 1
-            fresh = {index: bind_all(specs)}
-            children[spawn(index, fresh, worker_main)] = index
-            for sock in fresh[index]:
+    return Master(worker_main, grace, reloader).run(specs, workers)
+
+
+class Master:
+    """The supervising process: forks the workers, replaces those that die, stops them, hands them reloads."""
+
+    def __init__(self, worker_main: WorkerMain, grace: float, reloader: Reloader[Any] | None):
+        self.worker_main, self.grace, self.reloader = worker_main, grace, reloader
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.channels: dict[int, socket.socket] = {}  # worker index -> the master's end of its control channel
+        self.stops = {signal.SIGTERM, signal.SIGINT}
+        self.waited = self.stops | {signal.SIGCHLD} | ({signal.SIGHUP} if reloader is not None else set())
+
+    def run(self, specs: list[Listen], workers: int) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.waited)
+        probe_ports(specs)
+        sockets: dict[int, list[socket.socket]] = {}
+        for index in range(workers):
+            sockets[index] = bind_all(specs)
+        for index in range(workers):
+            self.start(index, sockets)
+        for socks in sockets.values():
+            for sock in socks:
                 sock.close()
+        restarts: list[float] = []
+        while True:
+            if self.reloader is None:
+                info: signal.struct_siginfo | None = signal.sigwaitinfo(self.waited)
+            else:
+                info = signal.sigtimedwait(self.waited, POLL_SECONDS)
+            if info is None or info.si_signo == signal.SIGHUP:
+                assert self.reloader is not None
+                indexes = sorted(self.children.values())
+                update = self.reloader.poll(indexes) if info is None else self.reloader.check("SIGHUP", indexes)
+                if update is not None:
+                    self.hand_out(update)
+                continue
+            if info.si_signo in self.stops:
+                log.info("Received %s; draining for up to %g s", signal.Signals(info.si_signo).name, self.grace)
+                return stop_children(self.children, self.grace)
+            for pid, status in reap():
+                if pid not in self.children:
+                    continue
+                index = self.children.pop(pid)
+                with contextlib.suppress(KeyError):
+                    self.channels.pop(index).close()
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                log.error("Worker %d (pid %d) exited unexpectedly (%s)", index, pid, describe_status(status))
+                if len(restarts) > RESTART_LIMIT:
+                    log.error("Workers keep dying (%d restarts in %g s); stopping", len(restarts), RESTART_WINDOW)
+                    stop_children(self.children, 0)
+                    return 1
+                # the rules in force now, not those of the start: the fork copies the reloader's
+                fresh = {index: bind_all(self.reloader.specs() if self.reloader is not None else specs)}
+                self.start(index, fresh)
+                for sock in fresh[index]:
+                    sock.close()
+
+    def start(self, index: int, sockets: dict[int, list[socket.socket]]) -> None:
+        ours = theirs = None
+        if self.reloader is not None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        others = [channel for channel in self.channels.values()] + ([ours] if ours is not None else [])
+        pid = spawn(index, sockets, self.worker_main, theirs, others)
+        self.children[pid] = index
+        if ours is not None and theirs is not None:
+            theirs.close()
+            ours.settimeout(SEND_TIMEOUT)
+            self.channels[index] = ours
+
+    def hand_out(self, update: Update[Any]) -> None:
+        """Every worker gets the update; one that cannot take it (stuck, dying) is replaced, with these rules."""
+        assert self.reloader is not None
+        try:
+            for pid, index in list(self.children.items()):
+                try:
+                    send_update(self.channels[index], update.generation, update.text, update.sockets.get(index, []))
+                except (OSError, KeyError) as exc:
+                    log.error("Worker %d (pid %d) did not take the new rules (%s); replacing it", index, pid,
+                              getattr(exc, "strerror", None) or exc)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            self.reloader.commit(update)
+        finally:
+            update.close_sockets()  # the workers have their own copies
 
 
-def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: WorkerMain) -> int:
+def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: WorkerMain,
+          channel: socket.socket | None = None, others: list[socket.socket] | None = None) -> int:
     master = os.getpid()
     pid = os.fork()
     if pid:
@@ -188,8 +188,10 @@ def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: Work
             if other != index:
                 for sock in socks:
                     sock.close()
+        for sock in others or ():  # the master's ends of the control channels
+            sock.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
-        code = worker_main(sockets[index], index, False)
+        code = worker_main(sockets[index], index, False, channel)
     except BaseException:
         log.exception("Worker %d failed", index)
     finally:
@@ -280,9 +282,10 @@ def handle_stop_signals(loop: asyncio.AbstractEventLoop, stopped: asyncio.Event,
 
 
 def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> WorkerMain:
-    """A WorkerMain that runs `make_worker(index).run(sockets, alone)` on a fresh event loop (uvloop if installed)."""
+    """A WorkerMain that runs `make_worker(index).run(sockets, alone, channel)` on a fresh event loop (uvloop if
+    installed)."""
 
-    def main(sockets: list[socket.socket], index: int, alone: bool) -> int:
+    def main(sockets: list[socket.socket], index: int, alone: bool, channel: socket.socket | None) -> int:
         try:
             import uvloop
 
@@ -298,7 +301,7 @@ def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> Wo
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            code: int = loop.run_until_complete(make_worker(index).run(sockets, alone))
+            code: int = loop.run_until_complete(make_worker(index).run(sockets, alone, channel))
             return code
         finally:
             finish_tasks(loop)

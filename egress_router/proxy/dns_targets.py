@@ -1,0 +1,159 @@
+"""The DNS proxy's forwards as it serves them: a Target per forward, with its backends (resolved, balanced, checked)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
+
+from ..core.forwards import Forward
+from ..core.hosts import Address
+from .lookup import describe_dns_error, resolve
+
+if TYPE_CHECKING:
+    from .dns import DnsWorker
+
+log = logging.getLogger(__name__)
+
+RESOLVE_RETRY_MAX = 30.0
+RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a tight loop
+
+
+class Backend:
+    """One address of a forward's host."""
+
+    __slots__ = ("address", "port", "open", "down_until", "checking", "text")
+
+    def __init__(self, address: Address, port: int):
+        self.address = address
+        self.port = port
+        self.open = 0
+        self.down_until = 0.0
+        self.checking = False
+        self.text = f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
+
+
+class Target:
+    """A forward and its current backends (static for an address, resolved for a name)."""
+
+    def __init__(self, worker: DnsWorker, forward: Forward):
+        self.worker = worker
+        self.forward = forward
+        self.backends: list[Backend] = []
+        self.resolved_once = False
+        self.failing = False
+        self.turn = 0
+        self.first_attempt = asyncio.Event()  # set once the first lookup has answered or failed
+        self.task: asyncio.Task[None] | None = None  # keep_resolved, for a name
+        self.retired = False  # a reload removed or changed the forward: its connections drain, nothing new
+        if not isinstance(forward.host, str):
+            self.backends = [Backend(forward.host, forward.remote_port)]
+            self.resolved_once = True
+
+    def start(self) -> None:
+        """Resolve a name, and keep it resolved (an address needs nothing)."""
+        if isinstance(self.forward.host, str) and self.task is None:
+            self.task = self.worker.loop.create_task(self.keep_resolved())
+
+    def retire(self) -> None:
+        """A reload took the forward away: no more lookups or checks; open connections keep their backend."""
+        self.retired = True
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.backends)
+
+    def choose(self, exclude: set[Backend]) -> Backend | None:
+        """Least open connections among healthy backends, round-robin among equals; all down: any."""
+        now = self.worker.loop.time()
+        candidates = [b for b in self.backends if b not in exclude and b.down_until <= now]
+        if not candidates:
+            candidates = sorted((b for b in self.backends if b not in exclude), key=lambda b: b.down_until)[:1]
+        if not candidates:
+            return None
+        fewest = min(b.open for b in candidates)
+        equal = [b for b in candidates if b.open == fewest]
+        self.turn += 1
+        return equal[self.turn % len(equal)]
+
+    async def keep_resolved(self) -> None:
+        """Re-resolve the name as its TTL says; keep the last good answer when DNS fails."""
+        import dns.asyncresolver
+        import dns.exception
+        import dns.resolver
+
+        assert isinstance(self.forward.host, str)
+        name = self.forward.host
+        settings = self.worker.settings
+        resolver = dns.asyncresolver.Resolver()
+        retry = 1.0
+        while True:
+            try:
+                addresses, ttl = await resolve(resolver, name)
+            except (dns.exception.DNSException, OSError) as exc:
+                self.first_attempt.set()
+                if self.resolved_once:
+                    if not self.failing:
+                        log.warning("Port %d: cannot resolve %s (%s); keeping the last answer (%s)",
+                                    self.forward.port, name, describe_dns_error(exc),
+                                    ", ".join(b.text for b in self.backends))
+                else:
+                    log.warning("Port %d: cannot resolve %s (%s); connections are refused until it resolves; "
+                                "retrying in %g s", self.forward.port, name, describe_dns_error(exc), retry)
+                self.failing = True
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RESOLVE_RETRY_MAX)
+                continue
+            retry = 1.0
+            if self.failing:
+                log.info("Port %d: %s resolves again", self.forward.port, name)
+                self.failing = False
+            self.update(addresses)
+            self.first_attempt.set()
+            await asyncio.sleep(max(RESOLVE_MIN_INTERVAL, min(max(ttl, settings.ttl_min), settings.ttl_max)))
+
+    def update(self, addresses: list[Address]) -> None:
+        current = {b.address: b for b in self.backends}
+        fresh = [current.get(a) or Backend(a, self.forward.remote_port) for a in addresses]
+        # A server that rotates its records (CoreDNS loadbalance) changes the order, not the set: not news.
+        if {b.address for b in fresh} != set(current):
+            log.info("Port %d: %s is now %s", self.forward.port, self.forward.host,
+                     ", ".join(b.text for b in fresh) or "(no addresses)")
+        self.backends = fresh
+        self.resolved_once = self.resolved_once or bool(fresh)
+
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        """Take the backend out of rotation until an active check succeeds (not merely until a timer runs
+        out: a backend whose connects time out would otherwise make one client in a few wait that long)."""
+        worker = self.worker
+        if backend.down_until <= worker.loop.time():
+            log.warning("Port %d: backend %s failed (%s); skipped until a check succeeds (every %g s)",
+                        self.forward.port, backend.text, reason, worker.settings.check_interval)
+        backend.down_until = math.inf
+        if not backend.checking and not self.retired:
+            backend.checking = True
+            worker.loop.create_task(self.check(backend))
+
+    async def check(self, backend: Backend) -> None:
+        """Active TCP check every check interval until the backend accepts a connection again, or leaves
+        the answer; only then does it get client connections again."""
+        worker = self.worker
+        try:
+            while backend in self.backends and not self.retired:
+                await asyncio.sleep(worker.settings.check_interval)
+                try:
+                    _, writer = await asyncio.wait_for(
+                        asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
+                except (TimeoutError, OSError):
+                    continue
+                writer.close()
+                backend.down_until = 0.0
+                log.info("Port %d: backend %s is back", self.forward.port, backend.text)
+                return
+        finally:
+            backend.checking = False
