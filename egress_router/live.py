@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 from . import inforce, inotify
 from .core import variables as v
@@ -39,7 +37,7 @@ SETTLE_SECONDS = 0.05
 SETTLE_ROUNDS = 20  # at most 1 s
 REANNOUNCE_AFTER_SECONDS = 2.0  # as ifup does: a second announcement once switches have settled
 STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
-WAKE = signal.SIGUSR1  # sent to ourselves by the inotify thread: a watched directory changed
+WAKE = signal.SIGIO  # the kernel's signal for inotify events on the watched directories
 SIGNALS = STOPS | {signal.SIGHUP, WAKE}
 
 
@@ -64,9 +62,9 @@ class Live:
         self.context = context
         self.counts = Counts()
         self.watch = FileWatch(watched_paths(env))
-        main = threading.main_thread().ident
-        assert main is not None
-        inotify.start(self.watch.paths, partial(signal.pthread_kill, main, WAKE))
+        self.notifier = inotify.Notifier.open(self.watch.paths)
+        if self.notifier is not None:
+            self.notifier.signal_on_events(WAKE)
         self.stale = False  # the files changed between set-up and now: reload at once
         if self.watch.paths:
             try:
@@ -90,6 +88,8 @@ class Live:
             received = signal.sigtimedwait(SIGNALS, wait)
             if received is not None and received.si_signo in STOPS:
                 return received.si_signo
+            if self.notifier is not None and received is not None and received.si_signo == WAKE:
+                self.notifier.drain()
             if received is not None and received.si_signo == signal.SIGHUP:
                 self.reload("SIGHUP")
             elif self.watch.changed():

@@ -25,6 +25,7 @@ from ..core import variables as v
 from ..core.allowlist import AccessList
 from ..core.errors import EgressRouterError
 from ..core.forwards import Forward
+from ..inotify import Notifier
 from ..sources import FileWatch, read_rule_file
 from . import metrics
 from .listeners import Listen, bind_all, probe_ports
@@ -302,12 +303,16 @@ class WorkerReloads(Generic[T]):
         self.tasks = [loop.create_task(self.consume())]
         self.reader: ControlReader | None = None
         self.sighup = False
+        self.notifier: Notifier | None = None
         if alone:
             loop.add_signal_handler(signal.SIGHUP, self.queue.put_nowait, self.decide_on_sighup)
             self.sighup = True
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # serve() blocked it until now
             if reloader.watch is not None:
                 self.tasks.append(loop.create_task(self.poll()))
+                self.notifier = Notifier.open(reloader.watch.paths)
+                if self.notifier is not None:
+                    loop.add_reader(self.notifier.fd, self.notified)
         elif channel is not None:
             self.reader = ControlReader(loop, channel, self.received)
         log.debug("Worker %d (pid %d) serves rules generation %d", index, os.getpid(), reloader.generation)
@@ -325,6 +330,12 @@ class WorkerReloads(Generic[T]):
             await asyncio.sleep(POLL_SECONDS)
             if self.queue.empty():
                 self.queue.put_nowait(self.decide_on_poll)
+
+    def notified(self) -> None:
+        """inotify events on the rule file's directory: look at once instead of at the next poll."""
+        assert self.notifier is not None
+        if self.notifier.drain() and self.queue.empty():
+            self.queue.put_nowait(self.decide_on_poll)
 
     async def decide_on_poll(self) -> None:
         await self.decide(self.reloader.poll([self.index]))
@@ -356,6 +367,10 @@ class WorkerReloads(Generic[T]):
     def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        if self.notifier is not None:
+            self.loop.remove_reader(self.notifier.fd)
+            self.notifier.close()
+            self.notifier = None
         if self.sighup:
             # stopping: a late SIGHUP must not kill the drain, so it waits blocked (removing the handler
             # puts the default action back)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from ..inotify import Notifier
 from .listeners import Listen, bind_all, listen_spec, probe_ports
 from .metrics import SharedCounters
 from .reload import POLL_SECONDS, SEND_TIMEOUT, Reloader, Update, send_update
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # (sockets, index, alone, control channel from the master: None when alone)
 WorkerMain = Callable[[list[socket.socket], int, bool, socket.socket | None], int]
+WAKE = signal.SIGIO
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW before the master gives up
 RESTART_WINDOW = 60.0
 
@@ -99,9 +101,16 @@ class Master:
         self.channels: dict[int, socket.socket] = {}  # worker index -> the master's end of its control channel
         self.stops = {signal.SIGTERM, signal.SIGINT}
         self.waited = self.stops | {signal.SIGCHLD} | ({signal.SIGHUP} if reloader is not None else set())
+        self.notifier: Notifier | None = None
+        if reloader is not None and reloader.watch is not None:
+            self.waited |= {WAKE}  # inotify events on the rule file's directory, signalled by the kernel
 
     def run(self, specs: list[Listen], workers: int) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, self.waited)
+        if WAKE in self.waited and self.reloader is not None and self.reloader.watch is not None:
+            self.notifier = Notifier.open(self.reloader.watch.paths)
+            if self.notifier is not None:
+                self.notifier.signal_on_events(WAKE)
         probe_ports(specs)
         sockets: dict[int, list[socket.socket]] = {}
         for index in range(workers):
@@ -117,6 +126,10 @@ class Master:
                 info: signal.struct_siginfo | None = signal.sigwaitinfo(self.waited)
             else:
                 info = signal.sigtimedwait(self.waited, POLL_SECONDS)
+                if info is not None and info.si_signo == WAKE:
+                    if self.notifier is not None:
+                        self.notifier.drain()
+                    info = None  # look at the file now, as a poll does
             if info is None or info.si_signo == signal.SIGHUP:
                 assert self.reloader is not None
                 indexes = sorted(self.children.values())

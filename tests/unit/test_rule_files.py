@@ -123,14 +123,30 @@ def test_the_watch_sees_a_configmap_swap_and_an_in_place_write(tmp_path: Path) -
 
 
 def test_inotify_wakes_on_a_configmap_swap(tmp_path: Path) -> None:
-    import threading
+    import select
+    import signal
 
-    from egress_router import inotify
+    from egress_router.inotify import Notifier
 
     configmap_volume(tmp_path, "..2026_12_01_00_00_00.1", {"destination": "80 tcp 203.0.113.10\n"})
-    woken = threading.Event()
-    assert inotify.start([str(tmp_path / "destination")], woken.set)
-    assert not woken.wait(0.2)
-    configmap_volume(tmp_path, "..2026_12_01_00_00_01.2", {"destination": "81 tcp 203.0.113.10\n"})
-    assert woken.wait(5.0)
-    assert not inotify.start([], woken.set)  # nothing to watch: no thread
+    notifier = Notifier.open([str(tmp_path / "destination")])
+    assert notifier is not None
+    try:
+        assert not notifier.drain()
+        configmap_volume(tmp_path, "..2026_12_01_00_00_01.2", {"destination": "81 tcp 203.0.113.10\n"})
+        assert select.select([notifier.fd], [], [], 5.0)[0]
+        assert notifier.drain() and not notifier.drain()
+        # as the long-running loops use it: a signal, taken with sigtimedwait
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
+        try:
+            notifier.signal_on_events(signal.SIGIO)
+            assert signal.sigtimedwait({signal.SIGIO}, 0) is None
+            configmap_volume(tmp_path, "..2026_12_01_00_00_02.3", {"destination": "82 tcp 203.0.113.10\n"})
+            received = signal.sigtimedwait({signal.SIGIO}, 5.0)
+            assert received is not None and received.si_signo == signal.SIGIO
+            assert notifier.drain()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        notifier.close()
+    assert Notifier.open([]) is None  # nothing to watch
