@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 # a ConfigMap update renames a new `..data` symlink into the directory; editors write or rename-replace
-EVENTS = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200  # MODIFY ATTRIB CLOSE_WRITE MOVED_FROM MOVED_TO CREATE DELETE
+# not IN_MODIFY: a file written in place is looked at once its writer closes it (IN_CLOSE_WRITE)
+EVENTS = 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200  # ATTRIB CLOSE_WRITE MOVED_FROM MOVED_TO CREATE DELETE
 
 
 class Notifier:
