@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -47,6 +46,7 @@ from benchlib import (
 )
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab, router_command
+from egress_router.labtraffic import ConfigMapVolume, EchoHub, exchange_all
 
 A, B, C = DEST_IPS
 COUNTS = (10, 1000, 10000)
@@ -56,91 +56,18 @@ PROBE_EVERY = 0.01
 IN_FORCE_TIMEOUT = 30.0
 
 
-class EchoAndName:
-    """In the destination namespace: on A:7000 an echo service; on A:80 and B:80 a greeting naming the address."""
-
-    def __init__(self, lab: Lab):
-        self.selector = selectors.DefaultSelector()
-        self.stop = threading.Event()
-        self.listeners = []
-        with lab.entered("dest"):
-            for ip, port in ((A, 7000), (A, 80), (B, 80)):
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((ip, port))
-                sock.listen(4096)
-                sock.setblocking(False)
-                self.selector.register(sock, selectors.EVENT_READ, ("listen", port))
-                self.listeners.append(sock)
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def loop(self) -> None:
-        while not self.stop.is_set():
-            for key, _ in self.selector.select(0.2):
-                kind, port = key.data
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if kind == "listen":
-                    try:
-                        conn, _ = sock.accept()
-                    except OSError:
-                        continue
-                    if port == 80:
-                        with conn:
-                            conn.sendall(conn.getsockname()[0].encode() + b"\n")
-                        continue
-                    conn.setblocking(False)
-                    self.selector.register(conn, selectors.EVENT_READ, ("echo", port))
-                else:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        data = b""
-                    if data:
-                        sock.sendall(data)
-                    else:
-                        self.selector.unregister(sock)
-                        sock.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        for key in list(self.selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-
-
 def rules(count: int, target: str) -> str:
     filler = "".join(f"{20000 + i} tcp {C}\n" for i in range(count - 2))
     return f"80 tcp {target}\n7000 tcp {A}\n{filler}"
-
-
-class Volume:
-    def __init__(self, directory: Path):
-        self.directory, self.version = directory, 0
-        (directory / "destination").symlink_to("..data/destination")
-
-    def swap(self, text: str) -> float:
-        self.version += 1
-        target = self.directory / f"..v{self.version}"
-        target.mkdir()
-        (target / "destination").write_text(text, encoding="utf-8")
-        (self.directory / "..tmp").symlink_to(target.name)
-        swapped = time.monotonic()
-        os.rename(self.directory / "..tmp", self.directory / "..data")
-        return swapped
-
-    @property
-    def path(self) -> str:
-        return str(self.directory / "destination")
 
 
 def probe(lab: Lab) -> str | None:
     try:
         with lab.entered("client"):
             sock = socket.create_connection((ROUTER_POD_IP, 80), timeout=0.5)
-        with sock:
-            return sock.recv(64).decode().strip() or None
+        with sock:  # the lab's servers answer "landed peer"
+            answer = sock.recv(128).decode().split()
+        return answer[0].rsplit(":", 1)[0] if answer else None
     except OSError:
         return None
 
@@ -193,31 +120,16 @@ def hold(lab: Lab) -> list[socket.socket]:
 
 
 def lost(conns: list[socket.socket], tag: bytes) -> int:
-    count = 0
-    for index, conn in enumerate(conns):
-        message = b"%s %d\n" % (tag, index)
-        try:
-            conn.sendall(message)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            count += data != message
-        except OSError:
-            count += 1
-    return count
+    return len(exchange_all(conns, tag.decode()))
 
 
 def measure(count: int, rounds: int, work: Path) -> dict[str, object]:
     results: dict[str, list[float]] = {"ours": [], "reference": []}
     losses: dict[str, list[int]] = {"ours": [], "reference": []}
     with Lab() as lab:
-        servers = EchoAndName(lab)
-        directory = work / f"volume-{count}"
-        directory.mkdir()
-        volume = Volume(directory)
+        lab.serve([("tcp", A, 80), ("tcp", B, 80)])  # they say where a probe landed
+        echo = EchoHub(lab, "dest", A, 7000)
+        volume = ConfigMapVolume(work / f"volume-{count}", "destination")
         target = A
         volume.swap(rules(count, target))
         router = Router(lab, volume.path)
@@ -243,7 +155,7 @@ def measure(count: int, rounds: int, work: Path) -> dict[str, object]:
             for conn in conns:
                 conn.close()
             router.stop()
-            servers.close()
+            echo.stop()
     return {"times": results, "lost": losses, "idle_cpu": idle_cpu}
 
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +38,7 @@ from benchlib import (
 from proxybench import Managed, raise_fd_limit
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab
+from egress_router.labtraffic import ConfigMapVolume, EchoHub, exchange_all
 
 HELD_IP, PROBE_IP, FILLER_IP = DEST_IPS  # held connections' echo, the added rule's probe target, fillers
 HELD_PORT, PROBE_PORT = 7100, 7101
@@ -47,73 +46,6 @@ HTTP_PORT = 8080
 DNS_HELD_PORT, DNS_PROBE_PORT, DNS_FILLER_BASE = 7000, 7001, 20000
 LIMIT = 30.0  # seconds a change may take before the run is called failed
 METHODS = ("reload", "restart")
-
-
-class Echo:
-    """TCP echo for many connections in one thread (selectors)."""
-
-    def __init__(self, lab: Lab, ip: str, port: int):
-        with lab.entered("dest"):
-            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((ip, port))
-        self.listener.listen(4096)
-        self.listener.setblocking(False)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            for key, _ in self.selector.select(0.1):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is self.listener:
-                    with contextlib.suppress(BlockingIOError):
-                        conn, _ = sock.accept()
-                        conn.setblocking(False)
-                        self.selector.register(conn, selectors.EVENT_READ)
-                    continue
-                with contextlib.suppress(OSError):
-                    if data := sock.recv(65536):
-                        sock.sendall(data)
-                        continue
-                self.selector.unregister(sock)
-                sock.close()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        for key in list(self.selector.get_map().values()):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            sock.close()
-        self.selector.close()
-
-
-class Volume:
-    """A ConfigMap volume: `<dir>/rules` -> `..data/rules`, `..data` -> a version directory, swapped atomically."""
-
-    def __init__(self, directory: Path):
-        self.directory, self.version = directory, 0
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def path(self) -> str:
-        return str(self.directory / "rules")
-
-    def swap(self, text: str) -> float:
-        self.version += 1
-        target = self.directory / f"..v{self.version}"
-        target.mkdir()
-        (target / "rules").write_text(text, encoding="utf-8")
-        if not (self.directory / "rules").is_symlink():
-            (self.directory / "rules").symlink_to(Path("..data") / "rules")
-        (self.directory / "..data_tmp").symlink_to(target.name)
-        os.rename(self.directory / "..data_tmp", self.directory / "..data")
-        return time.monotonic()
 
 
 # ---------------------------------------------------------------- the two proxies
@@ -170,21 +102,7 @@ def probe(lab: Lab, kind: Kind) -> bool:
 
 def exchange(socks: list[socket.socket], tag: str) -> int:
     """One echoed line per connection; how many did not get theirs back."""
-    lost = 0
-    for i, sock in enumerate(socks):
-        message = f"{tag} {i}\n".encode()
-        try:
-            sock.sendall(message)
-            data = b""
-            while len(data) < len(message):
-                chunk = sock.recv(len(message) - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            lost += data != message
-        except OSError:
-            lost += 1
-    return lost
+    return len(exchange_all(socks, tag))
 
 
 @contextlib.contextmanager
@@ -226,7 +144,7 @@ def wait_serving(lab: Lab, kind: Kind, managed: Managed) -> None:
 
 def one_round(lab: Lab, kind: Kind, count: int, method: str, held: int, work: Path) -> tuple[float, int]:
     """(seconds from the change until the added rule is in force, held connections lost)."""
-    volume = Volume(work / f"{kind.name}-{count}-{method}-{time.monotonic_ns()}")
+    volume = ConfigMapVolume(work / f"{kind.name}-{count}-{method}-{time.monotonic_ns()}", "rules")
     volume.swap(kind.rules(count, False))
     log = work / f"{kind.name}.log"
     socks: list[socket.socket] = []
@@ -295,7 +213,7 @@ def main() -> int:
     samples: dict[tuple[str, int, str], list[tuple[float, int]]] = {}
     with Lab() as lab:
         configure_network(lab)
-        echoes = [Echo(lab, HELD_IP, HELD_PORT), Echo(lab, PROBE_IP, PROBE_PORT)]
+        echoes = [EchoHub(lab, "dest", HELD_IP, HELD_PORT), EchoHub(lab, "dest", PROBE_IP, PROBE_PORT)]
         try:
             for index in range(options.rounds):
                 for kind, count in plan:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import selectors
 import signal
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from egress_router.lab import Lab
-from tests.unit.test_rule_files import configmap_volume
+from egress_router.labtraffic import ConfigMapVolume
+from egress_router.labtraffic import EchoHub as EchoHub  # re-exported for the reload tests
+from egress_router.labtraffic import exchange_all as exchange_all
 
 HELD = 1000  # established connections that must survive a reload
 # The contract: a change is in force within 2 s of the swap. The tests allow 1 s more: their own probes (a TCP
@@ -28,24 +25,8 @@ IN_FORCE_LIMIT = 2.0
 MARGIN = 1.0
 
 
-class RuleVolume:
-    """A rule file as a ConfigMap volume holds it: `<dir>/<name>` -> `..data/<name>`, `..data` -> a version dir."""
-
-    def __init__(self, directory: Path, name: str, text: str):
-        self.directory, self.name = directory, name
-        self.versions = 0
-        self.swap(text)
-
-    @property
-    def path(self) -> str:
-        return str(self.directory / self.name)
-
-    def swap(self, text: str) -> float:
-        """What the kubelet does on a ConfigMap change (a new version dir, `..data` renamed over); when it did it."""
-        self.versions += 1
-        configmap_volume(self.directory, f"..2026_12_01_00_00_{self.versions:02d}.{os.getpid()}",
-                         {self.name: text})
-        return time.monotonic()
+class RuleVolume(ConfigMapVolume):
+    """A rule file as a ConfigMap volume holds it, plus an edit no watch can see."""
 
     def rewrite_unseen(self, text: str) -> None:
         """Rewrite the file in place with text of the same length and its old modification time: no stamp the
@@ -98,82 +79,3 @@ def file_limit(needed: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-class EchoHub:
-    """A TCP echo service for many connections in one thread (selectors); bounded per-connection backlog."""
-
-    def __init__(self, lab: Lab, role: str, ip: str, port: int):
-        with lab.entered(role):
-            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((ip, port))
-        self.listener.listen(4096)
-        self.listener.setblocking(False)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
-        self.accepted = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"echo-hub-{ip}:{port}")
-        self.thread.start()
-
-    def _run(self) -> None:
-        conns: dict[socket.socket, bytearray] = {}
-        while not self.stopped.is_set():
-            for key, _ in self.selector.select(timeout=0.1):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is self.listener:
-                    with contextlib.suppress(BlockingIOError):
-                        conn, _ = sock.accept()
-                        conn.setblocking(False)
-                        conns[conn] = bytearray()
-                        self.selector.register(conn, selectors.EVENT_READ)
-                        self.accepted += 1
-                    continue
-                try:
-                    data = sock.recv(65536)
-                    if data:
-                        sock.sendall(data)  # small messages: the client reads each answer before the next
-                        continue
-                except OSError:
-                    pass
-                self.selector.unregister(sock)
-                conns.pop(sock, None)
-                sock.close()
-        for conn in conns:
-            conn.close()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-        self.selector.close()
-        self.listener.close()
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def exchange_all(socks: list[socket.socket], tag: str) -> list[int]:
-    """Each connection sends one line and must get it echoed back; the indexes of those that did not."""
-    lost = []
-    messages = [f"{tag} {i}\n".encode() for i in range(len(socks))]
-    for i, sock in enumerate(socks):
-        try:
-            sock.sendall(messages[i])
-        except OSError:
-            lost.append(i)
-    for i, sock in enumerate(socks):
-        if i in lost:
-            continue
-        try:
-            if recv_exactly(sock, len(messages[i])) != messages[i]:
-                lost.append(i)
-        except OSError:
-            lost.append(i)
-    return sorted(lost)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, SOURCE_IP, Lab, router_command
+from egress_router.labtraffic import ConfigMapVolume
 from tests.lab.origin import Origin
 from tests.lab.proxyproc import ProxyProcess
-from tests.unit.test_rule_files import configmap_volume
 
 A, B, C = DEST_IPS
 IN_FORCE_WITHIN = 2.0 + 1.0  # the contract is 2 s from the swap; 1 s of margin for a loaded 2-core machine
@@ -41,23 +41,14 @@ class Router(ProxyProcess):
             time.sleep(0.02)
 
 
-class Volume:
+class Volume(ConfigMapVolume):
     """A ConfigMap volume with one key, `destination`, updated as the kubelet does."""
 
     def __init__(self, directory: Path, text: str):
-        self.directory, self.version = directory, 0
-        self.update(text)
-
-    @property
-    def path(self) -> str:
-        return str(self.directory / "destination")
+        super().__init__(directory, "destination", text)
 
     def update(self, text: str) -> float:
-        """Swap in new content; returns the time of the swap."""
-        self.version += 1
-        configmap_volume(self.directory, f"..2026_12_01_00_00_{self.version:02d}.{self.version}",
-                         {"destination": text})
-        return time.monotonic()
+        return self.swap(text)
 
 
 StartRouter = Callable[..., Router]
