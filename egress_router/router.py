@@ -145,10 +145,12 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         nat_part = f"{context.nat_rule_count} NAT rules" if plan.nat is not None and plan.nat.chains \
             else "no NAT (proxy mode)"
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"
+        # legacy mode: the rule files are watched from before "Ready", so an edit made after it is noticed
+        live = Live(env, config, plan, prepared.facts, context) if stay_up else None
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
                  plan.gateway, nat_part, state, config.mode, seconds_since_process_start())
-        if stay_up:
-            received = Live(env, config, plan, prepared.facts, context).run()
+        if live is not None:
+            received = live.run()
             log.info("Received %s; exiting", signal.Signals(received).name)
     finally:
         prepared.rtnl.close()

@@ -112,9 +112,11 @@ def test_sighup_reloads_what_the_watch_cannot_see(served: Lab, start_router: Sta
     rules.write_text(f"80 tcp {A}\n", encoding="utf-8")
     router = start_router(EGRESS_DESTINATION_FILE=str(rules))
     stamp = os.stat(rules)
-    with open(rules, "r+", encoding="utf-8") as file:  # same size, same inode, then the old times again
+    # same size, same inode, and the old times again before the file is closed (inotify's CLOSE_WRITE)
+    with open(rules, "r+", encoding="utf-8") as file:
         file.write(f"80 tcp {B}\n")
-    os.utime(rules, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        file.flush()
+        os.utime(file.fileno(), ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     time.sleep(1.0)
     assert landed(served, 80) == A  # the watch saw nothing
     router.process.send_signal(signal.SIGHUP)
