@@ -86,7 +86,9 @@ def test_a_configmap_swap_adds_removes_and_changes_forwards(lab: Lab, services: 
     services.listen("dest", B, 7001, "echo")
     services.listen("dest", A, 7002, "whoami")
     volume = RuleVolume(tmp_path, "forwards", f"7000 {A}\n7001 {B}\n{READY_LINE}")
-    proxy = start_from(start_proxy, volume, EGRESS_PROXY_GRACE_SECONDS="2")
+    proxy = start_from(start_proxy, volume, EGRESS_PROXY_GRACE_SECONDS="2", EGRESS_ROUTER_DEBUG="1")
+    # the watch is in place and its first look done: a swap now is a change, not the start-up check's find
+    wait_until(lambda: "start-up check: " in proxy.stderr, "the start-up check", lambda: proxy.stderr)
     assert refused(lab, 7002)
     with Conn(lab, 7001) as removed, Conn(lab, 7000) as changed:
         assert removed.landed_ip() == B and changed.landed_ip() == A

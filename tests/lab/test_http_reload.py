@@ -71,7 +71,9 @@ def reloads(lab: Lab) -> tuple[float, float]:
 def test_a_configmap_swap_changes_the_list_for_new_requests_and_keep_alive_ones(
         lab: Lab, origin: Origin, start_proxy: StartProxy, tmp_path: Path) -> None:
     volume = RuleVolume(tmp_path, "allow", "www.example.com\n")
-    proxy = start_from(start_proxy, volume)
+    proxy = start_from(start_proxy, volume, EGRESS_ROUTER_DEBUG="1")
+    # the watch is in place and its first look done: a swap now is a change, not the start-up check's find
+    wait_until(lambda: "start-up check: " in proxy.stderr, "the start-up check", lambda: proxy.stderr)
     assert allowed(lab, WWW_URL) and not allowed(lab, API_URL)
     with Client(lab) as kept, Client(lab) as tunnel:
         assert_hello(kept.request("GET", WWW_URL), WWW)  # a keep-alive connection from before the reload
