@@ -42,6 +42,9 @@ CLIENT_IP6 = "2001:db8:100::2"
 ROUTER_POD_IP6 = "2001:db8:100::1"
 POD_PREFIX6 = 64
 ETC_NETNS = "/etc/netns"
+# what the kernel adds by itself as a link comes up (carrier, IPv6 link-local addresses and routes), on
+# its own schedule: a snapshot leaves it out, so it compares what the router did
+KERNEL_LINK_LOCAL = re.compile(r"\bfe80::|\bff00::/8\b")
 DEST_IPS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
@@ -313,7 +316,8 @@ class Lab:
             if argv == ["iptables-save"]:
                 lines = without_unused_tables(lines)
             elif argv[0] == "ip":  # a link's operational state follows the kernel's linkwatch, not our steps
-                lines = [re.sub(r" state \S+ ", " ", line) for line in lines]
+                lines = [re.sub(r" state \S+ ", " ", line).replace("NO-CARRIER,", "") for line in lines
+                         if not KERNEL_LINK_LOCAL.search(line)]
             parts.append(f"$ {' '.join(argv)}\n" + "\n".join(lines))
         parts.append(f"ip_forward={self.read_sysctl(role, 'net.ipv4.ip_forward')}")
         for scope in ("all", "eth0"):
