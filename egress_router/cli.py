@@ -25,9 +25,9 @@ from .core.errors import ConfigError, EgressRouterError
 from .core.forwards import GRAMMAR_HELP as DNS_HELP
 from .core.nat import POD_MARK
 from .core.plan import build_plan
-from .core.podnet import RETURN_PRIORITY, RETURN_TABLE, PodFacts, parse_nameservers
+from .core.podnet import RETURN_PRIORITY, RETURN_TABLE, PodFacts, parse_nameservers, parse_nameservers6
 from .core.redirect import GRAMMAR_HELP
-from .core.values import parse_ipv4
+from .core.values import looks_ipv6, parse_ipv4, parse_ipv6
 from .core.variables import DEFAULT_INTERFACE, VARIABLES, Variable
 from .sources import load_config
 
@@ -184,9 +184,10 @@ def config_from_options(options: Mapping[str, str | None]) -> RouterConfig:
 
 @main.command()
 @config_options
-@click.option("--pod-next-hop", metavar="ADDRESS|direct", default=None,
+@click.option("--pod-next-hop", metavar="ADDRESS|direct[,ADDRESS6]", default=None,
               help="Render the pod-network return path for this next hop of the pod interface (what apply "
-                   "reads from the pod's routes; 'direct': a device route); nameservers from --resolv-conf.")
+                   "reads from the pod's routes; 'direct': a device route; dual-stack: the IPv4 one, a comma, the "
+                   "IPv6 one); nameservers from --resolv-conf.")
 @click.option("--resolv-conf", metavar="FILE", default="/etc/resolv.conf", show_default=True,
               type=click.Path(dir_okay=False), help="With --pod-next-hop: where the pod's nameservers are.")
 def render(pod_next_hop: str | None, resolv_conf: str, **options: str | None) -> None:
@@ -196,15 +197,17 @@ def render(pod_next_hop: str | None, resolv_conf: str, **options: str | None) ->
     The pod-network return path depends on the pod's own routes, read when the plan is applied: without
     --pod-next-hop it is summarized in comments; with it, rendered step by step."""
     config = config_from_options(options)
-    if config.source is None:
+    if not config.configures_network:
         click.echo("# no network set-up: EGRESS_SOURCE is unset, only the proxy runs")
         return
     facts = None if pod_next_hop is None else guarded(lambda: render_facts(pod_next_hop, resolv_conf))
     plan = build_plan(config, config.interface or DEFAULT_INTERFACE, facts)
+    restores = " and ".join(f"{nat.tool}-restore --noflush" for nat in plan.nats)
+    transactions = "one transaction per family" if len(plan.nats) > 1 else "one transaction"
     click.echo(f"# network ({config.mode} mode): {len(plan.steps)} steps, applied in this order with netlink"
-               + ("; iptables first, in one transaction: iptables-restore --noflush (jumps only where missing)"
-                  if plan.nat is not None else ""))
-    if plan.nat is None or not plan.nat.chains:
+               + (f"; iptables first, in {transactions}: {restores} (jumps only where missing)"
+                  if plan.nats else ""))
+    if not any(nat.chains for nat in plan.nats):
         click.echo("# no NAT rules in this mode")
     if facts is None and not config.pod_interface.endswith("+"):
         pod = config.pod_interface
@@ -213,27 +216,36 @@ def render(pod_next_hop: str | None, resolv_conf: str, **options: str | None) ->
         click.echo(f"#   ip route replace default via <{pod}'s next hop> dev {pod} onlink table {RETURN_TABLE}; "
                    f"ip rule add fwmark {POD_MARK:#x}/{POD_MARK:#x} lookup {RETURN_TABLE} priority "
                    f"{RETURN_PRIORITY}; rp_filter=2 on {pod}; routes to the nameservers and EGRESS_CLUSTER_CIDRS "
-                   f"via {pod}")
+                   f"via {pod}" + ("; the same for IPv6 (ip -6, ip6tables)" if 6 in config.versions else ""))
     for text in plan.render():
         click.echo(text)
 
 
 def render_facts(next_hop: str, resolv_conf: str) -> PodFacts:
-    """The facts `render --pod-next-hop` stands in for."""
-    gateway = None if next_hop == "direct" else parse_ipv4(next_hop, "--pod-next-hop")
+    """The facts `render --pod-next-hop` stands in for: 'ADDRESS|direct', or one for each family separated by a
+    comma ('10.128.0.1,fe80::1'; 'direct' first is IPv4's, second IPv6's)."""
+    hops: dict[int, str] = {}
+    for item in (part.strip() for part in next_hop.split(",")):
+        version = 6 if looks_ipv6(item) or (item == "direct" and 4 in hops) else 4
+        if version in hops:
+            raise ConfigError("--pod-next-hop", f"{next_hop!r} gives two IPv{version} next hops: one per family")
+        hops[version] = item
+    gateway = None if hops.get(4, "direct") == "direct" else parse_ipv4(hops[4], "--pod-next-hop")
+    gateway6 = None if hops.get(6, "direct") == "direct" else parse_ipv6(hops[6], "--pod-next-hop", link_local=True)
     try:
-        nameservers = parse_nameservers(Path(resolv_conf).read_text(encoding="utf-8", errors="replace"))
+        text = Path(resolv_conf).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise ConfigError("--resolv-conf", f"cannot read {resolv_conf}: {exc.strerror}") from None
-    return PodFacts(True, gateway, nameservers)
+    return PodFacts(4 in hops, gateway, parse_nameservers(text), known6=6 in hops, gateway6=gateway6,
+                    nameservers6=parse_nameservers6(text))
 
 
 def describe(config: RouterConfig) -> str:
     """The one-line summary after 'valid: '."""
     parts = [f"{config.mode} mode"]
-    if config.source is not None:
-        parts += [f"source {config.source if config.source_has_prefix else config.source.ip}",
-                  f"gateway {config.gateway}"]
+    if config.egress:
+        parts += [f"source {' and '.join(str(e.source if e.has_prefix else e.source.ip) for e in config.egress)}",
+                  f"gateway {' and '.join(str(e.gateway) for e in config.egress)}"]
     else:
         parts.append("no network set-up (proxy only)")
     if config.http_proxy is not None:
@@ -241,7 +253,8 @@ def describe(config: RouterConfig) -> str:
     if config.dns_proxy is not None:
         parts.append("DNS proxy: " + ", ".join(f"{f.port} -> {f.target()}" for f in config.dns_proxy.forwards))
     if config.destinations is not None:
-        fallback = f", fallback {config.destinations.fallback}" if config.destinations.fallback else ", no fallback"
+        fallbacks = config.destinations.fallbacks
+        fallback = f", fallback {' and '.join(map(str, fallbacks))}" if fallbacks else ", no fallback"
         parts.append(f"{len(config.destinations.rules)} port rule(s){fallback}")
     return "; ".join(parts)
 

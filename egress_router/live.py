@@ -187,8 +187,7 @@ class Live:
 
     def apply_locked(self, steps: tuple[Step, ...], *, quiet: bool) -> None:
         context = self.context
-        if context.save_tool is not None:
-            context.nat_before = iptables.read_state(context.save_tool)
+        context.nat_before = {version: iptables.read_state(tools[0]) for version, tools in context.tools.items()}
         with (muted(apply_steps.log) if quiet else nothing()):
             apply_steps.apply(dataclasses.replace(self.plan, steps=steps), context)
 
@@ -202,15 +201,16 @@ def what(step: Step) -> str:
 
 def describe_change(old: Destinations | None, new: Destinations | None) -> str:
     """'+1 -0 ~2 rule(s) (5 now)': redirect rules added, removed and changed (same port, other target)."""
-    before = {(r.proto, r.port): r for r in (old.rules if old else ())}
-    after = {(r.proto, r.port): r for r in (new.rules if new else ())}
+    before = {(r.proto, r.port, r.ip.version): r for r in (old.rules if old else ())}
+    after = {(r.proto, r.port, r.ip.version): r for r in (new.rules if new else ())}
     added = len(after.keys() - before.keys())
     removed = len(before.keys() - after.keys())
     changed = sum(1 for key in after.keys() & before.keys() if after[key] != before[key])
     text = f"+{added} -{removed} ~{changed} rule(s) ({len(after)} now)"
-    old_fallback, new_fallback = old.fallback if old else None, new.fallback if new else None
-    if old_fallback != new_fallback:
-        text += f", fallback {old_fallback or 'none'} -> {new_fallback or 'none'}"
+    for family in ("fallback", "fallback6"):
+        was, now = getattr(old, family, None), getattr(new, family, None)
+        if was != now:
+            text += f", {'IPv6 ' if family == 'fallback6' else ''}fallback {was or 'none'} -> {now or 'none'}"
     return text
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .core.config import RouterConfig
 from .core.errors import SetupError
-from .core.plan import IP_FORWARD, Plan, build_plan
+from .core.plan import IP6_FORWARD, IP_FORWARD, Plan, build_plan
 from .core.podnet import PodFacts
 from .core.steps import Sysctl
 from .live import SIGNALS, Live
@@ -65,25 +65,31 @@ def prepare(config: RouterConfig) -> Prepared:
         interface = links.resolve_interface(rtnl, config)
         facts = pod_facts(rtnl, config)
         plan = build_plan(config, interface, facts)
-        tools = iptables.find_tools(config.iptables) if plan.nat is not None else None
+        versions = tuple(nat.version for nat in plan.nats)
+        tools = iptables.find_family_tools(config.iptables, versions) if versions else {}
         check_sysctls(plan)
-        nat_before = iptables.read_state(tools[0]) if tools else None
+        nat_before = {version: iptables.read_state(tools[version][0]) for version in versions}
     except BaseException:
         rtnl.close()
         raise
     can_announce = bool(caps & (1 << CAP_NET_RAW))
     if not can_announce:
-        log.warning("No NET_RAW capability: the gratuitous ARP announcement is skipped, so neighbours "
-                    "learn %s's new MAC only when their ARP entries expire; add NET_RAW", plan.address.ip)
-    context = apply_steps.Context(rtnl, restore_tool=tools[1] if tools else None, save_tool=tools[0] if tools else None,
-                                  nat_before=nat_before, can_announce=can_announce)
+        for address in plan.addresses:
+            kind, cache = ("unsolicited neighbour advertisement", "neighbour") if address.version == 6 else \
+                ("gratuitous ARP announcement", "ARP")
+            log.warning("No NET_RAW capability: the %s is skipped, so neighbours learn %s's new MAC only when "
+                        "their %s entries expire; add NET_RAW", kind, address.ip, cache)
+    context = apply_steps.Context(rtnl, tools=tools, nat_before=nat_before, can_announce=can_announce)
     return Prepared(plan, context, facts)
 
 
 def pod_facts(rtnl: Rtnl, config: RouterConfig) -> PodFacts:
     """The pod interface's next hop and nameservers; says so when no return path can be planned."""
-    facts = links.pod_facts(rtnl, config.pod_interface)
-    if not facts.known:
+    facts = links.pod_facts(rtnl, config.pod_interface, versions=config.versions)
+    if 6 in config.versions and not facts.known6 and not config.pod_interface.endswith("+"):
+        log.info("No IPv6 route goes through %s: no IPv6 return path is set up (IPv6 clients cannot reach "
+                 "the router through it)", config.pod_interface)
+    if 4 in config.versions and not facts.known:
         why = (f"EGRESS_POD_INTERFACE {config.pod_interface!r} is a pattern, not one interface"
                if config.pod_interface.endswith("+") else f"no route goes through {config.pod_interface}")
         log.warning("No pod-network return path: %s, so replies to clients outside its own subnet, kubelet "
@@ -98,10 +104,11 @@ def check_sysctls(plan: Plan) -> None:
     for step in plan.steps:
         if isinstance(step, Sysctl) and links.read_sysctl(step.path) != step.value and \
                 not os.access(step.path, os.W_OK):
-            if step.key == IP_FORWARD:
-                raise SetupError("IPv4 forwarding is off and /proc/sys is read-only here: run the container "
-                                 "privileged, or set the sysctl net.ipv4.ip_forward=1 for the pod "
-                                 "(securityContext.sysctls; docker run --sysctl net.ipv4.ip_forward=1)")
+            if step.key in (IP_FORWARD, IP6_FORWARD):
+                family = "IPv6" if step.key == IP6_FORWARD else "IPv4"
+                raise SetupError(f"{family} forwarding is off and /proc/sys is read-only here: run the container "
+                                 f"privileged, or set the sysctl {step.key}=1 for the pod "
+                                 f"(securityContext.sysctls; docker run --sysctl {step.key}=1)")
             raise SetupError(f"{step.key} must be {step.value} and /proc/sys is read-only here: run the "
                              f"container privileged, or set the sysctl {step.key}={step.value} for the pod "
                              f"(securityContext.sysctls; docker run --sysctl {step.key}={step.value})")
@@ -142,13 +149,14 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
             raise
     try:
         plan, context = prepared.plan, prepared.context
-        nat_part = f"{context.nat_rule_count} NAT rules" if plan.nat is not None and plan.nat.chains \
+        nat_part = f"{context.nat_rule_count} NAT rules" if any(nat.chains for nat in plan.nats) \
             else "no NAT (proxy mode)"
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"
         # legacy mode: the rule files are watched from before "Ready", so an edit made after it is noticed
         live = Live(env, config, plan, prepared.facts, context) if stay_up else None
-        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)", plan.address, plan.interface,
-                 plan.gateway, nat_part, state, config.mode, seconds_since_process_start())
+        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
+                 " and ".join(map(str, plan.addresses)), plan.interface, " and ".join(map(str, plan.gateways)),
+                 nat_part, state, config.mode, seconds_since_process_start())
         if live is not None:
             received = live.run()
             log.info("Received %s; exiting", signal.Signals(received).name)

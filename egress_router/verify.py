@@ -134,15 +134,15 @@ def compare(config: RouterConfig) -> Report:
     rtnl = links.open_rtnl()
     try:
         interface = links.resolve_interface(rtnl, config)
-        plan = build_plan(config, interface, links.pod_facts(rtnl, config.pod_interface))
-        save_tool = None
-        if plan.nat is not None:
+        plan = build_plan(config, interface, links.pod_facts(rtnl, config.pod_interface, versions=config.versions))
+        tools = {}
+        if plan.nats:
             if not router.effective_capabilities() & (1 << router.CAP_NET_ADMIN):
                 raise SetupError("cannot read the iptables rules without the NET_ADMIN capability (run verify "
                                  "with the router container's privileges: securityContext.capabilities.add "
                                  "NET_ADMIN, docker run --cap-add NET_ADMIN)")
-            save_tool = iptables.find_tools(config.iptables)[0]
-        context = net_apply.Context(rtnl, save_tool=save_tool)
+            tools = iptables.find_family_tools(config.iptables, tuple(nat.version for nat in plan.nats))
+        context = net_apply.Context(rtnl, tools=tools)
         drifted = net_apply.drift(plan, context)
         differences = tuple(d for step in drifted for d in explain(step, context))
     finally:
@@ -247,8 +247,8 @@ def announce_differences(context: Context, step: Announce) -> list[Difference]:
 def nat_differences(context: Context, step: NatRules) -> list[Difference]:
     from .net import iptables
 
-    assert context.save_tool is not None, "found in compare, before drift read the tables"
-    return table_differences(step, iptables.read_state(context.save_tool))
+    assert step.version in context.tools, "found in compare, before drift read the tables"
+    return table_differences(step, iptables.read_state(context.tools[step.version][0]))
 
 
 def table_differences(step: NatRules, state: NatState) -> list[Difference]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from types import MappingProxyType
 from typing import Any
 
@@ -18,14 +18,17 @@ from .allowlist import AccessList, parse_access_list
 from .errors import ConfigError
 from .forwards import Forward, parse_dns_destinations
 from .redirect import Destinations, parse_destinations
-from .values import parse_ipv4
+from .values import looks_ipv6, parse_ip
 from .variables import DEFAULT_IPTABLES, DEFAULT_MODE, MODES, NAT_MODES, unknown_variable_warnings
 
-__all__ = ["DEFAULT_MODE", "MODES", "NAT_MODES", "DnsProxySettings", "HttpProxySettings", "RouterConfig", "load",
-           "rule_files"]
+__all__ = ["DEFAULT_MODE", "MODES", "NAT_MODES", "DnsProxySettings", "Egress", "HttpProxySettings", "RouterConfig",
+           "load", "rule_files"]
 
 NO_FILES: Mapping[str, str] = MappingProxyType({})
 HEADER_LIMIT = 64 * 1024  # bytes of request line + headers
+# between the two addresses of EGRESS_SOURCE / EGRESS_GATEWAY: a comma, or spaces not next to a '/'
+# (so that '192.0.2.99/ 24' is one bad value, not two)
+LIST_SEPARATOR = re.compile(r"\s*,\s*|(?<!/)\s+(?!/)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +65,24 @@ class DnsProxySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Egress:
+    """One address family's way out: the reserved source (with its prefix) and the LAN gateway."""
+
+    source: IPv4Interface | IPv6Interface
+    has_prefix: bool  # False: EGRESS_SOURCE gave no prefix (a /32 or /128 host address)
+    gateway: IPv4Address | IPv6Address
+
+    @property
+    def version(self) -> int:
+        return self.source.version
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     """Everything the router was asked to do, validated."""
 
     mode: str
-    source: IPv4Interface | None  # None: a proxy-only container, the network is not touched
-    source_has_prefix: bool
-    gateway: IPv4Address | None
+    egress: tuple[Egress, ...]  # one per family, IPv4 first; (): a proxy-only container, the network is untouched
     destinations: Destinations | None
     interface: str | None  # None: macvlan0, or the only macvlan link if macvlan0 is missing
     pod_interface: str
@@ -77,7 +91,7 @@ class RouterConfig:
     http_proxy: HttpProxySettings | None = None
     dns_proxy: DnsProxySettings | None = None
     iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see net.iptables.find_tools)
-    cluster_cidrs: tuple[IPv4Network, ...] = ()  # reached through the pod interface (core.podnet)
+    cluster_cidrs: tuple[IPv4Network | IPv6Network, ...] = ()  # reached through the pod interface (core.podnet)
     drift_seconds: float = 2.0  # legacy mode: seconds between drift checks (0: none)
 
     @property
@@ -86,7 +100,41 @@ class RouterConfig:
 
     @property
     def configures_network(self) -> bool:
-        return self.source is not None
+        return bool(self.egress)
+
+    def family(self, version: int) -> Egress | None:
+        return next((egress for egress in self.egress if egress.version == version), None)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(egress.version for egress in self.egress)
+
+    @property
+    def source(self) -> IPv4Interface | None:
+        """The IPv4 source (None: no IPv4 egress)."""
+        found = self.family(4)
+        return found.source if found is not None else None  # type: ignore[return-value]
+
+    @property
+    def gateway(self) -> IPv4Address | None:
+        found = self.family(4)
+        return found.gateway if found is not None else None  # type: ignore[return-value]
+
+    @property
+    def source_has_prefix(self) -> bool:
+        found = self.family(4)
+        return found is not None and found.has_prefix
+
+    @property
+    def source6(self) -> IPv6Interface | None:
+        """The IPv6 source (None: no IPv6 egress)."""
+        found = self.family(6)
+        return found.source if found is not None else None  # type: ignore[return-value]
+
+    @property
+    def gateway6(self) -> IPv6Address | None:
+        found = self.family(6)
+        return found.gateway if found is not None else None  # type: ignore[return-value]
 
 
 def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterConfig:
@@ -97,28 +145,26 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
     mode = select_mode(env)
     http_proxy = load_http_proxy(env, files) if given(env, v.HTTP_DESTINATION) else None
     dns_proxy = load_dns_proxy(env, files) if given(env, v.DNS_DESTINATION) else None
-    source: IPv4Interface | None = None
-    gateway: IPv4Address | None = None
-    has_prefix = False
+    egress: tuple[Egress, ...] = ()
     if (http_proxy or dns_proxy) is not None and not v.SOURCE.is_set(env):
         if v.GATEWAY.is_set(env):
             raise ConfigError(v.GATEWAY.name, "is set but EGRESS_SOURCE is not: set both to configure the "
                               "network before the proxy starts, or neither to run the proxy alone")
     else:
-        source, has_prefix = parse_source(v.SOURCE.require(env))
-        gateway = parse_gateway(v.GATEWAY.require(env), source, has_prefix)
+        sources = parse_sources(v.SOURCE.require(env))
+        egress = parse_gateways(v.GATEWAY.require(env), sources)
     destinations = None
     if mode in NAT_MODES:
-        destinations = parse_destinations(*rules(env, files, v.DESTINATION))
+        shown = ", ".join(str(e.source.ip) for e in egress)
+        destinations = parse_destinations(*rules(env, files, v.DESTINATION),
+                                          families=tuple(e.version for e in egress), sources=shown)
     interface = v.INTERFACE.read(env)
     pod_interface = v.POD_INTERFACE.read(env)
     if interface is not None and interface == pod_interface:
         raise ConfigError(v.POD_INTERFACE.name, f"{pod_interface!r} is also the egress interface (EGRESS_INTERFACE)")
     return RouterConfig(
         mode=mode,
-        source=source,
-        source_has_prefix=has_prefix,
-        gateway=gateway,
+        egress=egress,
         destinations=destinations,
         interface=interface,
         pod_interface=pod_interface,
@@ -211,28 +257,75 @@ def rules(env: Mapping[str, str], files: Mapping[str, str], grammar: v.Variable[
     return files[path], where
 
 
-def parse_source(value: str) -> tuple[IPv4Interface, bool]:
+def parse_sources(value: str) -> list[tuple[IPv4Interface | IPv6Interface, bool]]:
+    """EGRESS_SOURCE: one address, or one of each family separated by a comma or spaces; each with its prefix
+    and whether one was given. IPv4 first."""
+    items = [item for item in LIST_SEPARATOR.split(value.strip()) if item]
+    if len(items) > 2:
+        raise ConfigError(v.SOURCE.name, f"{value.strip()!r} gives {len(items)} addresses: give one, or one IPv4 and "
+                          "one IPv6 address")
+    found = [parse_source(item) for item in items]
+    if len(found) == 2 and found[0][0].version == found[1][0].version:
+        raise ConfigError(v.SOURCE.name, f"{value.strip()!r} gives two IPv{found[0][0].version} addresses: give one "
+                          "per family (an IPv4 and an IPv6 address)")
+    return sorted(found, key=lambda item: item[0].version)
+
+
+def parse_source(value: str) -> tuple[IPv4Interface | IPv6Interface, bool]:
     text = value.strip()
     address_text, slash, prefix_text = text.partition("/")
-    address = parse_ipv4(address_text, v.SOURCE.name)
+    address = parse_ip(address_text, v.SOURCE.name)
+    bits = address.max_prefixlen
+    kind: type[IPv4Interface] | type[IPv6Interface] = IPv4Interface if address.version == 4 else IPv6Interface
     if not slash:
-        return IPv4Interface(f"{address}/32"), False
-    if not re.fullmatch(r"[0-9]{1,2}", prefix_text) or int(prefix_text) > 32:
-        raise ConfigError(v.SOURCE.name, f"{prefix_text!r} in {text!r} is not a prefix length (0-32)")
-    source = IPv4Interface(f"{address}/{int(prefix_text)}")
-    if source.network.prefixlen <= 30 and address in (source.network.network_address,
-                                                       source.network.broadcast_address):
-        which = "network" if address == source.network.network_address else "broadcast"
-        raise ConfigError(v.SOURCE.name, f"{text} is the {which} address of {source.network}")
+        return kind(f"{address}/{bits}"), False
+    if not re.fullmatch(r"[0-9]{1,3}", prefix_text) or int(prefix_text) > bits:
+        raise ConfigError(v.SOURCE.name, f"{prefix_text!r} in {text!r} is not a prefix length (0-{bits})")
+    source = kind(f"{address}/{int(prefix_text)}")
+    net = source.network
+    if address.version == 4 and net.prefixlen <= 30 and address in (net.network_address, net.broadcast_address):
+        which = "network" if address == net.network_address else "broadcast"
+        raise ConfigError(v.SOURCE.name, f"{text} is the {which} address of {net}")
+    if address.version == 6 and net.prefixlen <= 126 and address == net.network_address:
+        raise ConfigError(v.SOURCE.name, f"{text} is the subnet-router anycast address of {net}")
     return source, True
 
 
-def parse_gateway(value: str, source: IPv4Interface, has_prefix: bool) -> IPv4Address:
+def parse_gateways(value: str, sources: list[tuple[IPv4Interface | IPv6Interface, bool]]) -> tuple[Egress, ...]:
+    """EGRESS_GATEWAY: one gateway per family of EGRESS_SOURCE, matched by family."""
+    items = [item for item in LIST_SEPARATOR.split(value.strip()) if item]
+    by_version: dict[int, str] = {}
+    for item in items:
+        version = 6 if looks_ipv6(item) else 4
+        if version in by_version:
+            raise ConfigError(v.GATEWAY.name, f"{value.strip()!r} gives two IPv{version} gateways: give one per "
+                              "family of EGRESS_SOURCE")
+        by_version[version] = item
+    configured = {source.version: (source, has_prefix) for source, has_prefix in sources}
+    for version, item in by_version.items():
+        if version not in configured:
+            shown = ", ".join(str(source.ip) for source, _ in sources)
+            raise ConfigError(v.GATEWAY.name, f"{item} is an IPv{version} gateway, but EGRESS_SOURCE ({shown}) has no "
+                              f"IPv{version} address")
+    egress = []
+    for version, (source, has_prefix) in sorted(configured.items()):
+        if version not in by_version:
+            raise ConfigError(v.GATEWAY.name, f"no IPv{version} gateway for the IPv{version} source {source.ip} "
+                              "(give one per family, e.g. '192.0.2.1,2001:db8:2::1')")
+        egress.append(Egress(source, has_prefix, parse_gateway(by_version[version], source, has_prefix)))
+    return tuple(egress)
+
+
+def parse_gateway(value: str, source: IPv4Interface | IPv6Interface, has_prefix: bool) -> IPv4Address | IPv6Address:
     text = value.strip()
-    gateway = parse_ipv4(text, v.GATEWAY.name)
+    gateway = parse_ip(text, v.GATEWAY.name, link_local=True)
+    if gateway.version != source.version:
+        raise ConfigError(v.GATEWAY.name, f"{text} is an IPv{gateway.version} gateway for the IPv{source.version} "
+                          f"source {source.ip}")
     if gateway == source.ip:
         raise ConfigError(v.GATEWAY.name, f"{text} is the same address as EGRESS_SOURCE")
     net = source.network
-    if has_prefix and net.prefixlen <= 30 and gateway in (net.network_address, net.broadcast_address):
+    if gateway.version == 4 and has_prefix and net.prefixlen <= 30 and \
+            gateway in (net.network_address, net.broadcast_address):
         raise ConfigError(v.GATEWAY.name, f"{text} is the network or broadcast address of {net}")
     return gateway

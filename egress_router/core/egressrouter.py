@@ -155,6 +155,7 @@ def _address(value: Any) -> tuple[IPv4Interface, IPv4Address]:
         source, _ = parse_source(text)
     except ConfigError as exc:
         raise ConfigError(where, exc.reason) from None
+    assert isinstance(source, IPv4Interface), "IPv6 was refused above"
     where = "spec.addresses[0].gateway"
     if "gateway" not in address:
         raise ConfigError(where, "is required here: egress-router does not guess the LAN gateway (EGRESS_GATEWAY)")
@@ -216,7 +217,8 @@ def _not_ipv6(text: str, where: str) -> None:
         IPv6Address(text.partition("/")[0])
     except (AddressValueError, NetmaskValueError, ValueError):
         return
-    raise ConfigError(where, f"{text!r} is IPv6: egress-router redirects IPv4 only")
+    raise ConfigError(where, f"{text!r} is IPv6: conversion to and from the EgressRouter "
+                      "resource is IPv4 only (give an IPv6 egress in the EGRESS_* variables)")
 
 
 def _port(value: Any, where: str) -> int:
@@ -273,6 +275,9 @@ def from_env(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES, *, nam
         raise ConfigError(v.MODE.name, f"{v.MODE.read(env)!r} has no EgressRouter counterpart: the API has only "
                           "mode Redirect (egress-router's init and legacy)")
     config = load(env, files)
+    if config.family(6) is not None:
+        raise ConfigError(v.SOURCE.name, f"has the IPv6 address {config.source6}: the EgressRouter API configures "
+                          "IPv4 only; keep the IPv6 egress in the variables")
     assert config.source is not None and config.gateway is not None and config.destinations is not None
     dropped = [f"{variable.name} has no EgressRouter field; dropped (the operator's pod decides it)"
                for variable in IMPLEMENTATION if variable.is_set(env)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from .config import RouterConfig
 from .redirect import Destinations
@@ -37,6 +37,11 @@ class NatRules:
 
     chains: tuple[tuple[str, tuple[str, ...]], ...]
     mangle: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    version: int = 4  # 4: iptables, 6: ip6tables (one transaction per family)
+
+    @property
+    def tool(self) -> str:
+        return "ip6tables" if self.version == 6 else "iptables"
 
     def tables(self) -> dict[str, dict[str, list[str]]]:
         """table -> our chains -> rule specifications, for the tables this step manages."""
@@ -53,19 +58,20 @@ class NatRules:
 
     def __str__(self) -> str:
         chains = self.chains + self.mangle
-        return f"iptables rules ({sum(len(rules) for _, rules in chains)} in {', '.join(c for c, _ in chains)})"
+        return f"{self.tool} rules ({sum(len(rules) for _, rules in chains)} in {', '.join(c for c, _ in chains)})"
 
 
-def nat_rules(destinations: Destinations | None, pod_interface: str, interface: str, source: IPv4Address,
-              *, mark_pod_connections: bool = False) -> NatRules:
+def nat_rules(destinations: Destinations | None, pod_interface: str, interface: str,
+              source: IPv4Address | IPv6Address, *, mark_pod_connections: bool = False) -> NatRules:
     """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`;
-    with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs)."""
+    with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs).
+    The rules are those of `source`'s family: `destinations` holds only rules of that family."""
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
     if destinations is not None:
         chains = ((DNAT_CHAIN, tuple(dnat_specs(destinations, pod_interface))),
                   (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)))
     mangle = ((MARK_CHAIN, mark_specs(pod_interface)),) if mark_pod_connections else ()
-    return NatRules(chains, mangle)
+    return NatRules(chains, mangle, source.version)
 
 
 def mark_specs(pod_interface: str) -> tuple[str, ...]:
@@ -83,18 +89,20 @@ def dnat_specs(destinations: Destinations, pod_interface: str, *, legacy: bool =
     for rule in destinations.rules:
         match = f"-p {rule.proto} --dport {rule.port}" if legacy else \
             f"-p {rule.proto} -m {rule.proto} --dport {rule.port}"
-        target = str(rule.ip) if rule.remote_port is None else f"{rule.ip}:{rule.remote_port}"
-        specs.append(f"-i {pod_interface} {match} -j DNAT --to-destination {target}")
-    if destinations.fallback is not None:
-        specs.append(f"-i {pod_interface} -j DNAT --to-destination {destinations.fallback}")
+        specs.append(f"-i {pod_interface} {match} -j DNAT --to-destination {rule.target}")
+    specs += [f"-i {pod_interface} -j DNAT --to-destination {address}" for address in destinations.fallbacks]
     return specs
 
 
 def legacy_lines(config: RouterConfig) -> list[str]:
-    """What the legacy image printed in unit-test mode."""
-    assert config.destinations is not None and config.source is not None
-    lines = [f"-A PREROUTING {spec}" for spec in dnat_specs(config.destinations, config.pod_interface, legacy=True)]
-    lines.append(f"-A POSTROUTING -j SNAT --to-source {config.source.ip}")
+    """What the legacy image printed in unit-test mode: the IPv4 lines exactly so; then, in the same form, the
+    IPv6 ones (ip6tables), where an IPv6 source is configured."""
+    assert config.destinations is not None and config.egress
+    lines = []
+    for egress in config.egress:
+        part = config.destinations.family(egress.version)
+        lines += [f"-A PREROUTING {spec}" for spec in dnat_specs(part, config.pod_interface, legacy=True)]
+        lines.append(f"-A POSTROUTING -j SNAT --to-source {egress.source.ip}")
     return lines
 
 
@@ -213,9 +221,10 @@ def render(nat: NatRules) -> str:
     return payload
 
 
-def backend_tools(backend: str) -> tuple[str, str]:
-    """The save and restore tool names of an iptables backend ("nft" or "legacy")."""
-    return f"iptables-{backend}-save", f"iptables-{backend}-restore"
+def backend_tools(backend: str, version: int = 4) -> tuple[str, str]:
+    """The save and restore tool names of an iptables backend ("nft" or "legacy"), for IPv4 or IPv6."""
+    tool = "ip6tables" if version == 6 else "iptables"
+    return f"{tool}-{backend}-save", f"{tool}-{backend}-restore"
 
 
 def count_rules(save_text: str) -> int:

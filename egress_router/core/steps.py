@@ -7,18 +7,27 @@ records the undo. Adding a step type is one class here and one entry in net.appl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+
+Interface = IPv4Interface | IPv6Interface
+Network = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """`address` (with its prefix) is on `interface`; the same IP with another prefix is replaced."""
+    """`address` (with its prefix) is on `interface`; the same IP with another prefix is replaced.
+
+    An IPv6 address is added without duplicate address detection (nodad): it is usable at once instead of
+    after a second or more of probing, and it is reserved for the router like the IPv4 one, which has no
+    such probe either; the neighbour advertisement (Announce) then claims it."""
 
     interface: str
-    address: IPv4Interface
+    address: Interface
 
     def render(self) -> str:
-        return f"ip address add {self.address} dev {self.interface}"
+        nodad = " nodad" if self.address.version == 6 else ""
+        return f"ip address add {self.address} dev {self.interface}{nodad}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +55,8 @@ class Route:
     """
 
     interface: str
-    destination: IPv4Network
-    gateway: IPv4Address | None = None
+    destination: Network
+    gateway: IPAddress | None = None
     sole: bool = False
     table: int = MAIN_TABLE
     onlink: bool = False
@@ -60,6 +69,8 @@ class Route:
         onlink = " onlink" if self.onlink and self.gateway is not None else ""
         table = f" table {self.table}" if self.table != MAIN_TABLE else ""
         proto = f" proto {ROUTER_PROTO}" if self.owned else ""
+        if self.destination.version == 6:  # IPv6 routes have no scope
+            return f"ip -6 route replace {where}{via} dev {self.interface}{onlink}{table}{proto}"
         return f"ip route replace {where}{via} dev {self.interface}{scope}{onlink}{table}{proto}"
 
 
@@ -70,11 +81,13 @@ class PruneRoutes:
     Routes of anyone else are never touched."""
 
     interface: str
-    keep: tuple[IPv4Network, ...]
+    keep: tuple[Network, ...]
+    version: int = 4
 
     def render(self) -> str:
         kept = ", ".join(map(str, self.keep)) or "none"
-        return (f"ip route del <each route dev {self.interface} proto {ROUTER_PROTO} but {kept}>"
+        ip = "ip -6" if self.version == 6 else "ip"
+        return (f"{ip} route del <each route dev {self.interface} proto {ROUTER_PROTO} but {kept}>"
                 "  # only what an earlier configuration added")
 
 
@@ -86,8 +99,11 @@ class PolicyRule:
     mark: int
     mask: int
     table: int
+    version: int = 4
 
     def render(self) -> str:
+        if self.version == 6:
+            return f"ip -6 rule add fwmark {self.mark:#x}/{self.mask:#x} lookup {self.table} priority {self.priority}"
         return f"ip rule add fwmark {self.mark:#x}/{self.mask:#x} lookup {self.table} priority {self.priority}"
 
 
@@ -108,10 +124,14 @@ class Sysctl:
 
 @dataclass(frozen=True, slots=True)
 class Announce:
-    """Gratuitous ARP for `address` on `interface` (reply and request form): nothing to hold or undo."""
+    """Gratuitous ARP (IPv4: reply and request form) or an unsolicited neighbour advertisement (IPv6: to all
+    nodes, override flag) for `address` on `interface`: nothing to hold or undo."""
 
     interface: str
-    address: IPv4Address
+    address: IPAddress
 
     def render(self) -> str:
+        if self.address.version == 6:
+            return (f"ndsend {self.address} {self.interface}  # unsolicited neighbour advertisement to ff02::1, "
+                    "override flag")
         return f"arping -A -c 1 -I {self.interface} {self.address}  # and -U (request form)"

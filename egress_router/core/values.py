@@ -1,4 +1,4 @@
-"""Parsers of single values: IPv4 addresses, ports, interface names, counts, seconds, flags (pure).
+"""Parsers of single values: IPv4 and IPv6 addresses, ports, interface names, counts, seconds, flags (pure).
 
 Each takes the text as the environment holds it and the variable's name, and returns the value or
 raises ConfigError naming the variable and the text.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from ipaddress import AddressValueError, IPv4Address, IPv4Network
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .errors import ConfigError
 
@@ -54,6 +54,59 @@ def unusable_reason(address: IPv4Address) -> str | None:
     return None
 
 
+def looks_ipv6(value: str) -> bool:
+    """Whether a field is meant as an IPv6 address (two colons at least; '10.0.0.1:80' is not)."""
+    return value.count(":") >= 2
+
+
+def parse_ip(value: str, variable: str, *, line: int | None = None, text: str | None = None,
+             what: str | None = None, link_local: bool = False) -> IPv4Address | IPv6Address:
+    """An IPv4 or an IPv6 address, told apart by their spelling (see parse_ipv4 and parse_ipv6)."""
+    if looks_ipv6(value):
+        return parse_ipv6(value, variable, line=line, text=text, what=what or "an IPv6 address",
+                          link_local=link_local)
+    return parse_ipv4(value, variable, line=line, text=text, what=what or "an IPv4 address")
+
+
+def parse_ipv6(value: str, variable: str, *, line: int | None = None, text: str | None = None,
+               what: str = "an IPv6 address", link_local: bool = False) -> IPv6Address:
+    """Parse an IPv6 address, rejecting ones that can never be a useful endpoint; a link-local one only
+    where `link_local` (a gateway: it is on the egress interface, so it needs no zone)."""
+    if "%" in value:
+        raise ConfigError(variable, f"{value!r} has a zone index: leave it out (the egress interface is the zone)",
+                          line=line, text=text)
+    address = _ipv6(value)
+    if address is None:
+        raise ConfigError(variable, f"{value!r} is not {what}", line=line, text=text)
+    problem = unusable_reason6(address, link_local=link_local)
+    if problem:
+        raise ConfigError(variable, f"{value} is {problem}", line=line, text=text)
+    return address
+
+
+@lru_cache(maxsize=4096)
+def _ipv6(value: str) -> IPv6Address | None:
+    try:
+        return IPv6Address(value)
+    except (AddressValueError, ValueError):
+        return None
+
+
+def unusable_reason6(address: IPv6Address, *, link_local: bool = False) -> str | None:
+    """Why `address` cannot be an IPv6 host on the network (here), or None if it can."""
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_loopback:
+        return "the loopback address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.ipv4_mapped is not None:
+        return f"an IPv4-mapped address: write it as {address.ipv4_mapped}"
+    if address.is_link_local and not link_local:
+        return "a link-local address, which is never routed: give a global or unique local address"
+    return None
+
+
 def parse_port(value: str, variable: str, *, line: int, text: str, what: str) -> int:
     """A port field of a rule line (1-65535)."""
     if len(value) > 5 or not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 65535:
@@ -82,19 +135,22 @@ def interface_pattern(value: str, variable: str) -> str:
     return name
 
 
-def ipv4_networks(value: str, variable: str) -> tuple[IPv4Network, ...]:
-    """Networks separated by spaces or commas, e.g. '10.128.0.0/14, 172.30.0.0/16' (a lone address is a /32)."""
-    networks: list[IPv4Network] = []
+def ip_networks(value: str, variable: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Networks separated by spaces or commas, e.g. '10.128.0.0/14, fd02::/112' (a lone address is a /32 or
+    a /128)."""
+    networks: list[IPv4Network | IPv6Network] = []
     for text in re.split(r"[\s,]+", value.strip()):
         if not text:
             continue
+        kind: type[IPv4Network] | type[IPv6Network] = IPv6Network if looks_ipv6(text) else IPv4Network
+        family = "IPv6" if kind is IPv6Network else "IPv4"
         try:
-            network = IPv4Network(text)
+            network: IPv4Network | IPv6Network = kind(text)
         except ValueError as exc:
             if "has host bits set" in str(exc):
-                wider = IPv4Network(text, strict=False)
+                wider = kind(text, strict=False)
                 raise ConfigError(variable, f"{text!r} has host bits set; did you mean {wider}?") from None
-            raise ConfigError(variable, f"{text!r} is not an IPv4 network (address/prefix)") from None
+            raise ConfigError(variable, f"{text!r} is not an {family} network (address/prefix)") from None
         if network.prefixlen == 0:
             raise ConfigError(variable, f"{text!r} is every address: the default route is what the router "
                               "replaces; list the cluster's own networks")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Generic, TypeVar
 
 from . import values
@@ -71,11 +71,12 @@ def _workers(variable: str, mode: str, serving: str) -> Variable[int | None]:
 
 
 SOURCE: Variable[str] = Variable(
-    "EGRESS_SOURCE", "", "(required)", "reserved IPv4 source address, optionally with /prefix (a proxy-only "
-    "container may leave it and EGRESS_GATEWAY unset)", MODES, values.text, "ADDRESS[/PREFIX]", NETWORK_NOTE)
+    "EGRESS_SOURCE", "", "(required)", "reserved source address, optionally with /prefix: IPv4, IPv6, or one of "
+    "each separated by a comma (dual-stack); a proxy-only container may leave it and EGRESS_GATEWAY unset", MODES,
+    values.text, "ADDRESS[/PREFIX][,ADDRESS6[/PREFIX]]", NETWORK_NOTE)
 GATEWAY: Variable[str] = Variable(
-    "EGRESS_GATEWAY", "", "(required)", "IPv4 address of the LAN gateway", MODES, values.text, "ADDRESS",
-    NETWORK_NOTE)
+    "EGRESS_GATEWAY", "", "(required)", "the LAN gateway, one per family of EGRESS_SOURCE (comma-separated; an "
+    "IPv6 one may be link-local, e.g. fe80::1)", MODES, values.text, "ADDRESS[,ADDRESS6]", NETWORK_NOTE)
 DESTINATION: Variable[str] = Variable(
     "EGRESS_DESTINATION", "", "(required in init, legacy, unit-test)", "redirect rules, one per line",
     NAT_MODES, values.text, "RULES")
@@ -106,10 +107,10 @@ IPTABLES: Variable[str] = Variable(
 DRIFT_SECONDS: Variable[float] = Variable(
     "EGRESS_ROUTER_DRIFT_SECONDS", 2.0, "2", "legacy mode: how often the live state is compared with the plan and "
     "repaired where it drifted (0: never)", ("legacy",), values.seconds(minimum=0.0), "SECONDS")
-CLUSTER_CIDRS: Variable[tuple[IPv4Network, ...]] = Variable(
+CLUSTER_CIDRS: Variable[tuple[IPv4Network | IPv6Network, ...]] = Variable(
     "EGRESS_CLUSTER_CIDRS", (), "(none)", "networks the router itself reaches through the pod interface, as it "
     "does the nameservers of /etc/resolv.conf (space- or comma-separated, e.g. the service network)", MODES,
-    values.ipv4_networks, "NETWORKS", NETWORK_NOTE)
+    values.ip_networks, "NETWORKS", NETWORK_NOTE)
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",

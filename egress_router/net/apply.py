@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from ipaddress import IPv6Address
 from types import MappingProxyType
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..core.nat import NatRules, NatState, restore_payload
 from ..core.plan import Plan, Step
 from ..core.steps import ROUTER_PROTO, Address, Announce, LinkUp, PolicyRule, PruneRoutes, Route, Sysctl
 from . import arp, iptables
-from .rtnl import RTPROT_STATIC, SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
+from .rtnl import FAMILIES, IP6_RT_PRIO_USER, RTPROT_STATIC, SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
 from .rtnl import Route as KernelRoute
 from .rtnl import Rule as KernelRule
 
@@ -56,12 +57,13 @@ class Context:
     """What the steps need from the system, read before the first change (see router.prepare)."""
 
     rtnl: Rtnl
-    restore_tool: str | None = None  # NAT: the backend's iptables-restore
-    save_tool: str | None = None  # NAT: the backend's iptables-save (for holds)
-    nat_before: NatState | None = None  # NAT: the nat table as read before the first change
-    can_announce: bool = False  # NET_RAW: gratuitous ARP can be sent
+    # NAT, per family (4: iptables, 6: ip6tables): the backend's save and restore tools, and our tables
+    # as read before the first change
+    tools: dict[int, tuple[str, str]] = field(default_factory=dict)
+    nat_before: dict[int, NatState] = field(default_factory=dict)
+    can_announce: bool = False  # NET_RAW: gratuitous ARP and neighbour advertisements can be sent
     changes: int = 0  # network changes made (NAT not counted)
-    nat_rule_count: int = 0  # our NAT rules after apply
+    nat_rule_count: int = 0  # our NAT rules after apply (both families)
 
     def index(self, interface: str) -> int:
         try:
@@ -106,14 +108,15 @@ def drift(plan: Plan, context: Context) -> list[Step]:
 # ---------------------------------------------------------------- NAT
 
 def nat_holds(context: Context, step: NatRules) -> bool:
-    assert context.save_tool is not None
-    return restore_payload(step, iptables.read_state(context.save_tool)) is None
+    save_tool = context.tools[step.version][0]
+    return restore_payload(step, iptables.read_state(save_tool)) is None
 
 
 def nat_apply(context: Context, step: NatRules, undo: Undo) -> None:
-    restore_tool, before = context.restore_tool, context.nat_before
-    assert restore_tool is not None and before is not None, "NAT tools and state are read in prepare"
-    context.nat_rule_count, changed = iptables.apply(step, restore_tool, before)
+    assert step.version in context.tools and step.version in context.nat_before, "read in prepare"
+    restore_tool, before = context.tools[step.version][1], context.nat_before[step.version]
+    count, changed = iptables.apply(step, restore_tool, before)
+    context.nat_rule_count += count
     if changed:
         tables = tuple(step.tables())
         undo.push(f"apply {iptables.describe(step)}", lambda: iptables.roll_back(restore_tool, before, tables))
@@ -123,27 +126,28 @@ def nat_apply(context: Context, step: NatRules, undo: Undo) -> None:
 
 def address_holds(context: Context, step: Address) -> bool:
     wanted = (str(step.address.ip), step.address.network.prefixlen)
-    return wanted in context.rtnl.addresses(context.index(step.interface))
+    return wanted in context.rtnl.addresses(context.index(step.interface), FAMILIES[step.address.version])
 
 
 def address_apply(context: Context, step: Address, undo: Undo) -> None:
-    rtnl, index = context.rtnl, context.index(step.interface)
+    rtnl, index, family = context.rtnl, context.index(step.interface), FAMILIES[step.address.version]
     ip, prefix = str(step.address.ip), step.address.network.prefixlen
-    present = rtnl.addresses(index)
+    present = rtnl.addresses(index, family)
     if (ip, prefix) in present:
         log.debug("Address %s already on %s", step.address, step.interface)
         return
     for other_ip, other_prefix in present:
         if other_ip == ip:  # same address, other prefix: a changed configuration
             attempt(f"removing {ip}/{other_prefix} from {step.interface}",
-                    partial(rtnl.address, False, index, ip, other_prefix))
-            undo.push(f"remove {ip}/{other_prefix}", partial(rtnl.address, True, index, ip, other_prefix))
+                    partial(rtnl.address, False, index, ip, other_prefix, family))
+            undo.push(f"remove {ip}/{other_prefix}", partial(rtnl.address, True, index, ip, other_prefix, family))
             log.info("Removed address %s/%s from %s (the configured prefix changed)", ip, other_prefix,
                      step.interface)
-        else:
+        elif not other_ip.startswith("fe80:"):  # the kernel's own link-local address is expected
             log.warning("%s also has address %s/%s; left as it is", step.interface, other_ip, other_prefix)
-    attempt(f"adding address {step.address} to {step.interface}", partial(rtnl.address, True, index, ip, prefix))
-    undo.push(f"add address {step.address}", partial(rtnl.address, False, index, ip, prefix))
+    attempt(f"adding address {step.address} to {step.interface}",
+            partial(rtnl.address, True, index, ip, prefix, family))
+    undo.push(f"add address {step.address}", partial(rtnl.address, False, index, ip, prefix, family))
     log.info("Added address %s to %s", step.address, step.interface)
     context.changes += 1
 
@@ -169,14 +173,17 @@ def kernel_route(context: Context, step: Route) -> KernelRoute:
     network = step.destination
     dst = None if network.prefixlen == 0 else str(network.network_address)
     gateway = None if step.gateway is None else str(step.gateway)
-    scope = SCOPE_LINK if step.gateway is None else SCOPE_UNIVERSE
-    return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface), None, scope,
-                       ROUTER_PROTO if step.owned else RTPROT_STATIC, table=step.table,
-                       onlink=step.onlink and gateway is not None)
+    v6 = network.version == 6
+    # IPv6 routes have no scope, and the kernel gives them metric 1024 when none is asked for
+    scope = SCOPE_LINK if step.gateway is None and not v6 else SCOPE_UNIVERSE
+    return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface),
+                       IP6_RT_PRIO_USER if v6 else None, scope, ROUTER_PROTO if step.owned else RTPROT_STATIC,
+                       table=step.table, onlink=step.onlink and gateway is not None, family=FAMILIES[network.version])
 
 
 def same_destination(context: Context, wanted: KernelRoute) -> list[KernelRoute]:
-    return [r for r in context.rtnl.routes(wanted.table) if r.dst == wanted.dst and r.dst_len == wanted.dst_len]
+    return [r for r in context.rtnl.routes(wanted.table, wanted.family)
+            if r.dst == wanted.dst and r.dst_len == wanted.dst_len]
 
 
 def route_holds(context: Context, step: Route) -> bool:
@@ -206,8 +213,9 @@ def route_apply(context: Context, step: Route, undo: Undo) -> None:
 def stale_routes(context: Context, step: PruneRoutes) -> list[KernelRoute]:
     index = context.index(step.interface)
     keep = {(str(n.network_address), n.prefixlen) for n in step.keep}
-    return [r for r in context.rtnl.routes() if r.proto == ROUTER_PROTO and r.oif == index
-            and (r.dst or "0.0.0.0", r.dst_len) not in keep]
+    unspecified = "::" if step.version == 6 else "0.0.0.0"
+    return [r for r in context.rtnl.routes(family=FAMILIES[step.version]) if r.proto == ROUTER_PROTO and r.oif == index
+            and (r.dst or unspecified, r.dst_len) not in keep]
 
 
 def prune_holds(context: Context, step: PruneRoutes) -> bool:
@@ -226,16 +234,17 @@ def prune_apply(context: Context, step: PruneRoutes, undo: Undo) -> None:
 # ---------------------------------------------------------------- policy rules
 
 def kernel_rule(step: PolicyRule) -> KernelRule:
-    return KernelRule(step.priority, step.table, step.mark, step.mask)
+    return KernelRule(step.priority, step.table, step.mark, step.mask, FAMILIES[step.version])
 
 
 def rule_holds(context: Context, step: PolicyRule) -> bool:
-    return kernel_rule(step) in context.rtnl.rules()
+    wanted = kernel_rule(step)
+    return wanted in context.rtnl.rules(wanted.family)
 
 
 def rule_apply(context: Context, step: PolicyRule, undo: Undo) -> None:
     wanted = kernel_rule(step)
-    if wanted in context.rtnl.rules():
+    if wanted in context.rtnl.rules(wanted.family):
         log.debug("Policy rule %s already present", step.render())
         return
     attempt(f"adding the policy rule '{step.render().removeprefix('ip rule add ')}'",
@@ -251,9 +260,9 @@ def describe(route: KernelRoute) -> str:
 
 
 def restore_routes(rtnl: Rtnl, ours: KernelRoute, previous: list[KernelRoute]) -> None:
-    if ours not in previous and ours in rtnl.routes(ours.table):
+    if ours not in previous and ours in rtnl.routes(ours.table, ours.family):
         rtnl.route("del", ours)
-    current = rtnl.routes(ours.table)
+    current = rtnl.routes(ours.table, ours.family)
     for route in previous:
         if route not in current:
             rtnl.route("add", route)
@@ -290,6 +299,13 @@ def sysctl_meaning(step: Sysctl) -> str:
     """What a setting is for, in the log line that says it was changed."""
     if step.key == "net.ipv4.ip_forward":
         return "Enabled IPv4 forwarding"
+    if step.key == "net.ipv6.conf.all.forwarding":
+        return "Enabled IPv6 forwarding"
+    if step.key.endswith(".accept_ra"):
+        return (f"Turned off router advertisements on {step.key.split('.')[3]}: they would add a second default "
+                "route and addresses")
+    if step.key.endswith(".disable_ipv6"):
+        return f"Turned on IPv6 on {step.key.split('.')[3]}"
     if step.key.endswith(".rp_filter"):
         return (f"Set loose reverse-path filtering on {step.key.split('.')[3]}: replies to its clients leave "
                 "by the policy route, which strict filtering does not consult")
@@ -306,12 +322,17 @@ def announce_apply(context: Context, step: Announce, undo: Undo) -> None:
     """Send it (nothing to undo); a failure only warns: neighbours then learn the MAC when entries expire."""
     if not context.can_announce:
         return
+    kind = "unsolicited neighbour advertisement" if step.address.version == 6 else "gratuitous ARP announcement"
     try:
         mac = context.rtnl.link(context.index(step.interface)).mac or ""
-        arp.announce(step.interface, mac, step.address)
+        if isinstance(step.address, IPv6Address):
+            from . import ndp  # only IPv6 routers pay for its import
+
+            ndp.announce(step.interface, mac, step.address)
+        else:
+            arp.announce(step.interface, mac, step.address)
     except (OSError, ValueError, SetupError) as exc:
-        log.warning("Could not send the gratuitous ARP announcement on %s: %s", step.interface,
-                    getattr(exc, "strerror", None) or exc)
+        log.warning("Could not send the %s on %s: %s", kind, step.interface, getattr(exc, "strerror", None) or exc)
 
 
 def announce(plan: Plan, context: Context) -> None:

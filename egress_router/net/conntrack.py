@@ -19,15 +19,22 @@ log = logging.getLogger(__name__)
 
 
 def repointed_udp_flows(old: Destinations, new: Destinations) -> int:
-    """Delete the UDP entries that `old` redirected somewhere `new` no longer does; returns how many."""
-    if not any(rule.proto == "udp" for rule in old.rules) and old.fallback is None:
+    """Delete the UDP entries that `old` redirected somewhere `new` no longer does (each family in its own
+    table dump); returns how many."""
+    return sum(family_flows(old.family(version), new.family(version), version) for version in old.versions)
+
+
+def family_flows(old: Destinations, new: Destinations, version: int) -> int:
+    """repointed_udp_flows for the rules of one family (`old` and `new` hold only those)."""
+    if not any(rule.proto == "udp" for rule in old.rules) and not old.fallbacks:
         return 0
     Conntrack, NFCTAttrTuple = conntrack_classes()  # noqa: N806 (classes)
     old_targets, new_targets = old.targets(), new.targets()
     deleted = 0
     conntrack = Conntrack()
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
     try:
-        for entry in list(conntrack.dump_entries(tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_UDP))):
+        for entry in list(conntrack.dump_entries(tuple_orig=NFCTAttrTuple(family=family, proto=socket.IPPROTO_UDP))):
             orig, reply = entry.tuple_orig, entry.tuple_reply
             port = orig.dport
             was = old.target("udp", port, old_targets)

@@ -30,20 +30,30 @@ log = logging.getLogger(__name__)
 RESTORE_WAIT_SECONDS = "10"  # legacy backend: wait for the xtables lock instead of failing
 
 
-def find_tools(choice: str = "nft") -> tuple[str, str]:
+def find_tools(choice: str = "nft", version: int = 4) -> tuple[str, str]:
     """Paths of the save and restore tools for EGRESS_IPTABLES (nft, legacy or auto), or a SetupError."""
+    return find_family_tools(choice, (version,))[version]
+
+
+def find_family_tools(choice: str, versions: tuple[int, ...]) -> dict[int, tuple[str, str]]:
+    """The save and restore tools of each family in `versions` (4: iptables, 6: ip6tables), of one backend.
+
+    EGRESS_IPTABLES=auto picks the backend once, by the rules of all those families together: the node
+    uses one backend for both, and our IPv4 and IPv6 rules belong beside the others'."""
     if choice != "auto":
-        return _which_backend(choice)
-    found = {}
+        return {version: _which_backend(choice, version) for version in versions}
+    found: dict[str, dict[int, tuple[str, str]]] = {}
     for backend in BACKENDS:
         try:
-            found[backend] = _which_backend(backend)
+            found[backend] = {version: _which_backend(backend, version) for version in versions}
         except SetupError:
             continue
     if not found:
-        raise SetupError("neither iptables-nft-save/-restore nor iptables-legacy-save/-restore found on PATH "
-                         "(EGRESS_IPTABLES=auto): install the iptables package")
-    rules = {backend: _rules_in(tools[0]) for backend, tools in found.items()}
+        missing = " and ".join(f"neither {backend_tools('nft', v)[0]}/-restore nor {backend_tools('legacy', v)[0]}"
+                               "/-restore" for v in versions)
+        raise SetupError(f"{missing} found on PATH (EGRESS_IPTABLES=auto): install the iptables package")
+    rules = {backend: sum(_rules_in(tools[0]) for tools in per_family.values())
+             for backend, per_family in found.items()}
     backend = choose_backend(rules)
     if backend not in found:  # only the other backend is installed
         backend = next(iter(found))
@@ -52,8 +62,8 @@ def find_tools(choice: str = "nft") -> tuple[str, str]:
     return found[backend]
 
 
-def _which_backend(backend: str) -> tuple[str, str]:
-    names = backend_tools(backend)
+def _which_backend(backend: str, version: int = 4) -> tuple[str, str]:
+    names = backend_tools(backend, version)
     save, restore = (shutil.which(name) for name in names)
     if not save or not restore:
         missing = " and ".join(name for name, path in zip(names, (save, restore), strict=True) if not path)
@@ -105,11 +115,12 @@ def apply(nat: NatRules, restore_tool: str, before: NatState) -> tuple[int, bool
     payload = restore_payload(nat, before)
     what = describe(nat)
     if payload is None:
-        kind = "NAT rules" if nat.chains else "Connection-mark rules"
+        kind = ("IPv6 NAT rules" if nat.chains else "IPv6 connection-mark rules") if nat.version == 6 else \
+            ("NAT rules" if nat.chains else "Connection-mark rules")
         log.info("%s already in place (%s)", kind, what)
         return len(nat_specs(nat)), False
     restore(restore_tool, payload)
-    log.info("Applied %s in one iptables-restore", what)
+    log.info("Applied %s in one %s-restore", what, nat.tool)
     return len(nat_specs(nat)), True
 
 
@@ -120,11 +131,12 @@ def nat_specs(nat: NatRules) -> list[str]:
 def describe(nat: NatRules) -> str:
     """'5 NAT rules (EGRESS-ROUTER-DNAT, EGRESS-ROUTER-SNAT) and 2 connection-mark rules (...)'."""
     parts = []
+    family = "IPv6 " if nat.version == 6 else ""
     if nat.chains:
-        parts.append(f"{len(nat_specs(nat))} NAT rules ({', '.join(chain for chain, _ in nat.chains)})")
+        parts.append(f"{len(nat_specs(nat))} {family}NAT rules ({', '.join(chain for chain, _ in nat.chains)})")
     if nat.mangle:
         marks = sum(len(rules) for _, rules in nat.mangle)
-        parts.append(f"{marks} connection-mark rules ({', '.join(chain for chain, _ in nat.mangle)})")
+        parts.append(f"{marks} {family}connection-mark rules ({', '.join(chain for chain, _ in nat.mangle)})")
     return " and ".join(parts)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from ..core.config import RouterConfig
 from ..core.errors import SetupError
-from ..core.podnet import RETURN_TABLE, PodFacts, parse_nameservers
+from ..core.podnet import RETURN_TABLE, PodFacts, parse_nameservers, parse_nameservers6
 from ..core.variables import DEFAULT_INTERFACE
-from .rtnl import Route, Rtnl
+from .rtnl import FAMILIES, Route, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,28 @@ def read_sysctl(path: str) -> str:
 RESOLV_CONF = "/etc/resolv.conf"
 
 
-def pod_facts(rtnl: Rtnl, pod_interface: str, resolv_conf: str = RESOLV_CONF) -> PodFacts:
-    """The pod interface's next hop and the pod's nameservers; PodFacts() where the next hop is unknown."""
+def pod_facts(rtnl: Rtnl, pod_interface: str, resolv_conf: str = RESOLV_CONF, versions: tuple[int, ...] = (4,)
+              ) -> PodFacts:
+    """The pod interface's next hop and the pod's nameservers, for each family in `versions`; a family whose
+    next hop is unknown is not `known` (no return path is planned for it)."""
     try:
         with open(resolv_conf, encoding="utf-8", errors="replace") as handle:
-            nameservers = parse_nameservers(handle.read())
+            text = handle.read()
     except OSError:
-        nameservers = ()
+        text = ""
+    nameservers, nameservers6 = parse_nameservers(text), parse_nameservers6(text) if 6 in versions else ()
     index = None if pod_interface.endswith("+") else link_index(pod_interface)
-    if index is None:
-        return PodFacts(nameservers=nameservers)
-    hop = next_hop(rtnl, index)
-    if hop is None:
-        return PodFacts(nameservers=nameservers)
-    gateway = None if hop.gateway is None else IPv4Address(hop.gateway)
-    return PodFacts(True, gateway, nameservers, strict_rp_filter(pod_interface))
+    hop = next_hop(rtnl, index) if index is not None and 4 in versions else None
+    hop6 = next_hop(rtnl, index, 6) if index is not None and 6 in versions else None
+    return PodFacts(
+        known=hop is not None,
+        gateway=IPv4Address(hop.gateway) if hop is not None and hop.gateway is not None else None,
+        nameservers=nameservers,
+        strict_rp_filter=hop is not None and strict_rp_filter(pod_interface),
+        known6=hop6 is not None,
+        gateway6=IPv6Address(hop6.gateway) if hop6 is not None and hop6.gateway is not None else None,
+        nameservers6=nameservers6,
+    )
 
 
 def strict_rp_filter(interface: str) -> bool:
@@ -99,18 +106,20 @@ def strict_rp_filter(interface: str) -> bool:
     return max(values) == 1
 
 
-def next_hop(rtnl: Rtnl, index: int) -> Route | None:
+def next_hop(rtnl: Rtnl, index: int, version: int = 4) -> Route | None:
     """The route whose next hop the pod interface uses, in order of trust: the one a previous run kept in
     our table; the pod's default route through it (lowest metric); any route through it with a gateway
-    (OpenShift gives the router pod explicit cluster routes); a device route on it (its own subnet)."""
-    kept = [r for r in rtnl.routes(RETURN_TABLE) if r.dst_len == 0 and r.oif == index]
+    (OpenShift gives the router pod explicit cluster routes); a device route on it (its own subnet; for
+    IPv6 not the link-local one every link has)."""
+    family = FAMILIES[version]
+    kept = [r for r in rtnl.routes(RETURN_TABLE, family) if r.dst_len == 0 and r.oif == index]
     if kept:
         return kept[0]
-    main = [r for r in rtnl.routes() if r.oif == index]
+    main = [r for r in rtnl.routes(family=family) if r.oif == index]
     defaults = sorted((r for r in main if r.dst_len == 0), key=lambda r: r.priority or 0)
     if defaults:
         return defaults[0]
     via = [r for r in main if r.gateway is not None]
     if via:
         return via[0]
-    return next((r for r in main if r.dst_len and r.gateway is None), None)
+    return next((r for r in main if r.dst_len and r.gateway is None and not (r.dst or "").startswith("fe80:")), None)

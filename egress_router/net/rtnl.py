@@ -31,6 +31,9 @@ MAIN_TABLE = 254
 RTN_UNICAST = 1
 RTPROT_STATIC = 4
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = 0, 253, 255
+IFA_F_NODAD = 0x02
+IP6_RT_PRIO_USER = 1024  # the metric the kernel gives an IPv6 route added without one
+FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def compat_table(table: int) -> int:
@@ -59,7 +62,7 @@ class Link:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The fields of an IPv4 unicast route that we compare, add and delete."""
+    """The fields of a unicast route that we compare, add and delete (`family`: socket.AF_INET or AF_INET6)."""
 
     dst: str | None
     dst_len: int
@@ -70,16 +73,18 @@ class Route:
     proto: int = field(default=RTPROT_STATIC, compare=False)  # kept so an undo re-adds a route as it was
     table: int = MAIN_TABLE
     onlink: bool = False
+    family: int = socket.AF_INET
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """An IPv4 policy routing rule of the form `fwmark MARK/MASK lookup TABLE priority PRIORITY`."""
+    """A policy routing rule of the form `fwmark MARK/MASK lookup TABLE priority PRIORITY`."""
 
     priority: int
     table: int
     fwmark: int | None = None
     fwmask: int | None = None
+    family: int = socket.AF_INET
 
 
 class Rtnl:
@@ -162,22 +167,26 @@ class Rtnl:
                      {"family": 0, "index": index, "flags": IFF_UP if up else 0, "change": IFF_UP})
 
     # ------------------------------------------------------------ addresses
-    def addresses(self, index: int) -> list[tuple[str, int]]:
-        found = self.request(self.messages.ifaddrmsg, RTM_GETADDR, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
+    def addresses(self, index: int, family: int = socket.AF_INET) -> list[tuple[str, int]]:
+        found = self.request(self.messages.ifaddrmsg, RTM_GETADDR, F_REQUEST | F_DUMP, {"family": family})
         return [(msg.get("IFA_ADDRESS"), msg["prefixlen"]) for msg in found if msg["index"] == index]
 
-    def address(self, add: bool, index: int, ip: str, prefixlen: int) -> None:
+    def address(self, add: bool, index: int, ip: str, prefixlen: int, family: int = socket.AF_INET) -> None:
+        """Add or remove an address; an IPv6 one is added without duplicate address detection (nodad)."""
         msg_type, flags = (RTM_NEWADDR, F_CREATE | F_EXCL) if add else (RTM_DELADDR, 0)
+        attrs: list[tuple[str, Any]] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
+        if family == socket.AF_INET6:
+            attrs = [("IFA_ADDRESS", ip)]
         self.request(self.messages.ifaddrmsg, msg_type, F_REQUEST | F_ACK | flags,
-                     {"family": socket.AF_INET, "prefixlen": prefixlen, "index": index, "scope": SCOPE_UNIVERSE},
-                     [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)])
+                     {"family": family, "prefixlen": prefixlen, "index": index, "scope": SCOPE_UNIVERSE,
+                      "flags": IFA_F_NODAD if family == socket.AF_INET6 else 0}, attrs)
 
     # ------------------------------------------------------------ routes
-    def routes(self, table: int = MAIN_TABLE) -> list[Route]:
-        """IPv4 unicast routes of one routing table (the main table unless told)."""
-        found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
+    def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[Route]:
+        """Unicast routes of one routing table (the main table unless told) and family (IPv4 unless told)."""
+        found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": family})
         return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"), m.get("RTA_OIF"), m.get("RTA_PRIORITY"),
-                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK))
+                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK), family)
                 for m in found if m.get("RTA_TABLE", m["table"]) == table and m["type"] == RTN_UNICAST]
 
     def route(self, command: str, route: Route) -> None:
@@ -196,16 +205,16 @@ class Rtnl:
         # A delete matches any protocol and scope (as `ip route del` does); the rest is ours to set.
         proto, scope = (0, SCOPE_NOWHERE) if command == "del" else (route.proto, route.scope)
         self.request(self.messages.rtmsg, msg_type, F_REQUEST | F_ACK | flags,
-                     {"family": socket.AF_INET, "dst_len": route.dst_len, "table": compat_table(route.table),
+                     {"family": route.family, "dst_len": route.dst_len, "table": compat_table(route.table),
                       "proto": proto, "scope": scope, "type": RTN_UNICAST,
                       "flags": RTNH_F_ONLINK if route.onlink else 0}, attrs)
 
     # ------------------------------------------------------------ policy rules
-    def rules(self) -> list[Rule]:
-        """IPv4 policy rules that look a table up (fwmark match kept; other selectors are not ours)."""
-        found = self.request(self.messages.fibmsg, RTM_GETRULE, F_REQUEST | F_DUMP, {"family": socket.AF_INET})
-        return [Rule(m.get("FRA_PRIORITY", 0), m.get("FRA_TABLE", m["table"]), m.get("FRA_FWMARK"), m.get("FRA_FWMASK"))
-                for m in found if m["action"] == FR_ACT_TO_TBL]
+    def rules(self, family: int = socket.AF_INET) -> list[Rule]:
+        """Policy rules of one family that look a table up (fwmark match kept; other selectors are not ours)."""
+        found = self.request(self.messages.fibmsg, RTM_GETRULE, F_REQUEST | F_DUMP, {"family": family})
+        return [Rule(m.get("FRA_PRIORITY", 0), m.get("FRA_TABLE", m["table"]), m.get("FRA_FWMARK"), m.get("FRA_FWMASK"),
+                     family) for m in found if m["action"] == FR_ACT_TO_TBL]
 
     def rule(self, add: bool, rule: Rule) -> None:
         attrs: list[tuple[str, Any]] = [("FRA_PRIORITY", rule.priority), ("FRA_TABLE", rule.table)]
@@ -215,5 +224,5 @@ class Rtnl:
             attrs.append(("FRA_FWMASK", rule.fwmask))
         msg_type, flags = (RTM_NEWRULE, F_CREATE | F_EXCL) if add else (RTM_DELRULE, 0)
         self.request(self.messages.fibmsg, msg_type, F_REQUEST | F_ACK | flags,
-                     {"family": socket.AF_INET, "table": compat_table(rule.table),
+                     {"family": rule.family, "table": compat_table(rule.table),
                       "action": FR_ACT_TO_TBL}, attrs)

@@ -151,7 +151,7 @@ def test_source(value: str, interface: str, has_prefix: bool) -> None:
         ("192.0.2.7/30", "broadcast address of 192.0.2.4/30"),
         ("192.0.2", "'192.0.2'"),
         ("192.0.2.099", "'192.0.2.099'"),
-        ("::1", "'::1'"),
+        ("::1", "::1 is the loopback address"),
         ("host.example.com", "'host.example.com'"),
         ("0.0.0.0", "unspecified"),
         ("127.0.0.1/8", "loopback"),

@@ -246,7 +246,7 @@ def test_cr_to_env_to_cr_gives_the_same_rules(router: EgressRouter) -> None:
 
 def normal(config: RouterConfig) -> RouterConfig:
     """An address without a prefix is its /32: the same plan, only the summary line shows it differently."""
-    return replace(config, source_has_prefix=True)
+    return replace(config, egress=tuple(replace(egress, has_prefix=True) for egress in config.egress))
 
 
 @settings(max_examples=300, deadline=None)

@@ -184,7 +184,7 @@ def test_a_step_that_does_not_hold_is_never_explained_away() -> None:
     from egress_router.verify import explain
 
     class NoRoutes:
-        def routes(self, table: int = 254) -> list[object]:
+        def routes(self, table: int = 254, family: int = 2) -> list[object]:
             return []
 
     class Context:
