@@ -91,7 +91,11 @@ def dual_plan(interface: str, pod_interface: str, egress: Sequence[tuple[Interfa
         if returning[version]:
             assert facts is not None
             steps += return_path_steps(pod_interface, facts, cluster_cidrs, version)
-    steps += [Route(interface, DEFAULTS[address.version], gateway, sole=True) for address, gateway in egress]
+    # The IPv6 default route names its source: the egress interface may hold other global addresses
+    # (autoconfigured before accept_ra was turned off, or given by the attachment's IPAM), and the proxies'
+    # own connections must leave from the reserved one.
+    steps += [Route(interface, DEFAULTS[address.version], gateway, sole=True,
+                    source=address.ip if address.version == 6 else None) for address, gateway in egress]
     steps += [Sysctl(IP6_FORWARD if version == 6 else IP_FORWARD, "1") for version in versions]
     steps += [Announce(interface, address.ip) for address, _ in egress]
     return Plan(tuple(steps), interface, tuple(a for a, _ in egress), tuple(g for _, g in egress))

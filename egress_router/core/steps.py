@@ -61,6 +61,7 @@ class Route:
     table: int = MAIN_TABLE
     onlink: bool = False
     owned: bool = False  # tagged with ROUTER_PROTO, so that a later plan without it removes it (PruneRoutes)
+    source: IPAddress | None = None  # the preferred source of what the router itself sends by it (src)
 
     def render(self) -> str:
         where = "default" if self.destination.prefixlen == 0 else str(self.destination)
@@ -69,8 +70,9 @@ class Route:
         onlink = " onlink" if self.onlink and self.gateway is not None else ""
         table = f" table {self.table}" if self.table != MAIN_TABLE else ""
         proto = f" proto {ROUTER_PROTO}" if self.owned else ""
+        src = f" src {self.source}" if self.source is not None else ""
         if self.destination.version == 6:  # IPv6 routes have no scope
-            return f"ip -6 route replace {where}{via} dev {self.interface}{onlink}{table}{proto}"
+            return f"ip -6 route replace {where}{via} dev {self.interface}{onlink}{table}{proto}{src}"
         return f"ip route replace {where}{via} dev {self.interface}{scope}{onlink}{table}{proto}"
 
 

@@ -178,7 +178,8 @@ def kernel_route(context: Context, step: Route) -> KernelRoute:
     scope = SCOPE_LINK if step.gateway is None and not v6 else SCOPE_UNIVERSE
     return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface),
                        IP6_RT_PRIO_USER if v6 else None, scope, ROUTER_PROTO if step.owned else RTPROT_STATIC,
-                       table=step.table, onlink=step.onlink and gateway is not None, family=FAMILIES[network.version])
+                       table=step.table, onlink=step.onlink and gateway is not None, family=FAMILIES[network.version],
+                       prefsrc=None if step.source is None else str(step.source))
 
 
 def same_destination(context: Context, wanted: KernelRoute) -> list[KernelRoute]:

@@ -74,6 +74,7 @@ class Route:
     table: int = MAIN_TABLE
     onlink: bool = False
     family: int = socket.AF_INET
+    prefsrc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ class Rtnl:
         """Unicast routes of one routing table (the main table unless told) and family (IPv4 unless told)."""
         found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": family})
         return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"), m.get("RTA_OIF"), m.get("RTA_PRIORITY"),
-                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK), family)
+                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK), family, m.get("RTA_PREFSRC"))
                 for m in found if m.get("RTA_TABLE", m["table"]) == table and m["type"] == RTN_UNICAST]
 
     def route(self, command: str, route: Route) -> None:
@@ -202,6 +203,8 @@ class Rtnl:
             attrs.append(("RTA_OIF", route.oif))
         if route.priority is not None:
             attrs.append(("RTA_PRIORITY", route.priority))
+        if route.prefsrc is not None and command != "del":
+            attrs.append(("RTA_PREFSRC", route.prefsrc))
         # A delete matches any protocol and scope (as `ip route del` does); the rest is ours to set.
         proto, scope = (0, SCOPE_NOWHERE) if command == "del" else (route.proto, route.scope)
         self.request(self.messages.rtmsg, msg_type, F_REQUEST | F_ACK | flags,
