@@ -65,7 +65,8 @@ class NdpLab(Lab):
 @pytest.fixture
 def ndplab() -> Iterator[NdpLab]:
     require_lab()
-    with NdpLab() as built:  # torn down on exit, also when the test or the build fails
+    built = NdpLab()
+    with built:  # torn down on exit, also when the test or the build fails
         yield built
 
 
@@ -111,7 +112,7 @@ def icmpv6_checksum(source: bytes, destination: bytes, message: bytes) -> int:
     """RFC 8200 section 8.1: the one's complement sum over the pseudo-header and the message."""
     pseudo = source + destination + struct.pack("!IxxxB", len(message), socket.IPPROTO_ICMPV6)
     data = pseudo + message + b"\x00" * (len(message) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -131,11 +132,12 @@ def capture_advertisements(lab: NdpLab, timeout: float = 5.0) -> list[bytes]:
         while True:
             sock.settimeout(max(0.0, deadline - time.monotonic()) if not found else 0.0)
             try:
-                frame = sock.recv(2048)
+                frame, address = sock.recvfrom(2048)
             except (TimeoutError, BlockingIOError):
                 break
-            if frame[12:14] == struct.pack("!H", ETH_P_IPV6) and frame[20] == socket.IPPROTO_ICMPV6 \
-                    and frame[54] == 136:
+            if address[2] == socket.PACKET_OUTGOING:  # what gw itself sends
+                continue
+            if len(frame) > 54 and frame[20] == socket.IPPROTO_ICMPV6 and frame[54] == 136:
                 found.append(frame)
     return found
 
@@ -146,6 +148,7 @@ def test_the_advertisement_on_the_wire(ndplab: NdpLab) -> None:
     frame, mac = frames[0], ndplab.mac()
     assert frame[0:6] == bytes.fromhex("333300000001")  # all-nodes multicast, RFC 2464 mapping
     assert frame[6:12] == mac_bytes(mac)
+    assert struct.unpack("!H", frame[12:14])[0] == ETH_P_IPV6
     ip6 = frame[14:54]
     version, payload_length, next_header, hop_limit = ip6[0] >> 4, *struct.unpack("!HBB", ip6[4:8])
     source, destination = ip6[8:24], ip6[24:40]
