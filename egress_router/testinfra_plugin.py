@@ -101,19 +101,21 @@ def assert_converged(host: Any, env: Mapping[str, str] | None = None, *, command
     return state
 
 
-def nat_rules(env: Mapping[str, str], interface: str | None = None) -> dict[str, list[str]]:
-    """The nat-table rules `env` plans, as testinfra's `host.iptables.rules("nat", CHAIN)` returns them (`-N` first):
-    chain -> rules, for checking a host that has iptables but no egress-router (the interface: EGRESS_INTERFACE,
-    else macvlan0; a router that found another macvlan link by itself needs it given)."""
+def nat_rules(env: Mapping[str, str], interface: str | None = None, version: int = 4) -> dict[str, list[str]]:
+    """The nat-table rules `env` plans, as testinfra's `host.iptables.rules("nat", CHAIN, version=VERSION)` returns
+    them (`-N` first): chain -> rules, for checking a host that has iptables but no egress-router (the interface:
+    EGRESS_INTERFACE, else macvlan0; a router that found another macvlan link by itself needs it given).
+    `version` 6: the ip6tables rules of a dual-stack or IPv6 router ({} where it has no IPv6 source)."""
     from .core.nat import nat_rules as planned
     from .core.variables import DEFAULT_INTERFACE
     from .sources import load_config
 
     config = load_config(env)
-    if config.destinations is None or config.source is None:
+    egress = config.family(version)
+    if config.destinations is None or egress is None:
         return {}
-    nat = planned(config.destinations, config.pod_interface, interface or config.interface or DEFAULT_INTERFACE,
-                  config.source.ip)
+    nat = planned(config.destinations.family(version), config.pod_interface,
+                  interface or config.interface or DEFAULT_INTERFACE, egress.source.ip)
     return {chain: [f"-N {chain}", *(f"-A {chain} {spec}" for spec in specs)] for chain, specs in nat.chains}
 
 
@@ -133,13 +135,17 @@ class EgressRouter:
         return assert_converged(host or self.host, env, command=self.command, netns=netns)
 
     def assert_nat_rules(self, env: Mapping[str, str], *, interface: str | None = None, host: Any = None) -> None:
-        """Our nat chains on the host hold exactly what `env` plans (iptables on the host, no egress-router)."""
+        """Our nat chains on the host hold exactly what `env` plans, in iptables and (IPv6) ip6tables (no egress-router
+        needed on the host)."""
         __tracebackhide__ = True
         target = host or self.host
-        for chain, wanted in nat_rules(env, interface).items():
-            found = list(target.iptables.rules("nat", chain))
+        planned = [(family, chain, wanted) for family in (4, 6)
+                   for chain, wanted in nat_rules(env, interface, family).items()]
+        for version, chain, wanted in planned:
+            found = list(target.iptables.rules("nat", chain, version=version))
             if found != wanted:
-                raise AssertionError("\n".join([f"nat chain {chain} on {host_name(target)} differs:",
+                tool = "ip6tables " if version == 6 else ""
+                raise AssertionError("\n".join([f"{tool}nat chain {chain} on {host_name(target)} differs:",
                                                 *(f"  missing: {rule}" for rule in wanted if rule not in found),
                                                 *(f"  extra: {rule}" for rule in found if rule not in wanted)]
                                                + (["  (the same rules in another order)"]

@@ -151,9 +151,10 @@ def compare(config: RouterConfig) -> Report:
 
 
 def summary(mode: str, plan: Plan, drifted: int) -> str:
-    what = f"{plan.address} on {plan.interface} via {plan.gateway}"
-    if plan.nat is not None and plan.nat.chains:
-        what += f", {sum(len(rules) for _, rules in plan.nat.chains)} NAT rules"
+    what = f"{' and '.join(map(str, plan.addresses))} on {plan.interface} via {' and '.join(map(str, plan.gateways))}"
+    nat_count = sum(len(rules) for nat in plan.nats for _, rules in nat.chains)
+    if nat_count:
+        what += f", {nat_count} NAT rules"
     checked = len(plan.steps)
     if not drifted:
         return f"converged: all {checked} steps hold ({mode} mode: {what})"
@@ -254,35 +255,37 @@ def nat_differences(context: Context, step: NatRules) -> list[Difference]:
 def table_differences(step: NatRules, state: NatState) -> list[Difference]:
     """Our chains and the jumps to them, compared with the tables as read (pure)."""
     found: list[Difference] = []
+    tool = step.tool
     for table, wanted in step.tables().items():
         current = state.table(table)
         for chain, rules in wanted.items():
             if chain not in current:
-                found.append(Difference("missing", f"iptables -t {table} -N {chain}",
+                found.append(Difference("missing", f"{tool} -t {table} -N {chain}",
                                         f"the chain and its {len(rules)} rule(s)"))
             elif current[chain] != rules:
-                found += chain_differences(table, chain, rules, current[chain])
+                found += chain_differences(table, chain, rules, current[chain], tool)
         for builtin, target in TABLE_JUMPS[table].items():
             count = state.jump_count(builtin, target, table)
             if count == 0:
-                found.append(Difference("missing", f"iptables -t {table} -A {builtin} -j {target}"))
+                found.append(Difference("missing", f"{tool} -t {table} -A {builtin} -j {target}"))
             elif count > 1:
-                found.append(Difference("extra", f"iptables -t {table} -D {builtin} -j {target}",
+                found.append(Difference("extra", f"{tool} -t {table} -D {builtin} -j {target}",
                                         f"{count} copies of the jump"))
     return found
 
 
-def chain_differences(table: str, chain: str, wanted: list[str], current: list[str]) -> list[Difference]:
+def chain_differences(table: str, chain: str, wanted: list[str], current: list[str], tool: str = "iptables"
+                      ) -> list[Difference]:
     missing = [rule for rule in wanted if rule not in current]
     extra = [rule for rule in current if rule not in wanted]
     if not missing and not extra:
-        return [Difference("differs", f"iptables -t {table} chain {chain}",
+        return [Difference("differs", f"{tool} -t {table} chain {chain}",
                            f"the same {len(wanted)} rule(s) in another order or with duplicates")]
-    found = [Difference("missing", f"iptables -t {table} -A {chain} {rule}") for rule in missing]
-    found += [Difference("extra", f"iptables -t {table} -D {chain} {rule}") for rule in extra]
+    found = [Difference("missing", f"{tool} -t {table} -A {chain} {rule}") for rule in missing]
+    found += [Difference("extra", f"{tool} -t {table} -D {chain} {rule}") for rule in extra]
     if len(found) > RULES_SHOWN_PER_CHAIN:
         shown = found[:RULES_SHOWN_PER_CHAIN]
-        shown.append(Difference("differs", f"iptables -t {table} chain {chain}",
+        shown.append(Difference("differs", f"{tool} -t {table} chain {chain}",
                                 f"{len(found) - len(shown)} more: {len(missing)} rule(s) missing, "
                                 f"{len(extra)} not configured in all"))
         return shown

@@ -195,7 +195,7 @@ def route_holds(context: Context, step: Route) -> bool:
 
 def route_apply(context: Context, step: Route, undo: Undo) -> None:
     rtnl, wanted = context.rtnl, kernel_route(context, step)
-    shown = step.render().removeprefix("ip route replace ")
+    shown = step.render().removeprefix("ip route replace ").removeprefix("ip -6 route replace ")
     previous = same_destination(context, wanted)
     if (previous == [wanted]) if step.sole else (wanted in previous):
         log.debug("Route %s already present", shown)
@@ -248,10 +248,11 @@ def rule_apply(context: Context, step: PolicyRule, undo: Undo) -> None:
     if wanted in context.rtnl.rules(wanted.family):
         log.debug("Policy rule %s already present", step.render())
         return
-    attempt(f"adding the policy rule '{step.render().removeprefix('ip rule add ')}'",
+    rendered = step.render().removeprefix("ip rule add ").removeprefix("ip -6 rule add ")
+    attempt(f"adding the policy rule '{rendered}'",
             partial(context.rtnl.rule, True, wanted))
     undo.push(f"add policy rule priority {step.priority}", partial(context.rtnl.rule, False, wanted))
-    log.info("Added policy rule %s", step.render().removeprefix("ip rule add "))
+    log.info("Added policy rule %s", rendered)
     context.changes += 1
 
 
