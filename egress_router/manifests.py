@@ -407,6 +407,11 @@ def _privilege_problems(container: Mapping[str, Any], spec: Mapping[str, Any],
         problems.append(("warning", "not privileged, so /proc/sys is read-only: set the pod sysctl "
                                     "net.ipv4.ip_forward=1 (allowed by kubelet --allowed-unsafe-sysctls) unless the "
                                     "pod's network already forwards"))
+    if config is not None and 6 in config.versions and \
+            str(sysctls.get("net.ipv6.conf.all.forwarding")) != "1":
+        problems.append(("warning", "not privileged, so /proc/sys is read-only: an IPv6 EGRESS_SOURCE needs the pod "
+                                    "sysctls net.ipv6.conf.all.forwarding=1 and, for the egress interface, accept_ra=0 "
+                                    "and disable_ipv6=0 (or run it privileged)"))
     return problems
 
 

@@ -102,6 +102,9 @@ def check_sysctls(plan: Plan) -> None:
     """Every kernel setting the plan must change can be written (/proc/sys is read-only in containers
     that are not privileged)."""
     for step in plan.steps:
+        if isinstance(step, Sysctl) and step.key.startswith("net.ipv6.") and not os.path.exists(step.path):
+            raise SetupError(f"{step.path} does not exist: this kernel or network namespace has no IPv6 (booted "
+                             "with ipv6.disable=1?), so an IPv6 EGRESS_SOURCE cannot be configured")
         if isinstance(step, Sysctl) and links.read_sysctl(step.path) != step.value and \
                 not os.access(step.path, os.W_OK):
             if step.key in (IP_FORWARD, IP6_FORWARD):
