@@ -64,6 +64,7 @@ WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
+RTN_LOCAL = 2
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 
@@ -110,13 +111,13 @@ def router_command() -> list[str]:
 
 def unsettled(ipr: Any) -> str | None:
     """What the kernel is still doing by itself in a namespace (None: nothing)."""
-    up = set()
+    up: set[int] = set()
     for link in ipr.get_links():
         if link["flags"] & IFF_UP and link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
             return f"{link.get('IFLA_IFNAME')} is {link.get('IFLA_OPERSTATE')}"
         if link["flags"] & IFF_UP:
             up.add(link["index"])
-    local = None
+    local: set[str] | None = None
     for addr in ipr.get_addr(family=socket.AF_INET6):
         flags = addr.get("IFA_FLAGS") or addr["flags"]
         if flags & IFA_F_DADFAILED:
@@ -127,7 +128,8 @@ def unsettled(ipr: Any) -> str | None:
             # a nodad address is never tentative, but its local route comes from the kernel's DAD work
             # queue a moment after the address itself
             if local is None:
-                local = {r.get("RTA_DST") for r in ipr.get_routes(family=socket.AF_INET6, table=255) if r["type"] == 2}
+                routes = ipr.get_routes(family=socket.AF_INET6, table=255)
+                local = {r.get("RTA_DST") for r in routes if r["type"] == RTN_LOCAL}
             if addr.get("IFA_ADDRESS") not in local:
                 return f"{addr.get('IFA_ADDRESS')} has no local route yet"
     return None

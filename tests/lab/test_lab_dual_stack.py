@@ -119,6 +119,30 @@ def test_a_link_local_gateway_works_as_the_next_hop(served6: Lab) -> None:
     assert f"lladdr {gateway_mac}" in neigh  # resolved on macvlan0 to the gateway's lan0
 
 
+# the IPv6 half of the demo's NAT, by hand, in chains that are not the router's
+DEMO_NAT6 = f"""*nat
+:LAB-DNAT6 - [0:0]
+:LAB-SNAT6 - [0:0]
+-A PREROUTING -i eth0 -j LAB-DNAT6
+-A POSTROUTING -o macvlan0 -j LAB-SNAT6
+-A LAB-DNAT6 -p tcp --dport 80 -j DNAT --to-destination {DEST_IPS6[0]}
+-A LAB-DNAT6 -p tcp --dport 8080 -j DNAT --to-destination [{DEST_IPS6[1]}]:80
+-A LAB-DNAT6 -p udp --dport 53 -j DNAT --to-destination [{DEST_IPS6[0]}]:5353
+-A LAB-DNAT6 -j DNAT --to-destination {DEST_IPS6[2]}
+-A LAB-SNAT6 -j SNAT --to-source {SOURCE_IP6}
+COMMIT
+"""
+
+
+def test_client_traffic_nated_by_hand_lands_where_the_demo_says_from_the_source(served6: Lab) -> None:
+    """The lab carries what the router will set up: client -> router pod IPv6 -> DNAT/SNAT -> destination."""
+    configure_router6(served6)
+    served6.exec("router", ["ip6tables-restore", "--noflush"], stdin=DEMO_NAT6, check=True)
+    for proto, port in DEMO_TRAFFIC6:
+        reply = served6.request(proto, ROUTER_POD_IP6, port)
+        assert (reply.landed, reply.peer_ip) == (DEMO_LANDING6[(proto, port)], SOURCE_IP6), (proto, port)
+
+
 def test_the_client_reaches_the_router_pod_over_ipv6_and_ipv4(lab6: Lab) -> None:
     lab6.serve([("tcp", ROUTER_POD_IP6, 7000), ("udp", ROUTER_POD_IP6, 7001), ("tcp", ROUTER_POD_IP, 7000)],
                role="router")
