@@ -399,12 +399,13 @@ def convert(file: str, to: str, image: str, macvlan: str) -> None:
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the lab up (print how to remove it) instead of tearing it down.")
-def demo(keep: bool) -> None:
-    """Build a namespace lab, run redirect mode in it, send traffic, print where it landed (root)."""
+@click.option("--ipv4-only", is_flag=True, help="An IPv4-only lab and router instead of dual stack.")
+def demo(keep: bool, ipv4_only: bool) -> None:
+    """Build a dual-stack namespace lab, run redirect mode in it, send traffic, print where it landed (root)."""
     if os.geteuid() != 0:
         fail("the demo creates network namespaces and needs root (sudo egress-router demo)")
     from .lab import run_demo
-    guarded(lambda: run_demo(keep=keep))
+    guarded(lambda: run_demo(keep=keep, ipv6=not ipv4_only))
 
 
 # ---------------------------------------------------------------- verify (egress_router/verify.py)

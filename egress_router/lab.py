@@ -2,6 +2,9 @@
 
     client ──veth── router (pod) ──macvlan0 on the "node NIC"── gateway ──veth── destination
     198.51.100.2    198.51.100.1     (EGRESS_SOURCE, 192.0.2.0/24)  192.0.2.1   203.0.113.1  203.0.113.10-12
+    dual_stack=True adds IPv6 (all without duplicate address detection):
+    2001:db8:100::2 2001:db8:100::1  (2001:db8:2::99, 2001:db8:2::/64) 2001:db8:2::1, fe80::1
+                                                                     2001:db8:203::1  2001:db8:203::10-12
 
 Only documentation addresses, only namespaces this module creates (named with a per-run suffix),
 nothing attached to the machine's own interfaces. `Lab` is a context manager that always tears
@@ -15,17 +18,18 @@ import logging
 import os
 import re
 import secrets
-import selectors
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from . import labtraffic
+from .labtraffic import Reply as Reply  # the traffic helpers, still importable from here
+from .labtraffic import Servers as Servers
+from .labtraffic import endpoint as endpoint
 from .net.pyroute import iproute_class
 
 log = logging.getLogger(__name__)
@@ -37,18 +41,30 @@ GATEWAY_LAN_IP = "192.0.2.1"
 LAN_PREFIX = 24
 SOURCE_IP = "192.0.2.99"
 GATEWAY_WAN_IP = "203.0.113.1"
-# optional (Lab.pod_ipv6): an IPv6 pair on the client<->router veth
+# IPv6 (Lab(dual_stack=True); the pod pair alone: Lab.pod_ipv6)
 CLIENT_IP6 = "2001:db8:100::2"
 ROUTER_POD_IP6 = "2001:db8:100::1"
 POD_PREFIX6 = 64
+SOURCE_IP6 = "2001:db8:2::99"
+LAN_PREFIX6 = 64
+GATEWAY_LAN_IP6 = "2001:db8:2::1"
+GATEWAY_LINK_LOCAL = "fe80::1"  # also on the gateway's lan0: an IPv6 gateway may be given link-local
+GATEWAY_WAN_IP6 = "2001:db8:203::1"
+DEST_IPS6 = ("2001:db8:203::10", "2001:db8:203::11", "2001:db8:203::12")
+WAN_PREFIX6 = 64
 ETC_NETNS = "/etc/netns"
 # what the kernel adds by itself as a link comes up (carrier, IPv6 link-local addresses and routes), on
 # its own schedule: a snapshot leaves it out, so it compares what the router did
 KERNEL_LINK_LOCAL = re.compile(r"\bfe80::|\bff00::/8\b")
+# the same for the IPv6 part, finer: link-local as an address or a destination only, so that a route
+# `via fe80::1` (a link-local gateway, the router's doing) stays in
+KERNEL_LINK_LOCAL6 = re.compile(r"^(?:(?:local|anycast|multicast) )?(?:fe80:|ff00::/8)|\binet6 fe80:")
 DEST_IPS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 WAN_PREFIX = 24
 ROLES = ("client", "router", "node", "gateway", "dest")
 IFF_UP = 0x1
+IFA_F_NODAD = 0x02
+RTN_LOCAL = 2
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 
@@ -63,6 +79,28 @@ DEMO_DESTINATION = """\
 DEMO_TRAFFIC = (("tcp", 80), ("tcp", 8080), ("udp", 53), ("tcp", 7000), ("udp", 7001))
 DEMO_SERVERS = (("tcp", "203.0.113.10", 80), ("tcp", "203.0.113.11", 80), ("udp", "203.0.113.10", 5353),
                 ("tcp", "203.0.113.12", 7000), ("udp", "203.0.113.12", 7001))
+# where each of DEMO_TRAFFIC lands (server ip:port)
+DEMO_LANDING = {("tcp", 80): "203.0.113.10:80", ("tcp", 8080): "203.0.113.11:80", ("udp", 53): "203.0.113.10:5353",
+                ("tcp", 7000): "203.0.113.12:7000", ("udp", 7001): "203.0.113.12:7001"}
+# dual stack: the IPv4 port rules, the same for IPv6, then one fallback per family (the grammar wants them last)
+DEMO_DESTINATION6 = """\
+# port proto destination [remote port]
+80   tcp 203.0.113.10
+8080 tcp 203.0.113.11 80
+53   udp 203.0.113.10 5353
+80   tcp 2001:db8:203::10
+8080 tcp 2001:db8:203::11 80
+53   udp 2001:db8:203::10 5353
+203.0.113.12            # IPv4 fallback: every other port
+2001:db8:203::12        # IPv6 fallback: every other port
+"""
+DEMO_TRAFFIC6 = DEMO_TRAFFIC  # the same ports, sent to ROUTER_POD_IP6
+DEMO_SERVERS6 = (("tcp", "2001:db8:203::10", 80), ("tcp", "2001:db8:203::11", 80),
+                 ("udp", "2001:db8:203::10", 5353), ("tcp", "2001:db8:203::12", 7000),
+                 ("udp", "2001:db8:203::12", 7001))
+DEMO_LANDING6 = {("tcp", 80): "[2001:db8:203::10]:80", ("tcp", 8080): "[2001:db8:203::11]:80",
+                 ("udp", 53): "[2001:db8:203::10]:5353", ("tcp", 7000): "[2001:db8:203::12]:7000",
+                 ("udp", 7001): "[2001:db8:203::12]:7001"}
 
 
 def router_command() -> list[str]:
@@ -71,27 +109,29 @@ def router_command() -> list[str]:
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "egress_router"]
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What a lab server reported: where the connection landed and the peer it saw."""
-
-    landed: str  # ip:port the server was reached on
-    peer: str  # ip:port of the client as the server saw it
-
-    @property
-    def peer_ip(self) -> str:
-        return self.peer.rsplit(":", 1)[0]
-
-
 def unsettled(ipr: Any) -> str | None:
     """What the kernel is still doing by itself in a namespace (None: nothing)."""
+    up: set[int] = set()
     for link in ipr.get_links():
         if link["flags"] & IFF_UP and link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
             return f"{link.get('IFLA_IFNAME')} is {link.get('IFLA_OPERSTATE')}"
+        if link["flags"] & IFF_UP:
+            up.add(link["index"])
+    local: set[str] | None = None
     for addr in ipr.get_addr(family=socket.AF_INET6):
         flags = addr.get("IFA_FLAGS") or addr["flags"]
-        if flags & IFA_F_TENTATIVE and not flags & IFA_F_DADFAILED:
+        if flags & IFA_F_DADFAILED:
+            continue
+        if flags & IFA_F_TENTATIVE:
             return f"{addr.get('IFA_ADDRESS')} is tentative"
+        if addr["index"] in up:
+            # a nodad address is never tentative, but its local route comes from the kernel's DAD work
+            # queue a moment after the address itself
+            if local is None:
+                routes = ipr.get_routes(family=socket.AF_INET6, table=255)
+                local = {r.get("RTA_DST") for r in routes if r["type"] == RTN_LOCAL}
+            if addr.get("IFA_ADDRESS") not in local:
+                return f"{addr.get('IFA_ADDRESS')} has no local route yet"
     return None
 
 
@@ -100,10 +140,11 @@ class Lab:
 
     roles: tuple[str, ...] = ROLES  # one namespace each; a subclass with another topology names its own
 
-    def __init__(self, *, ip_forward: bool = False, tag: str | None = None):
+    def __init__(self, *, ip_forward: bool = False, tag: str | None = None, dual_stack: bool = False):
         self.suffix = tag or f"{os.getpid() % 100000}{secrets.token_hex(2)}"
         self.ns = {role: f"egr-{self.suffix}-{role}" for role in self.roles}
         self.ip_forward = ip_forward
+        self.dual_stack = dual_stack
         self._processes: list[subprocess.Popen[Any]] = []
         self._servers: list[Servers] = []
         self._created: list[str] = []
@@ -131,6 +172,9 @@ class Lab:
             self._up(ipr, "lo")
             self._address(ipr, "eth0", CLIENT_IP, POD_PREFIX)
             ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_POD_IP)
+            if self.dual_stack:
+                self._address6(ipr, "eth0", CLIENT_IP6, POD_PREFIX6)
+                ipr.route("add", dst="::/0", gateway=ROUTER_POD_IP6)
         with IPRoute(netns=self.ns["node"]) as ipr:
             ipr.link("add", ifname="lan0", kind="veth", peer={"ifname": "lan0", "net_ns_fd": path("gateway")})
             parent = self._up(ipr, "lan0")
@@ -142,18 +186,32 @@ class Lab:
             self._address(ipr, "eth0", ROUTER_POD_IP, POD_PREFIX)
             # the pod's own default route, through the cluster network: egress-router replaces it
             ipr.route("add", dst="0.0.0.0/0", gateway=CLIENT_IP)
+            if self.dual_stack:
+                self._address6(ipr, "eth0", ROUTER_POD_IP6, POD_PREFIX6)
+                ipr.route("add", dst="::/0", gateway=CLIENT_IP6)
         with IPRoute(netns=self.ns["gateway"]) as ipr:
             ipr.link("add", ifname="wan0", kind="veth", peer={"ifname": "wan0", "net_ns_fd": path("dest")})
             self._up(ipr, "lo")
             self._address(ipr, "lan0", GATEWAY_LAN_IP, LAN_PREFIX)
             self._address(ipr, "wan0", GATEWAY_WAN_IP, WAN_PREFIX)
+            if self.dual_stack:
+                self._address6(ipr, "lan0", GATEWAY_LAN_IP6, LAN_PREFIX6)
+                self._address6(ipr, "lan0", GATEWAY_LINK_LOCAL, 64)
+                self._address6(ipr, "wan0", GATEWAY_WAN_IP6, WAN_PREFIX6)
         with IPRoute(netns=self.ns["dest"]) as ipr:
             self._up(ipr, "lo")
             for ip in DEST_IPS:
                 self._address(ipr, "wan0", ip, WAN_PREFIX)
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_WAN_IP)
+            if self.dual_stack:
+                for ip in DEST_IPS6:
+                    self._address6(ipr, "wan0", ip, WAN_PREFIX6)
+                ipr.route("add", dst="::/0", gateway=GATEWAY_WAN_IP6)
         self.sysctl("gateway", "net.ipv4.ip_forward", "1")
         self.sysctl("router", "net.ipv4.ip_forward", "1" if self.ip_forward else "0")
+        if self.dual_stack:
+            self.sysctl("gateway", "net.ipv6.conf.all.forwarding", "1")
+            self.sysctl("router", "net.ipv6.conf.all.forwarding", "1" if self.ip_forward else "0")
         self.settle()
 
     def create_namespaces(self) -> None:
@@ -211,6 +269,12 @@ class Lab:
     def _address(self, ipr: Any, name: str, ip: str, prefix: int) -> None:
         index = self._up(ipr, name)
         ipr.addr("add", index=index, address=ip, prefixlen=prefix)
+
+    def _address6(self, ipr: Any, name: str, ip: str, prefix: int) -> None:
+        """An IPv6 address without duplicate address detection (usable at once); none if it is there."""
+        index = self._up(ipr, name)
+        if not ipr.get_addr(family=socket.AF_INET6, index=index, address=ip):
+            ipr.addr("add", index=index, address=ip, prefixlen=prefix, flags=IFA_F_NODAD)
 
     def iproute(self, role: str) -> Any:
         return iproute_class()(netns=self.ns[role])
@@ -272,9 +336,12 @@ class Lab:
                 os.rmdir(ETC_NETNS)
 
     def pod_ipv6(self) -> None:
-        """Add an IPv6 pair on the client<->router veth (no duplicate address detection: usable at once)."""
+        """Add an IPv6 pair on the client<->router veth (no duplicate address detection: usable at once);
+        what is there already (dual_stack, an earlier call) stays as it is."""
         for role, ip in (("client", CLIENT_IP6), ("router", ROUTER_POD_IP6)):
-            self.exec(role, ["ip", "-6", "addr", "add", f"{ip}/{POD_PREFIX6}", "dev", "eth0", "nodad"], check=True)
+            with self.iproute(role) as ipr:
+                self._address6(ipr, "eth0", ip, POD_PREFIX6)
+        self.settle()
 
     def sysctl(self, role: str, key: str, value: str) -> None:
         with self.entered(role), open("/proc/sys/" + key.replace(".", "/"), "w", encoding="ascii") as handle:
@@ -303,26 +370,48 @@ class Lab:
         env.update(extra)
         return env
 
+    def router_env6(self, destination: str = DEMO_DESTINATION6, *, mode: str = "init",
+                    source: str = f"{SOURCE_IP}/{LAN_PREFIX},{SOURCE_IP6}/{LAN_PREFIX6}",
+                    gateway: str = f"{GATEWAY_LAN_IP},{GATEWAY_LAN_IP6}", **extra: str) -> dict[str, str]:
+        """router_env for a dual-stack router: one source and one gateway per family."""
+        return self.router_env(destination, mode=mode, source=source, EGRESS_GATEWAY=gateway, **extra)
+
     def run_router(self, env: Mapping[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.exec("router", router_command(), env=env, timeout=timeout)
 
     def snapshot(self, role: str) -> str:
         """The namespace's network state as text: rules, links, addresses, routes, forwarding."""
-        parts = []
-        for argv in (["iptables-save"], ["ip", "-d", "link", "show"], ["ip", "-4", "addr", "show"],
-                     ["ip", "route", "show", "table", "all"], ["ip", "rule", "show"]):
-            result = self.exec(role, argv, check=True)
-            lines = [strip_counters(line) for line in result.stdout.splitlines() if not line.startswith("#")]
-            if argv == ["iptables-save"]:
-                lines = without_unused_tables(lines)
-            elif argv[0] == "ip":  # a link's operational state follows the kernel's linkwatch, not our steps
-                lines = [re.sub(r" state \S+ ", " ", line).replace("NO-CARRIER,", "") for line in lines
-                         if not KERNEL_LINK_LOCAL.search(line)]
-            parts.append(f"$ {' '.join(argv)}\n" + "\n".join(lines))
+        parts = [self._commands(role, KERNEL_LINK_LOCAL, ["iptables-save"], ["ip", "-d", "link", "show"],
+                                ["ip", "-4", "addr", "show"], ["ip", "route", "show", "table", "all"],
+                                ["ip", "rule", "show"])]
         parts.append(f"ip_forward={self.read_sysctl(role, 'net.ipv4.ip_forward')}")
         for scope in ("all", "eth0"):
             with contextlib.suppress(FileNotFoundError):
                 parts.append(f"{scope}.rp_filter={self.read_sysctl(role, f'net.ipv4.conf.{scope}.rp_filter')}")
+        if not os.path.isdir("/proc/sys/net/ipv6"):  # a kernel without IPv6
+            return "\n".join(parts)
+        # one line per address (-o): the kernel's link-local lines drop out without leaving their
+        # interface header or lifetime line behind
+        parts.append(self._commands(role, KERNEL_LINK_LOCAL6, ["ip6tables-save"], ["ip", "-6", "-o", "addr", "show"],
+                                    ["ip", "-6", "route", "show", "table", "all"], ["ip", "-6", "rule", "show"]))
+        parts.append(f"ipv6.all.forwarding={self.read_sysctl(role, 'net.ipv6.conf.all.forwarding')}")
+        for key in ("accept_ra", "disable_ipv6"):
+            with contextlib.suppress(FileNotFoundError):
+                parts.append(f"ipv6.macvlan0.{key}={self.read_sysctl(role, f'net.ipv6.conf.macvlan0.{key}')}")
+        return "\n".join(parts)
+
+    def _commands(self, role: str, kernel: re.Pattern[str], *commands: list[str]) -> str:
+        """The output of snapshot commands, without what changes by itself (counters, kernel link-local)."""
+        parts = []
+        for argv in commands:
+            result = self.exec(role, argv, check=True)
+            lines = [strip_counters(line) for line in result.stdout.splitlines() if not line.startswith("#")]
+            if argv[0].endswith("tables-save"):
+                lines = without_unused_tables(lines)
+            elif argv[0] == "ip":  # a link's operational state follows the kernel's linkwatch, not our steps
+                lines = [re.sub(r" state \S+ ", " ", line).replace("NO-CARRIER,", "") for line in lines
+                         if not kernel.search(line)]
+            parts.append(f"$ {' '.join(argv)}\n" + "\n".join(lines))
         return "\n".join(parts)
 
     # ------------------------------------------------------------ traffic
@@ -336,22 +425,8 @@ class Lab:
         return servers
 
     def request(self, proto: str, ip: str, port: int, *, role: str = "client", timeout: float = 3.0) -> Reply:
-        """Send one TCP or UDP request from `role` and return what the server reported."""
-        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        with self.entered(role):
-            sock = socket.socket(socket.AF_INET, kind)
-        with sock:
-            sock.settimeout(timeout)
-            sock.connect((ip, port))
-            if proto == "tcp":
-                data = b""
-                while chunk := sock.recv(4096):
-                    data += chunk
-            else:
-                sock.send(b"hello\n")
-                data = sock.recv(4096)
-        landed, peer = data.decode().split()
-        return Reply(landed, peer)
+        """Send one TCP or UDP request from `role` to ip:port (either family); what the server reported."""
+        return labtraffic.request(self.entered(role), proto, ip, port, timeout=timeout)
 
 
 def without_unused_tables(lines: list[str]) -> list[str]:
@@ -382,107 +457,58 @@ def strip_counters(line: str) -> str:
     return line
 
 
-class Servers:
-    """TCP/UDP servers (one thread, bounded) that answer '<landed ip:port> <peer ip:port>'."""
-
-    def __init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._thread = threading.Thread(target=self._loop, name="lab-servers", daemon=True)
-        self._sockets: list[socket.socket] = [self._wake_r, self._wake_w]
-        self.seen: list[Reply] = []
-
-    def listen(self, proto: str, ip: str, port: int) -> None:
-        if proto == "tcp":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((ip, port))
-            sock.listen(64)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((ip, port))
-        sock.setblocking(False)
-        self._sockets.append(sock)
-        self.selector.register(sock, selectors.EVENT_READ, proto)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._wake_w.send(b"x")
-            self._thread.join(timeout=5)
-        for sock in self._sockets:
-            sock.close()
-        self.selector.close()
-
-    def _loop(self) -> None:
-        while True:
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.data is None:
-                    return
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                with contextlib.suppress(OSError):
-                    self._answer(sock, key.data)
-
-    def _answer(self, sock: socket.socket, proto: str) -> None:
-        here = "{}:{}".format(*sock.getsockname())
-        if proto == "tcp":
-            conn, peer = sock.accept()
-            with conn:
-                reply = Reply(here, "{}:{}".format(*peer))
-                conn.settimeout(2)
-                conn.sendall(f"{reply.landed} {reply.peer}\n".encode())
-        else:
-            _, peer = sock.recvfrom(2048)
-            reply = Reply(here, "{}:{}".format(*peer))
-            sock.sendto(f"{reply.landed} {reply.peer}\n".encode(), peer)
-        self.seen.append(reply)
-
-
 def check_tools() -> None:
     from .core.errors import SetupError
 
-    missing = [tool for tool in ("nsenter", "iptables-save", "iptables-restore", "ip") if not shutil.which(tool)]
+    tools = ("nsenter", "iptables-save", "iptables-restore", "ip6tables-save", "ip")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise SetupError(f"the lab needs {', '.join(missing)}: apt-get install iptables iproute2 util-linux")
 
 
-def run_demo(*, keep: bool = False) -> None:
-    """Build the lab, run init mode in it, send traffic from the client, print where it landed."""
+def run_demo(*, keep: bool = False, ipv6: bool = True) -> None:
+    """Build the lab, run init mode in it, send traffic from the client, print where it landed.
+
+    ipv6: a dual-stack lab and router (one source and gateway per family), IPv4 rows then IPv6 rows;
+    False: IPv4 only, as before the router knew IPv6."""
     check_tools()
-    lab = Lab()
+    lab = Lab(dual_stack=ipv6)
     print(f"Building the lab: namespaces {', '.join(lab.ns.values())}")
     with contextlib.ExitStack() as stack:
         if keep:
             lab.build()
         else:
             stack.enter_context(lab)
-        lab.serve(DEMO_SERVERS)
-        env = lab.router_env()
+        lab.serve(DEMO_SERVERS + DEMO_SERVERS6 if ipv6 else DEMO_SERVERS)
+        env, destination = (lab.router_env6(), DEMO_DESTINATION6) if ipv6 else (lab.router_env(), DEMO_DESTINATION)
         print(f"\nRunning egress-router (EGRESS_ROUTER_MODE=init) in {lab.ns['router']} with")
         print(f"  EGRESS_SOURCE={env['EGRESS_SOURCE']}  EGRESS_GATEWAY={env['EGRESS_GATEWAY']}")
-        print("  EGRESS_DESTINATION=\n" + "".join(f"    {line}\n" for line in DEMO_DESTINATION.splitlines()))
+        print("  EGRESS_DESTINATION=\n" + "".join(f"    {line}\n" for line in destination.splitlines()))
         result = lab.run_router(env)
         sys.stdout.write("".join(f"  | {line}\n" for line in result.stderr.splitlines()))
         if result.returncode != 0:
             print(f"egress-router exited with {result.returncode}")
             raise SystemExit(1)
-        print(f"\n  {'client -> router':<28} {'landed on (server)':<22} {'source seen by server':<22}")
-        failures = 0
-        for proto, port in DEMO_TRAFFIC:
-            sent = f"{proto} {CLIENT_IP} -> :{port}"
-            try:
-                reply = lab.request(proto, ROUTER_POD_IP, port)
-                landed, source = reply.landed, reply.peer_ip
-                mark = "" if source == SOURCE_IP else "   <- not the reserved IP!"
-            except OSError as exc:
-                landed, source, mark = "-", "-", f"   <- failed: {exc.strerror or exc}"
-            failures += bool(mark)
-            print(f"  {sent:<28} {landed:<22} {source:<22}{mark}")
-        print(f"\nEvery server saw the reserved source IP {SOURCE_IP}." if not failures
-              else f"\n{failures} request(s) did not arrive from {SOURCE_IP}.")
+        families = [(CLIENT_IP, ROUTER_POD_IP, SOURCE_IP), (CLIENT_IP6, ROUTER_POD_IP6, SOURCE_IP6)][:1 + ipv6]
+        rows = [("client -> router", "landed on (server)", "source seen by server", "")]
+        for client, router, source_ip in families:
+            for proto, port in DEMO_TRAFFIC:
+                try:
+                    reply = lab.request(proto, router, port)
+                    landed, source = reply.landed, reply.peer_ip
+                    mark = "" if source == source_ip else "   <- not the reserved IP!"
+                except OSError as exc:
+                    landed, source, mark = "-", "-", f"   <- failed: {exc.strerror or exc}"
+                rows.append((f"{proto} {client} -> {endpoint((router, port))}" if ":" in router
+                             else f"{proto} {client} -> :{port}", landed, source, mark))
+        widths = [max(minimum, *(len(row[i]) for row in rows)) for i, minimum in enumerate((28, 22, 22))]
+        print()
+        for first, landed, source, mark in rows:
+            print(f"  {first:<{widths[0]}} {landed:<{widths[1]}} {source:<{widths[2]}}{mark}")
+        failures = sum(bool(row[3]) for row in rows)
+        reserved = f"{SOURCE_IP} (IPv4) and {SOURCE_IP6} (IPv6)" if ipv6 else SOURCE_IP
+        print(f"\nEvery server saw the reserved source IP {reserved}." if not failures
+              else f"\n{failures} request(s) did not arrive from {reserved}.")
         if keep:
             print(f"Lab left up; remove it with: for n in {' '.join(lab.ns.values())}; do ip netns del $n; done")
         else:

@@ -1,5 +1,4 @@
-"""Lab helpers the reload tests and benchmarks share: a ConfigMap volume updated as the kubelet updates
-it, and a TCP echo service that holds many connections in one thread."""
+"""Lab traffic: the demo's TCP/UDP servers and requests (both families), a ConfigMap volume, a TCP echo hub."""
 
 from __future__ import annotations
 
@@ -9,8 +8,117 @@ import selectors
 import socket
 import threading
 import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def family_of(ip: str) -> socket.AddressFamily:
+    """The socket family of a literal address (IPv6 literals are the ones with a colon)."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def endpoint(address: tuple[Any, ...]) -> str:
+    """A socket address as text: ip:port, [ip]:port for IPv6 (getsockname/accept give 4-tuples there)."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a lab server reported: where the connection landed and the peer it saw."""
+
+    landed: str  # ip:port ([ip]:port for IPv6) the server was reached on
+    peer: str  # ip:port ([ip]:port for IPv6) of the client as the server saw it
+
+    @property
+    def peer_ip(self) -> str:
+        """The peer's bare address, either family."""
+        if self.peer.startswith("["):
+            return self.peer[1:self.peer.index("]")]
+        return self.peer.rsplit(":", 1)[0]
+
+
+class Servers:
+    """TCP/UDP servers (one thread, bounded) that answer '<landed ip:port> <peer ip:port>'."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name="lab-servers", daemon=True)
+        self._sockets: list[socket.socket] = [self._wake_r, self._wake_w]
+        self.seen: list[Reply] = []
+
+    def listen(self, proto: str, ip: str, port: int) -> None:
+        """Listen on ip:port (the calling thread's network namespace; the family follows the address)."""
+        if proto == "tcp":
+            sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, port))
+            sock.listen(64)
+        else:
+            sock = socket.socket(family_of(ip), socket.SOCK_DGRAM)
+            sock.bind((ip, port))
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self.selector.register(sock, selectors.EVENT_READ, proto)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._wake_w.send(b"x")
+            self._thread.join(timeout=5)
+        for sock in self._sockets:
+            sock.close()
+        self.selector.close()
+
+    def _loop(self) -> None:
+        while True:
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.data is None:
+                    return
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                with contextlib.suppress(OSError):
+                    self._answer(sock, key.data)
+
+    def _answer(self, sock: socket.socket, proto: str) -> None:
+        here = endpoint(sock.getsockname())
+        if proto == "tcp":
+            conn, peer = sock.accept()
+            with conn:
+                reply = Reply(here, endpoint(peer))
+                conn.settimeout(2)
+                conn.sendall(f"{reply.landed} {reply.peer}\n".encode())
+        else:
+            _, peer = sock.recvfrom(2048)
+            reply = Reply(here, endpoint(peer))
+            sock.sendto(f"{reply.landed} {reply.peer}\n".encode(), peer)
+        self.seen.append(reply)
+
+
+def request(entered: AbstractContextManager[Any], proto: str, ip: str, port: int, *,
+            timeout: float = 3.0) -> Reply:
+    """Send one TCP or UDP request to ip:port (IPv4 or IPv6) with a socket made inside `entered` (a lab
+    namespace), and return what the server reported."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with entered:
+        sock = socket.socket(family_of(ip), kind)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((ip, port))
+        if proto == "tcp":
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        else:
+            sock.send(b"hello\n")
+            data = sock.recv(4096)
+    landed, peer = data.decode().split()
+    return Reply(landed, peer)
 
 
 class ConfigMapVolume:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from egress_router.lab import DEMO_SERVERS, DEST_IPS, Lab
+from egress_router.lab import DEMO_SERVERS, DEMO_SERVERS6, DEST_IPS, Lab
 from egress_router.podlab import LAYOUTS, PodLab
 from tests.lab.origin import Origin
 
@@ -44,6 +44,21 @@ def served(lab: Lab) -> Lab:
     """The lab with the demo's TCP/UDP servers running in the destination namespace."""
     lab.serve(DEMO_SERVERS)
     return lab
+
+
+@pytest.fixture
+def lab6() -> Iterator[Lab]:
+    """A dual-stack lab (Lab(dual_stack=True)): the IPv4 topology plus its IPv6 addresses and routes."""
+    require_lab()
+    with Lab(dual_stack=True) as built:
+        yield built
+
+
+@pytest.fixture
+def served6(lab6: Lab) -> Lab:
+    """The dual-stack lab with the demo's TCP/UDP servers of both families in the destination namespace."""
+    lab6.serve(DEMO_SERVERS + DEMO_SERVERS6)
+    return lab6
 
 
 @contextlib.contextmanager
