@@ -13,7 +13,7 @@ from egress_router.lab import DEMO_SERVERS, DEMO_SERVERS6, DEST_IPS, Lab
 from egress_router.podlab import LAYOUTS, PodLab
 from tests.lab.origin import Origin
 
-LAB_TOOLS = ("nsenter", "ip", "iptables-save", "iptables-restore", "setpriv")
+LAB_TOOLS = ("nsenter", "ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "setpriv")
 PODLAB_TOOLS = (*LAB_TOOLS, "dnsmasq", "getent")
 
 
