@@ -403,7 +403,11 @@ def ipv6_defaults(lab: Lab) -> list[str]:
 
 
 def test_a_router_advertisement_adds_no_second_default_route_and_no_address(lab6: Lab) -> None:
-    run_ok(lab6, lab6.router_env6())
+    # as an attachment may leave it: accept_ra=2 takes RAs even on a forwarding interface (forwarding,
+    # which the router turns on, alone would make the kernel ignore them with the default accept_ra=1)
+    lab6.sysctl("router", "net.ipv6.conf.macvlan0.accept_ra", "2")
+    result = run_ok(lab6, lab6.router_env6())
+    assert "net.ipv6.conf.macvlan0.accept_ra=0, was 2" in result.stderr
     send_ra(lab6)
     defaults = ipv6_defaults(lab6)
     assert len(defaults) == 1 and defaults[0].startswith(f"default via {GATEWAY_LAN_IP6} dev macvlan0"), defaults
