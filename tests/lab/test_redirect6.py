@@ -310,6 +310,18 @@ def test_ipv6_nat_in_the_chosen_backend_only_and_another_owners_rules_survive(se
         assert (reply.landed, reply.peer_ip) == (DEMO_LANDING6[(proto, port)], SOURCE_IP6), (proto, port)
 
 
+def test_auto_follows_a_mesh_whose_ipv6_rules_are_in_legacy(served6: Lab) -> None:
+    """EGRESS_IPTABLES=auto picks one backend by the rules of both families: another owner's ip6tables-legacy
+    rules put ours, IPv4 and IPv6, in legacy too."""
+    served6.exec("router", ["ip6tables-legacy-restore", "--noflush"], stdin="\n".join(MESH6) + "\n", check=True)
+    result = run_ok(served6, served6.router_env6(EGRESS_IPTABLES="auto"))
+    assert "Using the iptables legacy backend" in result.stderr
+    for tool in ("ip6tables", "iptables"):
+        assert DNAT_CHAIN in sh(served6, "router", f"{tool}-legacy-save"), tool
+        assert "EGRESS-ROUTER" not in sh(served6, "router", f"{tool}-nft-save"), tool
+    assert served6.request("tcp", ROUTER_POD_IP6, 8080).landed == "[2001:db8:203::11]:80"
+
+
 # ------------------------------------------------------------------ undo, and IPv6 turned off
 
 def failing_ip6tables_restore(tmp_path: Path) -> str:
