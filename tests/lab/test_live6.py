@@ -223,6 +223,12 @@ def nat6(lab: Lab, chain: str) -> list[str]:
     return sh(lab, "router", "ip6tables", "-t", "nat", "-S", chain).splitlines()
 
 
+def nat4(lab: Lab) -> list[str]:
+    """The IPv4 nat table without iptables-save's comment lines (they carry the time) and counters."""
+    return [line.split(" [")[0] for line in sh(lab, "router", "iptables-save", "-t", "nat").splitlines()
+            if not line.startswith("#")]
+
+
 def test_a_configmap_swap_of_ipv6_rules_is_in_force_and_leaves_ipv4_alone(served6: Lab, start_router6: StartRouter,
                                                                          tmp_path: Path) -> None:
     before = RULES4 + f"80 tcp {A6}\n8080 tcp {B6} 80\n53 udp {A6} 5353\n"
@@ -230,7 +236,7 @@ def test_a_configmap_swap_of_ipv6_rules_is_in_force_and_leaves_ipv4_alone(served
     volume = Volume(tmp_path, before)
     router = start_router6(EGRESS_DESTINATION_FILE=volume.path)
     assert (landed6(served6, "tcp", 80), landed6(served6, "tcp", 8080), landed6(served6, "tcp", 7000)) == (A6, B6, None)
-    ipv4_nat = sh(served6, "router", "iptables-save", "-t", "nat")
+    ipv4_nat = nat4(served6)
     seen = len(router.lines())
     swapped = volume.update(after)
     in_force_after(swapped, lambda: landed6(served6, "tcp", 80) == B6, "IPv6 80 -> B6", lambda: router.stderr)
@@ -247,7 +253,7 @@ def test_a_configmap_swap_of_ipv6_rules_is_in_force_and_leaves_ipv4_alone(served
         assert nat6(served6, chain) == rules, chain
     assert f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 7000 -j DNAT --to-destination {C6}" in planned[DNAT_CHAIN]
     # IPv4: the same rules, and its traffic as before
-    assert sh(served6, "router", "iptables-save", "-t", "nat").split("\n", 1)[1] == ipv4_nat.split("\n", 1)[1]
+    assert nat4(served6) == ipv4_nat
     reply = served6.request("tcp", ROUTER_POD_IP, 80)
     assert (reply.landed, reply.peer_ip) == (f"{A}:80", SOURCE_IP)
     reply = served6.request("tcp", ROUTER_POD_IP6, 7000)
@@ -379,3 +385,22 @@ def test_the_testinfra_plugin_on_a_dual_stack_router(lab6: Lab) -> None:
         helper.assert_nat_rules(env)
     assert str(still.value).startswith(f"ip6tables nat chain {DNAT_CHAIN} on local differs:")
 
+
+
+def test_the_ipv6_address_removed_is_added_again_and_announced(served6: Lab, capture: Capture,
+                                                              start_router6: StartRouter) -> None:
+    router = start_router6(RULES4 + f"80 tcp {A6}\n", EGRESS_ROUTER_DRIFT_SECONDS="0.2")
+    capture.read(lambda frames: len(advertisements(frames)) >= 2, timeout=10.0)  # the start's two rounds
+    converged = served6.snapshot("router")
+    seen, announced = len(router.lines()), len(advertisements(capture.frames))
+    sh(served6, "router", "ip", "-6", "address", "del", f"{SOURCE_IP6}/64", "dev", "macvlan0")
+    took = eventually(lambda: served6.snapshot("router") == converged, REPAIRED_WITHIN)
+    assert took is not None, f"not repaired within {REPAIRED_WITHIN} s:\n{router.stderr}"
+    repairs = [line for line in router.lines()[seen:] if "Repaired drift: " in line]
+    print("\n".join(repairs))
+    assert any(f"'ip address add {SOURCE_IP6}/64 dev macvlan0 nodad'" in line for line in repairs), router.stderr
+    frames = capture.read(lambda frames: len(advertisements(frames)) > announced, timeout=5.0)
+    assert len(advertisements(frames)) == announced + 1, "the re-added address is announced once"
+    assert "tentative" not in sh(served6, "router", "ip", "-6", "address", "show", "dev", "macvlan0")
+    reply = served6.request("tcp", ROUTER_POD_IP6, 80)
+    assert (reply.landed, reply.peer_ip) == (f"[{A6}]:80", SOURCE_IP6)
