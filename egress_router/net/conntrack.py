@@ -31,8 +31,10 @@ def family_flows(old: Destinations, new: Destinations, version: int) -> int:
     Conntrack, NFCTAttrTuple = conntrack_classes()  # noqa: N806 (classes)
     old_targets, new_targets = old.targets(), new.targets()
     deleted = 0
-    conntrack = Conntrack()
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    # The netlink message's own family (nfgen_family) is what the kernel dumps and parses a deleted tuple with;
+    # pyroute2 sends AF_INET unless told, and its tuple filter's family then only drops the IPv4 entries.
+    conntrack = Conntrack(nfgen_family=family)
     try:
         for entry in list(conntrack.dump_entries(tuple_orig=NFCTAttrTuple(family=family, proto=socket.IPPROTO_UDP))):
             orig, reply = entry.tuple_orig, entry.tuple_reply
