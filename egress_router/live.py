@@ -195,7 +195,7 @@ class Live:
 def what(step: Step) -> str:
     """A drifted step as the admin would check it: its iproute2/sysctl command, or the iptables summary."""
     if isinstance(step, NatRules):
-        return f"the {iptables.describe(step)}"
+        return f"the {iptables.describe(step)} ({step.tool})"
     return f"'{step.render().strip()}'"
 
 

@@ -135,8 +135,8 @@ def parse_destinations(text: str, variable: str = "EGRESS_DESTINATION", families
         key = (port, proto, ip.version)
         earlier_line = seen.get(key)
         if earlier_line is not None:
-            family = " IPv6" if ip.version == 6 else ""
-            raise ConfigError(variable, f"{proto} port {port} is already redirected{family} on line {earlier_line}",
+            family = "IPv6 " if ip.version == 6 else ""
+            raise ConfigError(variable, f"{family}{proto} port {port} is already redirected on line {earlier_line}",
                               line=number, text=shown)
         check_family(ip, families, variable, number, shown, sources)
         seen[key] = number

@@ -203,7 +203,9 @@ def spawn(index: int, sockets: dict[int, list[socket.socket]], worker_main: Work
                     sock.close()
         for sock in others or ():  # the master's ends of the control channels
             sock.close()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+        # SIGTERM and SIGINT stay blocked (as the master has them) until the worker's handlers are in place
+        # (handle_stop_signals): one sent while the worker starts waits for them instead of killing it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         code = worker_main(sockets[index], index, False, channel)
     except BaseException:
         log.exception("Worker %d failed", index)
@@ -292,6 +294,7 @@ def handle_stop_signals(loop: asyncio.AbstractEventLoop, stopped: asyncio.Event,
 
     for signo in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signo, stop, signo)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # a worker starts with them blocked
 
 
 def loop_worker(shared: SharedCounters, make_worker: Callable[[int], Any]) -> WorkerMain:

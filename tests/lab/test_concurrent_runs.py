@@ -123,10 +123,10 @@ def test_a_failed_undo_is_not_reported_as_done(lab: Lab, monkeypatch: pytest.Mon
             raise NetlinkError(101, "Network is unreachable")
         real_route(self, command, wanted)
 
-    def address(self: Rtnl, add: bool, index: int, ip: str, prefixlen: int) -> None:
+    def address(self: Rtnl, add: bool, index: int, ip: str, prefixlen: int, family: int = 2) -> None:
         if not add:
             raise NetlinkError(16, "Device or resource busy")
-        real_address(self, add, index, ip, prefixlen)
+        real_address(self, add, index, ip, prefixlen, family)
 
     monkeypatch.setattr(Rtnl, "route", route)
     monkeypatch.setattr(Rtnl, "address", address)

@@ -215,7 +215,7 @@ def lines_of(text: str) -> list[str]:
         ("2001:db8::1\n2001:db8::2", 2, "2001:db8::2", "a second IPv6 fallback"),
         ("2001:db8::1\n80 tcp 10.0.0.1", 2, "80 tcp 10.0.0.1", "port rules come first"),
         ("80 tcp 2001:db8::1\n80 tcp 2001:db8::2", 2, "80 tcp 2001:db8::2",
-         "tcp port 80 is already redirected IPv6 on line 1"),
+         "IPv6 tcp port 80 is already redirected on line 1"),
         ("80 tcp 10.0.0.1\n80 tcp 10.0.0.2", 2, "10.0.0.2", "tcp port 80 is already redirected on line 1"),
         (
             "53 udp 10.0.0.1\n53 tcp 10.0.0.1\n\n53 udp 10.0.0.2 5353",
