@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,7 +27,7 @@ from egress_router.lab import (
 from tests.lab import test_dns_proxy as dnsproxy
 from tests.lab import test_http_proxy as httpproxy
 from tests.lab.dnsserver import DNS_IP, DnsServer, serving
-from tests.lab.origin import ECHO_TAIL, Origin
+from tests.lab.origin import ECHO_TAIL, Origin, host_of
 from tests.lab.proxyproc import ProxyProcess, check_stopped, spawn_proxy
 
 PORT = 8080
@@ -102,7 +103,34 @@ def start_http(lab: Lab, dns: DnsServer, origin: Origin) -> Iterator[StartHttp]:
     check_stopped(started)
 
 
-StartDns = Callable[..., dnsproxy.Proxy]
+class DnsProxy(dnsproxy.Proxy):
+    """The DNS proxy, ready once a connection through its readiness port lands on `ready_ip` (either family)."""
+
+    def __init__(self, lab: Lab, process: subprocess.Popen[str], ready_ip: str):
+        super().__init__(lab, process, 3.0, dnsproxy.READY_PORT, True)
+        self.ready_ip = ready_ip
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        probes = 0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the proxy exited with {self.process.returncode}:\n{self.stderr}")
+            try:
+                with dnsproxy.Conn(self.lab, self.ready_port, timeout=1) as conn:
+                    probes += 1
+                    line = conn.line()
+            except OSError:
+                line = ""
+            if line and host_of(line.split()[0]) == self.ready_ip:
+                self.remember_workers()
+                self.wait_probe_ends(probes)  # a probe counts as open until the proxy has seen it end
+                return
+            time.sleep(0.03)
+        pytest.fail(f"the proxy did not relay a connection within {timeout} s:\n{self.stderr}")
+
+
+StartDns = Callable[..., DnsProxy]
 
 
 @pytest.fixture
@@ -116,16 +144,19 @@ def services(lab: Lab) -> Iterator[dnsproxy.Services]:
 
 @pytest.fixture
 def start_dns(lab: Lab, dns: DnsServer, services: dnsproxy.Services) -> Iterator[StartDns]:
-    """DNS proxies (dual-stack network first), readiness polled through their IPv4 forward to 203.0.113.10."""
+    """DNS proxies (the network first, dual-stack unless told otherwise); readiness polled through a forward to
+    203.0.113.10, or to 2001:db8:203::10 on an IPv6-only router."""
     started: list[ProxyProcess] = []
     ready = dnsproxy.READY_PORT
 
-    def start(destination: str) -> dnsproxy.Proxy:
-        services.listen("dest", V4, ready, "whoami")
-        env = httpproxy.proxy_env({"EGRESS_DNS_PROXY_DESTINATION": f"{destination}\n{ready} {V4}",
+    def start(destination: str, *, network: dict[str, str] = DUAL_STACK, **variables: str) -> DnsProxy:
+        ready_ip = V6 if network is IPV6_ONLY else V4
+        services.listen("dest", ready_ip, ready, "whoami")
+        env = httpproxy.proxy_env({"EGRESS_DNS_PROXY_DESTINATION": f"{destination}\n{ready} {ready_ip}",
                                    "EGRESS_DNS_PROXY_WORKERS": "1", "EGRESS_DNS_PROXY_DEBUG": "1",
-                                   "EGRESS_PROXY_GRACE_SECONDS": "3"}, network=True, variables=DUAL_STACK)
-        proxy = dnsproxy.Proxy(lab, spawn_proxy(lab, env), 3.0, ready, True)
+                                   "EGRESS_PROXY_GRACE_SECONDS": "3"}, network=True,
+                                  variables={**network, **variables})
+        proxy = DnsProxy(lab, spawn_proxy(lab, env), ready_ip)
         started.append(proxy)
         proxy.wait_ready()
         return proxy
@@ -277,6 +308,30 @@ def test_ipv6_only_router_http_proxy(lab: Lab, origin: Origin, start_http: Start
     assert origin.connections_to(V4) == [] and origin.connections_to(V4_DUAL) == []
     assert peers(origin, V6) == peers(origin, V6_OTHER) == peers(origin, V6_DUAL) == {SOURCE_IP6}
     assert proxy.stderr.count(" error 504 ") == 3, proxy.stderr
+
+
+def test_ipv6_only_router_dns_proxy_reaches_a_names_ipv6_addresses(
+        lab: Lab, services: dnsproxy.Services, start_dns: StartDns) -> None:
+    """Every address of a name is a backend, the IPv4 ones too on an IPv6-only router: a connection sent to one
+    waits the connect timeout out (the pod's IPv4 route leads nowhere here), is retried on an IPv6 backend, and the
+    IPv4 one stays out of rotation after that. An IPv6 literal forward works."""
+    for ip in (V4_DUAL, V6_DUAL, V6):
+        services.listen("dest", ip, 7000, "whoami")
+    timeout = 2.0
+    proxy = start_dns(f"7000 {DUAL}\n7001 {V6} 7000", network=IPV6_ONLY,
+                      EGRESS_DNS_PROXY_CONNECT_TIMEOUT=f"{timeout:g}")
+    line = proxy.wait_resolved(7000, DUAL)
+    assert f"{V4_DUAL}:7000" in line and f"[{V6_DUAL}]:7000" in line, line
+    took = []
+    for client_side in (ROUTER_POD_IP, ROUTER_POD_IP6) * 3:
+        started = time.monotonic()
+        assert dnsproxy.whoami(lab, 7000, host=client_side) == (V6_DUAL, SOURCE_IP6)
+        took.append(time.monotonic() - started)
+        assert dnsproxy.whoami(lab, 7001, host=client_side) == (V6, SOURCE_IP6)
+    assert max(took) < timeout + QUICK, took
+    assert sum(t >= timeout for t in took) <= 1, took  # only one connection paid for the IPv4 backend
+    assert services.landed(V4_DUAL) == []
+    assert proxy.stderr.count(f"backend {V4_DUAL}:7000 failed (connect timed out)") <= 1, proxy.stderr
 
 
 # ------------------------------------------------------------------ 5. a second global address on the egress link
