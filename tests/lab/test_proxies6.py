@@ -201,7 +201,7 @@ def hello(ip: str, port: int = 80) -> str:
 
 def peers(origin: Origin, ip: str) -> set[str]:
     """The source addresses of every connection the origin accepted on `ip`."""
-    return {conn[1].rsplit(":", 1)[0].strip("[]") for conn in origin.connections_to(ip)}
+    return {host_of(peer) for _, peer in origin.connections_to(ip)}
 
 
 # ------------------------------------------------------------------ 1. the HTTP proxy, dual stack
