@@ -13,6 +13,7 @@ from typing import cast
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from . import metrics
+from .families import egress_versions
 from .http_flow import BUFFERED, QUEUED, UPSTREAM_FULL
 from .http_reader import Request as Request  # where the other modules find it
 from .http_reader import RequestReader
@@ -359,11 +360,12 @@ def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = 
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
     reloader = None if env is None else allow_list_reloader(settings, env, shared)
+    versions = egress_versions(env)
 
     def make_worker(index: int) -> Worker:
         # a worker forked after a reload starts from the list in force then, not from the start-up one
         in_force = settings if reloader is None else dataclasses.replace(settings, acl=reloader.rules)
-        return Worker(in_force, shared, index, ClientConnection, reloader)
+        return Worker(in_force, shared, index, ClientConnection, reloader, versions)
 
     code = serve("HTTP proxy", listen_spec(settings.port), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

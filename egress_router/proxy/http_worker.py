@@ -29,8 +29,13 @@ class Worker:
     """One process's proxy: its connections, upstream pool and name lookups."""
 
     def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
-                 client: Callable[[Worker], ClientConnection], reloader: Reloader[AccessList] | None = None):
+                 client: Callable[[Worker], ClientConnection], reloader: Reloader[AccessList] | None = None,
+                 versions: frozenset[int] | None = None):
         self.settings = settings
+        # The families with a reserved source (None: unknown). The pod's own default route of another family
+        # stays in place: an address of that family, tried first, may only time out (or leave from the pod's
+        # address), so it is tried last.
+        self.versions = versions
         self.acl = settings.acl
         self.shared = shared
         self.counters: WorkerCounters = shared.row(index)
@@ -131,7 +136,14 @@ class Worker:
         allowed = addresses if verdict else self.acl.allowed_addresses(host, addresses)
         if not allowed:
             raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
-        return allowed
+        return self._preferred(allowed)
+
+    def _preferred(self, addresses: list[Address]) -> list[Address]:
+        """The addresses of the families with a reserved source first (the lookup's order otherwise kept)."""
+        versions = self.versions
+        if versions is None or len(addresses) < 2:
+            return addresses
+        return sorted(addresses, key=lambda a: a.version not in versions)
 
     async def resolve(self, host: str) -> list[Address]:
         """The allowed addresses of a name that had to be looked up: 504 if DNS did not answer in time, else 502."""
