@@ -38,8 +38,8 @@ def make_podlab6() -> Iterator[MakePodLab6]:
     require_lab((*PODLAB_TOOLS, "ip6tables-save", "ip6tables-restore"))
     built: list[PodLab] = []
 
-    def make(layout: str) -> PodLab:
-        podlab = PodLab(layout, ipv6=True)
+    def make(layout: str, *, ipv6: bool = True, node_in_egress_subnet: bool = False) -> PodLab:
+        podlab = PodLab(layout, ipv6=ipv6, node_in_egress_subnet=node_in_egress_subnet)
         built.append(podlab)
         podlab.__enter__()
         return podlab
@@ -157,6 +157,50 @@ def assert_times_out(action: Callable[[], object]) -> None:
         action()
 
 
+# ---------------------------------------------------------------- the layouts themselves
+
+POD_ROUTES6 = {  # the router pod's IPv6 routes as the CNI leaves them (ip -6 route, without fe80::/64)
+    "calico": ["2001:db8:c::2 dev eth0 proto kernel metric 256 pref medium",
+               "default via fe80::ecee:eeff:feee:eeee dev eth0 metric 1024 pref medium"],
+    "openshift-sdn": ["2001:db8:5::/112 via 2001:db8:c::1 dev eth0 metric 1024 pref medium",
+                      "2001:db8:c::/64 dev eth0 proto kernel metric 256 pref medium",
+                      "default via 2001:db8:c::1 dev eth0 metric 1024 pref medium"],
+}
+
+
+def ipv4_state(lab: PodLab, role: str) -> str:
+    return "\n".join(lab.exec(role, argv, check=True).stdout for argv in (
+        ["ip", "-4", "route", "show", "table", "all"], ["ip", "-4", "-o", "addr", "show"], ["ip", "rule", "show"]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS6)
+def test_the_dual_stack_layouts_add_the_cni_ipv6_shape_to_the_same_ipv4_one(make_podlab6: MakePodLab6,
+                                                                            layout: str) -> None:
+    lab, plain = make_podlab6(layout), make_podlab6(layout, ipv6=False)
+    for role in lab.roles:
+        assert ipv4_state(lab, role) == ipv4_state(plain, role), role
+    routes = [line for line in sh(lab, "ip", "-6", "route").splitlines() if not line.startswith("fe80::/64")]
+    assert routes == POD_ROUTES6[layout]
+    assert "inet6 2001:db8:" not in plain.exec("router", ["ip", "-6", "-o", "addr"], check=True).stdout
+    resolv = lab.exec("router", ["cat", "/etc/resolv.conf"], etc=True, check=True).stdout.splitlines()
+    assert [line for line in resolv if line.startswith("nameserver")] == [f"nameserver {DNS_SERVICE_IP6}",
+                                                                        f"nameserver {DNS_SERVICE_IP}"]
+    lab.serve([("tcp", lab.router_ip6, 7000)], role="router")
+    for role, ip in (("client", lab.client_ip6), ("remote", lab.remote_ip6)):
+        assert lab.request("tcp", lab.router_ip6, 7000, role=role).peer_ip == ip, role
+    lab.probe_tcp(7000, version=6)
+    neighbour = sh(lab, "ip", "-6", "neigh", "show", lab.pod_gateway6, "dev", "eth0")
+    if layout == "calico":  # the next hop is the node's cali* veth, by its link-local address: nowhere in the pod
+        assert "lladdr ee:ee:ee:ee:ee:ee" in neighbour, neighbour
+        assert f"inet6 {lab.pod_gateway6}/64" in lab.exec("node", ["ip", "-6", "-o", "addr", "show", "dev",
+                                                                   lab.node_veth["router"]], check=True).stdout
+        assert lab.pod_gateway6 not in sh(lab, "ip", "-6", "-o", "addr")
+    else:
+        assert f"inet6 {lab.pod_gateway6}/64" in lab.exec("node", ["ip", "-6", "-o", "addr", "show", "dev", "tun0"],
+                                                          check=True).stdout
+    assert lab.query_dns(NAME, role="router", server=DNS_SERVICE_IP6) == [DEST_IPS[0]]
+
+
 # ---------------------------------------------------------------- 1. clients on another node
 
 @pytest.mark.parametrize("mode", MODES)
@@ -211,6 +255,20 @@ def test_a_kubelet_probe_from_the_node_over_ipv6_gets_an_answer(make_podlab6: Ma
             lab.probe_tcp(8080, version=6)
         delete_our_rule6(lab)
         assert_times_out(lambda: lab.probe_tcp(80 if mode == "init" else 8080, version=6, timeout=1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS6)
+def test_a_probe_from_a_node_ip_inside_the_ipv6_egress_subnet_comes_back_through_the_pod(
+        make_podlab6: MakePodLab6, layout: str) -> None:
+    """The node's IPv6 address is in EGRESS_SOURCE's /64, which is on-link on the macvlan: the reply must still
+    take the pod interface (a macvlan never reaches its own parent)."""
+    lab = make_podlab6(layout, node_in_egress_subnet=True)
+    lab.serve(DEMO_SERVERS + DEMO_SERVERS6)
+    with router(lab, "init"):
+        assert lab.node_ip6.startswith("2001:db8:2::")
+        lab.probe_tcp(80, version=6)
+        reply = lab.request("tcp", lab.router_ip6, 8080, role="remote")
+        assert (reply.landed, reply.peer_ip) == ("[2001:db8:203::11]:80", SOURCE_IP6)
 
 
 # ---------------------------------------------------------------- 3. the router's own DNS
