@@ -47,7 +47,7 @@ node (router pod ::2, same-node client ::3, the other node's client 2001:db8:c:1
 network 2001:db8:5::/112 with the cluster DNS at 2001:db8:5::a (also a local address of the router's
 node, answered by the same dnsmasq, AAAA records for the same names), the nodes at 2001:db8:e::225/::226
 (or 2001:db8:2::11/::12 inside EGRESS_SOURCE's IPv6 subnet), the LAN 2001:db8:2::/64 with the gateway
-2001:db8:2::1 and the destinations 2001:db8:203::10-12 as in lab.py. IPv6 forwarding on nodes and gateway.
+2001:db8:2::1 (and fe80::1) and the destinations 2001:db8:203::10-12 as in lab.py. IPv6 forwarding on nodes and gateway.
 
 - calico: eth0 a /128 and `default via fe80::ecee:eeff:feee:eeee dev eth0`, Calico's real IPv6 next hop:
   the EUI-64 link-local address of the cali* veth's MAC ee:ee:ee:ee:ee:ee, so the node's veth itself has
@@ -75,6 +75,7 @@ from .lab import (
     DEST_IPS6,
     GATEWAY_LAN_IP,
     GATEWAY_LAN_IP6,
+    GATEWAY_LINK_LOCAL,
     GATEWAY_WAN_IP,
     GATEWAY_WAN_IP6,
     LAN_PREFIX,
@@ -232,6 +233,7 @@ class PodLab(Lab):
                          "link set wan0 up", f"route add default via {GATEWAY_WAN_IP}"])
         if self.ipv6:
             self.ip("gateway", [f"addr add {GATEWAY_LAN_IP6}/{LAN_PREFIX6} dev lan0 nodad",
+                                f"addr add {GATEWAY_LINK_LOCAL}/64 dev lan0 nodad",
                                 f"addr add {GATEWAY_WAN_IP6}/{WAN_PREFIX6} dev wan0 nodad"])
             self.ip("dest", [*(f"addr add {ip}/{WAN_PREFIX6} dev wan0 nodad" for ip in DEST_IPS6),
                              f"route add default via {GATEWAY_WAN_IP6}"])

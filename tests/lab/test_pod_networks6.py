@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from egress_router.lab import DEMO_DESTINATION6, DEMO_SERVERS, DEMO_SERVERS6, DEST_IPS, DEST_IPS6, SOURCE_IP6
+from egress_router.lab import (
+    DEMO_DESTINATION6,
+    DEMO_SERVERS,
+    DEMO_SERVERS6,
+    DEST_IPS,
+    DEST_IPS6,
+    GATEWAY_LINK_LOCAL,
+    SOURCE_IP6,
+)
 from egress_router.podlab import DNS_SERVICE_IP, DNS_SERVICE_IP6, LAYOUTS6, PodLab
 from tests.lab.conftest import PODLAB_TOOLS, require_lab
 from tests.lab.origin import Origin, read_response
@@ -90,16 +98,16 @@ class Router:
 
 
 @contextlib.contextmanager
-def router(lab: PodLab, mode: str, **variables: str) -> Iterator[Router]:
+def router(lab: PodLab, mode: str, gateways: str = GATEWAYS, **variables: str) -> Iterator[Router]:
     run = Router(lab, mode)
     if mode == "init":
-        result = lab.run_router(lab.router_env6(DEMO_DESTINATION6, **variables))
+        result = lab.run_router(lab.router_env6(DEMO_DESTINATION6, gateway=gateways, **variables))
         assert result.returncode == 0, result.stderr
         run.output = result.stderr
         yield run
         return
     env = proxy_env({"EGRESS_PROXY_GRACE_SECONDS": "1", "EGRESS_HTTP_PROXY_WORKERS": "1"}, network=True,
-                    variables={"EGRESS_SOURCE": SOURCES, "EGRESS_GATEWAY": GATEWAYS,
+                    variables={"EGRESS_SOURCE": SOURCES, "EGRESS_GATEWAY": gateways,
                                "EGRESS_HTTP_PROXY_DESTINATION": PROXY_RULES, **variables})
     run.proxy = ProxyProcess(lab, spawn_proxy(lab, env), grace=1.0)
     try:
@@ -261,11 +269,13 @@ def test_a_kubelet_probe_from_the_node_over_ipv6_gets_an_answer(make_podlab6: Ma
 def test_a_probe_from_a_node_ip_inside_the_ipv6_egress_subnet_comes_back_through_the_pod(
         make_podlab6: MakePodLab6, layout: str) -> None:
     """The node's IPv6 address is in EGRESS_SOURCE's /64, which is on-link on the macvlan: the reply must still
-    take the pod interface (a macvlan never reaches its own parent)."""
+    take the pod interface (a macvlan never reaches its own parent). The IPv6 gateway is given link-local here."""
     lab = make_podlab6(layout, node_in_egress_subnet=True)
     lab.serve(DEMO_SERVERS + DEMO_SERVERS6)
-    with router(lab, "init"):
+    with router(lab, "init", gateways=f"192.0.2.1,{GATEWAY_LINK_LOCAL}"):
         assert lab.node_ip6.startswith("2001:db8:2::")
+        default = sh(lab, "ip", "-6", "route", "show", "default")
+        assert default.startswith(f"default via {GATEWAY_LINK_LOCAL} dev macvlan0"), default
         lab.probe_tcp(80, version=6)
         reply = lab.request("tcp", lab.router_ip6, 8080, role="remote")
         assert (reply.landed, reply.peer_ip) == ("[2001:db8:203::11]:80", SOURCE_IP6)
