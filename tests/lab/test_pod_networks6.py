@@ -352,3 +352,29 @@ def test_a_dropped_ipv6_nameserver_loses_its_route_and_the_others_keep_theirs(ma
         assert f"{FOREIGN_ROUTE6} via {lab.pod_gateway6} dev eth0" in sh(lab, "ip", "-6", "route")
         assert f"default via {lab.pod_gateway6} dev eth0" in sh(lab, "ip", "-6", "route", "show", "table", "7910")
         assert lab.query_dns(NAME, role="router", server=DNS_SERVICE_IP6) == [DEST_IPS[0]]
+
+
+# ---------------------------------------------------------------- an IPv6-only router in a dual-stack pod
+
+IPV6_ONLY_DESTINATION = """\
+80 tcp 2001:db8:203::10
+2001:db8:203::12
+"""
+
+
+@pytest.mark.parametrize("layout", LAYOUTS6)
+def test_an_ipv6_only_router_keeps_the_ipv4_pod_network_as_it_was(make_podlab6: MakePodLab6, layout: str) -> None:
+    """Only the IPv6 default route is taken over, so only IPv6 gets a return path; IPv4 keeps the CNI's routes."""
+    lab = make_podlab6(layout)
+    lab.serve(DEMO_SERVERS6)
+    before = ipv4_state(lab, "router")
+    result = lab.run_router(lab.router_env(IPV6_ONLY_DESTINATION, source="2001:db8:2::99/64",
+                                           EGRESS_GATEWAY="2001:db8:2::1"))
+    assert result.returncode == 0, result.stderr
+    assert ipv4_state(lab, "router") == before  # no IPv4 rule, route or address of ours
+    assert "7910:\tfrom all fwmark 0x2000000/0x2000000 lookup 7910" in sh(lab, "ip", "-6", "rule")
+    reply = lab.request("tcp", lab.router_ip6, 80, role="remote")
+    assert (reply.landed, reply.peer_ip) == ("[2001:db8:203::10]:80", SOURCE_IP6)
+    lab.probe_tcp(80, version=6)
+    assert lab.query_dns(NAME, role="router", server=DNS_SERVICE_IP6) == [DEST_IPS[0]]
+    assert lab.query_dns(NAME, role="router", server=DNS_SERVICE_IP) == [DEST_IPS[0]]  # IPv4 as before
