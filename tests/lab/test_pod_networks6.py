@@ -26,7 +26,7 @@ from egress_router.lab import (
 )
 from egress_router.podlab import DNS_SERVICE_IP, DNS_SERVICE_IP6, LAYOUTS6, PodLab
 from tests.lab.conftest import PODLAB_TOOLS, require_lab
-from tests.lab.origin import Origin, read_response
+from tests.lab.origin import Origin, ProtocolError, read_response
 from tests.lab.proxyproc import ProxyProcess, proxy_env, spawn_proxy
 
 MODES = ("init", "http-proxy")
@@ -111,23 +111,29 @@ def router(lab: PodLab, mode: str, gateways: str = GATEWAYS, **variables: str) -
                                "EGRESS_HTTP_PROXY_DESTINATION": PROXY_RULES, **variables})
     run.proxy = ProxyProcess(lab, spawn_proxy(lab, env), grace=1.0)
     try:
-        connects(lab, lab.router_ip, 8080, role="client", timeout=20.0)  # same node, IPv4: ready to serve
+        ready(lab, run.proxy)
         yield run
     finally:
         problems = run.proxy.stop_and_check()
         assert not problems, "\n".join(problems) + "\n" + run.proxy.stderr
 
 
-def connects(lab: PodLab, ip: str, port: int, *, role: str, timeout: float) -> None:
+def ready(lab: PodLab, proxy: ProxyProcess, timeout: float = 20.0) -> None:
+    """Until the proxy answers /healthz (same node, IPv4): its serving loop runs, with its stop handlers.
+
+    An open port alone is not enough: the one-process proxy binds before it installs its SIGTERM handler."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            lab.connect(ip, port, role=role, timeout=1.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            with lab.connect(lab.router_ip, 8080, role="client", timeout=1.0) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n")
+                if read_response(sock.makefile("rb")).status == 200:
+                    return
+        except (OSError, ProtocolError):
+            pass
+        if proxy.process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the proxy did not answer /healthz within {timeout} s:\n{proxy.stderr}")
+        time.sleep(0.05)
 
 
 def http_get(lab: PodLab, role: str, url: str) -> int:
