@@ -40,6 +40,24 @@ so anything that reaches a destination came through the macvlan. The cluster DNS
 address of the router's node (as kube-proxy's IPVS mode binds it; on lo, since this kernel may lack the
 dummy driver) answered by dnsmasq; the router pod's /etc/resolv.conf (processes run with etc=True)
 names it, with Kubernetes' search path and ndots:5, plus short timeouts so that every lookup is bounded.
+
+`ipv6=True` (calico and openshift-sdn) makes the pod networks dual-stack as the CNI plugins do, in
+2001:db8::/32 only; the IPv4 part stays exactly as above. The cluster network 2001:db8:c::/56, a /64 per
+node (router pod ::2, same-node client ::3, the other node's client 2001:db8:c:1::66), the service
+network 2001:db8:5::/112 with the cluster DNS at 2001:db8:5::a (also a local address of the router's
+node, answered by the same dnsmasq, AAAA records for the same names), the nodes at 2001:db8:e::225/::226
+(or 2001:db8:2::11/::12 inside EGRESS_SOURCE's IPv6 subnet), the LAN 2001:db8:2::/64 with the gateway
+2001:db8:2::1 (and fe80::1) and the destinations 2001:db8:203::10-12 as in lab.py. IPv6 forwarding on nodes and gateway.
+
+- calico: eth0 a /128 and `default via fe80::ecee:eeff:feee:eeee dev eth0`, Calico's real IPv6 next hop:
+  the EUI-64 link-local address of the cali* veth's MAC ee:ee:ee:ee:ee:ee, so the node's veth itself has
+  it (added explicitly, without DAD, before the link comes up) and answers the pod's neighbour
+  solicitations; the node routes each pod /128 to its veth, blackholes its block, BIRD-style routes.
+- openshift-sdn: a global next hop, as OVN-Kubernetes gives IPv6 pods (openshift-sdn is IPv4-only):
+  eth0 in the node's /64, `default via` tun0's 2001:db8:c::1 (2001:db8:c:1::1 on the other node) and,
+  for the router pod, the service network via it; the nodes route each other's /64 over the LAN.
+The router pod's resolv.conf then names the IPv6 cluster DNS first and the IPv4 one after it
+(write_resolv_conf changes that).
 """
 
 from __future__ import annotations
@@ -52,7 +70,24 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
-from .lab import DEST_IPS, GATEWAY_LAN_IP, GATEWAY_WAN_IP, LAN_PREFIX, SOURCE_IP, WAN_PREFIX, Lab, router_command
+from .lab import (
+    DEST_IPS,
+    DEST_IPS6,
+    GATEWAY_LAN_IP,
+    GATEWAY_LAN_IP6,
+    GATEWAY_LINK_LOCAL,
+    GATEWAY_WAN_IP,
+    GATEWAY_WAN_IP6,
+    LAN_PREFIX,
+    LAN_PREFIX6,
+    SOURCE_IP,
+    SOURCE_IP6,
+    WAN_PREFIX,
+    WAN_PREFIX6,
+    Lab,
+    router_command,
+)
+from .labtraffic import family_of
 
 LAYOUTS = ("calico", "cilium", "openshift-sdn")
 ROLES = ("router", "client", "remote", "node", "node2", "lan", "gateway", "dest")
@@ -78,6 +113,21 @@ search default.svc.cluster.local svc.cluster.local cluster.local
 nameserver {DNS_SERVICE_IP}
 options ndots:5 timeout:1 attempts:2
 """
+# IPv6 (PodLab(ipv6=True)): documentation space only
+LAYOUTS6 = ("calico", "openshift-sdn")
+CLUSTER_CIDR6 = "2001:db8:c::/56"  # a /64 per node
+NODE_POD_CIDRS6 = ("2001:db8:c::/64", "2001:db8:c:1::/64")
+NODE_POD_GATEWAYS6 = ("2001:db8:c::1", "2001:db8:c:1::1")  # tun0 of each node
+ROUTER_IP6, CLIENT_IP6, REMOTE_IP6 = "2001:db8:c::2", "2001:db8:c::3", "2001:db8:c:1::66"
+SERVICE_CIDR6 = "2001:db8:5::/112"
+DNS_SERVICE_IP6 = "2001:db8:5::a"
+NODE_NETWORK6 = "2001:db8:e::/64"
+NODE_IPS6 = ("2001:db8:e::225", "2001:db8:e::226")
+NODE_ROUTER6 = "2001:db8:e::238"  # outside the lab, as NODE_ROUTER
+NODE_IPS6_IN_EGRESS_SUBNET = ("2001:db8:2::11", "2001:db8:2::12")
+CALICO_GATEWAY6 = "fe80::ecee:eeff:feee:eeee"  # the EUI-64 link-local address of CALICO_MAC
+DNS_NAMES6 = dict(zip(DNS_NAMES, DEST_IPS6, strict=True))
+PODS6 = {"router": ROUTER_IP6, "client": CLIENT_IP6, "remote": REMOTE_IP6}
 PODS = (("router", "node", ROUTER_IP), ("client", "node", CLIENT_IP), ("remote", "node2", REMOTE_IP))  # role, node, IP
 VETH_PREFIX = {"calico": "cali", "cilium": "lxc", "openshift-sdn": "veth"}
 
@@ -88,10 +138,13 @@ class PodLab(Lab):
     roles = ROLES
 
     def __init__(self, layout: str = "calico", *, node_in_egress_subnet: bool = False, rp_filter: int = 0,
-                 ip_forward: bool = False, tag: str | None = None):
+                 ip_forward: bool = False, tag: str | None = None, ipv6: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
-        super().__init__(ip_forward=ip_forward, tag=tag)
+        if ipv6 and layout not in LAYOUTS6:
+            raise ValueError(f"no IPv6 model of layout {layout!r}: one of {', '.join(LAYOUTS6)}")
+        super().__init__(ip_forward=ip_forward, tag=tag, dual_stack=ipv6)
+        self.ipv6 = ipv6
         self.layout = layout
         self.node_in_egress_subnet = node_in_egress_subnet
         self.initial_rp_filter = rp_filter
@@ -107,6 +160,17 @@ class PodLab(Lab):
         # the router pod's next hop through eth0, as the CNI plugin set it
         self.pod_gateway = CALICO_GATEWAY if layout == "calico" else NODE_POD_GATEWAYS[0]
         self.node_veth = {role: VETH_PREFIX[layout] + role for role, _, _ in PODS}  # the node side of each pod's veth
+        # the IPv6 part (ipv6=True)
+        self.router_ip6, self.client_ip6, self.remote_ip6 = ROUTER_IP6, CLIENT_IP6, REMOTE_IP6
+        self.dns_ip6, self.source_ip6, self.gateway_ip6, self.dest_ips6 = \
+            DNS_SERVICE_IP6, SOURCE_IP6, GATEWAY_LAN_IP6, DEST_IPS6
+        if node_in_egress_subnet:
+            self.node_ip6, self.node2_ip6 = NODE_IPS6_IN_EGRESS_SUBNET
+            self.node_prefix6, self.node_router6 = LAN_PREFIX6, GATEWAY_LAN_IP6
+        else:
+            self.node_ip6, self.node2_ip6 = NODE_IPS6
+            self.node_prefix6, self.node_router6 = int(NODE_NETWORK6.split("/")[1]), NODE_ROUTER6
+        self.pod_gateway6 = CALICO_GATEWAY6 if layout == "calico" else NODE_POD_GATEWAYS6[0]
         self.dns: subprocess.Popen[str] | None = None
         self._tmp: str | None = None
 
@@ -125,10 +189,21 @@ class PodLab(Lab):
             self.sysctl(role, "net.ipv4.ip_forward", forwarding)
             # explicit, not inherited from the machine (a new namespace copies the host's IPv4 settings)
             self.set_rp_filter(self.initial_rp_filter if role == "router" else 0, role)
+            if self.ipv6:
+                self.sysctl(role, "net.ipv6.conf.all.forwarding", forwarding)
         self._node_sysctls()
         self.settle()
-        self.etc_file("router", "resolv.conf", RESOLV_CONF)
+        if self.ipv6:
+            self.write_resolv_conf(DNS_SERVICE_IP6, DNS_SERVICE_IP)
+        else:
+            self.etc_file("router", "resolv.conf", RESOLV_CONF)
         self.start_dns()
+
+    def write_resolv_conf(self, *nameservers: str) -> None:
+        """The router pod's /etc/resolv.conf as kubelet writes it, naming these nameservers in this order."""
+        listed = "".join(f"nameserver {ns}\n" for ns in nameservers)
+        text = RESOLV_CONF.replace(f"nameserver {DNS_SERVICE_IP}\n", listed)
+        self.etc_file("router", "resolv.conf", text)
 
     def destroy(self) -> None:
         super().destroy()  # ends dnsmasq (by pid) with the other processes
@@ -156,6 +231,12 @@ class PodLab(Lab):
                             f"addr add {GATEWAY_WAN_IP}/{WAN_PREFIX} dev wan0", "link set wan0 up"])
         self.ip("dest", ["link set lo up", *(f"addr add {ip}/{WAN_PREFIX} dev wan0" for ip in DEST_IPS),
                          "link set wan0 up", f"route add default via {GATEWAY_WAN_IP}"])
+        if self.ipv6:
+            self.ip("gateway", [f"addr add {GATEWAY_LAN_IP6}/{LAN_PREFIX6} dev lan0 nodad",
+                                f"addr add {GATEWAY_LINK_LOCAL}/64 dev lan0 nodad",
+                                f"addr add {GATEWAY_WAN_IP6}/{WAN_PREFIX6} dev wan0 nodad"])
+            self.ip("dest", [*(f"addr add {ip}/{WAN_PREFIX6} dev wan0 nodad" for ip in DEST_IPS6),
+                             f"route add default via {GATEWAY_WAN_IP6}"])
 
     def _pod(self, role: str, node: str, ip: str) -> None:
         veth = self.node_veth[role]
@@ -173,6 +254,18 @@ class PodLab(Lab):
             if role == "router":
                 commands.append(f"route add {SERVICE_CIDR} via {gateway} dev eth0")
         self.ip(role, commands)
+        if self.ipv6:
+            self.ip(role, self._pod6(role, node))
+
+    def _pod6(self, role: str, node: str) -> list[str]:
+        ip6 = PODS6[role]
+        if self.layout == "calico":
+            return [f"addr add {ip6}/128 dev eth0 nodad", f"route add default via {CALICO_GATEWAY6} dev eth0"]
+        gateway6 = NODE_POD_GATEWAYS6[0 if node == "node" else 1]
+        commands = [f"addr add {ip6}/64 dev eth0 nodad", f"route add default via {gateway6} dev eth0"]
+        if role == "router":
+            commands.append(f"route add {SERVICE_CIDR6} via {gateway6} dev eth0")
+        return commands
 
     def _node(self, index: int, node: str) -> None:
         own_ip, other_ip = (self.node_ip, self.node2_ip) if index == 0 else (self.node2_ip, self.node_ip)
@@ -204,7 +297,35 @@ class PodLab(Lab):
                 commands += [f"link set {self.node_veth[role]} master tun0", f"link set {self.node_veth[role]} up"]
         if index == 0:
             commands.append(f"addr add {DNS_SERVICE_IP}/32 dev lo")
+        if self.ipv6:
+            commands = self._node6(index, node, commands)
         self.ip(node, commands)
+
+    def _node6(self, index: int, node: str, commands: list[str]) -> list[str]:
+        """The IPv4 commands of a node with the IPv6 ones woven in (a calico veth's link-local before it is up)."""
+        own_ip6, other_ip6 = (self.node_ip6, self.node2_ip6) if index == 0 else (self.node2_ip6, self.node_ip6)
+        own_block6, other_block6 = NODE_POD_CIDRS6[index], NODE_POD_CIDRS6[1 - index]
+        pods = [role for role, pod_node, _ in PODS if pod_node == node]
+        woven: list[str] = []
+        for command in commands:
+            up = next((role for role in pods if command == f"link set {self.node_veth[role]} up"), None)
+            if self.layout == "calico" and up is not None:
+                # Calico's IPv6 next hop is this address: the kernel would derive it from the MAC as the link
+                # comes up (EUI-64); added first and without DAD, it is usable at once
+                woven.append(f"addr add {CALICO_GATEWAY6}/64 dev {self.node_veth[up]} nodad")
+            woven.append(command)
+        bird = " proto bird" if self.layout == "calico" else ""
+        woven += [f"addr add {own_ip6}/{self.node_prefix6} dev lan0 nodad",
+                  f"route add default via {self.node_router6} dev lan0",
+                  f"route add {other_block6} via {other_ip6} dev lan0{bird}"]
+        if self.layout == "calico":
+            woven.append(f"route add blackhole {own_block6} proto bird")
+            woven += [f"route add {PODS6[role]} dev {self.node_veth[role]}" for role in pods]
+        else:
+            woven.append(f"addr add {NODE_POD_GATEWAYS6[index]}/64 dev tun0 nodad")
+        if index == 0:
+            woven.append(f"addr add {DNS_SERVICE_IP6}/128 dev lo nodad")
+        return woven
 
     def _node_sysctls(self) -> None:
         for role, node, _ in PODS:
@@ -253,6 +374,10 @@ class PodLab(Lab):
                 f"--log-facility={self._tmp}/dnsmasq.log", "--user=root", "--group=root",
                 "--local=/example.test/", "--local=/cluster.local/",
                 *(f"--host-record={name},{ip}" for name, ip in DNS_NAMES.items())]
+        if self.ipv6:  # the IPv6 Service IP too, AAAA records, and each query logged with its client's address
+            argv = [arg for arg in argv if not arg.startswith("--host-record=")]
+            argv += [f"--listen-address={DNS_SERVICE_IP6}", "--log-queries",
+                     *(f"--host-record={name},{ip},{DNS_NAMES6[name]}" for name, ip in DNS_NAMES.items())]
         self.dns = self.spawn("node", argv)
         deadline = time.monotonic() + timeout
         while True:
@@ -260,7 +385,8 @@ class PodLab(Lab):
                 _, err = self.dns.communicate(timeout=5)
                 raise RuntimeError(f"dnsmasq exited with {self.dns.returncode}: {err.strip()}")
             try:
-                if self.query_dns(next(iter(DNS_NAMES)), timeout=0.2):
+                if self.query_dns(next(iter(DNS_NAMES)), timeout=0.2) and \
+                        (not self.ipv6 or self.query_dns(next(iter(DNS_NAMES)), server=DNS_SERVICE_IP6, timeout=0.2)):
                     return self.dns
             except OSError:
                 pass
@@ -304,9 +430,9 @@ class PodLab(Lab):
     # ------------------------------------------------------------ traffic
     def connect(self, ip: str, port: int, *, role: str, source: str | None = None,
                 timeout: float = 3.0) -> socket.socket:
-        """A TCP connection from `role` (bound to `source` when given); the caller closes it."""
+        """A TCP connection from `role` (bound to `source` when given; family of `ip`); the caller closes it."""
         with self.entered(role):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
             if source is not None:
@@ -317,19 +443,24 @@ class PodLab(Lab):
             raise
         return sock
 
-    def probe_tcp(self, port: int, *, source: str | None = None, role: str = "node", timeout: float = 2.0) -> None:
+    def probe_tcp(self, port: int, *, source: str | None = None, role: str = "node", timeout: float = 2.0,
+                  version: int = 4) -> None:
         """A kubelet tcpSocket probe of the router pod: raises OSError (or TimeoutError) when it fails.
 
         From the node's own IP unless `source` says otherwise; "0.0.0.0" lets the kernel choose, as
         kubelet does (the node IP for calico, the cilium_host or tun0 address for cilium and openshift-sdn).
+        `version=6`: to the pod's IPv6 address from the node's IPv6 address ("::" lets the kernel choose).
         """
-        self.connect(self.router_ip, port, role=role, source=source or self.node_ip, timeout=timeout).close()
+        router, node = (self.router_ip6, self.node_ip6) if version == 6 else (self.router_ip, self.node_ip)
+        self.connect(router, port, role=role, source=source or node, timeout=timeout).close()
 
     def probe_http(self, port: int, path: str = "/healthz", *, source: str | None = None, role: str = "node",
-                   timeout: float = 2.0) -> int:
+                   timeout: float = 2.0, version: int = 4) -> int:
         """A kubelet httpGet probe of the router pod: the status code (kubelet counts 200-399 as success)."""
-        with self.connect(self.router_ip, port, role=role, source=source or self.node_ip, timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {self.router_ip}:{port}\r\nUser-Agent: kube-probe/1.30\r\n"
+        router, node = (self.router_ip6, self.node_ip6) if version == 6 else (self.router_ip, self.node_ip)
+        host = f"[{router}]" if version == 6 else router
+        with self.connect(router, port, role=role, source=source or node, timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.30\r\n"
                          "Accept: */*\r\nConnection: close\r\n\r\n".encode())
             data = b""
             while b"\r\n" not in data and len(data) < 4096:
