@@ -81,6 +81,9 @@ def serve(name: str, specs: list[Listen], workers: int, worker_main: WorkerMain,
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     if workers == 1:
         log.info("Starting %s: one process on port(s) %s (open files limit %d)", name, ports, limit)
+        # A stop that comes once the port accepts but before the loop's handlers are in place waits for them
+        # (handle_stop_signals unblocks), and then drains, instead of killing the process outright.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         probe_ports(specs)
         listening = bind_all(specs)
         try:

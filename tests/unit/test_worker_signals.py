@@ -39,3 +39,23 @@ def test_sigterm_during_start_up_waits_for_the_handler_and_the_worker_exits_0() 
     os.kill(pid, signal.SIGTERM)  # the worker is in its start-up: no handler yet
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"status {status:#x}"
+
+
+def test_a_single_process_proxy_stopped_before_its_handlers_exist_drains_and_exits_0() -> None:
+    from egress_router.proxy.server import serve
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the proxy process: serve() with one worker runs the worker in this very process
+        code = 1
+        try:
+            os.close(read_end)
+            code = serve("test proxy", [], 1, slow_starting_worker(write_end), 0.0)  # type: ignore[arg-type]
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"x"
+    os.close(read_end)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"status {status:#x}"
