@@ -230,6 +230,14 @@ def nat_payload(env: Mapping[str, str]) -> str:
     return nat.render()
 
 
+def nat_payloads(env: Mapping[str, str]) -> dict[int, str]:
+    """Each family's restore payload (4: iptables, 6: ip6tables) the router applies to a fresh namespace."""
+    from egress_router.core.config import load
+    from egress_router.core.plan import build_plan
+
+    return {nat.version: nat.render() for nat in build_plan(load(env), "macvlan0").nats}
+
+
 def secs(value: float | None) -> str:
     if value is None:
         return "-"
@@ -254,6 +262,32 @@ def round_order(index: int, contenders: Sequence[str]) -> list[str]:
     """The order of round `index`: as given in even rounds, reversed in odd ones (so over an even number of
     rounds each contender runs before each other one equally often)."""
     return list(contenders) if index % 2 == 0 else list(reversed(contenders))
+
+
+def rotating_order(index: int, contenders: Sequence[str]) -> list[str]:
+    """The order of round `index` for three or more contenders: rotated by one each round, and every other
+    cycle of rotations reversed (for three, six rounds run all six orders: each contender runs before each
+    other one, and in each position, equally often)."""
+    shift = index % len(contenders)
+    order = list(contenders[shift:]) + list(contenders[:shift])
+    return list(reversed(order)) if (index // len(contenders)) % 2 else order
+
+
+def cpu_times() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat: two samples give the share over a stretch."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    total = sum(values[:8])  # guest time is counted in user time already
+    steal = values[7] if len(values) > 7 else 0
+    return total - values[3] - values[4], steal, total
+
+
+def cpu_share_since(start: tuple[int, int, int]) -> tuple[float, float]:
+    """Shares of the CPUs' time since `start` (cpu_times()) that were not idle (any process, ours too, and
+    steal) and that the hypervisor stole."""
+    now = cpu_times()
+    total = max(1, now[2] - start[2])
+    return (now[0] - start[0]) / total, (now[1] - start[1]) / total
 
 
 MIN_AB_ROUNDS = 3  # below this, an IQR says nothing about the noise
