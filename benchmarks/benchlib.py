@@ -10,6 +10,7 @@ import datetime
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -401,6 +402,9 @@ class Run:
     stdout: str
     stderr: str
     started_epoch: float  # time.time() just before the process was started
+    # user + system CPU time of the process and every descendant it waited for (nsenter waits for the program,
+    # which waits for its tools): unlike wall time, waiting for a CPU on a busy machine does not count
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -423,6 +427,7 @@ def timed_run(argv: Sequence[str], env: Mapping[str, str] | None, *, timeout: fl
     it and its children (this run's process group, which we created) are killed."""
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL  # noqa: SIM115
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started_epoch = time.time()
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, stdin=stdin,
@@ -435,10 +440,12 @@ def timed_run(argv: Sequence[str], env: Mapping[str, str] | None, *, timeout: fl
             out, err = process.communicate(timeout=30)
             code = None
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         if stdin_path:
             stdin.close()  # type: ignore[union-attr]
-    return Run(seconds, code, out.decode(errors="replace"), err.decode(errors="replace"), started_epoch)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Run(seconds, code, out.decode(errors="replace"), err.decode(errors="replace"), started_epoch, cpu)
 
 
 def settle_background(lab: Any, pidfile: Path, *, bound: float = BACKGROUND_WAIT_SECONDS) -> str:

@@ -29,6 +29,7 @@ per-command trace (ip, iptables, arping) of the reference.
 from __future__ import annotations
 
 import argparse
+import pstats
 import re
 import statistics
 from pathlib import Path
@@ -189,8 +190,9 @@ DUAL_PIECES: tuple[tuple[str, list[str], int | None], ...] = (
 )
 
 
-def dual_component_runs(rounds: int, deadline: Deadline) -> dict[str, list[float]]:
-    """What the second family adds, piece by piece, in a fresh dual-stack lab's router namespace each round."""
+def dual_component_runs(rounds: int, deadline: Deadline) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """What the second family adds, piece by piece, in a fresh dual-stack lab's router namespace each round:
+    wall and CPU seconds of each piece."""
     env = {"EGRESS_SOURCE": f"{SOURCE_IP}/24,{SOURCE_IP6}/64", "EGRESS_GATEWAY": "192.0.2.1,2001:db8:2::1",
            "EGRESS_DESTINATION": DEMO_DESTINATION6, "EGRESS_ROUTER_MODE": "init"}
     WORK.mkdir(exist_ok=True)
@@ -198,6 +200,7 @@ def dual_component_runs(rounds: int, deadline: Deadline) -> dict[str, list[float
     for version, payload in nat_payloads(env).items():
         payloads[version].write_text(payload, encoding="ascii")
     samples: dict[str, list[float]] = {name: [] for name, _, _ in DUAL_PIECES}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in DUAL_PIECES}
     for _ in range(rounds):
         if deadline.passed():
             break
@@ -207,10 +210,12 @@ def dual_component_runs(rounds: int, deadline: Deadline) -> dict[str, list[float
                                 stdin_path=payloads[family] if family else None)
                 if not run.ok:
                     raise BenchError(f"component {name!r} failed: {run.describe()}")
-                samples[name].append(ndp_import_seconds(run.stderr) if name == NDP_IMPORT else run.seconds)
+                imported = ndp_import_seconds(run.stderr) if name == NDP_IMPORT else None
+                samples[name].append(imported or run.seconds)
+                cpus[name].append(imported or run.cpu_seconds)
     for path in payloads.values():
         path.unlink()
-    return samples
+    return samples, cpus
 
 
 def ndp_import_seconds(importtime: str) -> float:
@@ -223,54 +228,111 @@ def ndp_import_seconds(importtime: str) -> float:
     raise BenchError("python -X importtime did not show egress_router.net.ndp")
 
 
-def dual_compare(dual: list[float], ours: list[float]) -> tuple[list[str], list[list[str]], str]:
-    """ours-dual against ours (IPv4) in the same rounds, and the verdict against DUAL_TARGET_SECONDS."""
-    a, b = Stats.of(dual), Stats.of(ours)
-    per_round = Stats.of([x / y for x, y in zip(dual, ours, strict=True)])
-
+def dual_compare(walls: dict[str, list[float]], cpus: dict[str, list[float]]) -> tuple[list[str], list[list[str]], str]:
+    """ours-dual against ours (IPv4) in the same rounds, wall and CPU time, and the verdict against the target."""
     def spread(stats: Stats) -> str:
         return f"{secs(stats.p25)}-{secs(stats.p75)} / {secs(stats.low)}-{secs(stats.high)}"
 
-    headers = ["", "median", "IQR / min-max"]
-    rows = [["ours-dual (dual-stack)", secs(a.median), spread(a)], ["ours (IPv4)", secs(b.median), spread(b)]]
-    apart = a.p25 > b.p75 or a.p75 < b.p25
+    rows, summary = [], []
+    for kind, samples in (("wall", walls), ("CPU (user+sys, process tree)", cpus)):
+        a, b = Stats.of(samples[DUAL]), Stats.of(samples["ours"])
+        pairs = Stats.of([x / y for x, y in zip(samples[DUAL], samples["ours"], strict=True) if y])
+        apart = "IQRs apart" if a.p25 > b.p75 or a.p75 < b.p25 else "IQRs overlap"
+        rows += [[f"{kind}, ours-dual", secs(a.median), spread(a), f"{a.median / b.median:.2f}",
+                  f"{pairs.median:.2f}, {pairs.p25:.2f}-{pairs.p75:.2f} ({pairs.low:.2f}-{pairs.high:.2f})", apart],
+                 [f"{kind}, ours (IPv4)", secs(b.median), spread(b), "", "", ""]]
+        summary.append(f"{kind.split(' ')[0]} {a.median / b.median:.2f} (per round {pairs.median:.2f}, {apart})")
+    wall = Stats.of(walls[DUAL])
     target = DUAL_TARGET_SECONDS
-    where = ("inside the IQR" if a.p25 <= target <= a.p75 else "inside the min-max spread" if a.low <= target <= a.high
-             else "outside the spread")
-    verdict = (f"ratio ours-dual/ours (medians): {a.median / b.median:.2f}; per-round ratios: median "
-               f"{per_round.median:.2f}, IQR {per_round.p25:.2f}-{per_round.p75:.2f}, min-max {per_round.low:.2f}-"
-               f"{per_round.high:.2f} ({'IQRs apart' if apart else 'IQRs overlap'})\n"
-               f"target: ours-dual under {target:.2f} s (median): {'MET' if a.median < target else 'NOT MET'} "
-               f"(median {secs(a.median)}; {target:.2f} s is {where} of ours-dual's {a.n} runs)")
+    where = ("inside the IQR" if wall.p25 <= target <= wall.p75 else "inside the min-max spread"
+             if wall.low <= target <= wall.high else "outside the spread")
+    verdict = (f"ratio ours-dual/ours (medians): {'; '.join(summary)}\n"
+               f"target: ours-dual under {target:.2f} s (median): {'MET' if wall.median < target else 'NOT MET'} "
+               f"(median {secs(wall.median)}; {target:.2f} s is {where} of ours-dual's {wall.n} runs)")
+    headers = ["", "median", "IQR / min-max", "ours-dual/ours (medians)", "per-round ratio: median, IQR (min-max)",
+               ""]
     return headers, rows, verdict
 
 
-def dual_breakdown(parts: dict[str, float], dual: float, ours: float, since: dict[str, list[float]],
-                   changes: dict[str, int]) -> list[list[str]]:
-    """Where ours-dual's extra time goes: the IPv6 tools and the NDP import (measured apart), the rest derived."""
-    v6 = [parts.get(name, 0.0) for name in ("ip6tables-save -t nat", "ip6tables-save -t mangle",
-                                             "ip6tables-restore --noflush (IPv6 payload)")]
-    v4 = sum(parts.get(name, 0.0) for name in ("iptables-save -t nat", "iptables-save -t mangle",
-                                                 "iptables-restore --noflush (IPv4 payload)"))
-    ndp = parts.get(NDP_IMPORT, 0.0)
-    measured = sum(v6) + ndp
-    extra = dual - ours
+def dual_breakdown(walls: dict[str, float], cpus: dict[str, float], runs: dict[str, tuple[float, float]],
+                   since: dict[str, list[float]], changes: dict[str, int]) -> list[list[str]]:
+    """Where ours-dual's extra time goes: the IPv6 tools and the NDP import (measured apart), the rest derived.
+    `runs` holds the (wall, CPU) medians of the measured rounds for ours and ours-dual."""
+    v6 = ("ip6tables-save -t nat", "ip6tables-save -t mangle", "ip6tables-restore --noflush (IPv6 payload)")
+    v4 = ("iptables-save -t nat", "iptables-save -t mangle", "iptables-restore --noflush (IPv4 payload)")
+    extra = [runs[DUAL][i] - runs["ours"][i] for i in (0, 1)]
+    measured = [sum(parts.get(name, 0.0) for name in (*v6, NDP_IMPORT)) for parts in (walls, cpus)]
+
+    def both(name: str) -> list[str]:
+        return [secs(walls.get(name)), secs(cpus.get(name))]
 
     def own(who: str) -> str:
         return secs(statistics.median(since[who])) if since[who] else "-"
 
     return [
-        ["extra wall time: median ours-dual - median ours (IPv4)", secs(extra)],
-        ["  ip6tables-save -t nat (once per run)", secs(v6[0])],
-        ["  ip6tables-save -t mangle (once per run)", secs(v6[1])],
-        ["  ip6tables-restore --noflush of the IPv6 payload (one transaction)", secs(v6[2])],
-        ["  import of egress_router.net.ndp after init's other imports (-X importtime, cumulative)", secs(ndp)],
-        ["= measured apart", secs(measured)],
+        ["extra: median ours-dual - median ours (IPv4), measured rounds", secs(extra[0]), secs(extra[1])],
+        ["  ip6tables-save -t nat (once per run)", *both(v6[0])],
+        ["  ip6tables-save -t mangle (once per run)", *both(v6[1])],
+        ["  ip6tables-restore --noflush of the IPv6 payload (one transaction)", *both(v6[2])],
+        ["  import of egress_router.net.ndp after init's other imports (-X importtime, in-process)", *both(NDP_IMPORT)],
+        ["= measured apart", secs(measured[0]), secs(measured[1])],
         [f"rest (derived: extra - measured): {changes.get(DUAL, 0) - changes.get('ours', 0)} more changes "
-         "(sysctls, address, routes) and their netlink reads, the NA, the plan", secs(extra - measured)],
-        ["for comparison: the IPv4 tools in the same labs (2 x iptables-save + iptables-restore)", secs(v4)],
-        ["router's own 'since start' figure, ours-dual / ours (10 ms ticks)", f"{own(DUAL)} / {own('ours')}"],
+         "(sysctls, address, routes) and their netlink reads, the NA, the plan",
+         secs(extra[0] - measured[0]), secs(extra[1] - measured[1])],
+        ["for comparison: the IPv4 tools in the same labs (2 x iptables-save + iptables-restore)",
+         secs(sum(walls.get(name, 0.0) for name in v4)), secs(sum(cpus.get(name, 0.0) for name in v4))],
+        ["router's own 'since start' figure, ours-dual / ours (10 ms ticks)", f"{own(DUAL)} / {own('ours')}", ""],
     ]
+
+
+# (label, module file, function) whose calls and cumulative time a profiled init run shows, ours vs ours-dual
+PROFILED = (
+    ("router.configure: the whole run after the imports", "egress_router/router.py", "configure"),
+    ("  prepare: reads, plan, tools, NAT tables read", "egress_router/router.py", "prepare"),
+    ("  apply: the changes", "egress_router/router.py", "apply"),
+    ("iptables-save/-restore processes (iptables._run)", "egress_router/net/iptables.py", "_run"),
+    ("netlink requests (Rtnl.request, dumps included)", "egress_router/net/rtnl.py", "request"),
+    ("sysctl changes (apply.sysctl_apply, its check included)", "egress_router/net/apply.py", "sysctl_apply"),
+    ("addresses (apply.address_apply)", "egress_router/net/apply.py", "address_apply"),
+    ("routes (apply.route_apply)", "egress_router/net/apply.py", "route_apply"),
+    ("announcements: ARP, NA (apply.announce_apply)", "egress_router/net/apply.py", "announce_apply"),
+    ("the plan (core.plan.build_plan)", "egress_router/core/plan.py", "build_plan"),
+)
+
+
+def profiled_runs(rounds: int, arping: str, deadline: Deadline) -> dict[str, dict[str, tuple[float, float]]]:
+    """For ours and ours-dual: (calls, cumulative seconds) of each PROFILED function, medians of profiled init
+    runs in fresh labs (cProfile slows the Python parts down; the call counts are exact)."""
+    found: dict[str, dict[str, list[tuple[int, float]]]] = {who: {} for who in ("ours", DUAL)}
+    program = router_command()
+    for _ in range(rounds):
+        for who in ("ours", DUAL):
+            if deadline.passed():
+                break
+            out = WORK / f"profile-{who}.pstats"
+            target = ["-m", "egress_router"] if program[0] == PYTHON else program[:1]
+            with Lab(dual_stack=who == DUAL) as lab:
+                run = timed_run(in_namespace(lab, "router", [PYTHON, "-m", "cProfile", "-o", str(out), *target]),
+                                lab_env(lab, arping, dual=who == DUAL), timeout=RUN_TIMEOUT)
+                if not run.ok:
+                    raise BenchError(f"profiled {who} failed: {run.describe()}")
+                verify(lab, who, dual=who == DUAL)
+            table = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
+            out.unlink()
+            for (filename, _, function), (_, calls, _, cumulative, _) in table.items():
+                for label, module, name in PROFILED:
+                    if function == name and filename.endswith(module):
+                        found[who].setdefault(label, []).append((calls, cumulative))
+    return {who: {label: (statistics.median(c for c, _ in values), statistics.median(t for _, t in values))
+                  for label, values in labels.items()} for who, labels in found.items()}
+
+
+def profile_rows(found: dict[str, dict[str, tuple[float, float]]]) -> list[list[str]]:
+    def cell(who: str, label: str) -> str:
+        calls, seconds = found[who].get(label, (0, 0.0))
+        return f"{calls:.0f} x, {secs(seconds)}" if calls else "-"
+
+    return [[label, cell("ours", label), cell(DUAL, label)] for label, _, _ in PROFILED]
 
 
 def import_profile() -> list[tuple[str, float]]:
@@ -346,6 +408,7 @@ def main() -> int:
             measure(who, arping, baseline=baseline)
 
     walls: dict[str, list[float]] = {who: [] for who in contenders}
+    cpus: dict[str, list[float]] = {who: [] for who in contenders}
     in_process: dict[str, list[float]] = {"ours": [], DUAL: [], "baseline": []}
     killed = 0
     changes: dict[str, int] = {}
@@ -358,6 +421,7 @@ def main() -> int:
         for who in order:
             run, background = measure(who, arping, baseline=baseline)
             walls[who].append(run.seconds)
+            cpus[who].append(run.cpu_seconds)
             killed += background == "killed"
             if who in in_process and (found := READY.search(run.stderr)):
                 in_process[who].append(float(found.group(1)))
@@ -389,7 +453,7 @@ def main() -> int:
                f"target: ours under {TARGET_SECONDS:.1f} s: {'MET' if under else 'NOT MET'} "
                f"(median {secs(ours.median)}); faster than the reference: {'MET' if faster else 'NOT MET'}")
     print(verdict)
-    dual_report = dual_compare(walls[DUAL], walls["ours"]) if args.dual_stack else None
+    dual_report = dual_compare(walls, cpus) if args.dual_stack else None
     if dual_report:
         print(f"\ndual-stack: ours-dual vs ours (IPv4), {stats[DUAL].n} rotating rounds")
         print(text_table(dual_report[0], dual_report[1]))
@@ -468,13 +532,19 @@ def main() -> int:
     print(f"the largest single part of ours: interpreter start-up + imports {secs(everything)} "
           f"({100 * everything / ours.median:.0f}% of the median)")
     dual_rows: list[list[str]] = []
+    prof_rows: list[list[str]] = []
     if args.dual_stack:
-        pieces = {name: statistics.median(values)
-                  for name, values in dual_component_runs(component_rounds, deadline).items() if values}
-        dual_rows = dual_breakdown(pieces, stats[DUAL].median, ours.median, in_process, changes)
+        piece_walls, piece_cpus = (
+            {name: statistics.median(values) for name, values in found.items() if values}
+            for found in dual_component_runs(component_rounds, deadline))
+        medians = {who: (statistics.median(walls[who]), statistics.median(cpus[who])) for who in ("ours", DUAL)}
+        dual_rows = dual_breakdown(piece_walls, piece_cpus, medians, in_process, changes)
         print(f"ours-dual, where its extra time goes (medians of {component_rounds} fresh dual-stack labs, "
               "each piece run alone via nsenter, in the router's order):")
-        print(text_table(["", "time"], dual_rows))
+        print(text_table(["", "wall", "CPU"], dual_rows))
+        prof_rows = profile_rows(profiled_runs(component_rounds, arping, deadline))
+        print(f"profiled init runs (cProfile, medians of {component_rounds} each; calls exact, times inflated):")
+        print(text_table(["", "ours: calls, cumulative", "ours-dual: calls, cumulative"], prof_rows))
 
     info["load average at end"] = load_average()
     print(f"load average at start {info['load average at start']}, at end {info['load average at end']}")
@@ -509,7 +579,10 @@ def main() -> int:
                       f"rotate the order of {', '.join(contenders)} (every order equally often over 6 rounds).", "",
                       md_table(dual_report[0], dual_report[1]), "", "```", dual_report[2], "```", "",
                       "Ours-dual, where its extra time goes (medians of separate runs in fresh dual-stack labs, "
-                      "not in the ratio):", "", md_table(["", "time"], dual_rows), ""]
+                      "not in the ratio):", "", md_table(["", "wall", "CPU"], dual_rows), "",
+                      f"Profiled init runs (cProfile in fresh labs, medians of {component_rounds} each; the call "
+                      "counts are exact, the times inflated by the profiler):", "",
+                      md_table(["", "ours: calls, cumulative", "ours-dual: calls, cumulative"], prof_rows), ""]
         if load_note:
             lines += [load_note, ""]
         if ab_rows:
