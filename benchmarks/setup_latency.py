@@ -250,7 +250,7 @@ def dual_compare(walls: dict[str, list[float]], cpus: dict[str, list[float]]) ->
                f"target: ours-dual under {target:.2f} s (median): {'MET' if wall.median < target else 'NOT MET'} "
                f"(median {secs(wall.median)}; {target:.2f} s is {where} of ours-dual's {wall.n} runs)")
     headers = ["", "median", "IQR / min-max", "ours-dual/ours (medians)", "per-round ratio: median, IQR (min-max)",
-               ""]
+               "IQRs"]
     return headers, rows, verdict
 
 
