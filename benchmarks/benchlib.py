@@ -10,6 +10,7 @@ import datetime
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -230,6 +231,14 @@ def nat_payload(env: Mapping[str, str]) -> str:
     return nat.render()
 
 
+def nat_payloads(env: Mapping[str, str]) -> dict[int, str]:
+    """Each family's restore payload (4: iptables, 6: ip6tables) the router applies to a fresh namespace."""
+    from egress_router.core.config import load
+    from egress_router.core.plan import build_plan
+
+    return {nat.version: nat.render() for nat in build_plan(load(env), "macvlan0").nats}
+
+
 def secs(value: float | None) -> str:
     if value is None:
         return "-"
@@ -254,6 +263,32 @@ def round_order(index: int, contenders: Sequence[str]) -> list[str]:
     """The order of round `index`: as given in even rounds, reversed in odd ones (so over an even number of
     rounds each contender runs before each other one equally often)."""
     return list(contenders) if index % 2 == 0 else list(reversed(contenders))
+
+
+def rotating_order(index: int, contenders: Sequence[str]) -> list[str]:
+    """The order of round `index` for three or more contenders: rotated by one each round, and every other
+    cycle of rotations reversed (for three, six rounds run all six orders: each contender runs before each
+    other one, and in each position, equally often)."""
+    shift = index % len(contenders)
+    order = list(contenders[shift:]) + list(contenders[:shift])
+    return list(reversed(order)) if (index // len(contenders)) % 2 else order
+
+
+def cpu_times() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat: two samples give the share over a stretch."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    total = sum(values[:8])  # guest time is counted in user time already
+    steal = values[7] if len(values) > 7 else 0
+    return total - values[3] - values[4], steal, total
+
+
+def cpu_share_since(start: tuple[int, int, int]) -> tuple[float, float]:
+    """Shares of the CPUs' time since `start` (cpu_times()) that were not idle (any process, ours too, and
+    steal) and that the hypervisor stole."""
+    now = cpu_times()
+    total = max(1, now[2] - start[2])
+    return (now[0] - start[0]) / total, (now[1] - start[1]) / total
 
 
 MIN_AB_ROUNDS = 3  # below this, an IQR says nothing about the noise
@@ -367,6 +402,9 @@ class Run:
     stdout: str
     stderr: str
     started_epoch: float  # time.time() just before the process was started
+    # user + system CPU time of the process and every descendant it waited for (nsenter waits for the program,
+    # which waits for its tools): unlike wall time, waiting for a CPU on a busy machine does not count
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -389,6 +427,7 @@ def timed_run(argv: Sequence[str], env: Mapping[str, str] | None, *, timeout: fl
     it and its children (this run's process group, which we created) are killed."""
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL  # noqa: SIM115
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started_epoch = time.time()
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, stdin=stdin,
@@ -401,10 +440,12 @@ def timed_run(argv: Sequence[str], env: Mapping[str, str] | None, *, timeout: fl
             out, err = process.communicate(timeout=30)
             code = None
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         if stdin_path:
             stdin.close()  # type: ignore[union-attr]
-    return Run(seconds, code, out.decode(errors="replace"), err.decode(errors="replace"), started_epoch)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Run(seconds, code, out.decode(errors="replace"), err.decode(errors="replace"), started_epoch, cpu)
 
 
 def settle_background(lab: Any, pidfile: Path, *, bound: float = BACKGROUND_WAIT_SECONDS) -> str:
