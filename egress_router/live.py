@@ -24,7 +24,7 @@ from .core.nat import NatRules
 from .core.plan import Plan, Step, build_plan
 from .core.podnet import PodFacts
 from .core.redirect import Destinations
-from .core.steps import Address, Announce
+from .core.steps import Address, Announce, Route
 from .net import apply as apply_steps
 from .net import conntrack, iptables
 from .net.lock import namespace_lock
@@ -169,9 +169,7 @@ class Live:
                 drifted = apply_steps.drift(self.plan, self.context)
                 if not drifted:
                     return
-                if any(isinstance(step, Address) for step in drifted):
-                    drifted += [step for step in self.plan.steps if isinstance(step, Announce)]
-                self.apply_locked(tuple(drifted), quiet=True)
+                self.apply_locked(repair_steps(self.plan, drifted), quiet=True)
         except EgressRouterError as exc:
             log.error("Drift repair failed (will try again in %g s): %s", self.config.drift_seconds, exc)
             return
@@ -190,6 +188,19 @@ class Live:
         context.nat_before = {version: iptables.read_state(tools[0]) for version, tools in context.tools.items()}
         with (muted(apply_steps.log) if quiet else nothing()):
             apply_steps.apply(dataclasses.replace(self.plan, steps=steps), context)
+
+
+def repair_steps(plan: Plan, drifted: list[Step]) -> tuple[Step, ...]:
+    """What a repair applies, in plan order: the drifted steps; with a route among them, the plan's addresses
+    too (one removed after drift read it takes its routes along, and a route naming it as source could not be
+    added before it; applying one that holds changes nothing); the announcements of a family whose address
+    came back."""
+    chosen = set(drifted)
+    if any(isinstance(step, Route) for step in drifted):
+        chosen.update(step for step in plan.steps if isinstance(step, Address))
+    readdressed = {step.address.version for step in drifted if isinstance(step, Address)}
+    chosen.update(step for step in plan.steps if isinstance(step, Announce) and step.address.version in readdressed)
+    return tuple(step for step in plan.steps if step in chosen)
 
 
 def what(step: Step) -> str:

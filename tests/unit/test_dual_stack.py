@@ -306,3 +306,19 @@ def test_destinations_value_objects_keep_their_families_apart() -> None:
                          PortRule(80, "tcp", IPv6Address("2001:db8::1"))), None, IPv6Address("2001:db8::2"))
     assert both.family(4).target("tcp", 81) is None
     assert both.family(6).target("tcp", 81) == (IPv6Address("2001:db8::2"), 81)
+
+
+def test_a_repair_puts_the_addresses_before_a_route_and_announces_only_a_readdressed_family() -> None:
+    from egress_router.live import repair_steps
+
+    plan = build_plan(load(DUAL), "macvlan0")
+    default6 = next(s for s in plan.steps if isinstance(s, Route) and s.destination.prefixlen == 0
+                    and s.destination.version == 6)
+    address6 = Address("macvlan0", IPv6Interface("2001:db8:2::99/64"))
+    address4 = Address("macvlan0", IPv4Interface("192.0.2.99/24"))
+    # a route drifted (its address may have gone since drift read it): both addresses first, in plan order
+    assert repair_steps(plan, [default6]) == (address4, address6, default6)
+    # the IPv6 address drifted: it is re-added and announced again, the IPv4 one is not announced
+    assert repair_steps(plan, [address6]) == (address6, Announce("macvlan0", IPv6Address("2001:db8:2::99")))
+    forwarding = Sysctl("net.ipv6.conf.all.forwarding", "1")
+    assert repair_steps(plan, [forwarding]) == (forwarding,)
