@@ -94,9 +94,11 @@ def make_podlab() -> Iterator[Callable[..., PodLab]]:
     built: list[PodLab] = []
 
     def make(layout: str, *, node_in_egress_subnet: bool = False, rp_filter: int = 0,
-             ip_forward: bool = False) -> PodLab:
+             ip_forward: bool = False, ipv6: bool = False) -> PodLab:
+        if ipv6:
+            require_lab((*PODLAB_TOOLS, "ip6tables-save", "ip6tables-restore"))
         podlab = PodLab(layout, node_in_egress_subnet=node_in_egress_subnet, rp_filter=rp_filter,
-                        ip_forward=ip_forward)
+                        ip_forward=ip_forward, ipv6=ipv6)
         built.append(podlab)
         podlab.__enter__()
         return podlab

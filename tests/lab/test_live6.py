@@ -28,7 +28,7 @@ from egress_router.lab import (
 )
 from egress_router.testinfra_plugin import EgressRouter, assert_converged, nat_rules
 from tests.lab.reloadlib import in_force_after
-from tests.lab.test_live_legacy import REPAIRED_WITHIN, Router, Volume, eventually
+from tests.lab.test_live_legacy import REPAIRED_WITHIN, Router, Volume, eventually, legacy_routers
 from tests.lab.test_testinfra_plugin import inside, local_host
 from tests.lab.test_verify import assert_converged as assert_verified
 from tests.lab.test_verify import configure, difference_lines, verify, verify_json
@@ -125,20 +125,7 @@ StartRouter = Callable[..., Router]
 
 @pytest.fixture
 def start_router6(lab6: Lab) -> Iterator[StartRouter]:
-    started: list[Router] = []
-
-    def start(destination: str = "", **extra: str) -> Router:
-        env = lab6.router_env6(destination, mode="legacy", **extra)
-        if "EGRESS_DESTINATION_FILE" in extra:
-            env.pop("EGRESS_DESTINATION")
-        router = Router(lab6, lab6.spawn("router", router_command(), env=env), 3.0)
-        started.append(router)
-        router.wait_log("Ready:")
-        return router
-
-    yield start
-    problems = [problem for router in started for problem in router.stop_and_check()]
-    assert not problems, problems
+    yield from legacy_routers(lab6, lambda destination="", **extra: lab6.router_env6(destination, **extra))
 
 
 def landed6(lab: Lab, proto: str, port: int) -> str | None:

@@ -54,12 +54,13 @@ class Volume(ConfigMapVolume):
 StartRouter = Callable[..., Router]
 
 
-@pytest.fixture
-def start_router(lab: Lab) -> Iterator[StartRouter]:
+def legacy_routers(lab: Lab, make_env: Callable[..., dict[str, str]]) -> Iterator[StartRouter]:
+    """The body of a fixture that starts legacy-mode routers in `lab` (`make_env(*args, mode=..., **extra)`
+    gives the environment), each ready when returned, and checks at the end that they stopped cleanly."""
     started: list[Router] = []
 
-    def start(**extra: str) -> Router:
-        env = lab.router_env("", mode="legacy", **extra)
+    def start(*args: str, **extra: str) -> Router:
+        env = make_env(*args, mode="legacy", **extra)
         if "EGRESS_DESTINATION_FILE" in extra:
             env.pop("EGRESS_DESTINATION")
         router = Router(lab, lab.spawn("router", router_command(), env=env), 3.0)
@@ -70,6 +71,11 @@ def start_router(lab: Lab) -> Iterator[StartRouter]:
     yield start
     problems = [problem for router in started for problem in router.stop_and_check()]
     assert not problems, problems
+
+
+@pytest.fixture
+def start_router(lab: Lab) -> Iterator[StartRouter]:
+    yield from legacy_routers(lab, lambda **extra: lab.router_env("", **extra))
 
 
 def landed(lab: Lab, port: int) -> str | None:

@@ -25,7 +25,6 @@ from egress_router.lab import (
     SOURCE_IP6,
 )
 from egress_router.podlab import DNS_SERVICE_IP, DNS_SERVICE_IP6, LAYOUTS6, PodLab
-from tests.lab.conftest import PODLAB_TOOLS, require_lab
 from tests.lab.origin import Origin, ProtocolError, read_response
 from tests.lab.proxyproc import ProxyProcess, proxy_env, spawn_proxy
 
@@ -41,22 +40,13 @@ MakePodLab6 = Callable[..., PodLab]
 
 
 @pytest.fixture
-def make_podlab6() -> Iterator[MakePodLab6]:
-    """Dual-stack PodLabs on demand, each torn down when the test ends (also when building it fails)."""
-    require_lab((*PODLAB_TOOLS, "ip6tables-save", "ip6tables-restore"))
-    built: list[PodLab] = []
+def make_podlab6(make_podlab: Callable[..., PodLab]) -> MakePodLab6:
+    """Dual-stack PodLabs on demand (make_podlab with ipv6=True unless told), each torn down when the test ends."""
 
     def make(layout: str, *, ipv6: bool = True, node_in_egress_subnet: bool = False) -> PodLab:
-        podlab = PodLab(layout, ipv6=ipv6, node_in_egress_subnet=node_in_egress_subnet)
-        built.append(podlab)
-        podlab.__enter__()
-        return podlab
+        return make_podlab(layout, ipv6=ipv6, node_in_egress_subnet=node_in_egress_subnet)
 
-    try:
-        yield make
-    finally:
-        for podlab in reversed(built):
-            podlab.destroy()
+    return make
 
 
 @contextlib.contextmanager
