@@ -186,7 +186,7 @@ class Live:
     def apply_locked(self, steps: tuple[Step, ...], *, quiet: bool) -> None:
         context = self.context
         context.nat_before = {version: iptables.read_state(tools[0]) for version, tools in context.tools.items()}
-        with (muted(apply_steps.log) if quiet else nothing()):
+        with (muted(apply_steps.log, iptables.log) if quiet else nothing()):
             apply_steps.apply(dataclasses.replace(self.plan, steps=steps), context)
 
 
@@ -226,14 +226,16 @@ def describe_change(old: Destinations | None, new: Destinations | None) -> str:
 
 
 @contextmanager
-def muted(logger: logging.Logger) -> Iterator[None]:
+def muted(*loggers: logging.Logger) -> Iterator[None]:
     """The appliers' own info lines off while a repair runs: the repair logs one line per step itself."""
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextmanager

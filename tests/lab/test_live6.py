@@ -305,6 +305,9 @@ def test_ipv6_drift_is_repaired(served6: Lab, start_router6: StartRouter, drift:
     line = router.wait_log(r"Repaired drift: ", after=seen)
     assert repaired in line and "(repair 1)" in line, line
     assert len([line for line in router.lines()[seen:] if "Repaired drift: " in line]) == 1, router.stderr
+    # one line per repaired step: the appliers' own lines (an iptables-restore, a route) stay muted
+    assert not [line for line in router.lines()[seen:] if "[info] Applied" in line or "[info] Added" in line], \
+        router.stderr
     for proto, port, server in (("tcp", 80, f"[{A6}]:80"), ("udp", 53, f"[{A6}]:5353")):
         reply = served6.request(proto, ROUTER_POD_IP6, port)
         assert (reply.landed, reply.peer_ip) == (server, SOURCE_IP6), proto
