@@ -73,7 +73,7 @@ def test_there_are_examples_of_every_kind_promised() -> None:
     assert {"redirect-pod.yaml", "redirect-deployment.yaml", "redirect-configmap.yaml", "http-proxy.yaml",
             "http-proxy-single.yaml", "dns-proxy.yaml", "multus-redirect-pod.yaml",
             "multus-redirect-deployment.yaml", "egressrouter.yaml", "egressrouter-configmap.yaml",
-            "redirect-reload.yaml", "legacy-redirect-deployment.yaml"} <= names
+            "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml"} <= names
     index = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
     for name in names:
         assert f"[{name}]({name})" in index, f"examples/README.md does not list {name}"
