@@ -358,9 +358,9 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
 
     With `env` (the environment `settings` came from), the forwards are reloaded when their file changes
     and on SIGHUP (proxy/reload.py)."""
-    from .server import available_cpus, loop_worker, serve
+    from .server import auto_workers, loop_worker, serve
 
-    workers = settings.workers or available_cpus()
+    workers = settings.workers or auto_workers("DNS proxy")
     shared = SharedCounters(workers)
     for forward in settings.forwards:
         log.info("Forwarding port %d to %s", forward.port, forward.target())

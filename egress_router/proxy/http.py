@@ -353,9 +353,9 @@ def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = 
 
     With `env` (the environment `settings` came from), the allow list is reloaded when its file changes
     and on SIGHUP (proxy/reload.py)."""
-    from .server import available_cpus, listen_spec, loop_worker, serve
+    from .server import auto_workers, listen_spec, loop_worker, serve
 
-    workers = settings.workers or available_cpus()
+    workers = settings.workers or auto_workers("HTTP proxy")
     shared = SharedCounters(workers)
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import os
 import resource
 import signal
@@ -25,11 +24,13 @@ from functools import partial
 from typing import Any
 
 from ..inotify import Notifier
+from .cpus import auto_workers, available_cpus
 from .listeners import Listen, bind_all, listen_spec, probe_ports
 from .metrics import SharedCounters
 from .reload import POLL_SECONDS, SEND_TIMEOUT, Reloader, Update, send_update
 
-__all__ = ["Listen", "Master", "available_cpus", "bind_all", "listen_spec", "loop_worker", "probe_ports", "serve"]
+__all__ = ["Listen", "Master", "auto_workers", "available_cpus", "bind_all", "listen_spec", "loop_worker",
+           "probe_ports", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,6 @@ WorkerMain = Callable[[list[socket.socket], int, bool, socket.socket | None], in
 WAKE = signal.SIGIO
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW before the master gives up
 RESTART_WINDOW = 60.0
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if there is one."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
-            quota, period = handle.read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 def raise_file_limit() -> int:

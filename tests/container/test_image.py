@@ -35,7 +35,7 @@ UNPRIVILEGED: dict[str, Any] = {"user": "65534", "cap_drop": ["ALL"], "security_
 # ------------------------------------------------------------------ what is in the image
 
 INSPECT = r"""
-import importlib.util, json, os, shutil, subprocess
+import importlib.metadata, importlib.util, json, os, shutil, subprocess
 tools = ("pip", "pip3", "gcc", "cc", "c++", "ld", "make", "strip")
 out = {
     "on_path": [t for t in tools if shutil.which(t)],
@@ -47,6 +47,8 @@ out = {
     "packages": sorted(d.split("-")[0].lower() for d in os.listdir(next(p for p in __import__("sys").path
                                                                         if p.endswith("site-packages")))
                        if d.endswith(".dist-info")),
+    "license": [f.read_text()[:300] for f in importlib.metadata.distribution("egress-router").files or ()
+                if f.name == "LICENSE"],
 }
 print(json.dumps(out))
 """
@@ -68,6 +70,7 @@ def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Do
     assert labels["org.opencontainers.image.version"] == __version__
     assert labels["org.opencontainers.image.title"] == "egress-router"
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert len(found["license"]) == 1 and found["license"][0].split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert {"org.opencontainers.image.description", "org.opencontainers.image.source"} <= set(labels)
     size = docker_env.client.images.get(image).attrs["Size"]
     assert size < 150_000_000, f"{size / 1e6:.0f} MB"

@@ -1,8 +1,10 @@
-"""What installing the package puts on a user's machine, and the pyroute2 versions whose layout we rely on."""
+"""What installing the package puts on a user's machine (its license too), and the pyroute2 versions whose layout we
+rely on."""
 
 from __future__ import annotations
 
 import configparser
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# https://www.apache.org/licenses/LICENSE-2.0.txt, byte for byte (Debian's /usr/share/common-licenses/Apache-2.0)
+APACHE_2_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +37,26 @@ def test_setup_cfg_has_no_stale_sections_and_bounds_pyroute2() -> None:
     requires = importlib.metadata.distribution("egress-router").requires or []
     pyroute2 = next(req for req in requires if req.startswith("pyroute2"))
     assert "<" in pyroute2 and ">=" in pyroute2, pyroute2
+
+
+def test_the_license_is_the_apache_2_text_that_setup_cfg_declares_and_ships() -> None:
+    text = (ROOT / "LICENSE").read_bytes()
+    assert text.split(b"\n", 3)[1:3] == [b" " * 33 + b"Apache License", b" " * 27 + b"Version 2.0, January 2004"]
+    assert hashlib.sha256(text).hexdigest() == APACHE_2_SHA256, "LICENSE must be the published text, unedited"
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg", encoding="utf-8")
+    assert config["metadata"]["license"] == "Apache-2.0"
+    assert config["metadata"]["license_files"].split() == ["LICENSE"]  # so the wheel's .dist-info carries it
+
+
+def test_the_image_build_gets_the_license() -> None:
+    """The build context is an allow-list and the builder copies named files: LICENSE must be in both, or the
+    image's wheel is built without it (setuptools only warns that the license_files pattern matched nothing)."""
+    for ignore in (".dockerignore", ".containerignore"):
+        assert "!LICENSE" in (ROOT / ignore).read_text().splitlines(), ignore
+    copies = [line.split()[1:-1] for line in (ROOT / "Containerfile").read_text().splitlines()
+              if line.startswith("COPY ") and line.endswith(" /src/")]
+    assert any("LICENSE" in files for files in copies), copies
 
 
 def test_the_init_path_does_not_import_pyroute2_whole() -> None:
