@@ -93,9 +93,18 @@ def test_the_file_is_statted_at_most_once_a_second_and_parsed_only_when_it_chang
     path.write_text("203.0.113.1 a.test\n")
     stats: list[str] = []
     parses: list[str] = []
-    real_stamp, real_parse = lookup.stamp, lookup.parse_hosts
-    monkeypatch.setattr(lookup, "stamp", lambda p: stats.append(p) or real_stamp(p))
-    monkeypatch.setattr(lookup, "parse_hosts", lambda text: parses.append(text) or real_parse(text))
+
+    def counted_stamp(where: str) -> tuple[int, int, int] | None:
+        stats.append(where)
+        return real_stamp(where)
+
+    def counted_parse(text: str) -> dict[str, list[V4 | V6]]:
+        parses.append(text)
+        return parse_hosts(text)
+
+    real_stamp = lookup.stamp
+    monkeypatch.setattr(lookup, "stamp", counted_stamp)
+    monkeypatch.setattr(lookup, "parse_hosts", counted_parse)
     clock = Clock()
     hosts = HostsFile(str(path), clock)
     for _ in range(1000):  # connections in one second: one stat, one parse
@@ -157,14 +166,14 @@ class FakeDns:
     async def resolve(self, name: str, rdtype: str, search: bool = False, backend: Any = None) -> Any:
         self.asked.append((name, rdtype, search))
         if name not in self.table:
-            raise dns.resolver.NXDOMAIN()
+            raise dns.resolver.NXDOMAIN()  # type: ignore[no-untyped-call]
         entry = self.table[name]
         if entry is None:
             await asyncio.sleep(3600)
             raise AssertionError("never answers")
         records = [SimpleNamespace(address=a) for a in entry if ip_address(a).version == (4 if rdtype == "A" else 6)]
         if not records:
-            raise dns.resolver.NoAnswer()
+            raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
         return Records(records, self.ttl)
 
 
