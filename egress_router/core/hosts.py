@@ -1,10 +1,10 @@
-"""Host names and IP literals as clients and rules write them: strict, canonical, cached (pure)."""
+"""Host names and IP literals as clients and rules write them (strict, canonical, cached), and hosts files (pure)."""
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 Address = IPv4Address | IPv6Address
 
@@ -117,3 +117,35 @@ def shown(text: str) -> str:
     if len(text) > _MAX_SHOWN:
         text = text[:_MAX_SHOWN] + "..."
     return repr(text)
+
+
+def parse_hosts(text: str) -> dict[str, list[Address]]:
+    """A hosts file (hosts(5), what kubelet writes for hostAliases) as glibc's files backend reads it.
+
+    An address, then names; `#` to the end of a line is a comment; a line whose first field is not
+    an address (or has a zone id, `fe80::1%eth0`) is skipped. Names are compared without case and
+    without a trailing dot. A name on several lines gets every address (glibc's getaddrinfo
+    collects them all), IPv4 before IPv6 as our DNS answers are, each family in file order;
+    ::ffff:a.b.c.d is a.b.c.d.
+    """
+    found: dict[str, list[Address]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2 or "%" in fields[0]:
+            continue
+        try:
+            address = ip_address(fields[0])
+        except ValueError:
+            continue
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        for field in fields[1:]:
+            name = field.lower().rstrip(".")
+            if not name:
+                continue
+            known = found.setdefault(name, [])
+            if address not in known:
+                known.append(address)
+    for known in found.values():
+        known.sort(key=lambda a: a.version)  # stable: file order within a family
+    return found

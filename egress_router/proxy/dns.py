@@ -1,7 +1,8 @@
 """The DNS proxy worker: TCP forwarding to names and addresses, re-resolved, balanced, health-checked.
 
-Each configured port forwards to one host. A name is resolved with the pod's nameservers
-(dnspython, A and AAAA), honouring the answer's TTL within limits; every address is a backend.
+Each configured port forwards to one host. A name is resolved as the HTTP proxy resolves it (the
+hosts file, then the pod's nameservers: lookup.NameResolver), honouring the answer's TTL within
+limits; every address is a backend.
 New connections go to the healthy backend with the fewest open connections (round-robin among
 equals); a backend that refuses or times out is skipped and the connection is retried elsewhere;
 only an active TCP check that succeeds brings the backend back.
@@ -21,6 +22,7 @@ from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
 from . import metrics
 from .dns_targets import Backend, Target
+from .lookup import NameResolver
 from .metrics import SharedCounters, WorkerCounters
 from .reload import Reloader, WorkerReloads, forward_changes, forward_listeners, rule_source
 from .server import handle_stop_signals, reset
@@ -38,6 +40,7 @@ class DnsWorker:
         self.index = index
         self.counters: WorkerCounters = shared.row(index)
         self.loop = asyncio.get_event_loop()
+        self.names = NameResolver()  # one per process, shared by its forwards: one parsed hosts file
         self.targets = {f.port: Target(self, f) for f in settings.forwards}
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()

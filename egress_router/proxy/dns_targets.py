@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..core.forwards import Forward
 from ..core.hosts import Address
-from .lookup import describe_dns_error, resolve
+from .lookup import describe_dns_error
 
 if TYPE_CHECKING:
     from .dns import DnsWorker
@@ -82,19 +82,17 @@ class Target:
         return equal[self.turn % len(equal)]
 
     async def keep_resolved(self) -> None:
-        """Re-resolve the name as its TTL says; keep the last good answer when DNS fails."""
-        import dns.asyncresolver
+        """Re-resolve the name as its TTL says (the HTTP proxy's way: the hosts file, then DNS; lookup.py);
+        keep the last good answer when that fails."""
         import dns.exception
-        import dns.resolver
 
         assert isinstance(self.forward.host, str)
         name = self.forward.host
         settings = self.worker.settings
-        resolver = dns.asyncresolver.Resolver()
         retry = 1.0
         while True:
             try:
-                addresses, ttl = await resolve(resolver, name)
+                resolved = await self.worker.names.resolve(name)
             except (dns.exception.DNSException, OSError) as exc:
                 self.first_attempt.set()
                 if self.resolved_once:
@@ -113,17 +111,18 @@ class Target:
             if self.failing:
                 log.info("Port %d: %s resolves again", self.forward.port, name)
                 self.failing = False
-            self.update(addresses)
+            self.update(resolved.addresses, " (hosts file)" if resolved.source == "hosts" else "")
             self.first_attempt.set()
-            await asyncio.sleep(max(RESOLVE_MIN_INTERVAL, min(max(ttl, settings.ttl_min), settings.ttl_max)))
+            # a hosts file answer (TTL 0) is looked at again every TTL_MIN: cheap, the file is stat()ed once a second
+            await asyncio.sleep(max(RESOLVE_MIN_INTERVAL, min(max(resolved.ttl, settings.ttl_min), settings.ttl_max)))
 
-    def update(self, addresses: list[Address]) -> None:
+    def update(self, addresses: list[Address], origin: str = "") -> None:
         current = {b.address: b for b in self.backends}
         fresh = [current.get(a) or Backend(a, self.forward.remote_port) for a in addresses]
         # A server that rotates its records (CoreDNS loadbalance) changes the order, not the set: not news.
         if {b.address for b in fresh} != set(current):
-            log.info("Port %d: %s is now %s", self.forward.port, self.forward.host,
-                     ", ".join(b.text for b in fresh) or "(no addresses)")
+            log.info("Port %d: %s is now %s%s", self.forward.port, self.forward.host,
+                     ", ".join(b.text for b in fresh) or "(no addresses)", origin)
         self.backends = fresh
         self.resolved_once = self.resolved_once or bool(fresh)
 

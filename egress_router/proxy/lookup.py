@@ -1,22 +1,26 @@
-"""Name lookups with a timeout of their own: the hosts file, then DNS (dnspython, asynchronous); the HTTP proxy's cache.
+"""Name lookups, the same for both proxies: the hosts file, then DNS (dnspython, asynchronous); the HTTP proxy's cache.
 
-Lookups are coroutines, not threads, so a slow name never queues another behind it: each name is
-looked up once however many requests wait for it, up to MAX_LOOKUPS names at a time per process,
-and every lookup ends within LOOKUP_TIMEOUT. The hosts file comes first, as glibc's `hosts: files
-dns` has it (hostAliases rely on it); the nameservers, search list, ndots and per-try timeout come
-from resolv.conf. Both files are read again when they change.
+NameResolver is the one way a name becomes addresses, in glibc's `hosts: files dns` order: the
+hosts file first (hostAliases rely on it), then DNS with resolv.conf's nameservers, search list,
+ndots and per-try timeout. Both files are read again when they change. Lookups are coroutines,
+not threads, so a slow name never queues another behind it: up to MAX_LOOKUPS names at a time per
+process, each ending within LOOKUP_TIMEOUT. Names (the HTTP proxy) looks each name up once however
+many requests wait for it; the DNS proxy's forwards (dns_targets.py) keep theirs resolved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_address
 from typing import Any
 
-from ..core.hosts import Address
+from ..core.hosts import Address, parse_hosts
 from . import metrics
 from .metrics import WorkerCounters
 
@@ -24,7 +28,9 @@ log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 5.0  # a lookup (A and AAAA, the search list included) gets this long; then the request gets 504
 MAX_LOOKUPS = 1000  # names looked up at once per process (two UDP sockets each); more wait within their timeout
-TTL_MIN, TTL_MAX = 5.0, 60.0  # an answer is kept for its TTL within these (a hosts file answer: TTL_MIN)
+TTL_MIN, TTL_MAX = 5.0, 60.0  # the HTTP proxy keeps an answer for its TTL within these (a hosts file answer: TTL_MIN)
+HOSTS_TTL = 0.0  # a hosts file answer's TTL: the shortest a proxy keeps any answer (the file is watched, not trusted)
+HOSTS_RECHECK = 1.0  # the hosts file is stat()ed at most this often: no system call on every connection
 NEGATIVE_TTL = 2.0  # a name that does not exist (NXDOMAIN) or has no address is answered from memory this long
 STALE_FOR = 60.0  # an expired answer is still used this long while it is refreshed (or the refresh fails)
 MAX_NAMES = 10_000  # answers (and as many negative ones) kept per process; beyond, the oldest goes
@@ -86,6 +92,8 @@ async def resolve(resolver: Any, name: str, *, search: bool = False,
 
 def describe_dns_error(exc: BaseException) -> str:
     """One short line: for "all nameservers failed", what each said (dnspython's text repeats the query)."""
+    if isinstance(exc, TimeoutError):  # NameResolver's own timeout: its text is empty
+        return f"timed out after {LOOKUP_TIMEOUT:g} s"
     errors = getattr(exc, "kwargs", {}).get("errors") if type(exc).__name__ == "NoNameservers" else None
     if errors:
         text = "no nameserver answered (" + "; ".join(f"{e[0]}: {e[3]}" for e in errors) + ")"
@@ -114,26 +122,6 @@ def unmapped(address: Address) -> Address:
     return address
 
 
-def parse_hosts(text: str) -> dict[str, list[Address]]:
-    """A hosts file as glibc reads it: an address then names, `#` to the end of a line a comment, lines whose
-    address is not one skipped; names compared without case or a trailing dot; a name on several lines gets
-    every address, in file order."""
-    names: dict[str, list[Address]] = {}
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) < 2 or "%" in fields[0]:
-            continue
-        try:
-            address = unmapped(ip_address(fields[0]))
-        except ValueError:
-            continue
-        for field in fields[1:]:
-            known = names.setdefault(field.lower().rstrip("."), [])
-            if address not in known:
-                known.append(address)
-    return names
-
-
 def stamp(path: str) -> tuple[int, int, int] | None:
     """What tells a changed file: inode, modification time and size (None: no such file)."""
     try:
@@ -144,23 +132,81 @@ def stamp(path: str) -> tuple[int, int, int] | None:
 
 
 class HostsFile:
-    """The hosts file, read again when it changes (one stat per lookup that is not answered from the cache)."""
+    """The hosts file, parsed once and read again when it changes (stat()ed at most every HOSTS_RECHECK seconds)."""
 
-    def __init__(self, path: str = HOSTS):
+    def __init__(self, path: str = HOSTS, clock: Callable[[], float] = time.monotonic):
         self.path = path
+        self.clock = clock
+        self.recheck = HOSTS_RECHECK
+        self.checked = -math.inf  # when it was last stat()ed, on `clock`
         self.stamp: tuple[int, int, int] | None = None
         self.names: dict[str, list[Address]] = {}
 
     def get(self, name: str) -> list[Address] | None:
-        current = stamp(self.path)
-        if current != self.stamp:
-            self.stamp = current
+        """The name's addresses (a list of its own), None when the file does not have it."""
+        now = self.clock()
+        if now - self.checked >= self.recheck:
+            self.checked = now
+            current = stamp(self.path)
+            if current != self.stamp:
+                self.stamp = current
+                try:
+                    with open(self.path, encoding="utf-8", errors="replace") as handle:
+                        self.names = parse_hosts(handle.read())
+                except OSError:  # gone or unreadable: no names from it, as glibc
+                    self.names = {}
+        addresses = self.names.get(name.lower().rstrip("."))
+        return None if addresses is None else list(addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A name's addresses (IPv4 first), their TTL in seconds (callers clamp it) and where they came from."""
+
+    addresses: list[Address]
+    ttl: float
+    source: str  # "hosts" (the hosts file) or "dns"
+
+
+class NameResolver:
+    """The one way both proxies resolve a name: the hosts file, then DNS as resolv.conf says."""
+
+    def __init__(self, hosts: str = HOSTS, resolv_conf: str = RESOLV_CONF):
+        self.hosts = HostsFile(hosts)
+        self.resolv_conf = resolv_conf
+        self.slots = asyncio.Semaphore(MAX_LOOKUPS)
+        self._resolver: Any = None
+        self._resolver_stamp: tuple[int, int, int] | None = None
+        self._backend: Any = None
+
+    async def resolve(self, name: str) -> Resolved:
+        """Raises TimeoutError after LOOKUP_TIMEOUT (a wait for a slot included), NoAddresses, or what dnspython
+        raises (NXDOMAIN, NoNameservers, ...); a name in the hosts file never waits for DNS."""
+        addresses = self.hosts.get(name)
+        if addresses is not None:
+            return Resolved(addresses, HOSTS_TTL, "hosts")
+        async with asyncio.timeout(LOOKUP_TIMEOUT):
+            async with self.slots:
+                addresses, ttl = await resolve(self.resolver(), name, search=True, backend=self._backend)
+        return Resolved(addresses, ttl, "dns")
+
+    def resolver(self) -> Any:
+        """dnspython's resolver as resolv.conf says (read again when it changes); no nameserver: 127.0.0.1, as glibc."""
+        current = stamp(self.resolv_conf)
+        if self._resolver is None or current != self._resolver_stamp:
+            import dns.asyncresolver
+            import dns.resolver
+
+            resolver = dns.asyncresolver.Resolver(configure=False)
             try:
-                with open(self.path, encoding="utf-8", errors="replace") as handle:
-                    self.names = parse_hosts(handle.read())
-            except OSError:
-                self.names = {}
-        return self.names.get(name)
+                resolver.read_resolv_conf(self.resolv_conf)
+            except dns.resolver.NoResolverConfiguration:
+                resolver.nameservers = ["127.0.0.1"]
+            resolver.lifetime = LOOKUP_TIMEOUT + 1.0  # our own timeout ends a lookup first: one way to time out
+            self._resolver, self._resolver_stamp = resolver, current
+            if self._backend is None:
+                self._backend = connected_udp()
+        return self._resolver
 
 
 def keep(table: dict[str, Any], name: str, value: Any) -> None:
@@ -184,23 +230,18 @@ class Names:
         self.answers: dict[str, Answer] = {}
         self.missing: dict[str, tuple[float, str]] = {}  # name -> (expiry, why): negative answers
         self.pending: dict[str, asyncio.Task[list[Address] | Failure]] = {}
-        self.hosts = HostsFile(hosts)
-        self.resolv_conf = resolv_conf
-        self._resolver: Any = None
-        self._resolver_stamp: tuple[int, int, int] | None = None
-        self._backend: Any = None
-        self.slots = asyncio.Semaphore(MAX_LOOKUPS)
+        self.source = NameResolver(hosts, resolv_conf)
 
     def usable_stale(self, name: str, answer: Answer, now: float) -> bool:
         """An expired answer: True, and a refresh started in the background, while it may still be used."""
         if now > answer[2]:
             return False
-        if name not in self.pending and self.from_hosts(name) is None:
+        if name not in self.pending:
             self.start(name, refresh=True)
         return True
 
     async def lookup(self, name: str) -> list[Address]:
-        """The name's addresses: from memory, from the hosts file or from DNS; raises NotResolved."""
+        """The name's addresses: from memory, else as NameResolver finds them; raises NotResolved."""
         now = self.loop.time()
         answer = self.answers.get(name)
         if answer is not None and (answer[0] >= now or self.usable_stale(name, answer, now)):
@@ -210,20 +251,11 @@ class Names:
             missing = self.missing.get(name)
             if missing is not None and missing[0] > now:
                 raise NotResolved(missing[1])
-            known = self.from_hosts(name)
-            if known is not None:
-                return known
             task = self.start(name)
         outcome = await asyncio.shield(task)  # one waiter leaving does not end the others' lookup
         if isinstance(outcome, Failure):
             raise NotResolved(outcome.message, outcome.timed_out)
         return outcome
-
-    def from_hosts(self, name: str) -> list[Address] | None:
-        addresses = self.hosts.get(name)
-        if addresses is not None:
-            self.store(name, addresses, TTL_MIN)
-        return addresses
 
     def store(self, name: str, addresses: list[Address], ttl: float) -> None:
         expires = self.loop.time() + min(max(ttl, TTL_MIN), TTL_MAX)
@@ -242,9 +274,7 @@ class Names:
 
         counters = self.counters
         try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                async with self.slots:
-                    addresses, ttl = await resolve(self.resolver(), name, search=True, backend=self._backend)
+            resolved = await self.source.resolve(name)
         except (TimeoutError, dns.exception.Timeout):
             counters.add(metrics.LOOKUPS_TIMED_OUT)
             failure = Failure(f"DNS lookup of {name} timed out after {LOOKUP_TIMEOUT:g} s", timed_out=True)
@@ -258,9 +288,10 @@ class Names:
             counters.add(metrics.LOOKUPS_FAILED)
             failure = Failure(f"cannot resolve {name}: {describe_dns_error(exc)}")
         else:
-            counters.add(metrics.LOOKUPS_ANSWERED)
-            self.store(name, addresses, ttl)
-            return addresses
+            if resolved.source == "dns":  # the counters count DNS lookups; the hosts file is not one
+                counters.add(metrics.LOOKUPS_ANSWERED)
+            self.store(name, resolved.addresses, resolved.ttl)
+            return resolved.addresses
         finally:
             del self.pending[name]
         if refresh:  # no request waits for this one: the log says what its counter says
@@ -272,24 +303,6 @@ class Names:
                 log.warning("%s; its last answer is used for up to %.0f s more", failure.message,
                             max(0.0, stale[2] - self.loop.time()))
         return failure
-
-    def resolver(self) -> Any:
-        """dnspython's resolver as resolv.conf says (read again when it changes); no nameserver: 127.0.0.1, as glibc."""
-        current = stamp(self.resolv_conf)
-        if self._resolver is None or current != self._resolver_stamp:
-            import dns.asyncresolver
-            import dns.resolver
-
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            try:
-                resolver.read_resolv_conf(self.resolv_conf)
-            except dns.resolver.NoResolverConfiguration:
-                resolver.nameservers = ["127.0.0.1"]
-            resolver.lifetime = LOOKUP_TIMEOUT + 1.0  # our own timeout ends a lookup first: one way to time out
-            self._resolver, self._resolver_stamp = resolver, current
-            if self._backend is None:
-                self._backend = connected_udp()
-        return self._resolver
 
     def expire(self, now: float) -> None:
         """Forget answers past their use, stale use included, and negative answers past theirs."""

@@ -95,7 +95,7 @@ def run(test: Callable[[Names, FakeResolver, SharedCounters], Coroutine[Any, Any
         names = Names(asyncio.get_running_loop(), shared.row(0), hosts=str(tmp_path / "hosts"),
                       resolv_conf=str(tmp_path / "resolv.conf"))
         resolver = FakeResolver(table)
-        names.resolver = lambda: resolver  # type: ignore[method-assign]
+        names.source.resolver = lambda: resolver  # type: ignore[method-assign]
         await test(names, resolver, shared)
 
     asyncio.run(main())
@@ -117,7 +117,10 @@ def test_waiters_for_one_name_share_one_lookup_and_the_answer_is_kept(tmp_path: 
     run(test, {"www.example.com": ["192.0.2.1", "2001:db8::1"]}, tmp_path)
 
 
-def test_the_hosts_file_comes_first_and_is_read_again_when_it_changes(tmp_path: Path) -> None:
+def test_the_hosts_file_comes_first_and_is_read_again_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lookup, "HOSTS_RECHECK", 0.0)  # stat()ed on every lookup (tests/unit/test_hosts_lookup.py: 1 s)
+
     async def test(names: Names, resolver: FakeResolver, shared: SharedCounters) -> None:
         assert await names.lookup("www.example.com") == [IPv4Address("203.0.113.10")]
         (tmp_path / "hosts").write_text("203.0.113.99 www.example.com other.example\n")
