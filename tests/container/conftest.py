@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 LABEL = "egress-router-test"
 BASE_IMAGE = os.environ.get("EGRESS_ROUTER_BASE_IMAGE", "egress-router-base:bookworm")
 TOOLS_IMAGE = os.environ.get("EGRESS_ROUTER_TOOLS_IMAGE", "egress-router-tools:bookworm")
+PLAIN_IMAGE = os.environ.get("EGRESS_ROUTER_PLAIN_IMAGE", "egress-router-plain:bookworm")
+PUBLIC_BASE = "debian:bookworm-slim"  # the Containerfile's default BASE
 POD_SUBNET, POD_GATEWAY = "198.51.100.0/24", "198.51.100.1"
 LAN_SUBNET, LAN_GATEWAY, LAN_DOCKER_RANGE = "192.0.2.0/24", "192.0.2.1", "192.0.2.128/25"
 SERVICE_SUBNET, SERVICE_GATEWAY = "203.0.113.0/24", "203.0.113.1"
@@ -159,16 +162,18 @@ def docker_env() -> Iterator[Docker]:
 
 
 def ensure_base_images(docker_env: Docker) -> None:
-    """The locally made base images (scripts/container-base is idempotent and quick when they exist)."""
+    """The locally made base images (scripts/container-base is idempotent and quick when they exist), the plain
+    one too: made before any build starts, so that no build's clean-up takes it for one of its own images."""
     from docker.errors import ImageNotFound
 
-    try:
-        for name in (BASE_IMAGE, TOOLS_IMAGE):
-            docker_env.client.images.get(name)
-    except ImageNotFound:
-        done = subprocess.run([str(REPO / "scripts" / "container-base")], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.fail(f"scripts/container-base failed:\n{done.stderr}")
+    for images, flags in (((BASE_IMAGE, TOOLS_IMAGE), []), ((PLAIN_IMAGE,), ["--plain"])):
+        try:
+            for name in images:
+                docker_env.client.images.get(name)
+        except ImageNotFound:
+            done = subprocess.run([str(REPO / "scripts" / "container-base"), *flags], capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.fail(f"scripts/container-base {' '.join(flags)} failed:\n{done.stderr}")
 
 
 @pytest.fixture(scope="session")
@@ -200,15 +205,99 @@ def image(docker_env: Docker) -> Iterator[str]:
 
     started = time.monotonic()
     try:
-        docker_env.client.images.build(path=str(REPO), dockerfile="Containerfile", tag=tag, rm=True, forcerm=True,
-                                       network_mode="none", labels=docker_env.labels,
-                                       buildargs={"BASE": BASE_IMAGE, "VERSION": __version__, "SOURCE": "test"})
+        _, log = docker_env.client.images.build(path=str(REPO), dockerfile="Containerfile", tag=tag, rm=True,
+                                                forcerm=True, network_mode="none", labels=docker_env.labels,
+                                                buildargs={"BASE": BASE_IMAGE, "VERSION": __version__,
+                                                           "SOURCE": "test"})
     except Exception:
         remove_build()
         raise
     docker_env.created(f"image {tag}", remove_build)
+    output = "".join(str(chunk.get("stream", "")) for chunk in log)
+    if "builder: offline, from the wheelhouse in the build context" not in output:
+        pytest.fail(f"the offline build did not take the wheelhouse:\n{output}")
     sys.stderr.write(f"\nbuilt {tag} in {time.monotonic() - started:.1f} s\n")
     yield tag
+
+
+# What a failed download looks like in pip's and apt's output: only such a failure is tried again.
+NETWORK_FAILURES = ("No route to host", "Connection reset", "Connection refused", "timed out", "Temporary failure",
+                    "Max retries exceeded", "Could not fetch URL", "Failed to fetch", "Unable to connect")
+ONLINE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class OnlineBuild:
+    tag: str
+    log: str  # the last attempt's output (stdout and stderr of `docker build`)
+    ca_bundle: Path  # the host's CA certificates, handed to the builder in build/index-ca.crt
+
+
+def checkout_context(destination: Path) -> None:
+    """The build context as a fresh clone has it: git's tracked and untracked-but-not-ignored files, so no build/."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():  # a deleted but still tracked file is listed too
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+@pytest.fixture(scope="session")
+def online_image(docker_env: Docker, tmp_path_factory: pytest.TempPathFactory) -> OnlineBuild:
+    """The image built the usual way, `docker build -t TAG .` with the docker CLI and no build argument, from a
+    checkout without build/wheelhouse: the public base and the package index. The base is PUBLIC_BASE if the
+    engine has it (pulled), else the local plain Debian (scripts/container-base --plain) tagged so for the run;
+    the network is the host's where the engine has no bridge network (scripts/dockerd). The host's CA bundle goes
+    to build/index-ca.crt (TLS to the index may be inspected by a proxy that only the host trusts)."""
+    from docker.errors import ImageNotFound
+
+    ensure_base_images(docker_env)
+    plain = docker_env.client.images.get(PLAIN_IMAGE)
+    try:
+        ours = docker_env.client.images.get(PUBLIC_BASE).id == plain.id  # left by an interrupted run
+    except ImageNotFound:
+        ours = True
+    if ours:
+        plain.tag(PUBLIC_BASE)
+        docker_env.created(f"tag {PUBLIC_BASE}", lambda: docker_env.client.images.remove(PUBLIC_BASE, noprune=True))
+    context = tmp_path_factory.mktemp("checkout")
+    checkout_context(context)
+    assert not (context / "build").exists()
+    bundle = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt").resolve()
+    (context / "build").mkdir()
+    shutil.copyfile(bundle, context / "build" / "index-ca.crt")
+    tag = f"egress-router-online-test:{docker_env.run_id}"
+    bridged = any(net.name == "bridge" for net in docker_env.client.networks.list())
+    command = ["docker", "build", "-t", tag, *([] if bridged else ["--network", "host"]), "."]
+    images = {img.id for img in docker_env.client.images.list(all=True)}
+    containers = {c.id for c in docker_env.client.containers.list(all=True)}
+
+    def remove_build() -> None:
+        # the image, the intermediate images and (after a failed step) containers the build left
+        with contextlib.suppress(ImageNotFound):
+            docker_env.client.images.remove(tag, force=True)
+        for container in docker_env.client.containers.list(all=True):
+            if container.id not in containers:
+                container.remove(force=True)
+        left = [img for img in docker_env.client.images.list(all=True) if img.id not in images]
+        for img in sorted(left, key=lambda i: i.attrs["Created"], reverse=True):
+            with contextlib.suppress(Exception):
+                docker_env.client.images.remove(img.id, force=True, noprune=False)
+
+    docker_env.created(f"image {tag}", remove_build)
+    started = time.monotonic()
+    for attempt in range(1, ONLINE_ATTEMPTS + 1):
+        done = subprocess.run(command, cwd=context, capture_output=True, text=True, timeout=600)
+        log = done.stdout + done.stderr
+        if done.returncode == 0:
+            break
+        if attempt == ONLINE_ATTEMPTS or not any(failure in log for failure in NETWORK_FAILURES):
+            pytest.fail(f"{' '.join(command)} failed (attempt {attempt}):\n{log}")
+        sys.stderr.write(f"\n{' '.join(command)}: a download failed (attempt {attempt}); trying again\n")
+    sys.stderr.write(f"\nbuilt {tag} the usual way in {time.monotonic() - started:.1f} s\n")
+    return OnlineBuild(tag, log, bundle)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ checked from inside with testinfra's docker backend, the proxies as an unprivile
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
@@ -18,6 +19,7 @@ from tests.container.conftest import (
     POD_GATEWAY,
     TOOLS_IMAGE,
     Docker,
+    OnlineBuild,
     PodNetwork,
     Services,
     container_ip,
@@ -76,17 +78,75 @@ def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Do
     assert size < 150_000_000, f"{size / 1e6:.0f} MB"
 
 
+UNIT_TEST_ENV = {"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_SOURCE": "1.2.3.4", "EGRESS_GATEWAY": "1.1.1.1",
+                 "EGRESS_DESTINATION": "80 tcp 10.4.5.6\n8080 tcp 10.7.8.9 80\n10.1.2.3"}
+UNIT_TEST_RULES = [
+    "-A PREROUTING -i eth0 -p tcp --dport 80 -j DNAT --to-destination 10.4.5.6",
+    "-A PREROUTING -i eth0 -p tcp --dport 8080 -j DNAT --to-destination 10.7.8.9:80",
+    "-A PREROUTING -i eth0 -j DNAT --to-destination 10.1.2.3",
+    "-A POSTROUTING -j SNAT --to-source 1.2.3.4",
+]
+
+
 def test_unit_test_mode_prints_the_legacy_rules_unprivileged(docker_env: Docker, image: str) -> None:
-    env = {"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_SOURCE": "1.2.3.4", "EGRESS_GATEWAY": "1.1.1.1",
-           "EGRESS_DESTINATION": "80 tcp 10.4.5.6\n8080 tcp 10.7.8.9 80\n10.1.2.3"}
-    status, out, err = docker_env.run(image, "unit-test", environment=env, network_mode="none", **UNPRIVILEGED)
+    status, out, err = docker_env.run(image, "unit-test", environment=UNIT_TEST_ENV, network_mode="none",
+                                      **UNPRIVILEGED)
     assert (status, err) == (0, "")
-    assert out.splitlines() == [
-        "-A PREROUTING -i eth0 -p tcp --dport 80 -j DNAT --to-destination 10.4.5.6",
-        "-A PREROUTING -i eth0 -p tcp --dport 8080 -j DNAT --to-destination 10.7.8.9:80",
-        "-A PREROUTING -i eth0 -j DNAT --to-destination 10.1.2.3",
-        "-A POSTROUTING -j SNAT --to-source 1.2.3.4",
-    ]
+    assert out.splitlines() == UNIT_TEST_RULES
+
+
+# ------------------------------------------------------------------ the usual build: online, without a wheelhouse
+
+FIND_FILE = r"""
+import hashlib, os, sys
+size, digest = int(sys.argv[1]), sys.argv[2]
+for top, dirs, files in os.walk("/"):
+    if top == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
+    for name in files:
+        path = os.path.join(top, name)
+        if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == size:
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() == digest:
+                    print(path)
+"""
+
+
+def test_the_usual_docker_build_works_online_without_a_wheelhouse(docker_env: Docker,
+                                                                  online_image: OnlineBuild) -> None:
+    """`docker build -t TAG .` of a checkout (no build/wheelhouse, no build argument): the public Debian base,
+    python3 and iptables from apt, the Python packages from the index; an image like the offline one."""
+    tag = online_image.tag
+    assert "builder: online, from the package index" in online_image.log
+    status, out, err = docker_env.run(tag, "online-version", command=["--version"], network_mode="none")
+    assert (status, out, err) == (0, f"egress-router, version {__version__}\n", "")
+    status, out, err = docker_env.run(tag, "online-unit-test", environment=UNIT_TEST_ENV, network_mode="none",
+                                      **UNPRIVILEGED)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == UNIT_TEST_RULES
+    status, out, err = docker_env.run(tag, "online-inspect", entrypoint=["python3", "-c", INSPECT],
+                                      network_mode="none")
+    assert status == 0, err
+    found = json.loads(out)
+    assert found["on_path"] == [] and found["modules"] == []
+    assert "nf_tables" in found["iptables"] and len(found["backends"]) == 4
+    assert {"egress_router", "pyroute2", "click", "httptools", "uvloop", "dnspython", "pyyaml"} <= set(
+        found["packages"])
+    config = docker_env.client.images.get(tag).attrs["Config"]
+    assert config["Entrypoint"] == ["egress-router"]
+    # The host's CA bundle stayed in the builder: no file of the image has its content. The probe copy,
+    # mounted for this run only, shows that the search finds it where it is.
+    bundle = online_image.ca_bundle.read_bytes()
+    probe = "/run/probe/index-ca.crt"
+    status, out, err = docker_env.run(tag, "online-ca", entrypoint=["python3", "-c", FIND_FILE, str(len(bundle)),
+                                                                    hashlib.sha256(bundle).hexdigest()],
+                                      network_mode="none",
+                                      volumes={str(online_image.ca_bundle): {"bind": probe, "mode": "ro"}})
+    assert (status, out.splitlines(), err) == (0, [probe], "")
+    # The offline image is 138 MB; the public base's glibc charset modules (9 MB), which the local base leaves
+    # out, make most of the difference.
+    size = docker_env.client.images.get(tag).attrs["Size"]
+    assert size < 160_000_000, f"{size / 1e6:.0f} MB"
 
 
 def test_invalid_configuration_exits_1_with_one_line_and_no_traceback(docker_env: Docker, image: str) -> None:
