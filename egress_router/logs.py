@@ -63,8 +63,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure(debug: bool = False, log_format: str = "text") -> None:
     """Route the package's logs to stderr; debug adds payloads and skipped steps. In json mode every line
-    on stderr must parse: other libraries' records (asyncio's, say) and uncaught exceptions go through the
-    same formatter instead of Python's bare last-resort output."""
+    on stderr must parse: other libraries' records (asyncio's, say), Python's warnings and uncaught exceptions go
+    through the same formatter instead of Python's bare last-resort output."""
     logger = logging.getLogger("egress_router")
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
@@ -76,6 +76,7 @@ def configure(debug: bool = False, log_format: str = "text") -> None:
         root = logging.getLogger()
         root.handlers[:] = [handler]
         root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)  # Python's warnings too (logger py.warnings), not printed raw
         sys.excepthook = _log_uncaught
 
 

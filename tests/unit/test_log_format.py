@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -37,7 +38,10 @@ def restored() -> Iterator[None]:
     """configure() changes the package's and the root logger and sys.excepthook: put them back."""
     package, root = logging.getLogger("egress_router"), logging.getLogger()
     saved = (package.handlers[:], package.level, package.propagate, root.handlers[:], root.level, sys.excepthook)
-    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        yield
+    logging.captureWarnings(False)
     package.handlers[:], package.level, package.propagate, root.handlers[:], root.level, sys.excepthook = saved
 
 
@@ -90,6 +94,7 @@ def test_configure_json_every_line_parses_other_loggers_and_uncaught_exceptions_
     logging.getLogger("egress_router.router").info("Ready: %s", "ünïcode")
     logging.getLogger("egress_router.router").debug("not shown without debug")
     logging.getLogger("asyncio").warning("Task was destroyed but it is pending!")
+    warnings.warn("a deprecated thing", DeprecationWarning, stacklevel=1)
     try:
         raise RuntimeError("boom")
     except RuntimeError as exc:
@@ -97,9 +102,11 @@ def test_configure_json_every_line_parses_other_loggers_and_uncaught_exceptions_
     lines = capsys.readouterr().err.splitlines()
     records = [parsed(line) for line in lines]
     assert [(r["logger"], r["level"]) for r in records] == [
-        ("egress_router.router", "info"), ("asyncio", "warning"), ("egress_router", "critical")], lines
+        ("egress_router.router", "info"), ("asyncio", "warning"), ("py.warnings", "warning"),
+        ("egress_router", "critical")], lines
     assert records[0]["message"] == "Ready: ünïcode"
-    assert "RuntimeError: boom" in str(records[2]["exc"])
+    assert "DeprecationWarning: a deprecated thing" in str(records[2]["message"])
+    assert "RuntimeError: boom" in str(records[3]["exc"])
 
 
 def test_configure_text_is_the_default(restored: None, capsys: pytest.CaptureFixture[str]) -> None:
