@@ -132,7 +132,7 @@ def option(variable: Variable[Any], *flags: str, help: str = "", **extra: Any) -
                         help=f"{variable.name}: {help or variable.meaning}", **extra)
 
 
-def flag(variable: Variable[bool], flags: str, help: str = "") -> Callable[[Any], Any]:
+def flag(variable: Variable[Any], flags: str, help: str = "") -> Callable[[Any], Any]:
     """An on/off option for a boolean variable (unset: the variable decides)."""
     return click.option(flags, variable.name, cls=VariableOption, variable=variable, default=None,
                         help=f"{variable.name}: {help or variable.meaning}")

@@ -7,19 +7,36 @@ import sys
 from collections.abc import Mapping
 from typing import NoReturn
 
-from .core.errors import EgressRouterError
+from .core.errors import ConfigError, EgressRouterError
 
 
-def fail(message: str) -> NoReturn:
-    sys.stderr.write(f"error: {message}\n")
+def fail(message: str, log_format: str = "text", fields: Mapping[str, str] | None = None) -> NoReturn:
+    """The one-line user error, exit 1: `error: ...`, or in json mode only a JSON object (the same message),
+    so that a log pipeline parses every line; kubectl describe shows either as the termination message."""
+    from .logs import error_line
+
+    sys.stderr.write(error_line(message, log_format, fields) + "\n")
     sys.exit(1)
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    """EGRESS_LOG_FORMAT, for the error lines too; a bad value is reported (as text) with the other errors."""
+    from .core import variables as v
+
+    try:
+        return v.LOG_FORMAT.read(env)
+    except ConfigError:
+        return "text"
 
 
 def run_container(env: Mapping[str, str]) -> int:
     """The container behaviour for `env`; returns the exit code (user errors: one line on stderr, 1)."""
+    from .core import variables as v
     from .sources import load_config
 
+    form = log_format(env)
     try:
+        v.LOG_FORMAT.read(env)
         config = load_config(env)
         if config.mode == "unit-test":
             from .core.nat import legacy_lines
@@ -28,11 +45,11 @@ def run_container(env: Mapping[str, str]) -> int:
             return 0
         from . import logs
 
-        logs.configure(config.debug)
+        logs.configure(config.debug, form)
         for warning in config.warnings:
             logging.getLogger("egress_router").warning("%s", warning)
         from . import router
 
         return router.run_mode(config, env)
     except EgressRouterError as exc:
-        fail(str(exc))
+        fail(str(exc), form, {"variable": exc.variable} if isinstance(exc, ConfigError) else None)

@@ -38,7 +38,7 @@ class HttpProxySettings:
     acl: AccessList
     port: int
     workers: int | None  # None: one per CPU available to the process ('auto')
-    access_log: bool
+    access_log: str  # '' (off), 'text' or 'squid'
     connect_timeout: float
     max_connections: int
     idle_timeout: float

@@ -24,6 +24,7 @@ PROXY_MODES = ("http-proxy", "dns-proxy")
 DEFAULT_INTERFACE = "macvlan0"
 DEFAULT_POD_INTERFACE = "eth0"
 IPTABLES_CHOICES = ("nft", "legacy", "auto")
+LOG_FORMATS = ("text", "json")
 DEFAULT_IPTABLES = "nft"
 NETWORK_NOTE = "all that configure the network (proxy modes: when EGRESS_SOURCE is set)"
 
@@ -92,6 +93,9 @@ MODE: Variable[str] = Variable(
     "MODE", choices=MODES)
 DEBUG: Variable[bool] = Variable(
     "EGRESS_ROUTER_DEBUG", False, "(empty)", "non-empty turns on debug logging", MODES, values.non_empty, "ANY")
+LOG_FORMAT: Variable[str] = Variable(
+    "EGRESS_LOG_FORMAT", "text", "text", "log lines on stderr: text, or json (one object per line: time, level, "
+    "logger, message, fields; errors too)", MODES, values.one_of(LOG_FORMATS), "FORMAT", choices=LOG_FORMATS)
 INTERFACE: Variable[str | None] = Variable(
     "EGRESS_INTERFACE", None, DEFAULT_INTERFACE, f"egress (macvlan) interface; if unset and {DEFAULT_INTERFACE} is "
     "missing, the only macvlan link is used", MODES, values.interface_name, "NAME", NETWORK_NOTE)
@@ -122,9 +126,23 @@ HTTP_PORT: Variable[int] = Variable(
     "EGRESS_HTTP_PROXY_PORT", 8080, "8080", "port the HTTP proxy listens on (IPv4 and IPv6)", ("http-proxy",),
     values.whole_number(1, 65535), "PORT")
 HTTP_WORKERS = _workers("EGRESS_HTTP_PROXY_WORKERS", "http-proxy", "port")
-HTTP_ACCESS_LOG: Variable[bool] = Variable(
-    "EGRESS_HTTP_PROXY_ACCESS_LOG", False, "(off)", "1: one log line per request or tunnel", ("http-proxy",),
-    values.flag, "BOOL")
+
+
+def access_log(value: str, variable: str) -> str:
+    """'' (off), 'text' (1, true, ...: the router's own line) or 'squid' (squid's native access.log line)."""
+    if value.strip().lower() == "squid":
+        return "squid"
+    try:
+        return "text" if values.flag(value, variable) else ""
+    except ConfigError:
+        raise ConfigError(variable, f"{value.strip()!r} is not one of 1, 0, true, false, yes, no, on, off, "
+                          "squid") from None
+
+
+HTTP_ACCESS_LOG: Variable[str] = Variable(
+    "EGRESS_HTTP_PROXY_ACCESS_LOG", "", "(off)", "1: one log line per request or tunnel; squid: that line in "
+    "squid's native access.log format (time elapsed client code/status bytes method URL - hierarchy/peer type)",
+    ("http-proxy",), access_log, "BOOL|squid")
 HTTP_CONNECT_TIMEOUT: Variable[float] = Variable(
     "EGRESS_HTTP_PROXY_CONNECT_TIMEOUT", 10.0, "10", "seconds to connect upstream before answering 504",
     ("http-proxy",), values.seconds(), "SECONDS")
@@ -168,8 +186,8 @@ DNS_TTL_MAX: Variable[float] = Variable(
 
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
-    SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, INTERFACE, POD_INTERFACE, IPTABLES,
-    CLUSTER_CIDRS, DRIFT_SECONDS,
+    SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, LOG_FORMAT, INTERFACE, POD_INTERFACE,
+    IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS,
     HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
     HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,

@@ -12,6 +12,7 @@ from typing import cast
 
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
+from ..logs import BARE, FIELDS
 from . import metrics
 from .families import egress_versions
 from .http_flow import BUFFERED, QUEUED, UPSTREAM_FULL
@@ -35,8 +36,10 @@ from .http_worker import Worker
 from .metrics import SharedCounters
 from .reload import Reloader, acl_changes, rule_source
 from .server import reset
+from .squid_log import DENIED, INVALID, INVALID_URL, MISS, TUNNEL, logged_url, squid_line
 
 log = logging.getLogger(__name__)
+ERROR_TYPE = "text/plain; charset=utf-8"  # of the proxy's own answers (http_rules.simple_response)
 
 
 class ClientConnection(RequestReader, asyncio.Protocol):
@@ -169,6 +172,11 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             request.keep_alive and not self.worker.draining)
         self.send(head)
         request.sent = True
+        request.head_down = len(head)
+        if self.worker.settings.access_log == "squid":
+            request.peer_ip = str(upstream.key[0])
+            request.content_type = next((value.decode("latin-1") for name, value in headers
+                                         if name.lower() == b"content-type"), None)
 
     def response_body(self, request: Request, upstream: Upstream, chunk: bytes) -> None:
         transport = self.transport
@@ -255,9 +263,11 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         request.status = status
         # a body that is not read makes the connection unusable: it says so
         request.keep_alive = request.keep_alive and (request.complete or request.bodyless)
+        response = simple_response(status, body, close=not request.keep_alive, content_type=content_type,
+                                   head_only=request.method == b"HEAD")
+        request.head_down, request.content_type = len(response), content_type.decode() + "; charset=utf-8"
         if self.transport is not None and not self.closing:
-            self.send(simple_response(status, body, close=not request.keep_alive, content_type=content_type,
-                                      head_only=request.method == b"HEAD"))
+            self.send(response)
         self.finish(request)
 
     def fail(self, exc: ProxyError) -> None:
@@ -268,13 +278,15 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         if exc.counter is not None:
             self.worker.counters.add(exc.counter)
         request.status = exc.status
+        request.keep_alive = keeps_connection(exc.status, request.keep_alive,
+                                              request.complete or request.bodyless, request.tunnel)
+        response = error_response(exc.status, exc.message, close=not request.keep_alive)
+        request.head_down, request.content_type = len(response), ERROR_TYPE
         if self.worker.settings.access_log or exc.status >= 500:
             self.access_log(request, "denied" if exc.status == 403 else "error", exc.message,
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
-        request.keep_alive = keeps_connection(exc.status, request.keep_alive,
-                                              request.complete or request.bodyless, request.tunnel)
         if self.transport is not None and not self.closing:
-            self.send(error_response(exc.status, exc.message, close=not request.keep_alive))
+            self.send(response)
         self.done(request)
 
     def bad_request(self, message: str, status: int = 400, counter: int | None = metrics.BAD) -> None:
@@ -283,11 +295,21 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             return
         if counter is not None:
             self.worker.counters.add(counter)
+        response = error_response(status, message, close=True)
         if self.worker.settings.access_log:
             request = self.current or self.parsing
             method = request.method.decode("latin-1") if request is not None and request.method else "-"
-            log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message)
-        self.send(error_response(status, message, close=True))
+            fields = {"client": self.peer, "method": method, "verdict": "bad_request", "status": status,
+                      "note": message}
+            if self.worker.settings.access_log == "squid":
+                elapsed = 0.0 if request is None else (self.worker.loop.time() - request.started) * 1000
+                line = squid_line(time.time(), elapsed, self.peer_ip, INVALID, status, len(response), "NONE",
+                                  INVALID_URL, None, ERROR_TYPE)
+                log.info("%s", line, extra={BARE: True, FIELDS: fields})
+            else:
+                log.info("%s %s - bad_request %d up=0 down=0 - %s", self.peer, method, status, message,
+                         extra={FIELDS: fields})
+        self.send(response)
         self.close()
 
     # ------------------------------------------------------------ closing
@@ -296,6 +318,12 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         """The client's address, for log lines (looked up only when a line is written)."""
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
         return f"{peer[0]}:{peer[1]}" if peer else "-"
+
+    @property
+    def peer_ip(self) -> str:
+        """The client's address alone, as squid logs it."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return str(peer[0]) if peer else "-"
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
@@ -342,10 +370,36 @@ class ClientConnection(RequestReader, asyncio.Protocol):
     def access_log(self, request: Request, verdict: str, note: str = "", level: int = logging.INFO) -> None:
         """client method target verdict status up= down= duration [note]: one line per request or tunnel."""
         duration = (self.worker.loop.time() - request.started) * 1000
+        method = request.method.decode("latin-1")
         target = request.host_text if request.tunnel else request.host_text + request.url[:200].decode("latin-1")
-        log.log(level, "%s %s %s %s %d up=%d down=%d %.1fms%s", self.peer, request.method.decode("latin-1"),
-                target or "-", verdict, request.status, request.bytes_up, request.bytes_down, duration,
-                f" {note}" if note else "")
+        fields: dict[str, str | int | float] = {
+            "client": self.peer, "method": method, "target": target or "-", "verdict": verdict,
+            "status": request.status, "bytes_up": request.bytes_up, "bytes_down": request.bytes_down,
+            "duration_ms": round(duration, 1)}
+        if note:
+            fields["note"] = note
+        if self.worker.settings.access_log == "squid":
+            log.log(level, "%s", self.squid_line(request, verdict, duration), extra={BARE: True, FIELDS: fields})
+            return
+        log.log(level, "%s %s %s %s %d up=%d down=%d %.1fms%s", self.peer, method, target or "-", verdict,
+                request.status, request.bytes_up, request.bytes_down, duration, f" {note}" if note else "",
+                extra={FIELDS: fields})
+
+    def squid_line(self, request: Request, verdict: str, duration: float) -> str:
+        """The request as squid's access.log has it (squid_log.py)."""
+        connect = request.method == b"CONNECT"
+        if verdict == "denied":
+            action = DENIED
+        elif connect and request.status == 200:
+            action = TUNNEL
+        else:
+            action = MISS
+        path = request.url.decode("latin-1")
+        url = path if connect or request.local or not request.host_text else \
+            logged_url(request.host_text, request.port, path)
+        return squid_line(time.time(), duration, self.peer_ip, action, request.status,
+                          request.head_down + request.bytes_down, request.method.decode("latin-1"), url,
+                          request.peer_ip, request.content_type)
 
 
 def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = None) -> int:

@@ -24,7 +24,8 @@ class Request:
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "chunked", "complete", "body",
                  "started", "host_text", "port", "upstream", "head_only", "bytes_up", "bytes_down", "status",
-                 "tunnel", "sent", "local", "host", "buffered", "bodyless", "upgrade", "trailers", "task")
+                 "tunnel", "sent", "local", "host", "buffered", "bodyless", "upgrade", "trailers", "task",
+                 "peer_ip", "content_type", "head_down")
 
     def __init__(self, now: float):
         self.url = b""
@@ -52,6 +53,10 @@ class Request:
         self.upgrade = False  # its head asks for a protocol upgrade (see ClientConnection.feed)
         self.trailers: list[tuple[bytes, bytes]] | None = None  # of a chunked body
         self.task: asyncio.Task[Any] | None = None  # connecting upstream for it
+        # for squid's access.log line: the upstream's address, the reply's Content-Type, its head's size
+        self.peer_ip: str | None = None
+        self.content_type: str | None = None
+        self.head_down = 0
 
 
 class RequestReader(TunnelSide):

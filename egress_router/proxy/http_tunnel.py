@@ -66,6 +66,7 @@ class TunnelSide(FlowControl):
         self.flush()
         self.transport.write(TUNNEL_ESTABLISHED)
         request.status = 200
+        request.head_down, request.peer_ip = len(TUNNEL_ESTABLISHED), str(address)
         for chunk in request.body or ():
             transport.write(chunk)
             worker.counters.add(metrics.BYTES_UP, len(chunk))
