@@ -18,6 +18,7 @@ from tests.lab import test_http_proxy as httpproxy
 from tests.lab.dnsserver import DNS_IP, DnsServer, serving
 from tests.lab.origin import Origin
 from tests.lab.proxyproc import ProxyProcess, check_stopped, proxy_env, spawn_proxy
+from tests.lab.test_dns_proxy import services as services  # the fixture: its servers, stopped at the end
 
 A, B, C = DEST_IPS  # 203.0.113.10, .11, .12: origins on port 80 (conftest), whoami services on SERVICE_PORT
 ALIAS = "backend.internal.test"  # only in the hosts file, as a hostAliases entry
@@ -53,15 +54,6 @@ def dns(lab: Lab) -> Iterator[DnsServer]:
         server.set(BOTH, C, ttl=300)
         server.set(DNS_ONLY, C, ttl=300)
         yield server
-
-
-@pytest.fixture
-def services(lab: Lab) -> Iterator[dnsproxy.Services]:
-    running = dnsproxy.Services(lab)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 StartBoth = Callable[[], Proxies]

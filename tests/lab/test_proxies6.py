@@ -29,6 +29,7 @@ from tests.lab import test_http_proxy as httpproxy
 from tests.lab.dnsserver import DNS_IP, DnsServer, serving
 from tests.lab.origin import ECHO_TAIL, Origin, host_of
 from tests.lab.proxyproc import ProxyProcess, check_stopped, spawn_proxy
+from tests.lab.test_dns_proxy import services as services  # the fixture: its servers, stopped at the end
 
 PORT = 8080
 V4, V6 = DEST_IPS[0], DEST_IPS6[0]  # 203.0.113.10, 2001:db8:203::10
@@ -131,15 +132,6 @@ class DnsProxy(dnsproxy.Proxy):
 
 
 StartDns = Callable[..., DnsProxy]
-
-
-@pytest.fixture
-def services(lab: Lab) -> Iterator[dnsproxy.Services]:
-    running = dnsproxy.Services(lab)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
