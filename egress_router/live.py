@@ -48,6 +48,7 @@ class Counts:
     reloads: int = 0
     reload_failures: int = 0
     repairs: int = 0
+    repair_failures: int = 0
 
 
 class Live:
@@ -61,6 +62,7 @@ class Live:
         self.facts = facts
         self.context = context
         self.counts = Counts()
+        self.problem: str | None = None  # why the plan does not hold (the last repair failed): /healthz says it
         self.watch = FileWatch(watched_paths(env))
         self.notifier = inotify.Notifier.open(self.watch.paths)
         if self.notifier is not None:
@@ -171,8 +173,11 @@ class Live:
                     return
                 self.apply_locked(repair_steps(self.plan, drifted), quiet=True)
         except EgressRouterError as exc:
+            self.counts.repair_failures += 1
+            self.problem = f"drift repair failed: {exc}"
             log.error("Drift repair failed (will try again in %g s): %s", self.config.drift_seconds, exc)
             return
+        self.problem = None
         for step in drifted:
             if not isinstance(step, Announce):
                 self.counts.repairs += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -143,6 +144,8 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         # Block the stop and reload signals now, so a stop during setup waits until setup is complete
         # (and a SIGHUP does not kill the process).
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    # the admin port is opened before any change: a port in use is an error with nothing changed
+    admin_socket = open_admin_port(config.metrics_port) if stay_up and config.metrics_port else None
     with namespace_lock():
         prepared = prepare(config)
         try:
@@ -157,6 +160,12 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"
         # legacy mode: the rule files are watched from before "Ready", so an edit made after it is noticed
         live = Live(env, config, plan, prepared.facts, context) if stay_up else None
+        if live is not None and admin_socket is not None:
+            from .admin import serve_in_thread
+            from .legacy_metrics import legacy_admin, redirect_families
+
+            serve_in_thread(admin_socket, legacy_admin(live, redirect_families))
+            log.info("Admin port %d: /healthz, /ready, /metrics", config.metrics_port)
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
                  " and ".join(map(str, plan.addresses)), plan.interface, " and ".join(map(str, plan.gateways)),
                  nat_part, state, config.mode, seconds_since_process_start())
@@ -165,6 +174,12 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
             log.info("Received %s; exiting", signal.Signals(received).name)
     finally:
         prepared.rtnl.close()
+
+
+def open_admin_port(port: int) -> socket.socket:
+    from .admin import bind  # only a router with an admin port pays for the server's imports
+
+    return bind(port)
 
 
 def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:

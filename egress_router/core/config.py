@@ -45,6 +45,7 @@ class HttpProxySettings:
     tunnel_idle_timeout: float
     grace_seconds: float
     header_limit: int = HEADER_LIMIT
+    metrics_port: int = 0  # the admin port (0: none, so /metrics is answered on the proxy port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class DnsProxySettings:
     ttl_max: float
     grace_seconds: float
     tries: int = 3  # backends tried for one client connection
+    metrics_port: int = 0  # the admin port (0: none)
     check_interval: float = 2.0  # seconds between active TCP checks of a failed backend (back at the first success)
 
 
@@ -93,6 +95,7 @@ class RouterConfig:
     iptables: str = DEFAULT_IPTABLES  # nft, legacy or auto (see net.iptables.find_tools)
     cluster_cidrs: tuple[IPv4Network | IPv6Network, ...] = ()  # reached through the pod interface (core.podnet)
     drift_seconds: float = 2.0  # legacy mode: seconds between drift checks (0: none)
+    metrics_port: int = 0  # the admin port (/healthz, /ready, /metrics) of a mode that stays up; 0: none
 
     @property
     def configures_nat(self) -> bool:
@@ -169,13 +172,31 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
         interface=interface,
         pod_interface=pod_interface,
         debug=v.DEBUG.read(env),
-        warnings=unknown_variable_warnings(env),
+        warnings=unknown_variable_warnings(env) + unused_in_mode(env, mode),
         http_proxy=http_proxy,
         dns_proxy=dns_proxy,
         iptables=v.IPTABLES.read(env),
         cluster_cidrs=v.CLUSTER_CIDRS.read(env),
         drift_seconds=v.DRIFT_SECONDS.read(env),
+        metrics_port=metrics_port(env, mode),
     )
+
+
+def unused_in_mode(env: Mapping[str, str], mode: str) -> tuple[str, ...]:
+    if v.METRICS_PORT.is_set(env) and mode not in v.STAYS_UP:
+        return (f"EGRESS_METRICS_PORT has no effect in {mode} mode: the container exits once it is done",)
+    return ()
+
+
+def metrics_port(env: Mapping[str, str], mode: str) -> int:
+    """EGRESS_METRICS_PORT for `mode`: the proxies' default is on, legacy mode's off, and a mode that exits
+    has none (one set there only gets a warning: unused_in_mode)."""
+    port = v.METRICS_PORT.read(env)
+    if mode not in v.STAYS_UP:
+        return 0
+    if port is None:
+        return v.DEFAULT_METRICS_PORT if mode in v.PROXY_MODES else 0
+    return port
 
 
 def select_mode(env: Mapping[str, str]) -> str:
@@ -198,9 +219,13 @@ def select_mode(env: Mapping[str, str]) -> str:
 
 def load_http_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> HttpProxySettings:
     """Validate the HTTP proxy variables; raise ConfigError naming the first bad one."""
+    port, admin = v.HTTP_PORT.read(env), metrics_port(env, "http-proxy")
+    if port == admin:
+        raise ConfigError(v.METRICS_PORT.name, f"{admin} is also the HTTP proxy's port (EGRESS_HTTP_PROXY_PORT): "
+                          "choose another, or off")
     return HttpProxySettings(
         acl=parse_access_list(*rules(env, files, v.HTTP_DESTINATION)),
-        port=v.HTTP_PORT.read(env),
+        port=port,
         workers=v.HTTP_WORKERS.read(env),
         access_log=v.HTTP_ACCESS_LOG.read(env),
         connect_timeout=v.HTTP_CONNECT_TIMEOUT.read(env),
@@ -208,6 +233,7 @@ def load_http_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES)
         idle_timeout=v.HTTP_IDLE_TIMEOUT.read(env),
         tunnel_idle_timeout=v.HTTP_TUNNEL_IDLE_TIMEOUT.read(env),
         grace_seconds=v.GRACE.read(env),
+        metrics_port=admin,
     )
 
 
@@ -217,6 +243,10 @@ def load_dns_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) 
     ttl_min, ttl_max = v.DNS_TTL_MIN.read(env), v.DNS_TTL_MAX.read(env)
     if ttl_max < ttl_min:
         raise ConfigError(v.DNS_TTL_MAX.name, f"{ttl_max:g} is below EGRESS_DNS_PROXY_TTL_MIN ({ttl_min:g})")
+    admin = metrics_port(env, "dns-proxy")
+    if clash := next((f for f in forwards if f.port == admin), None):
+        raise ConfigError(v.METRICS_PORT.name, f"{admin} is also a forward's port (EGRESS_DNS_PROXY_DESTINATION "
+                          f"line {clash.line}: {clash.port} -> {clash.target()}): choose another, or off")
     return DnsProxySettings(
         forwards=forwards,
         debug=v.DNS_DEBUG.read(env),
@@ -227,6 +257,7 @@ def load_dns_proxy(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) 
         ttl_min=ttl_min,
         ttl_max=ttl_max,
         grace_seconds=v.GRACE.read(env),
+        metrics_port=admin,
     )
 
 

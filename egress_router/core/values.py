@@ -177,6 +177,16 @@ class _Number:
         return int(text)
 
 
+def port_or_off(value: str, variable: str) -> int:
+    """A TCP port, or 0 for 'off' (or '0'): the admin port turned off."""
+    text = value.strip()
+    if text.lower() in ("off", "0"):
+        return 0
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise ConfigError(variable, f"{text!r} is neither a port from 1 to 65535 nor 'off'")
+    return int(text)
+
+
 def seconds(minimum: float = 0.001) -> _Seconds:
     """A parser of a number of seconds, at least `minimum`."""
     return _Seconds(minimum)

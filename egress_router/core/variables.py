@@ -26,6 +26,8 @@ DEFAULT_POD_INTERFACE = "eth0"
 IPTABLES_CHOICES = ("nft", "legacy", "auto")
 LOG_FORMATS = ("text", "json")
 DEFAULT_IPTABLES = "nft"
+DEFAULT_METRICS_PORT = 9253  # the admin port of the proxies (legacy mode: off unless set)
+STAYS_UP = ("legacy", "http-proxy", "dns-proxy")
 NETWORK_NOTE = "all that configure the network (proxy modes: when EGRESS_SOURCE is set)"
 
 
@@ -115,6 +117,10 @@ CLUSTER_CIDRS: Variable[tuple[IPv4Network | IPv6Network, ...]] = Variable(
     "EGRESS_CLUSTER_CIDRS", (), "(none)", "networks the router itself reaches through the pod interface, as it "
     "does the nameservers of /etc/resolv.conf (space- or comma-separated, e.g. the service network)", MODES,
     values.ip_networks, "NETWORKS", NETWORK_NOTE)
+METRICS_PORT: Variable[int | None] = Variable(
+    "EGRESS_METRICS_PORT", None, f"{DEFAULT_METRICS_PORT} (legacy: off)", "the admin port: /healthz, /ready and "
+    "/metrics (Prometheus) over HTTP on every address; off (or 0): none. In http-proxy mode /metrics is then "
+    "served here only, not on the proxy port", STAYS_UP, values.port_or_off, "PORT|off")
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
@@ -187,7 +193,7 @@ DNS_TTL_MAX: Variable[float] = Variable(
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
     SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, LOG_FORMAT, INTERFACE, POD_INTERFACE,
-    IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS,
+    IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS, METRICS_PORT,
     HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
     HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,

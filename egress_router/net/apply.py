@@ -64,6 +64,7 @@ class Context:
     can_announce: bool = False  # NET_RAW: gratuitous ARP and neighbour advertisements can be sent
     changes: int = 0  # network changes made (NAT not counted)
     nat_rule_count: int = 0  # our NAT rules after apply (both families)
+    announced: dict[int, int] = field(default_factory=dict)  # announcements sent, per family (the metrics)
 
     def index(self, interface: str) -> int:
         try:
@@ -333,6 +334,7 @@ def announce_apply(context: Context, step: Announce, undo: Undo) -> None:
             ndp.announce(step.interface, mac, step.address)
         else:
             arp.announce(step.interface, mac, step.address)
+        context.announced[step.address.version] = context.announced.get(step.address.version, 0) + 1
     except (OSError, ValueError, SetupError) as exc:
         log.warning("Could not send the %s on %s: %s", kind, step.interface, getattr(exc, "strerror", None) or exc)
 

@@ -18,9 +18,11 @@ import time
 from collections.abc import Mapping
 from typing import cast
 
+from ..admin import bind, serve_in_worker
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
 from . import metrics
+from .dns_metrics import dns_families
 from .dns_targets import Backend, Target
 from .lookup import NameResolver
 from .metrics import SharedCounters, WorkerCounters
@@ -34,8 +36,9 @@ class DnsWorker:
     """One process's forwards and connections."""
 
     def __init__(self, settings: DnsProxySettings, shared: SharedCounters, index: int,
-                 reloader: Reloader[tuple[Forward, ...]] | None = None):
+                 reloader: Reloader[tuple[Forward, ...]] | None = None, admin_socket: socket.socket | None = None):
         self.settings = settings
+        self.admin_socket = admin_socket  # the admin port (EGRESS_METRICS_PORT), served by worker 0
         self.shared = shared
         self.index = index
         self.counters: WorkerCounters = shared.row(index)
@@ -52,6 +55,8 @@ class DnsWorker:
     async def run(self, sockets: list[socket.socket], alone: bool = False, channel: socket.socket | None = None) -> int:
         await self.resolved(list(self.targets.values()))
         await self.listen(sockets)
+        admin = await serve_in_worker(self.loop, self.admin_socket, self.index, alone, "dns-proxy",
+                                      lambda: dns_families(self.shared))
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         reloads = None if self.reloader is None else \
             WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
@@ -62,6 +67,8 @@ class DnsWorker:
         for servers in self.servers.values():
             for server in servers:
                 server.close()
+        if admin is not None:
+            admin.close()
         self.draining = True
         deadline = self.loop.time() + self.settings.grace_seconds
         while self.connections and self.loop.time() < deadline:
@@ -365,6 +372,7 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
 
     workers = settings.workers or auto_workers("DNS proxy")
     shared = SharedCounters(workers)
+    admin_socket = bind(settings.metrics_port) if settings.metrics_port else None
     for forward in settings.forwards:
         log.info("Forwarding port %d to %s", forward.port, forward.target())
     started = time.monotonic()
@@ -373,7 +381,7 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
     def make_worker(index: int) -> DnsWorker:
         # a worker forked after a reload starts from the forwards in force then (and listens on their ports)
         in_force = settings if reloader is None else dataclasses.replace(settings, forwards=reloader.rules)
-        return DnsWorker(in_force, shared, index, reloader)
+        return DnsWorker(in_force, shared, index, reloader, admin_socket)
 
     code = serve("DNS proxy", forward_listeners(settings.forwards), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import cast
 
+from ..admin import bind
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from ..logs import BARE, FIELDS
@@ -220,6 +221,11 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         self.fail(ProxyError(502, message))
 
     def finish(self, request: Request) -> None:
+        if not request.local:
+            if request.method != b"CONNECT":
+                self.worker.counters.observe(metrics.REQUEST, self.worker.loop.time() - request.started)
+            elif request.status != 200:  # a refused or failed CONNECT (an opened tunnel counted when it opened)
+                self.worker.counters.observe(metrics.CONNECT, self.worker.loop.time() - request.started)
         if self.worker.settings.access_log:
             verdict = "local" if request.local else ("allowed" if request.status < 400 else "error")
             self.access_log(request, verdict)
@@ -255,6 +261,9 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         request.local = True
         if local_page(request.method, request.url) == HEALTHZ:
             self.reply(request, 200, "ok\n")
+        elif self.worker.settings.metrics_port:  # kept from proxy clients: the admin port serves them
+            self.reply(request, 404, f"the metrics are served on the admin port ({self.worker.settings.metrics_port})"
+                       "\n")
         else:
             self.reply(request, 200, metrics.prometheus_http(self.worker.shared),
                        content_type=b"text/plain; version=0.0.4")
@@ -411,6 +420,7 @@ def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = 
 
     workers = settings.workers or auto_workers("HTTP proxy")
     shared = SharedCounters(workers)
+    admin_socket = bind(settings.metrics_port) if settings.metrics_port else None
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
     reloader = None if env is None else allow_list_reloader(settings, env, shared)
@@ -419,7 +429,7 @@ def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = 
     def make_worker(index: int) -> Worker:
         # a worker forked after a reload starts from the list in force then, not from the start-up one
         in_force = settings if reloader is None else dataclasses.replace(settings, acl=reloader.rules)
-        return Worker(in_force, shared, index, ClientConnection, reloader, versions)
+        return Worker(in_force, shared, index, ClientConnection, reloader, versions, admin_socket)
 
     code = serve("HTTP proxy", listen_spec(settings.port), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

@@ -62,6 +62,7 @@ class TunnelSide(FlowControl):
         worker = self.worker
         worker.counters.add(metrics.ALLOWED)
         worker.counters.add(metrics.TUNNELS)
+        worker.counters.observe(metrics.CONNECT, worker.loop.time() - request.started)
         self.tunnel = transport
         self.flush()
         self.transport.write(TUNNEL_ESTABLISHED)

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..admin import serve_in_worker
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from ..core.hosts import Address
@@ -15,7 +16,7 @@ from . import metrics
 from .http_rules import Host, ProxyError
 from .http_upstream import Endpoint, Upstream, UpstreamPool
 from .lookup import Names, NotResolved
-from .metrics import SharedCounters, WorkerCounters
+from .metrics import SharedCounters, WorkerCounters, http_families
 from .reload import Reloader, WorkerReloads
 from .server import handle_stop_signals
 
@@ -30,8 +31,9 @@ class Worker:
 
     def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
                  client: Callable[[Worker], ClientConnection], reloader: Reloader[AccessList] | None = None,
-                 versions: frozenset[int] | None = None):
+                 versions: frozenset[int] | None = None, admin_socket: socket.socket | None = None):
         self.settings = settings
+        self.admin_socket = admin_socket  # the admin port (EGRESS_METRICS_PORT), served by worker 0
         # The families with a reserved source (None: unknown). The pod's own default route of another family
         # stays in place: an address of that family, tried first, may only time out (or leave from the pod's
         # address), so it is tried last.
@@ -64,6 +66,8 @@ class Worker:
         client = self.client
         servers = [await self.loop.create_server(lambda: client(self), sock=sock, backlog=4096)
                    for sock in sockets]
+        admin = await serve_in_worker(self.loop, self.admin_socket, self.index, alone, "http-proxy",
+                                      lambda: http_families(self.shared))
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         reloads = None if self.reloader is None else \
             WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
@@ -73,6 +77,8 @@ class Worker:
             reloads.stop()
         for server in servers:
             server.close()
+        if admin is not None:
+            admin.close()
         await self.drain()
         sweeper.cancel()
         return 0

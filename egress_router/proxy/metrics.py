@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
+from bisect import bisect_left
+
+from ..core.exposition import DURATION_BUCKETS, Family, histogram, labelled, render, single
 
 # Counter indexes (each worker owns one row: a single writer per cell, so no locking is needed).
 ALLOWED, DENIED, BAD, TUNNELS, BYTES_UP, BYTES_DOWN, OPEN, UPSTREAM_ERRORS, UPSTREAM_TIMEOUTS, REJECTED = range(10)
@@ -12,7 +14,13 @@ DNS_TIMEOUTS, LOOKUPS_ANSWERED, LOOKUPS_NOT_FOUND, LOOKUPS_FAILED, LOOKUPS_TIMED
 # Rule reloads (proxy/reload.py) applied and refused; written by the deciding process only (the master, or the
 # only process) into row 0, which its worker 0 never writes these cells of.
 RELOADS, RELOAD_FAILURES = range(15, 17)
-WIDTH = 17
+# HTTP request durations: per kind, one cell per bucket (the last: above every bound) and the sum in microseconds.
+REQUEST, CONNECT = 0, 1
+KINDS = ("request", "connect")
+DURATIONS = 17
+BUCKETS = len(DURATION_BUCKETS) + 1
+SERIES = BUCKETS + 1
+WIDTH = DURATIONS + len(KINDS) * SERIES
 
 
 class SharedCounters:
@@ -49,33 +57,52 @@ class WorkerCounters:
         cell = self.base + index
         self.cells[cell] = max(0, self.cells[cell] - amount)
 
+    def observe(self, kind: int, seconds: float) -> None:
+        """One request of `kind` (REQUEST, CONNECT) that took `seconds`, into its duration histogram."""
+        base = self.base + DURATIONS + kind * SERIES
+        self.cells[base + bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.cells[base + BUCKETS] += int(seconds * 1_000_000)
+
 
 def prometheus_http(shared: SharedCounters) -> str:
+    """The proxy port's /metrics (when no admin port serves them)."""
+    return render(http_families(shared))
+
+
+def by(key: str, **values: int) -> list[tuple[tuple[tuple[str, str], ...], int]]:
+    """Samples of one label: by("verdict", allowed=3) -> [((("verdict", "allowed"),), 3)]."""
+    return [(((key, value),), count) for value, count in values.items()]
+
+
+def http_families(shared: SharedCounters) -> list[Family]:
     total = shared.total
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, int]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    metric("egress_router_http_requests_total", "counter", "Proxy requests and tunnels by verdict.",
-           [('{verdict="allowed"}', total(ALLOWED)), ('{verdict="denied"}', total(DENIED)),
-            ('{verdict="bad_request"}', total(BAD))])
-    metric("egress_router_http_tunnels_total", "counter", "CONNECT tunnels established.", [("", total(TUNNELS))])
-    metric("egress_router_http_bytes_total", "counter", "Bytes relayed (payload), by direction.",
-           [('{direction="upstream"}', total(BYTES_UP)), ('{direction="downstream"}', total(BYTES_DOWN))])
-    metric("egress_router_http_open_connections", "gauge", "Client connections open now.", [("", total(OPEN))])
-    metric("egress_router_http_upstream_errors_total", "counter", "Upstream connections that failed, by kind.",
-           [('{kind="unreachable"}', total(UPSTREAM_ERRORS)), ('{kind="timeout"}', total(UPSTREAM_TIMEOUTS)),
-            ('{kind="dns_timeout"}', total(DNS_TIMEOUTS))])
-    metric("egress_router_http_dns_lookups_total", "counter",
-           "DNS lookups made (requests waiting for the same name share one; cached answers make none), by result.",
-           [('{result="answered"}', total(LOOKUPS_ANSWERED)), ('{result="not_found"}', total(LOOKUPS_NOT_FOUND)),
-            ('{result="failed"}', total(LOOKUPS_FAILED)), ('{result="timeout"}', total(LOOKUPS_TIMED_OUT))])
-    metric("egress_router_http_rejected_connections_total", "counter",
-           "Client connections refused because the connection limit was reached.", [("", total(REJECTED))])
-    metric("egress_router_http_reloads_total", "counter",
-           "Reloads of the allow list (its file changed, or SIGHUP), by result: applied, or failed (the list in "
-           "force stays).", [('{result="applied"}', total(RELOADS)), ('{result="failed"}', total(RELOAD_FAILURES))])
-    return "\n".join(lines) + "\n"
+    families = [
+        labelled("egress_router_http_requests_total", "counter", "Proxy requests and tunnels by verdict.",
+                 by("verdict", allowed=total(ALLOWED), denied=total(DENIED), bad_request=total(BAD))),
+        single("egress_router_http_tunnels_total", "counter", "CONNECT tunnels established.", total(TUNNELS)),
+        labelled("egress_router_http_bytes_total", "counter", "Bytes relayed (payload), by direction.",
+                 by("direction", upstream=total(BYTES_UP), downstream=total(BYTES_DOWN))),
+        single("egress_router_http_open_connections", "gauge", "Client connections open now.", total(OPEN)),
+        labelled("egress_router_http_upstream_errors_total", "counter", "Upstream connections that failed, by kind.",
+                 by("kind", unreachable=total(UPSTREAM_ERRORS), timeout=total(UPSTREAM_TIMEOUTS),
+                    dns_timeout=total(DNS_TIMEOUTS))),
+        labelled("egress_router_http_dns_lookups_total", "counter", "DNS lookups made (requests waiting for the "
+                 "same name share one; cached answers make none), by result.",
+                 by("result", answered=total(LOOKUPS_ANSWERED), not_found=total(LOOKUPS_NOT_FOUND),
+                    failed=total(LOOKUPS_FAILED), timeout=total(LOOKUPS_TIMED_OUT))),
+        single("egress_router_http_rejected_connections_total", "counter",
+               "Client connections refused because the connection limit was reached.", total(REJECTED)),
+        labelled("egress_router_http_reloads_total", "counter",
+                 "Reloads of the allow list (its file changed, or SIGHUP), by result: applied, or failed (the list in "
+                 "force stays).", by("result", applied=total(RELOADS), failed=total(RELOAD_FAILURES))),
+    ]
+    series = []
+    for kind, name in enumerate(KINDS):
+        base = DURATIONS + kind * SERIES
+        counts = [total(base + bucket) for bucket in range(BUCKETS)]
+        series.append(((("kind", name),), counts, total(base + BUCKETS) / 1_000_000))
+    families.append(histogram(
+        "egress_router_http_request_duration_seconds", "Time from a request's head to the end of its response "
+        "(kind=request), or to the tunnel's 200 or refusal (kind=connect); the proxy's own pages not counted.",
+        series))
+    return families
