@@ -149,8 +149,10 @@ class ClientConnection:
 
 def proxy_env(defaults: Mapping[str, str], *, network: bool, variables: Mapping[str, str]) -> dict[str, str]:
     """A proxy's environment in a test: ours without any EGRESS_*, the mode's test defaults, the network
-    part (macvlan source and gateway: the single-container layout) when asked, then the test's own."""
+    part (macvlan source and gateway: the single-container layout) when asked, then the test's own.
+    No admin port unless the test asks: tests run several proxies side by side in one namespace."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
+    env["EGRESS_METRICS_PORT"] = "off"
     env.update(defaults)
     if network:
         env.update(EGRESS_SOURCE=f"{SOURCE_IP}/24", EGRESS_GATEWAY=GATEWAY_LAN_IP)
