@@ -186,12 +186,15 @@ def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     """The container behaviour of every mode but unit-test: the network first (if configured), then the
     proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
     reload their rules from the files it names)."""
+    # a proxy's admin port is opened before the network is configured: a port in use changes nothing
+    admin_socket = open_admin_port(config.metrics_port) if config.http_proxy is not None and config.metrics_port \
+        else None
     if config.configures_network:
         configure(config, env)
     if config.http_proxy is not None:
         from .proxy.http import run_http_proxy
 
-        return run_http_proxy(config.http_proxy, env)
+        return run_http_proxy(config.http_proxy, env, admin_socket)
     if config.dns_proxy is not None:
         from .proxy.dns import run_dns_proxy
 

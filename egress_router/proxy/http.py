@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import cast
@@ -220,12 +221,16 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             return
         self.fail(ProxyError(502, message))
 
+    def timed(self, request: Request) -> None:
+        """The request into the duration histogram: answered (or refused) now; an opened tunnel was counted when it
+        opened, the proxy's own pages not at all."""
+        if request.local or (request.method == b"CONNECT" and request.status == 200):
+            return
+        kind = metrics.CONNECT if request.method == b"CONNECT" else metrics.REQUEST
+        self.worker.counters.observe(kind, self.worker.loop.time() - request.started)
+
     def finish(self, request: Request) -> None:
-        if not request.local:
-            if request.method != b"CONNECT":
-                self.worker.counters.observe(metrics.REQUEST, self.worker.loop.time() - request.started)
-            elif request.status != 200:  # a refused or failed CONNECT (an opened tunnel counted when it opened)
-                self.worker.counters.observe(metrics.CONNECT, self.worker.loop.time() - request.started)
+        self.timed(request)
         if self.worker.settings.access_log:
             verdict = "local" if request.local else ("allowed" if request.status < 400 else "error")
             self.access_log(request, verdict)
@@ -296,6 +301,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
                             level=logging.INFO if exc.status < 500 else logging.WARNING)
         if self.transport is not None and not self.closing:
             self.send(response)
+        self.timed(request)
         self.done(request)
 
     def bad_request(self, message: str, status: int = 400, counter: int | None = metrics.BAD) -> None:
@@ -411,16 +417,19 @@ class ClientConnection(RequestReader, asyncio.Protocol):
                           request.peer_ip, request.content_type)
 
 
-def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = None) -> int:
+def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = None,
+                   admin_socket: socket.socket | None = None) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code.
 
     With `env` (the environment `settings` came from), the allow list is reloaded when its file changes
-    and on SIGHUP (proxy/reload.py)."""
+    and on SIGHUP (proxy/reload.py). `admin_socket`: the admin port, when the caller opened it already (before
+    configuring the network)."""
     from .server import auto_workers, listen_spec, loop_worker, serve
 
     workers = settings.workers or auto_workers("HTTP proxy")
     shared = SharedCounters(workers)
-    admin_socket = bind(settings.metrics_port) if settings.metrics_port else None
+    if admin_socket is None and settings.metrics_port:
+        admin_socket = bind(settings.metrics_port)
     log.info("HTTP proxy allow list: %s", settings.acl.describe())
     started = time.monotonic()
     reloader = None if env is None else allow_list_reloader(settings, env, shared)
