@@ -68,6 +68,7 @@ def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Do
         found["packages"])
     config = docker_env.client.images.get(image).attrs["Config"]
     assert config["Entrypoint"] == ["egress-router"]
+    assert set(config["ExposedPorts"]) == {"8080/tcp", "9253/tcp"}  # the HTTP proxy's and the admin port
     labels = config["Labels"]
     assert labels["org.opencontainers.image.version"] == __version__
     assert labels["org.opencontainers.image.title"] == "egress-router"
@@ -134,6 +135,7 @@ def test_the_usual_docker_build_works_online_without_a_wheelhouse(docker_env: Do
         found["packages"])
     config = docker_env.client.images.get(tag).attrs["Config"]
     assert config["Entrypoint"] == ["egress-router"]
+    assert set(config["ExposedPorts"]) == {"8080/tcp", "9253/tcp"}  # the HTTP proxy's and the admin port
     # The host's CA bundle stayed in the builder: no file of the image has its content. The probe copy,
     # mounted for this run only, shows that the search finds it where it is.
     bundle = online_image.ca_bundle.read_bytes()
@@ -325,6 +327,11 @@ def test_http_proxy_as_nobody_without_capabilities(docker_env: Docker, image: st
     results = fetch(docker_env, net, proxy_url, f"http://{origin}:8000/hello.txt", "http://203.0.113.77:8000/x")
     assert results[0] == [200, "hello from the origin\n"]
     assert results[1][0] == 403
+    admin = fetch(docker_env, net, "", f"http://{container_ip(proxy, net)}:9253/metrics",
+                  f"http://{container_ip(proxy, net)}:9253/ready")
+    assert admin[0][0] == 200 and 'mode="http-proxy"} 1\n' in admin[0][1], admin
+    assert 'egress_router_http_requests_total{verdict="denied"} 1\n' in admin[0][1], admin
+    assert admin[1] == [200, "ok\n"]
     assert_unprivileged(proxy)
     log = stop_cleanly(proxy)
     assert " allowed 200 " in log and " denied 403 " in log, log
@@ -337,6 +344,9 @@ def test_dns_proxy_as_nobody_without_capabilities(docker_env: Docker, image: str
     address = container_ip(proxy, net)
     results = fetch(docker_env, net, "", f"http://{address}:8000/hello.txt", f"http://{address}:9000/hello.txt")
     assert results == [[200, "hello from the origin\n"]] * 2
+    admin = fetch(docker_env, net, "", f"http://{address}:9253/metrics", f"http://{address}:9253/healthz")
+    assert admin[0][0] == 200 and 'mode="dns-proxy"} 1\n' in admin[0][1], admin
+    assert admin[1] == [200, "ok\n"]
     assert_unprivileged(proxy)
     log = stop_cleanly(proxy)
     assert f"Forwarding port 9000 to {origin}" in log, log
