@@ -32,8 +32,10 @@ import re
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from benchlib import (
     BenchError,
@@ -80,8 +82,12 @@ def rules(extra: int) -> str:
 class Router:
     """The legacy-mode router in the lab's router namespace, ready when constructed."""
 
-    def __init__(self, lab: Lab, extra_rules: int):
-        env = lab.router_env(rules(extra_rules), mode="legacy", EGRESS_METRICS_PORT=str(PORT))
+    def __init__(self, lab: Lab, extra_rules: int, work: Path):
+        # in a file: 10,000 rules are over the 128 KiB an environment string may have
+        path = work / "destination"
+        path.write_text(rules(extra_rules), encoding="utf-8")
+        env = lab.router_env("", mode="legacy", EGRESS_METRICS_PORT=str(PORT), EGRESS_DESTINATION_FILE=str(path))
+        env.pop("EGRESS_DESTINATION")
         self.process = subprocess.Popen(lab.enter_argv("router") + router_command(), env=env, text=True,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.process.stderr is not None
@@ -191,7 +197,7 @@ def main() -> int:
     times: dict[str, list[float]] = {who: [] for who in CONTENDERS}
     reported: list[int] = []
     top_ups = 0
-    with Lab() as lab:
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="egress-scrape-") as work:
         limit = int(lab.read_sysctl("router", "net.netfilter.nf_conntrack_max"))
         if limit < 2 * FLOWS:
             raise BenchError(f"nf_conntrack_max is {limit:,}: {FLOWS:,} entries would come close to it")
@@ -199,7 +205,7 @@ def main() -> int:
             sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read: no replies, no ICMP errors
         with sink:
             sink.bind((A, 5353))
-            router = Router(lab, args.rules)
+            router = Router(lab, args.rules, Path(work))
             try:
                 created = send_flows(lab, deadline)
                 print(f"{FLOWS:,} UDP flows sent in {secs(created)}; {entries(lab):,} conntrack entries in the "

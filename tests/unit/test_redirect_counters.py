@@ -76,7 +76,9 @@ def test_redirect_labels(spec: str, labels: tuple[str, str, str]) -> None:
     assert redirect_labels(spec) == tuple(zip(("protocol", "port", "destination"), labels, strict=True))
 
 
-@pytest.mark.parametrize("spec", ["-i eth0 -p tcp -m tcp --dport 9253 -j RETURN", "-j DNAT", "-p tcp -j ACCEPT"])
+@pytest.mark.parametrize("spec", ["-i eth0 -p tcp -m tcp --dport 9253 -j RETURN", "-j DNAT", "-p tcp -j ACCEPT",
+                                  "-i eth0 -j DNAT --to-destination 203.0.113.1 --random",
+                                  "-s 198.51.100.7/32 -i eth0 -j DNAT --to-destination 203.0.113.1"])
 def test_rules_that_redirect_nothing_have_no_labels(spec: str) -> None:
     assert redirect_labels(spec) is None
 
@@ -85,6 +87,7 @@ def test_snat_labels() -> None:
     assert snat_labels("-o macvlan0 -j SNAT --to-source 192.0.2.99") == (("interface", "macvlan0"),
                                                                          ("source", "192.0.2.99"))
     assert snat_labels("-o macvlan0 -j MASQUERADE") is None
+    assert snat_labels("-j SNAT --to-source 192.0.2.99") is None
 
 
 def test_rows_of_both_families() -> None:
