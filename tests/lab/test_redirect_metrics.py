@@ -5,6 +5,7 @@ would otherwise redirect."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -175,23 +176,30 @@ def test_a_reload_is_counted_and_its_new_rule_counts_at_once(served: Lab, start_
     scraped_until(served, lambda s: value(s, "egress_router_reloads_total", result="failed") == 1)
 
 
-FAILING_RESTORE = """#!/bin/sh
-# iptables-nft-restore, made to fail while {flag} exists
-if [ -e {flag} ]; then echo "restore made to fail by the test" >&2; exit 1; fi
+FAILING = """#!/bin/sh
+# {name}, made to fail while {flag} exists (when called with {when})
+if [ -e {flag} ] && [ "$*" {test} "{when}" ]; then echo "{name} made to fail by the test" >&2; exit 1; fi
 exec {real} "$@"
 """
 
 
+def failing_tool(directory: Path, name: str, flag: Path, when: str = "") -> str:
+    """A PATH entry holding a wrapper of the iptables tool `name` that fails while `flag` exists (only when
+    called with the arguments `when`, if given); returns the PATH to start the router with."""
+    real = shutil.which(name)
+    assert real is not None
+    directory.mkdir(exist_ok=True)
+    wrapper = directory / name
+    wrapper.write_text(FAILING.format(name=name, flag=flag, real=real, when=when, test="=" if when else "!="),
+                       encoding="utf-8")
+    wrapper.chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}"
+
+
 def test_drift_repairs_are_counted_and_healthz_fails_while_one_fails(served: Lab, start_router: StartRouter,
                                                                     tmp_path: Path) -> None:
-    real = shutil.which("iptables-nft-restore")
-    assert real is not None
-    tools, flag = tmp_path / "bin", tmp_path / "fail"
-    tools.mkdir()
-    wrapper = tools / "iptables-nft-restore"
-    wrapper.write_text(FAILING_RESTORE.format(flag=flag, real=real), encoding="utf-8")
-    wrapper.chmod(0o755)
-    path = f"{tools}:{served.router_env()['PATH']}"
+    flag = tmp_path / "fail"
+    path = failing_tool(tmp_path / "bin", "iptables-nft-restore", flag)
     router = start_router(EGRESS_DESTINATION=RULES, EGRESS_METRICS_PORT=str(PORT), EGRESS_IPTABLES="nft",
                           EGRESS_ROUTER_DRIFT_SECONDS="0.3", PATH=path)
     assert get(served, "/healthz") == (200, "ok\n")
@@ -199,7 +207,8 @@ def test_drift_repairs_are_counted_and_healthz_fails_while_one_fails(served: Lab
     served.exec("router", ["iptables", "-t", "nat", "-F", "EGRESS-ROUTER-DNAT"], check=True)
     assert eventually(lambda: get(served, "/healthz")[0] == 503, 10.0) is not None, router.stderr
     status, body = get(served, "/healthz")
-    assert status == 503 and body.startswith("drift repair failed: ") and "made to fail by the test" in body, body
+    assert status == 503 and body.startswith("drift repair failed: "), body
+    assert "iptables-nft-restore made to fail by the test" in body, body
     failing = scrape(served)
     assert value(failing, "egress_router_drift_repair_failures_total") >= 1
     assert value(failing, "egress_router_drift_repairs_total") == 0
@@ -211,6 +220,30 @@ def test_drift_repairs_are_counted_and_healthz_fails_while_one_fails(served: Lab
     assert redirect(repaired, "packets", "4", "tcp", "80", A) == 0  # the rules are back, counting again
     send(served, ROUTER_POD_IP, 1, 0, 0)
     assert redirect(scrape(served), "packets", "4", "tcp", "80", A) == 1
+
+
+def test_a_failed_counter_read_is_counted_and_the_rest_still_served(served: Lab, start_router: StartRouter,
+                                                                     tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    path = failing_tool(tmp_path / "bin", "iptables-nft-save", flag, when="-c -t nat")  # the drift checks' reads work
+    router = start_router(EGRESS_DESTINATION=RULES, EGRESS_METRICS_PORT=str(PORT), EGRESS_IPTABLES="nft", PATH=path)
+    send(served, ROUTER_POD_IP, 1, 0, 0)
+    flag.touch()
+    for scrapes in (1, 2, 3):
+        failing = scrape(served)
+        assert value(failing, "egress_router_redirect_counter_read_failures_total") == scrapes
+        assert not [key for key in failing if key[0].startswith(("egress_router_redirect_packets",
+                                                                  "egress_router_snat_"))]
+        assert value(failing, "egress_router_conntrack_entries") >= 1  # the rest of the scrape is there
+    warnings = [line for line in router.lines() if "Reading the NAT rules' counters" in line]
+    assert len(warnings) == 1 and "iptables-nft-save -c -t nat failed: iptables-nft-save made to fail by the test" \
+        in warnings[0], warnings  # logged once, counted every time
+    flag.unlink()
+    working = scrape(served)
+    assert redirect(working, "packets", "4", "tcp", "80", A) == 1
+    assert value(working, "egress_router_redirect_counter_read_failures_total") == 3
+    assert "works again" in router.wait_log("Reading the NAT rules' counters works again")
+    assert get(served, "/healthz") == (200, "ok\n")  # a metrics problem is not a routing problem
 
 
 RULES6 = f"80 tcp {A}\n80 tcp {A6}\n53 udp {A6} 5353\n{C}\n{C6}\n"

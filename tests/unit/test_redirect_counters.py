@@ -3,14 +3,20 @@ the DNAT chain (a fallback would send probes and scrapes to the fallback destina
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from egress_router.core.config import load
 from egress_router.core.counters import RuleCounter, counter_rows, parse_counters, redirect_labels, snat_labels
-from egress_router.core.errors import ConfigError
+from egress_router.core.errors import ConfigError, SetupError
 from egress_router.core.exposition import labelled, render
 from egress_router.core.nat import DNAT_CHAIN, SNAT_CHAIN
 from egress_router.core.plan import build_plan
+from egress_router.net import counters as net_counters
+from egress_router.net.counters import read_counters
 
 # what iptables-nft-save -c -t nat printed in the lab (dual-stack demo rules, a few connections sent)
 SAVE4 = """\
@@ -165,3 +171,43 @@ def test_init_mode_has_no_admin_port_and_no_exemption() -> None:
     env = {**LEGACY, "EGRESS_ROUTER_MODE": "init", "EGRESS_DESTINATION": "9253 tcp 203.0.113.11\n",
            "EGRESS_METRICS_PORT": "9253"}
     assert dnat_chain(env) == ["-i eth0 -p tcp -m tcp --dport 9253 -j DNAT --to-destination 203.0.113.11"]
+
+
+# ---------------------------------------------------------------- the edge: running the save tools
+
+def fake_tool(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_both_families_are_read_with_their_own_tools(tmp_path: Path) -> None:
+    (tmp_path / "save4.txt").write_text(SAVE4, encoding="utf-8")
+    (tmp_path / "save6.txt").write_text(SAVE6, encoding="utf-8")
+    save4 = fake_tool(tmp_path, "iptables-nft-save", f'[ "$*" = "-c -t nat" ] && exec cat {tmp_path}/save4.txt')
+    save6 = fake_tool(tmp_path, "ip6tables-nft-save", f'[ "$*" = "-c -t nat" ] && exec cat {tmp_path}/save6.txt')
+    found = read_counters({4: (save4, "unused"), 6: (save6, "unused")})
+    assert found == {4: parse_counters(SAVE4), 6: parse_counters(SAVE6)}
+
+
+def test_a_failing_tool_is_one_line_naming_it(tmp_path: Path) -> None:
+    save = fake_tool(tmp_path, "iptables-nft-save", 'echo "iptables v1.8.9: table nat: No such\n file" >&2; exit 4')
+    with pytest.raises(SetupError) as caught:
+        read_counters({4: (save, "unused")})
+    assert str(caught.value) == "iptables-nft-save -c -t nat failed: iptables v1.8.9: table nat: No such file"
+    with pytest.raises(SetupError, match="cannot run /nonexistent/iptables-nft-save: No such file"):
+        read_counters({4: ("/nonexistent/iptables-nft-save", "unused")})
+
+
+def test_a_hung_tool_is_killed_at_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(net_counters, "READ_TIMEOUT_SECONDS", 0.3)
+    pidfile = tmp_path / "pid"
+    save = fake_tool(tmp_path, "iptables-nft-save", f"echo $$ > {pidfile}; exec sleep 30")
+    fine = fake_tool(tmp_path, "ip6tables-nft-save", "exit 0")
+    start = time.monotonic()
+    with pytest.raises(SetupError, match=r"iptables-nft-save -c -t nat did not answer within 0.3 s"):
+        read_counters({4: (save, "unused"), 6: (fine, "unused")})
+    assert time.monotonic() - start < 5
+    pid = int(pidfile.read_text())
+    assert not os.path.exists(f"/proc/{pid}") or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
