@@ -125,8 +125,11 @@ def scraped_until(lab: Lab, check: Callable[[Samples], bool], timeout: float = 1
 
 # ---------------------------------------------------------------- the tests
 
-def test_each_rule_counts_the_connections_sent_through_it(served: Lab, start_router: StartRouter) -> None:
-    start_router(EGRESS_DESTINATION=RULES, EGRESS_METRICS_PORT=str(PORT))
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_each_rule_counts_the_connections_sent_through_it(served: Lab, start_router: StartRouter,
+                                                          backend: str) -> None:
+    start_router(EGRESS_DESTINATION=RULES, EGRESS_METRICS_PORT=str(PORT), EGRESS_IPTABLES=backend)
+    assert "EGRESS-ROUTER-DNAT" in served.exec("router", [f"iptables-{backend}-save"], check=True).stdout
     before = scrape(served)  # the scrapes themselves go to the router: no rule counts them
     for protocol, port, destination in (("tcp", "80", A), ("udp", "53", f"{A}:5353"), ("all", "", C)):
         assert redirect(before, "packets", "4", protocol, port, destination) == 0
