@@ -167,6 +167,13 @@ def test_a_tcp_rule_on_the_admin_port_is_refused() -> None:
                                  "another port, or the admin port another number")
 
 
+def test_the_testinfra_plugin_expects_the_exemption_too() -> None:
+    from egress_router.testinfra_plugin import nat_rules
+
+    expected = nat_rules({**LEGACY, "EGRESS_METRICS_PORT": "9253"})[DNAT_CHAIN]
+    assert expected[:2] == [f"-N {DNAT_CHAIN}", f"-A {DNAT_CHAIN} -i eth0 -p tcp -m tcp --dport 9253 -j RETURN"]
+
+
 def test_init_mode_has_no_admin_port_and_no_exemption() -> None:
     env = {**LEGACY, "EGRESS_ROUTER_MODE": "init", "EGRESS_DESTINATION": "9253 tcp 203.0.113.11\n",
            "EGRESS_METRICS_PORT": "9253"}
