@@ -65,13 +65,13 @@ def redirect_families(live: Live) -> list[Family]:
 
 
 REDIRECT_PACKETS_HELP = (
-    "Connections (TCP) and flows (UDP, by source port) each redirect rule sent on, counted by the rule in the "
-    "router's DNAT chain: a nat-table rule sees only the first packet of a connection (connection tracking "
-    "translates the rest), so this counts new connections, not their packets. protocol: tcp or udp, all for "
-    "a fallback rule (every other port and protocol; its port is \"\"); port: the router's port; "
-    "destination: the DNAT target as iptables prints it (ip, ip:port, [ipv6]:port). Read from the live chains "
-    "at each scrape, so rules from a reload show at once; like any counter they start again from 0 when the "
-    "chains are rewritten (a reload or a drift repair) or the pod restarts.")
+    "Connections (TCP) and flows (UDP: one per client address and port) each redirect rule sent on, counted "
+    "by the rule in the router's DNAT chain: a nat-table rule sees only the first packet of a connection "
+    "(connection tracking translates the rest), so this counts new connections, not their packets. protocol: "
+    "tcp or udp, all for a fallback rule (every other port and protocol; its port is \"\"); port: the "
+    "router's port; destination: the DNAT target as iptables prints it (ip, ip:port, [ipv6]:port). Read from "
+    "the live chains at each scrape, so rules from a reload show at once; like any counter they start again "
+    "from 0 when the chains are rewritten (a reload or a drift repair) or the pod restarts.")
 REDIRECT_BYTES_HELP = (
     "Bytes of the first packets counted in egress_router_redirect_packets_total (the TCP SYN, the first UDP "
     "datagram, IP header included): not the bytes the connections carried.")

@@ -22,19 +22,19 @@ def read_counters(tools: Mapping[int, tuple[str, str]]) -> dict[int, list[RuleCo
     `-c -t nat` prints the nat table only, with every rule's counters: measured on nf_tables, as fast as
     listing one chain (`-S CHAIN -v`), which would take two runs per family (DNAT and SNAT). Both families'
     tools start at once, so a dual-stack scrape waits for about one run, not two."""
-    started: dict[int, subprocess.Popen[str]] = {}
+    started: dict[int, tuple[str, subprocess.Popen[str]]] = {}  # version -> (the tool's name, its process)
     read: set[int] = set()  # the ones whose output was collected (their pipes are closed)
     try:
         for version, (save, _) in sorted(tools.items()):
             try:
-                started[version] = subprocess.Popen([save, "-c", "-t", "nat"], stdin=subprocess.DEVNULL,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                started[version] = os.path.basename(save), subprocess.Popen(
+                    [save, "-c", "-t", "nat"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)
             except OSError as exc:
                 raise SetupError(f"cannot run {save}: {exc.strerror}") from None
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
         found: dict[int, list[RuleCounter]] = {}
-        for version, process in started.items():
-            name = os.path.basename(str(process.args[0]))  # type: ignore[index]
+        for version, (name, process) in started.items():
             try:
                 out, err = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
                 read.add(version)
@@ -46,7 +46,7 @@ def read_counters(tools: Mapping[int, tuple[str, str]]) -> dict[int, list[RuleCo
             found[version] = parse_counters(out)
         return found
     finally:
-        for version, process in started.items():  # only the processes started here, on any way out
+        for version, (_, process) in started.items():  # only the processes started here, on any way out
             if version not in read:
                 if process.poll() is None:
                     process.kill()
