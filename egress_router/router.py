@@ -162,9 +162,9 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         live = Live(env, config, plan, prepared.facts, context) if stay_up else None
         if live is not None and admin_socket is not None:
             from .admin import serve_in_thread
-            from .legacy_metrics import legacy_admin, redirect_families
+            from .legacy_metrics import RedirectMetrics, legacy_admin
 
-            serve_in_thread(admin_socket, legacy_admin(live, redirect_families))
+            serve_in_thread(admin_socket, legacy_admin(live, RedirectMetrics()))
             log.info("Admin port %d: /healthz, /ready, /metrics", config.metrics_port)
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
                  " and ".join(map(str, plan.addresses)), plan.interface, " and ".join(map(str, plan.gateways)),

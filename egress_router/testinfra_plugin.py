@@ -115,7 +115,7 @@ def nat_rules(env: Mapping[str, str], interface: str | None = None, version: int
     if config.destinations is None or egress is None:
         return {}
     nat = planned(config.destinations.family(version), config.pod_interface,
-                  interface or config.interface or DEFAULT_INTERFACE, egress.source.ip)
+                  interface or config.interface or DEFAULT_INTERFACE, egress.source.ip, admin_port=config.metrics_port)
     return {chain: [f"-N {chain}", *(f"-A {chain} {spec}" for spec in specs)] for chain, specs in nat.chains}
 
 

@@ -157,10 +157,12 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
         sources = parse_sources(v.SOURCE.require(env))
         egress = parse_gateways(v.GATEWAY.require(env), sources)
     destinations = None
+    admin_port = metrics_port(env, mode)
     if mode in NAT_MODES:
         shown = ", ".join(str(e.source.ip) for e in egress)
-        destinations = parse_destinations(*rules(env, files, v.DESTINATION),
-                                          families=tuple(e.version for e in egress), sources=shown)
+        text, where = rules(env, files, v.DESTINATION)
+        destinations = parse_destinations(text, where, families=tuple(e.version for e in egress), sources=shown)
+        check_admin_port(admin_port, destinations, where)
     interface = v.INTERFACE.read(env)
     pod_interface = v.POD_INTERFACE.read(env)
     if interface is not None and interface == pod_interface:
@@ -178,8 +180,17 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
         iptables=v.IPTABLES.read(env),
         cluster_cidrs=v.CLUSTER_CIDRS.read(env),
         drift_seconds=v.DRIFT_SECONDS.read(env),
-        metrics_port=metrics_port(env, mode),
+        metrics_port=admin_port,
     )
+
+
+def check_admin_port(port: int, destinations: Destinations, where: str) -> None:
+    """The admin port's TCP connections stay with the router (core.nat.admin_exemption): no rule may redirect it."""
+    if clash := next((rule for rule in destinations.rules if rule.proto == "tcp" and rule.port == port), None):
+        raise ConfigError(where, f"TCP port {port} is the admin port (EGRESS_METRICS_PORT), which stays with the "
+                          "router: give the rule another port, or the admin port another number",
+                          line=clash.line, text=f"{clash.port} tcp {clash.ip}" + (
+                              f" {clash.remote_port}" if clash.remote_port is not None else ""))
 
 
 def unused_in_mode(env: Mapping[str, str], mode: str) -> tuple[str, ...]:

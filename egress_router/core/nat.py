@@ -62,16 +62,25 @@ class NatRules:
 
 
 def nat_rules(destinations: Destinations | None, pod_interface: str, interface: str,
-              source: IPv4Address | IPv6Address, *, mark_pod_connections: bool = False) -> NatRules:
+              source: IPv4Address | IPv6Address, *, mark_pod_connections: bool = False,
+              admin_port: int = 0) -> NatRules:
     """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`;
-    with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs).
+    with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs);
+    with `admin_port`, connections to that TCP port stay with the router (see admin_exemption).
     The rules are those of `source`'s family: `destinations` holds only rules of that family."""
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
     if destinations is not None:
-        chains = ((DNAT_CHAIN, tuple(dnat_specs(destinations, pod_interface))),
+        exempt = admin_exemption(pod_interface, admin_port)
+        chains = ((DNAT_CHAIN, (*exempt, *dnat_specs(destinations, pod_interface))),
                   (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)))
     mangle = ((MARK_CHAIN, mark_specs(pod_interface)),) if mark_pod_connections else ()
     return NatRules(chains, mangle, source.version)
+
+
+def admin_exemption(pod_interface: str, admin_port: int) -> tuple[str, ...]:
+    """The admin port's connections (probes, scrapes) leave our DNAT chain before any rule: a fallback
+    redirects every port, and would send the kubelet's probes to the fallback destination."""
+    return (f"-i {pod_interface} -p tcp -m tcp --dport {admin_port} -j RETURN",) if admin_port else ()
 
 
 def mark_specs(pod_interface: str) -> tuple[str, ...]:

@@ -60,10 +60,10 @@ def network_plan(interface: str, pod_interface: str, address: Interface, gateway
 
 def dual_plan(interface: str, pod_interface: str, egress: Sequence[tuple[Interface, IPAddress]],
               destinations: Destinations | None, facts: PodFacts | None = None,
-              cluster_cidrs: tuple[Network, ...] = ()) -> Plan:
+              cluster_cidrs: tuple[Network, ...] = (), *, admin_port: int = 0) -> Plan:
     """The steps of every mode that configures the network, for each family of `egress` (source, gateway;
-    IPv4 first); NAT only with `destinations`; the pod-network return path (core.podnet) of each family where
-    `facts` know the pod interface's next hop in it.
+    IPv4 first); NAT only with `destinations` (the TCP `admin_port` exempt from it); the pod-network return
+    path (core.podnet) of each family where `facts` know the pod interface's next hop in it.
 
     The iptables steps go first: they are the steps most likely to fail (a kernel without a module, a
     broken iptables backend), and each fails whole, so then nothing at all has been changed (or the other
@@ -78,7 +78,8 @@ def dual_plan(interface: str, pod_interface: str, egress: Sequence[tuple[Interfa
         version = address.version
         if destinations is not None or returning[version]:
             part = destinations.family(version) if destinations is not None else None
-            steps.append(nat_rules(part, pod_interface, interface, address.ip, mark_pod_connections=returning[version]))
+            steps.append(nat_rules(part, pod_interface, interface, address.ip, mark_pod_connections=returning[version],
+                                   admin_port=admin_port))
     if 6 in versions:
         # IPv6 on the egress interface, whatever the container's default (docker turns it off); router
         # advertisements on the LAN must not add addresses or a second default route there.
@@ -106,4 +107,5 @@ def build_plan(config: RouterConfig, interface: str, facts: PodFacts | None = No
     `facts` what the pod's namespace says (net.links.pod_facts; None: no return path is planned)."""
     assert config.egress, "no network to plan"
     return dual_plan(interface, config.pod_interface, [(e.source, e.gateway) for e in config.egress],
-                     config.destinations if config.configures_nat else None, facts, config.cluster_cidrs)
+                     config.destinations if config.configures_nat else None, facts, config.cluster_cidrs,
+                     admin_port=config.metrics_port)
