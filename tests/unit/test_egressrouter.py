@@ -419,7 +419,8 @@ def test_convert_a_legacy_example_to_an_egress_router() -> None:
     ("http-proxy.yaml", "egressrouter", "Deployment/egress-http-proxy: initContainer egress-router-setup: "
                                         "EGRESS_ROUTER_MODE: 'http-proxy' has no EgressRouter counterpart"),
     ("dns-proxy.yaml", "egressrouter", "EGRESS_ROUTER_MODE: 'dns-proxy' has no EgressRouter counterpart"),
-    ("redirect-pod.yaml", "pod", "--to pod converts one EgressRouter object; found Pod/egress-router, "
+    ("redirect-pod.yaml", "pod", "--to pod converts one EgressRouter object; found ServiceAccount/egress-router, "
+                                 "Pod/egress-router, "
                                  "Service/egress-router (from a Pod or Deployment: --to egressrouter)"),
 ])
 def test_convert_errors_are_one_line_and_exit_1(example: str, to: str, message: str) -> None:

@@ -1,4 +1,5 @@
-"""examples/*.yaml: valid Kubernetes (offline schemas), pass `egress-router validate -f`, and fail it when broken."""
+"""examples/*.yaml: valid Kubernetes (offline schemas), pass `egress-router validate -f`, fail it when broken, and
+have what production needs (pinned images, labels, resources, probes, termination messages, a ServiceAccount)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ import yaml
 from click.testing import CliRunner, Result
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
+from egress_router import __version__
 from egress_router.cli import main
+from egress_router.manifests import check
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 KUBERNETES_VERSION = "1.31.0"  # fixed, so a new kubernetes-validate release cannot change the verdict
 NO_SCHEMA = {("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"),  # CRDs: no bundled schema
-             ("network.operator.openshift.io/v1", "EgressRouter")}
+             ("network.operator.openshift.io/v1", "EgressRouter"),
+             ("security.openshift.io/v1", "SecurityContextConstraints"),
+             ("monitoring.coreos.com/v1", "PodMonitor")}
 DOCUMENTATION_NETWORKS = [ipaddress.ip_network(net) for net in
                           ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")]
-EGRESS_IMAGE = "egress-router:latest"
+EGRESS_IMAGE = f"egress-router:{__version__}"  # the release the examples are for (setup.cfg reads it)
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +42,8 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
         return dict(doc["spec"])
     if kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet", "Job"):
         return dict(doc["spec"]["template"]["spec"])
-    assert kind in ("Service", "ConfigMap", "NetworkAttachmentDefinition", "EgressRouter"), \
+    assert kind in ("Service", "ConfigMap", "NetworkAttachmentDefinition", "EgressRouter", "ServiceAccount",
+                    "SecurityContextConstraints", "Namespace", "PodMonitor"), \
         f"the test does not know {kind}"
     return None
 
@@ -103,6 +109,8 @@ def test_example_passes_strict_schema_validation(path: Path) -> None:
                 kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
             if doc["kind"] == "EgressRouter":
                 check_egress_router(doc)
+            elif doc["kind"] == "SecurityContextConstraints":
+                check_security_context_constraints(doc)
             else:
                 check_network_attachment_definition(doc)
         else:
@@ -146,6 +154,29 @@ def check_network_attachment_definition(doc: dict[str, Any]) -> None:
     assert config["ipam"] == {}  # no IPAM: the router configures EGRESS_SOURCE itself
     assert config["mode"] in ("bridge", "private", "vepa", "passthru")
     assert re.fullmatch(r"\d+\.\d+\.\d+", config["cniVersion"])
+
+
+SCC_REQUIRED = {"allowHostDirVolumePlugin", "allowHostIPC", "allowHostNetwork", "allowHostPID", "allowHostPorts",
+                "allowPrivilegedContainer", "allowedCapabilities", "defaultAddCapabilities", "priority",
+                "readOnlyRootFilesystem", "requiredDropCapabilities", "volumes"}  # openshift/api's CRD: required
+SCC_FIELDS = SCC_REQUIRED | {"apiVersion", "kind", "metadata", "allowPrivilegeEscalation", "allowedUnsafeSysctls",
+                             "defaultAllowPrivilegeEscalation", "forbiddenSysctls", "fsGroup", "groups", "runAsUser",
+                             "seLinuxContext", "seccompProfiles", "supplementalGroups", "users", "allowedFlexVolumes"}
+
+
+def check_security_context_constraints(doc: dict[str, Any]) -> None:
+    """openshift/api security/v1 SecurityContextConstraints, by hand; and the least privilege egress-router needs."""
+    assert SCC_REQUIRED <= set(doc) <= SCC_FIELDS, set(doc) ^ SCC_REQUIRED
+    for flag in ("allowHostDirVolumePlugin", "allowHostIPC", "allowHostNetwork", "allowHostPID", "allowHostPorts",
+                 "allowPrivilegedContainer", "allowPrivilegeEscalation"):
+        assert doc[flag] is False, flag
+    assert doc["allowedCapabilities"] == ["NET_ADMIN", "NET_RAW"]  # nothing more: the minimal set
+    assert not set(doc["requiredDropCapabilities"] or ()) & set(doc["allowedCapabilities"])
+    for strategy, allowed in (("runAsUser", {"MustRunAs", "MustRunAsRange", "MustRunAsNonRoot", "RunAsAny"}),
+                              ("seLinuxContext", {"MustRunAs", "RunAsAny"}), ("fsGroup", {"MustRunAs", "RunAsAny"}),
+                              ("supplementalGroups", {"MustRunAs", "RunAsAny"})):
+        assert doc[strategy]["type"] in allowed, strategy
+    assert "hostPath" not in doc["volumes"] and "*" not in doc["volumes"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
@@ -279,3 +310,279 @@ def test_an_egress_router_example_converts_to_manifests_that_pass_validate(tmp_p
         checked_result = invoke(["validate", "-f", str(generated)])
         assert checked_result.exit_code == 0 and checked_result.stderr == "", checked_result.output
         assert ": valid: init mode; source 192.0.2.99/24" in checked_result.stdout
+
+
+# ---------------------------------------------------------------- (c) what production needs
+
+ADMIN_PORT = 9253
+PAUSE = "registry.k8s.io/pause:"
+LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+          "app.kubernetes.io/part-of", "app.kubernetes.io/version")
+COMPONENTS = {"init": "redirect", "legacy": "redirect", "http-proxy": "http-proxy", "dns-proxy": "dns-proxy"}
+QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi)?")
+SCALE = {None: 1.0, "m": 0.001, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30}
+
+
+def quantity(value: Any) -> float:
+    match = QUANTITY.fullmatch(str(value))
+    assert match, f"{value!r} is not a quantity this test reads"
+    return float(match[1]) * SCALE[match[2]]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(Kind/name, pod metadata, pod spec) of every object that makes pods."""
+    found = []
+    for doc in docs:
+        if doc["kind"] == "Pod":
+            found.append((f"Pod/{doc['metadata']['name']}", doc["metadata"], doc["spec"]))
+        elif "template" in doc.get("spec", {}):
+            template = doc["spec"]["template"]
+            found.append((f"{doc['kind']}/{doc['metadata']['name']}", template["metadata"], template["spec"]))
+    return found
+
+
+def is_router(container: dict[str, Any]) -> bool:
+    return str(container["image"]).split(":")[0].endswith("egress-router")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item.get("value", "") for item in container.get("env", [])}
+
+
+def production_problems(docs: list[dict[str, Any]], image: str = EGRESS_IMAGE) -> list[str]:
+    """What a cluster admin's rollout would trip over, one line each (empty: ready to apply as it is)."""
+    problems: list[str] = []
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+    for doc in docs:
+        labels = doc["metadata"].get("labels", {})
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Namespace":
+            continue  # a namespace belongs to the cluster admin, not to one router
+        missing = [label for label in LABELS if label not in labels]
+        if missing:
+            problems.append(f"{where}: no label {', '.join(missing)}")
+        elif labels["app.kubernetes.io/name"] != "egress-router" or labels["app.kubernetes.io/version"] != __version__:
+            problems.append(f"{where}: labels {labels}")
+    for where, metadata, spec in pod_specs(docs):
+        labels = metadata.get("labels", {})
+        if [label for label in LABELS if label not in labels]:
+            problems.append(f"{where}: the pod template lacks app.kubernetes.io labels")
+        account = spec.get("serviceAccountName")
+        if ("ServiceAccount", account) not in objects:
+            problems.append(f"{where}: its serviceAccountName {account!r} is not defined beside it")
+        elif objects["ServiceAccount", account].get("automountServiceAccountToken") is not False \
+                or spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: the router needs no API token: automountServiceAccountToken: false")
+        for key in ("initContainers", "containers"):
+            for container in spec.get(key, []):
+                problems += container_problems(f"{where}: {key.removesuffix('s')} {container['name']}", key,
+                                               container, labels, image)
+    for doc in docs:
+        if doc["kind"] == "Service":
+            for port in doc["spec"]["ports"]:
+                if port.get("targetPort") == "metrics" or ADMIN_PORT in (port["port"], port.get("targetPort")):
+                    problems.append(f"Service/{doc['metadata']['name']}: exposes the admin port to clients")
+    return problems
+
+
+def container_problems(where: str, key: str, container: dict[str, Any], pod_labels: dict[str, str],
+                       image: str) -> list[str]:
+    problems = []
+    name, _, tag = str(container["image"]).rpartition(":")
+    if not name or "/" in tag or tag == "latest":
+        problems.append(f"{where}: image {container['image']!r} is not pinned to a tag")
+    elif is_router(container) and container["image"] != image:
+        problems.append(f"{where}: image {container['image']!r} is not {image}")
+    if container.get("imagePullPolicy") != "IfNotPresent":
+        problems.append(f"{where}: imagePullPolicy {container.get('imagePullPolicy')!r}, not IfNotPresent")
+    resources = container.get("resources", {})
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in resources.get(kind, {}):
+                problems.append(f"{where}: no {kind}.{resource} (a ResourceQuota rejects the pod)")
+    if not any(problem.startswith(f"{where}: no ") for problem in problems):
+        for resource in ("cpu", "memory"):
+            if quantity(resources["requests"][resource]) > quantity(resources["limits"][resource]):
+                problems.append(f"{where}: requests.{resource} above limits.{resource}")
+    if (key == "initContainers" or is_router(container)) and \
+            container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        problems.append(f"{where}: terminationMessagePolicy is not FallbackToLogsOnError")
+    if key == "containers":
+        problems += probe_problems(where, container)
+    if is_router(container):
+        mode = env_of(container).get("EGRESS_ROUTER_MODE", "http-proxy" if "EGRESS_HTTP_PROXY_DESTINATION" in
+                                     env_of(container) else "dns-proxy")
+        if pod_labels.get("app.kubernetes.io/component") != COMPONENTS.get(mode, mode):
+            problems.append(f"{where}: a {mode} router's pod is labelled component "
+                            f"{pod_labels.get('app.kubernetes.io/component')!r}")
+    return problems
+
+
+def probe_problems(where: str, container: dict[str, Any]) -> list[str]:
+    """A long-running egress-router container: readiness and liveness, on the admin port (named `metrics`) or
+    `egress-router verify`. pause has nothing to answer probes with and is the only container allowed none."""
+    if not is_router(container):
+        return [] if str(container["image"]).startswith(PAUSE) else [f"{where}: a container the test does not know"]
+    problems = []
+    ports = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
+    admin = env_of(container).get("EGRESS_METRICS_PORT")
+    for probe, paths in (("readinessProbe", ("/ready", "/healthz")), ("livenessProbe", ("/healthz",))):
+        spec = container.get(probe)
+        if spec is None:
+            problems.append(f"{where}: no {probe}")
+        elif "httpGet" in spec:
+            if spec["httpGet"].get("port") != "metrics" or spec["httpGet"].get("path") not in paths:
+                problems.append(f"{where}: {probe} is not {' or '.join(paths)} on the port named metrics")
+        elif spec.get("exec", {}).get("command") != ["egress-router", "verify"]:
+            problems.append(f"{where}: {probe} is neither the admin port nor egress-router verify")
+    if admin is not None and (ports.get("metrics") != int(admin) or int(admin) != ADMIN_PORT):
+        problems.append(f"{where}: EGRESS_METRICS_PORT={admin} but containerPort metrics is {ports.get('metrics')}")
+    if "metrics" in ports and admin is None:
+        problems.append(f"{where}: a metrics port, but EGRESS_METRICS_PORT is not spelled out")
+    return problems
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_example_is_ready_for_production(path: Path) -> None:
+    assert production_problems(documents(path)) == []
+
+
+def test_the_image_tag_is_the_release_setup_cfg_builds() -> None:
+    setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
+    assert re.search(r"^version = attr: egress_router.__version__$", setup, re.MULTILINE)
+    assert EGRESS_IMAGE == f"egress-router:{__version__}" and not EGRESS_IMAGE.endswith(":latest")
+
+
+ROUTER_POD = """\
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: r
+  labels: {app.kubernetes.io/name: egress-router, app.kubernetes.io/instance: r, app.kubernetes.io/component: redirect,
+           app.kubernetes.io/part-of: cluster-egress, app.kubernetes.io/version: "%(version)s"}
+automountServiceAccountToken: false
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: r
+  labels: {app.kubernetes.io/name: egress-router, app.kubernetes.io/instance: r, app.kubernetes.io/component: redirect,
+           app.kubernetes.io/part-of: cluster-egress, app.kubernetes.io/version: "%(version)s"}
+spec:
+  serviceAccountName: r
+  automountServiceAccountToken: false
+  initContainers:
+    - name: setup
+      image: %(image)s
+      imagePullPolicy: IfNotPresent
+      terminationMessagePolicy: FallbackToLogsOnError
+      env: [{name: EGRESS_ROUTER_MODE, value: init}]
+      resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {cpu: 500m, memory: 128Mi}}
+  containers:
+    - name: router
+      image: %(image)s
+      imagePullPolicy: IfNotPresent
+      terminationMessagePolicy: FallbackToLogsOnError
+      env: [{name: EGRESS_ROUTER_MODE, value: legacy}, {name: EGRESS_METRICS_PORT, value: "9253"}]
+      ports: [{name: metrics, containerPort: 9253}]
+      readinessProbe: {httpGet: {path: /healthz, port: metrics}}
+      livenessProbe: {httpGet: {path: /healthz, port: metrics}}
+      resources: {requests: {cpu: 20m, memory: 48Mi}, limits: {cpu: 500m, memory: 128Mi}}
+"""
+
+
+def router_pod() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(ROUTER_POD % {"image": EGRESS_IMAGE, "version": __version__})]
+
+
+def test_the_production_checks_pass_a_good_pod() -> None:
+    assert production_problems(router_pod()) == []
+
+
+def _init(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return docs[1]["spec"]["initContainers"][0]  # type: ignore[no-any-return]
+
+
+def _router(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return docs[1]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("name", "change", "problem"), [
+    ("latest", lambda docs: _init(docs).update(image="egress-router:latest"),
+     "Pod/r: initContainer setup: image 'egress-router:latest' is not pinned to a tag"),
+    ("untagged", lambda docs: _router(docs).update(image="quay.example/egress-router"),
+     "Pod/r: container router: image 'quay.example/egress-router' is not pinned to a tag"),
+    ("another release", lambda docs: _router(docs).update(image="egress-router:0.0.9"),
+     "Pod/r: container router: image 'egress-router:0.0.9' is not egress-router:" + __version__),
+    ("pull policy", lambda docs: _init(docs).update(imagePullPolicy="Always"),
+     "Pod/r: initContainer setup: imagePullPolicy 'Always', not IfNotPresent"),
+    ("init resources", lambda docs: _init(docs).pop("resources"),
+     "Pod/r: initContainer setup: no requests.cpu (a ResourceQuota rejects the pod)"),
+    ("no memory limit", lambda docs: _router(docs)["resources"]["limits"].pop("memory"),
+     "Pod/r: container router: no limits.memory (a ResourceQuota rejects the pod)"),
+    ("request above limit", lambda docs: _router(docs)["resources"]["requests"].update(memory="1Gi"),
+     "Pod/r: container router: requests.memory above limits.memory"),
+    ("termination message", lambda docs: _init(docs).pop("terminationMessagePolicy"),
+     "Pod/r: initContainer setup: terminationMessagePolicy is not FallbackToLogsOnError"),
+    ("no readiness", lambda docs: _router(docs).pop("readinessProbe"), "Pod/r: container router: no readinessProbe"),
+    ("probe by number", lambda docs: _router(docs)["livenessProbe"]["httpGet"].update(port=9253),
+     "Pod/r: container router: livenessProbe is not /healthz on the port named metrics"),
+    ("liveness on /ready", lambda docs: _router(docs)["livenessProbe"]["httpGet"].update(path="/ready"),
+     "Pod/r: container router: livenessProbe is not /healthz on the port named metrics"),
+    ("port mismatch", lambda docs: _router(docs)["env"][1].update(value="9254"),
+     "Pod/r: container router: EGRESS_METRICS_PORT=9254 but containerPort metrics is 9253"),
+    ("label", lambda docs: docs[1]["metadata"]["labels"].pop("app.kubernetes.io/version"),
+     "Pod/r: no label app.kubernetes.io/version"),
+    ("component", lambda docs: docs[1]["metadata"]["labels"].update({"app.kubernetes.io/component": "dns-proxy"}),
+     "Pod/r: container router: a legacy router's pod is labelled component 'dns-proxy'"),
+    ("token", lambda docs: docs[1]["spec"].pop("automountServiceAccountToken"),
+     "Pod/r: the router needs no API token: automountServiceAccountToken: false"),
+    ("service account", lambda docs: docs[1]["spec"].update(serviceAccountName="other"),
+     "Pod/r: its serviceAccountName 'other' is not defined beside it"),
+])
+def test_the_production_checks_catch_each_regression(name: str, change: Any, problem: str) -> None:
+    docs = router_pod()
+    change(docs)
+    assert problem in production_problems(docs)
+
+
+def test_no_admin_port_behind_a_fallback() -> None:
+    """A fallback redirects every port without a rule that arrives on the pod interface, the admin port's
+    too: the kubelet's probes and Prometheus would reach the fallback server. No example turns the admin
+    port on in a NAT mode with a fallback."""
+    report = check([(str(path), path.read_text(encoding="utf-8")) for path in EXAMPLES])
+    routers = [entry.config for entry in report.checked if entry.config is not None]
+    assert any(config.metrics_port for config in routers)
+    for config in routers:
+        if config.metrics_port and config.destinations is not None:
+            assert not config.destinations.fallbacks, config
+
+
+# ---------------------------------------------------------------- the PodMonitor
+
+
+MONITOR = ROOT / "examples" / "monitoring" / "podmonitor.yaml"
+
+
+def test_the_pod_monitor_scrapes_every_admin_port_of_the_examples() -> None:
+    (monitor,) = documents(MONITOR)
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(monitor["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel",
+                                    "podTargetLabels", "sampleLimit"}
+    assert [label for label in LABELS if label not in monitor["metadata"]["labels"]] == []
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    assert quantity(endpoint["scrapeTimeout"].removesuffix("s")) < quantity(endpoint["interval"].removesuffix("s"))
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    scraped = 0
+    for path in EXAMPLES:
+        for where, metadata, spec in pod_specs(documents(path)):
+            if any(port.get("name") == "metrics" for container in spec["containers"]
+                   for port in container.get("ports", [])):
+                assert selector.items() <= metadata["labels"].items(), f"{path.name}: {where} is not scraped"
+                scraped += 1
+    assert scraped >= 5  # the proxies and the legacy routers with the admin port on
+    index = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
+    assert "[monitoring/podmonitor.yaml](monitoring/podmonitor.yaml)" in index
