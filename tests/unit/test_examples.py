@@ -450,7 +450,7 @@ def test_example_is_ready_for_production(path: Path) -> None:
 def test_the_image_tag_is_the_release_setup_cfg_builds() -> None:
     setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
     assert re.search(r"^version = attr: egress_router.__version__$", setup, re.MULTILINE)
-    assert EGRESS_IMAGE == f"egress-router:{__version__}" and not EGRESS_IMAGE.endswith(":latest")
+    assert f"egress-router:{__version__}" == EGRESS_IMAGE and not EGRESS_IMAGE.endswith(":latest")
 
 
 ROUTER_POD = """\
