@@ -17,7 +17,9 @@ from click.testing import CliRunner, Result
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from egress_router import __version__
+from egress_router.admin import PAGES
 from egress_router.cli import main
+from egress_router.core.variables import DEFAULT_METRICS_PORT
 from egress_router.manifests import check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -445,6 +447,15 @@ def probe_problems(where: str, container: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
 def test_example_is_ready_for_production(path: Path) -> None:
     assert production_problems(documents(path)) == []
+
+
+def test_the_probes_and_the_port_are_the_admin_ports() -> None:
+    """What the examples name is what the router serves: its default port, its pages."""
+    assert ADMIN_PORT == DEFAULT_METRICS_PORT
+    paths = {container[probe]["httpGet"]["path"] for path in EXAMPLES for _, _, spec in pod_specs(documents(path))
+             for container in spec["containers"] for probe in ("readinessProbe", "livenessProbe")
+             if "httpGet" in container.get(probe, {})}
+    assert paths == {"/ready", "/healthz"} and paths < set(PAGES)
 
 
 def test_the_image_tag_is_the_release_setup_cfg_builds() -> None:
