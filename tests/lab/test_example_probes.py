@@ -1,5 +1,7 @@
 """The examples' probes and scrape as the kubelet and Prometheus make them: a legacy-mode router started with the
-environment of examples/legacy-redirect-deployment.yaml (the lab's addresses), asked over the pod interface."""
+environment of examples/legacy-redirect-deployment.yaml (the lab's addresses) and the HTTP proxy with that of
+examples/http-proxy.yaml's proxy container, asked over the pod interface."""
+# ruff: noqa: F811 (a test takes the imported start_proxy fixture by its name)
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import yaml
 
 from egress_router.lab import DEST_IPS, ROUTER_POD_IP, Lab
+from tests.lab.test_http_proxy import StartProxy, start_proxy  # noqa: F401 (start_proxy: the fixture)
 from tests.lab.test_live_legacy import StartRouter, eventually, legacy_routers
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -29,9 +32,9 @@ def example_container(name: str) -> dict[str, Any]:
 def get(lab: Lab, port: int, path: str) -> tuple[int, str]:
     """GET from the client namespace: like the kubelet's probe, it arrives on the router's pod interface."""
     with lab.entered("client"), socket.create_connection((ROUTER_POD_IP, port), timeout=5) as conn:
-        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {ROUTER_POD_IP}\r\n\r\n".encode())
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {ROUTER_POD_IP}\r\nConnection: close\r\n\r\n".encode())
         data = b""
-        while chunk := conn.recv(65536):  # the admin port closes every connection after its answer
+        while chunk := conn.recv(65536):
             data += chunk
     head, _, body = data.decode("utf-8").partition("\r\n\r\n")
     return int(head.split(" ", 2)[1]), body
@@ -73,3 +76,19 @@ def test_the_legacy_examples_readiness_fails_while_a_repair_fails(start_router: 
     status, body = get(lab, port, container["livenessProbe"]["httpGet"]["path"])
     assert status == 503 and body.startswith("drift repair failed: ")
     assert get(lab, port, "/ready") == (200, "ok\n")
+
+
+def test_the_http_proxy_examples_probes_answer_on_the_admin_port_only(start_proxy: StartProxy, lab: Lab) -> None:
+    """The proxy container of examples/http-proxy.yaml (its init container's network part is the lab's): the
+    probes' pages on the port named metrics, and the proxy port no longer shows the metrics to clients."""
+    container = example_container("http-proxy.yaml")
+    env = {item["name"]: item["value"] for item in container["env"]}
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    start_proxy(env.pop("EGRESS_HTTP_PROXY_DESTINATION"), network=False, port=ports["proxy"], **env)
+    for probe in ("readinessProbe", "livenessProbe"):
+        action = container[probe]["httpGet"]
+        assert get(lab, ports[action["port"]], action["path"])[0] == 200, probe
+    status, metrics = get(lab, ports["metrics"], "/metrics")
+    assert status == 200 and "egress_router_build_info{" in metrics
+    status, body = get(lab, ports["proxy"], "/metrics")
+    assert status != 200 and "egress_router_" not in body
