@@ -1,6 +1,6 @@
 """The examples' probes and scrape as the kubelet and Prometheus make them: a legacy-mode router started with the
 environment of examples/legacy-redirect-deployment.yaml (the lab's addresses) and the HTTP proxy with that of
-examples/http-proxy.yaml's proxy container, asked over the pod interface."""
+examples/http-proxy.yaml's proxy container, asked over the pod interface (the DNS proxy's: test_example_dns_probes)."""
 # ruff: noqa: F811 (a test takes the imported start_proxy fixture by its name)
 
 from __future__ import annotations
@@ -92,3 +92,4 @@ def test_the_http_proxy_examples_probes_answer_on_the_admin_port_only(start_prox
     assert status == 200 and "egress_router_build_info{" in metrics
     status, body = get(lab, ports["proxy"], "/metrics")
     assert status != 200 and "egress_router_" not in body
+
