@@ -42,14 +42,20 @@ def get(lab: Lab, port: int, path: str) -> tuple[int, str]:
 
 @pytest.fixture
 def start_router(lab: Lab) -> Iterator[StartRouter]:
-    yield from legacy_routers(lab, lambda **extra: lab.router_env(f"80 tcp {DEST_IPS[0]}\n", **extra))
+    yield from legacy_routers(lab, lambda *args, **extra: lab.router_env(*args, **extra))
 
 
-def test_the_legacy_examples_probes_and_scrape_answer(start_router: StartRouter, lab: Lab) -> None:
+RULE = f"80 tcp {DEST_IPS[0]}\n"
+
+
+@pytest.mark.parametrize("destination", [RULE, f"{RULE}{DEST_IPS[2]}\n"], ids=["rules", "and-a-fallback"])
+def test_the_legacy_examples_probes_and_scrape_answer(start_router: StartRouter, lab: Lab, destination: str) -> None:
+    """Also with a fallback (as in egressrouter-configmap.yaml), which redirects every other port but the
+    admin port's."""
     container = example_container("legacy-redirect-deployment.yaml")
     env = {item["name"]: item["value"] for item in container["env"] if item["name"] not in NETWORK}
     assert env.pop("EGRESS_ROUTER_MODE") == "legacy"
-    start_router(**env)
+    start_router(destination, **env)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
         action = container[probe]["httpGet"]
@@ -67,7 +73,7 @@ def test_the_legacy_examples_readiness_fails_while_a_repair_fails(start_router: 
     container = example_container("legacy-redirect-deployment.yaml")
     env = {item["name"]: item["value"] for item in container["env"] if item["name"] not in NETWORK}
     env.pop("EGRESS_ROUTER_MODE")
-    start_router(**env, EGRESS_ROUTER_DRIFT_SECONDS="0.2")
+    start_router(RULE, **env, EGRESS_ROUTER_DRIFT_SECONDS="0.2")
     port = {port["name"]: port["containerPort"] for port in container["ports"]}["metrics"]
     with lab.iproute("router") as ipr:
         ipr.link("del", index=ipr.link_lookup(ifname="macvlan0")[0])

@@ -19,6 +19,8 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 from egress_router import __version__
 from egress_router.admin import PAGES
 from egress_router.cli import main
+from egress_router.core.nat import NatRules
+from egress_router.core.plan import build_plan
 from egress_router.core.variables import DEFAULT_METRICS_PORT
 from egress_router.manifests import check
 
@@ -557,16 +559,20 @@ def test_the_production_checks_catch_each_regression(name: str, change: Any, pro
     assert problem in production_problems(docs)
 
 
-def test_no_admin_port_behind_a_fallback() -> None:
-    """A fallback redirects every port without a rule that arrives on the pod interface, the admin port's
-    too: the kubelet's probes and Prometheus would reach the fallback server. No example turns the admin
-    port on in a NAT mode with a fallback."""
+def test_an_admin_port_behind_a_fallback_is_exempt_from_it() -> None:
+    """A fallback redirects every port without a rule that arrives on the pod interface; the examples' probes
+    and scrapes of the admin port must still reach the router: its connections leave the DNAT chain first."""
     report = check([(str(path), path.read_text(encoding="utf-8")) for path in EXAMPLES])
-    routers = [entry.config for entry in report.checked if entry.config is not None]
-    assert any(config.metrics_port for config in routers)
-    for config in routers:
-        if config.metrics_port and config.destinations is not None:
-            assert not config.destinations.fallbacks, config
+    behind = [entry for entry in report.checked if entry.config is not None and entry.config.metrics_port
+              and entry.config.destinations is not None and entry.config.destinations.fallbacks]
+    assert [entry.file for entry in behind] == [str(ROOT / "examples" / "egressrouter-configmap.yaml")]
+    for entry in behind:
+        assert entry.config is not None
+        (nat,) = [step for step in build_plan(entry.config, "macvlan0").steps if isinstance(step, NatRules)]
+        lines = nat.render().splitlines()
+        exempt = lines.index(f"-A EGRESS-ROUTER-DNAT -i eth0 -p tcp -m tcp --dport {ADMIN_PORT} -j RETURN")
+        fallback = next(i for i, line in enumerate(lines) if line.endswith("-j DNAT --to-destination 203.0.113.62"))
+        assert exempt < fallback
 
 
 # ---------------------------------------------------------------- the PodMonitor
