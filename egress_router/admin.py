@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import platform
+import signal
 import socket
 import threading
 import time
@@ -141,7 +142,13 @@ def serve_in_thread(sock: socket.socket, admin: Admin) -> threading.Thread:
             threading.Thread(target=one, args=(conn,), name="admin-conn", daemon=True).start()
 
     thread = threading.Thread(target=accept_loop, name="admin", daemon=True)
-    thread.start()
+    # Signals are the main thread's business (legacy mode waits for them with sigtimedwait): the server's
+    # threads start with every signal blocked (a thread inherits its creator's mask), so none lands on them.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return thread
 
 

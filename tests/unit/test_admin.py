@@ -200,3 +200,25 @@ def test_read_head_stops_at_the_end_of_the_head() -> None:
         assert read_head(ours) == b"GET / HTTP/1.1\r\n\r\n"
         theirs.close()
         assert read_head(ours) is None
+
+
+SIGNAL_PROGRAM = """
+import os, signal
+from egress_router.admin import Admin, bind, serve_in_thread
+serve_in_thread(bind(0), Admin("legacy", lambda: []))
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO, signal.SIGHUP})  # as legacy mode's main thread has them
+for _ in range(100):
+    os.kill(os.getpid(), signal.SIGIO)
+    os.kill(os.getpid(), signal.SIGHUP)
+print(signal.sigtimedwait({signal.SIGIO}, 1).si_signo == signal.SIGIO, signal.sigtimedwait({signal.SIGHUP}, 1) is not None)
+"""
+
+
+def test_the_server_threads_take_no_signal_meant_for_the_main_thread() -> None:
+    """Legacy mode waits for SIGHUP and inotify's SIGIO with them blocked; a server thread that did not block them
+    would take them (their default action ends the process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SIGNAL_PROGRAM], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, "True True\n"), done
