@@ -210,7 +210,8 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO, signal.SIGHUP})  # as le
 for _ in range(100):
     os.kill(os.getpid(), signal.SIGIO)
     os.kill(os.getpid(), signal.SIGHUP)
-print(signal.sigtimedwait({signal.SIGIO}, 1).si_signo == signal.SIGIO, signal.sigtimedwait({signal.SIGHUP}, 1) is not None)
+io, hup = signal.sigtimedwait({signal.SIGIO}, 1), signal.sigtimedwait({signal.SIGHUP}, 1)
+print(io is not None and io.si_signo == signal.SIGIO, hup is not None)
 """
 
 
