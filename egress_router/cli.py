@@ -369,7 +369,8 @@ def dns_proxy(**options: str | bool | None) -> None:
 @click.option("--to", "to", required=True, type=click.Choice(("env", "pod", "deployment", "egressrouter")),
               help="What to print: the container's env list, a Pod or a Deployment (each with its macvlan "
                    "NetworkAttachmentDefinition) from an EgressRouter; or an EgressRouter from a Pod or workload.")
-@click.option("--image", default="egress-router:latest", show_default=True, help="The router image (pod, deployment).")
+@click.option("--image", default=f"egress-router:{__version__}", show_default=True,
+              help="The router image (pod, deployment).")
 @click.option("--macvlan", type=click.Choice(("multus", "openshift-sdn")), default="multus", show_default=True,
               help="Where the pod's macvlan comes from (pod, deployment): a Multus NetworkAttachmentDefinition, or "
                    "OpenShift SDN's pod.network.openshift.io/assign-macvlan annotation.")

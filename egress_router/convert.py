@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import __version__
 from .core import egressrouter
 from .core import variables as v
 from .core.config import given
@@ -16,8 +17,12 @@ from .manifests import OPENSHIFT_MACVLAN, POD_SPEC_PATHS, configmaps_of, router_
 from .podfiles import MULTUS_NETWORKS, NAD_KIND, macvlan_of, nad_object, pod_networks
 
 TARGETS = ("env", "pod", "deployment", "egressrouter")
-DEFAULT_IMAGE = "egress-router:latest"
+DEFAULT_IMAGE = f"egress-router:{__version__}"  # pinned: `:latest` with IfNotPresent runs whatever a node has
 PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
+# An init container that runs for a fraction of a second, and a pause container: small, but stated (a namespace
+# with a ResourceQuota rejects pods whose containers have none)
+INIT_RESOURCES = {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}}
+PAUSE_RESOURCES = {"requests": {"cpu": "1m", "memory": "1Mi"}, "limits": {"cpu": "10m", "memory": "8Mi"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,9 @@ def convert(name: str, text: str, to: str, *, image: str = DEFAULT_IMAGE, macvla
     sdn = macvlan == "openshift-sdn"
     documents = [] if sdn else [nad_object(network_name(router), router.namespace, router.macvlan_mode,
                                            router.master)]
+    for document in documents:
+        document["metadata"]["labels"] = labels(router, image)
+    documents.append(service_account(router, image))
     documents.append(pod_object(router, image, sdn) if to == "pod" else deployment_object(router, image, sdn))
     interface = ("OpenShift SDN's, asked for by the assign-macvlan annotation" if sdn
                  else "Multus', the NetworkAttachmentDefinition below")
@@ -78,15 +86,34 @@ def env_list(router: EgressRouter) -> list[dict[str, str]]:
     return [{"name": key, "value": value} for key, value in env.items()]
 
 
+def labels(router: EgressRouter, image: str) -> dict[str, str]:
+    """The recommended app.kubernetes.io labels (the version: the image's tag)."""
+    return {"app": router.name, "app.kubernetes.io/name": "egress-router", "app.kubernetes.io/instance": router.name,
+            "app.kubernetes.io/component": "redirect", "app.kubernetes.io/part-of": "egress-router",
+            "app.kubernetes.io/version": image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else "unknown"}
+
+
+def service_account(router: EgressRouter, image: str) -> dict[str, Any]:
+    """The router's own account, without an API token: it never talks to the API server."""
+    metadata = {**_identity(router), "labels": labels(router, image)}
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata, "automountServiceAccountToken": False}
+
+
 def pod_template(router: EgressRouter, image: str, sdn: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pod's metadata (labels, the macvlan annotation) and its spec: init container + pause container."""
     annotation = {OPENSHIFT_MACVLAN: "true"} if sdn else {MULTUS_NETWORKS: network_name(router)}
-    metadata = {"labels": {"app": router.name}, "annotations": annotation}
+    metadata = {"labels": labels(router, image), "annotations": annotation}
     init = {"name": "egress-router", "image": image, "imagePullPolicy": "IfNotPresent",
-            "securityContext": {"privileged": True}, "env": env_list(router)}
-    pause = {"name": "egress-router-wait", "image": PAUSE_IMAGE,
-             "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}}
-    return metadata, {"initContainers": [init], "containers": [pause]}
+            "securityContext": {"privileged": True}, "env": env_list(router), "resources": INIT_RESOURCES,
+            # the one-line error of a bad configuration shows in `kubectl describe pod`
+            "terminationMessagePolicy": "FallbackToLogsOnError"}
+    pause = {"name": "egress-router-wait", "image": PAUSE_IMAGE, "imagePullPolicy": "IfNotPresent",
+             "resources": PAUSE_RESOURCES,
+             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                 "readOnlyRootFilesystem": True, "runAsNonRoot": True, "runAsUser": 65535}}
+    spec = {"serviceAccountName": router.name, "automountServiceAccountToken": False, "initContainers": [init],
+            "containers": [pause]}
+    return metadata, spec
 
 
 def pod_object(router: EgressRouter, image: str, sdn: bool = False) -> dict[str, Any]:
@@ -100,7 +127,7 @@ def deployment_object(router: EgressRouter, image: str, sdn: bool = False) -> di
     body = {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": {"app": router.name}},
             "template": {"metadata": metadata, "spec": spec}}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {**_identity(router), "labels": {"app": router.name}}, "spec": body}
+            "metadata": {**_identity(router), "labels": labels(router, image)}, "spec": body}
 
 
 def _identity(router: EgressRouter) -> dict[str, str]:

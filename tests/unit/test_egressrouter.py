@@ -386,7 +386,7 @@ def test_convert_to_a_workload_passes_validate_and_converts_back(tmp_path: Path,
     manifest = tmp_path / f"{kind}.yaml"
     manifest.write_text(result.stdout, encoding="utf-8")
     documents = list(yaml.safe_load_all(result.stdout))
-    assert [doc["kind"] for doc in documents] == ["NetworkAttachmentDefinition", kind.capitalize()]
+    assert [doc["kind"] for doc in documents] == ["NetworkAttachmentDefinition", "ServiceAccount", kind.capitalize()]
     nad = json.loads(documents[0]["spec"]["config"])
     assert (nad["type"], nad["mode"], nad["master"], nad["ipam"]) == ("macvlan", "vepa", "eth1", {})
     checked = invoke(["validate", "-f", str(manifest)])
@@ -483,8 +483,8 @@ def test_convert_for_openshift_sdn_uses_the_assign_macvlan_annotation(tmp_path: 
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # Bridge without a master: what the annotation gives anyway, nothing dropped
     documents = list(yaml.safe_load_all(result.stdout))
-    assert [doc["kind"] for doc in documents] == ["Deployment"]
-    annotations = documents[0]["spec"]["template"]["metadata"]["annotations"]
+    assert [doc["kind"] for doc in documents] == ["ServiceAccount", "Deployment"]
+    annotations = documents[1]["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"pod.network.openshift.io/assign-macvlan": "true"}
     manifest = tmp_path / "deployment.yaml"
     manifest.write_text(result.stdout, encoding="utf-8")

@@ -314,6 +314,7 @@ def test_an_egress_router_example_converts_to_manifests_that_pass_validate(tmp_p
         checked_result = invoke(["validate", "-f", str(generated)])
         assert checked_result.exit_code == 0 and checked_result.stderr == "", checked_result.output
         assert ": valid: init mode; source 192.0.2.99/24" in checked_result.stdout
+        assert production_problems(docs) == []  # as ready to apply as the examples
 
 
 # ---------------------------------------------------------------- (c) what production needs
