@@ -21,8 +21,9 @@ from typing import cast
 from ..admin import bind, serve_in_worker
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
+from . import dns_metrics as cells
 from . import metrics
-from .dns_metrics import dns_families
+from .dns_metrics import ForwardTable, dns_families, stable_hash
 from .dns_targets import Backend, Target
 from .lookup import NameResolver
 from .metrics import SharedCounters, WorkerCounters
@@ -35,16 +36,20 @@ PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is 
 class DnsWorker:
     """One process's forwards and connections."""
 
-    def __init__(self, settings: DnsProxySettings, shared: SharedCounters, index: int,
+    def __init__(self, settings: DnsProxySettings, shared: SharedCounters, table: ForwardTable, index: int,
                  reloader: Reloader[tuple[Forward, ...]] | None = None, admin_socket: socket.socket | None = None):
         self.settings = settings
         self.admin_socket = admin_socket  # the admin port (EGRESS_METRICS_PORT), served by worker 0
         self.shared = shared
+        self.table = table
         self.index = index
-        self.counters: WorkerCounters = shared.row(index)
+        self.counters: WorkerCounters = shared.row(index)  # OPEN: the connection limit counts every worker's
+        self.slots = table.worker(index)  # the per-forward metrics
+        # a replaced worker goes on counting in its predecessor's slots of the forwards in force
+        self.slots.started({(f.port, stable_hash(f.target())) for f in settings.forwards})
         self.loop = asyncio.get_event_loop()
         self.names = NameResolver()  # one per process, shared by its forwards: one parsed hosts file
-        self.targets = {f.port: Target(self, f) for f in settings.forwards}
+        self.targets = {f.port: self.new_target(f) for f in settings.forwards}
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()
         self.stopped = asyncio.Event()
@@ -56,7 +61,7 @@ class DnsWorker:
         await self.resolved(list(self.targets.values()))
         await self.listen(sockets)
         admin = await serve_in_worker(self.loop, self.admin_socket, self.index, alone, "dns-proxy",
-                                      lambda: dns_families(self.shared))
+                                      lambda: dns_families(self.shared, self.table, self.targets.values()))
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         reloads = None if self.reloader is None else \
             WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
@@ -98,6 +103,15 @@ class DnsWorker:
     def accept(self, port: int) -> Relay:
         return Relay(self, self.targets[port])
 
+    def new_target(self, forward: Forward) -> Target:
+        return Target(self, forward, self.slots.claim(forward.port, forward.target()))
+
+    def release_if_done(self, target: Target) -> None:
+        """A retired target's last connection has ended: its metrics slot is freed (its series leave /metrics
+        with the forward; a forward that comes back later starts from zero)."""
+        if target.retired and target.relays == 0:
+            self.slots.release(target.slot)
+
     async def apply_rules(self, generation: int, forwards: tuple[Forward, ...], sockets: list[socket.socket]) -> None:
         """A reload: removed forwards stop accepting now and drain; added and changed ones are resolved first, then
         take new connections; unchanged ones (their connections, lookups, health) are not touched."""
@@ -106,11 +120,13 @@ class DnsWorker:
             for server in self.servers.pop(port, []):
                 server.close()
             self.retire(self.targets.pop(port), "removed")
-        fresh = {p: Target(self, f) for p, f in wanted.items() if p not in self.targets or self.targets[p].forward != f}
+        fresh = {p: self.new_target(f) for p, f in wanted.items()
+                 if p not in self.targets or self.targets[p].forward != f}
         await self.resolved(list(fresh.values()))
         if self.draining:  # stopping meanwhile: the new ones are not started
             for target in fresh.values():
                 target.retire()
+                self.release_if_done(target)
             for sock in sockets:
                 sock.close()
             return
@@ -124,6 +140,7 @@ class DnsWorker:
     def retire(self, target: Target, how: str) -> None:
         """The forward is gone (or changed): its connections get the grace period to end, then are closed."""
         target.retire()
+        self.release_if_done(target)
         if any(relay.target is target for relay in self.connections):
             task = self.loop.create_task(self.drain(target, how))
             self.drains.add(task)
@@ -174,16 +191,18 @@ class Relay(asyncio.Protocol):
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        worker = self.worker
+        worker, target = self.worker, self.target
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
-            worker.counters.add(metrics.REJECTED)
+            target.slot.add(cells.REJECTED)
             self.end("refused: connection limit reached", abort=True)
             return
-        if not self.target.ready:
-            worker.counters.add(metrics.UPSTREAM_ERRORS)
-            self.end(f"refused: {self.target.forward.host} has not resolved yet", abort=True)
+        if not target.ready:
+            target.slot.add(cells.UNRESOLVED)
+            self.end(f"refused: {target.forward.host} has not resolved yet", abort=True)
             return
         worker.counters.add(metrics.OPEN)
+        target.slot.add(cells.OPEN)
+        target.relays += 1
         worker.connections.add(self)
         self.transport.pause_reading()  # until the backend is connected
         worker.loop.create_task(self.connect())
@@ -204,22 +223,23 @@ class Relay(asyncio.Protocol):
             except TimeoutError:
                 backend.open -= 1
                 reason = f"timed out connecting to {backend.text}"
-                worker.counters.add(metrics.UPSTREAM_TIMEOUTS)
+                target.slot.add(cells.TIMED_OUT)
                 target.mark_down(backend, "connect timed out")
                 continue
             except OSError as exc:
                 backend.open -= 1
                 reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
-                worker.counters.add(metrics.UPSTREAM_ERRORS)
+                target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
                 target.mark_down(backend, exc.strerror or str(exc))
                 continue
             if self.closing:  # the client went away while we were connecting
                 backend.open -= 1
                 transport.close()
+                target.slot.add(cells.ABANDONED)
                 return
             self.backend = backend
             self.upstream = transport
-            worker.counters.add(metrics.ALLOWED)
+            target.slot.add(cells.RELAYED)
             pending, self.pending = self.pending, None
             for chunk in pending or ():
                 self.upstream.write(chunk)
@@ -228,11 +248,14 @@ class Relay(asyncio.Protocol):
             if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
                 self.transport.resume_reading()
             return
+        target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
         self.end(f"failed: {reason}", abort=True)
 
     def data_received(self, data: bytes) -> None:
         self.last = self.worker.loop.time()
         self.up += len(data)
+        slot = self.target.slot  # counted as they flow: a connection that lasts for days shows its bytes
+        slot.cells[slot.base + cells.BYTES_UP] += len(data)
         if self.upstream is not None:
             self.upstream.write(data)
         elif self.pending is not None:
@@ -269,6 +292,8 @@ class Relay(asyncio.Protocol):
     def backend_data(self, data: bytes) -> None:
         self.last = self.worker.loop.time()
         self.down += len(data)
+        slot = self.target.slot
+        slot.cells[slot.base + cells.BYTES_DOWN] += len(data)
         if self.transport is not None:
             self.transport.write(data)
 
@@ -316,8 +341,9 @@ class Relay(asyncio.Protocol):
         if self in worker.connections:
             worker.connections.discard(self)
             worker.counters.sub(metrics.OPEN)
-            worker.counters.add(metrics.BYTES_UP, self.up)
-            worker.counters.add(metrics.BYTES_DOWN, self.down)
+            self.target.slot.sub(cells.OPEN)
+            self.target.relays -= 1
+            worker.release_if_done(self.target)
         if self.backend is not None:
             self.backend.open -= 1
             self.backend = None
@@ -372,6 +398,7 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
 
     workers = settings.workers or auto_workers("DNS proxy")
     shared = SharedCounters(workers)
+    table = ForwardTable(workers)
     admin_socket = bind(settings.metrics_port) if settings.metrics_port else None
     for forward in settings.forwards:
         log.info("Forwarding port %d to %s", forward.port, forward.target())
@@ -381,7 +408,7 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
     def make_worker(index: int) -> DnsWorker:
         # a worker forked after a reload starts from the forwards in force then (and listens on their ports)
         in_force = settings if reloader is None else dataclasses.replace(settings, forwards=reloader.rules)
-        return DnsWorker(in_force, shared, index, reloader, admin_socket)
+        return DnsWorker(in_force, shared, table, index, reloader, admin_socket)
 
     code = serve("DNS proxy", forward_listeners(settings.forwards), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from ..core.forwards import Forward
 from ..core.hosts import Address
-from .lookup import describe_dns_error
+from . import dns_metrics as cells
+from .dns_metrics import Slot, stable_hash
+from .lookup import NoAddresses, describe_dns_error
 
 if TYPE_CHECKING:
     from .dns import DnsWorker
@@ -24,7 +26,7 @@ RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a
 class Backend:
     """One address of a forward's host."""
 
-    __slots__ = ("address", "port", "open", "down_until", "checking", "text")
+    __slots__ = ("address", "port", "open", "down_until", "checking", "text", "key")
 
     def __init__(self, address: Address, port: int):
         self.address = address
@@ -33,14 +35,17 @@ class Backend:
         self.down_until = 0.0
         self.checking = False
         self.text = f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
+        self.key = stable_hash(self.text)  # how the workers tell each other about it (dns_metrics.Slot)
 
 
 class Target:
     """A forward and its current backends (static for an address, resolved for a name)."""
 
-    def __init__(self, worker: DnsWorker, forward: Forward):
+    def __init__(self, worker: DnsWorker, forward: Forward, slot: Slot | None = None):
         self.worker = worker
         self.forward = forward
+        self.slot = Slot.detached() if slot is None else slot  # its cells in the worker's table (metrics)
+        self.relays = 0  # client connections that hold the slot (see DnsWorker.release_if_done)
         self.backends: list[Backend] = []
         self.resolved_once = False
         self.failing = False
@@ -51,6 +56,7 @@ class Target:
         if not isinstance(forward.host, str):
             self.backends = [Backend(forward.host, forward.remote_port)]
             self.resolved_once = True
+        self.publish()
 
     def start(self) -> None:
         """Resolve a name, and keep it resolved (an address needs nothing)."""
@@ -94,6 +100,8 @@ class Target:
             try:
                 resolved = await self.worker.names.resolve(name)
             except (dns.exception.DNSException, OSError) as exc:
+                self.slot.add(lookup_result(exc))
+                self.slot.set(cells.DNS_FAILING, 1)
                 self.first_attempt.set()
                 if self.resolved_once:
                     if not self.failing:
@@ -108,6 +116,9 @@ class Target:
                 retry = min(retry * 2, RESOLVE_RETRY_MAX)
                 continue
             retry = 1.0
+            if resolved.source == "dns":  # as the HTTP proxy counts: a hosts file answer is not a DNS lookup
+                self.slot.add(cells.ANSWERED)
+            self.slot.set(cells.DNS_FAILING, 0)
             if self.failing:
                 log.info("Port %d: %s resolves again", self.forward.port, name)
                 self.failing = False
@@ -125,6 +136,12 @@ class Target:
                      ", ".join(b.text for b in fresh) or "(no addresses)", origin)
         self.backends = fresh
         self.resolved_once = self.resolved_once or bool(fresh)
+        self.publish()
+
+    def publish(self) -> None:
+        """The backends' health where the other workers' /metrics (worker 0's) can read it."""
+        now = self.worker.loop.time()
+        self.slot.publish_health((b.key, b.down_until > now) for b in self.backends)
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         """Take the backend out of rotation until an active check succeeds (not merely until a timer runs
@@ -134,6 +151,7 @@ class Target:
             log.warning("Port %d: backend %s failed (%s); skipped until a check succeeds (every %g s)",
                         self.forward.port, backend.text, reason, worker.settings.check_interval)
         backend.down_until = math.inf
+        self.publish()
         if not backend.checking and not self.retired:
             backend.checking = True
             worker.loop.create_task(self.check(backend))
@@ -152,7 +170,20 @@ class Target:
                     continue
                 writer.close()
                 backend.down_until = 0.0
+                self.publish()
                 log.info("Port %d: backend %s is back", self.forward.port, backend.text)
                 return
         finally:
             backend.checking = False
+
+
+def lookup_result(exc: BaseException) -> int:
+    """The cell a failed lookup counts in, as the HTTP proxy tells them apart (lookup.Names)."""
+    import dns.exception
+    import dns.resolver
+
+    if isinstance(exc, (TimeoutError, dns.exception.Timeout)):
+        return cells.LOOKUP_TIMEOUT
+    if isinstance(exc, (dns.resolver.NXDOMAIN, NoAddresses)):
+        return cells.NOT_FOUND
+    return cells.LOOKUP_FAILED
