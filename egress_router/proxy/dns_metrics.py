@@ -251,8 +251,8 @@ def forward_families(rows: Sequence[ForwardRow], reloads: int, reload_failures: 
         single("egress_router_dns_proxy_forwards", "gauge", "Forwards in force (worker 0's).", len(named)),
         labelled("egress_router_dns_proxy_connections_total", "counter", "Client connections by forward and result: "
                  "relayed (a backend connected), failed (no backend could be reached), rejected (the connection "
-                 "limit), unresolved (the name has not resolved yet), abandoned (the client left while a backend "
-                 "was being connected). port=\"other\": forwards beyond the slot table.", each(RESULTS, "result")),
+                 "limit), unresolved (the name has not resolved yet), abandoned (closed while a backend was being "
+                 "connected: the client left, or the proxy stopped). port=\"other\": forwards beyond the slot table.", each(RESULTS, "result")),
         labelled("egress_router_dns_proxy_open_connections", "gauge", "Client connections open now, by forward.",
                  one(OPEN)),
         labelled("egress_router_dns_proxy_bytes_total", "counter", "Payload bytes relayed, by forward and direction "
@@ -273,7 +273,7 @@ def forward_families(rows: Sequence[ForwardRow], reloads: int, reload_failures: 
                  [((("port", r.port), ("target", r.target)), sum(up for _, up in r.backends)) for r in named]),
         labelled("egress_router_dns_proxy_backend_up", "gauge", "1: the backend gets new connections; 0: a "
                  "connect to it failed in some worker and that worker's active check has not succeeded since "
-                 "(combined over the workers; worker 0's view alone beyond 16 backends).",
+                 f"(combined over the workers; worker 0's view alone beyond {HEALTH} backends).",
                  [((("port", r.port), ("target", r.target), ("backend", text)), int(up))
                   for r in named for text, up in r.backends]),
         labelled("egress_router_dns_proxy_reloads_total", "counter", "Reloads of the forwards, by result.",
