@@ -232,14 +232,15 @@ class Relay(asyncio.Protocol):
                 target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
                 target.mark_down(backend, exc.strerror or str(exc))
                 continue
+            # relayed once the backend connected: its answer may even have reached the client, and both sides
+            # ended, before this coroutine runs again (the closing case below)
+            target.slot.add(cells.RELAYED)
             if self.closing:  # the client went away while we were connecting
                 backend.open -= 1
                 transport.close()
-                target.slot.add(cells.ABANDONED)
                 return
             self.backend = backend
             self.upstream = transport
-            target.slot.add(cells.RELAYED)
             pending, self.pending = self.pending, None
             for chunk in pending or ():
                 self.upstream.write(chunk)

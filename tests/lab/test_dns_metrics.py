@@ -192,8 +192,9 @@ def test_counts_bytes_and_health_per_forward_match_the_traffic(lab: Lab, dns: Dn
 
 # ------------------------------------------------------------------ a reload
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_reload_keeps_the_counts_of_unchanged_forwards(lab: Lab, services: Services, start_proxy: StartProxy,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, workers: str) -> None:
     services.listen("dest", A, 7000, "echo")
     services.listen("dest", B, 7001, "whoami")
     services.listen("dest", C, 7000, "whoami")
@@ -201,7 +202,7 @@ def test_a_reload_keeps_the_counts_of_unchanged_forwards(lab: Lab, services: Ser
     ready = f"{READY_PORT} {A}\n"
     volume = RuleVolume(tmp_path, "forwards", f"7000 {A}\n7001 {B}\n7003 {A} 7000\n{ready}")
     proxy = start_proxy("", EGRESS_DNS_PROXY_DESTINATION="", EGRESS_DNS_PROXY_DESTINATION_FILE=volume.path,
-                        EGRESS_METRICS_PORT=str(ADMIN), EGRESS_ROUTER_DEBUG="1")
+                        EGRESS_METRICS_PORT=str(ADMIN), EGRESS_ROUTER_DEBUG="1", EGRESS_DNS_PROXY_WORKERS=workers)
     wait_until(lambda: "start-up check: " in proxy.stderr, "the start-up check", lambda: proxy.stderr)
     down = sum(echo(lab, 7000, b"x" * size) for size in (10, 2000, 30000))
     for _ in range(2):
@@ -230,3 +231,10 @@ def test_a_reload_keeps_the_counts_of_unchanged_forwards(lab: Lab, services: Ser
     assert value(later, "connections_total", port=7002, target=f"{C}:7002", result="relayed") == 1
     assert value(later, "connections_total", port=7003, target=f"{C}:7000", result="relayed") == 1
     assert value(later, "reloads_total", result="applied") == 1
+
+    volume.swap(f"7000 {A}\n7001 {B}\n{ready}")  # 7001 back: its old slot was freed, it starts from zero
+    wait_until(lambda: bool(of_forward(scrape(lab), 7001)), "the second reload in the metrics", lambda: proxy.stderr)
+    again = scrape(lab)
+    assert value(again, "connections_total", port=7001, target=f"{B}:7001", result="relayed") == 0
+    assert of_forward(again, 7002) == {} and of_forward(again, 7003) == {}
+    assert value(again, "connections_total", port=7000, target=f"{A}:7000", result="relayed") == 4

@@ -27,7 +27,7 @@ EXPECTED = '''\
 egress_router_dns_proxy_forwards 1
 # HELP egress_router_dns_proxy_connections_total Client connections by forward and result: relayed (a backend \
 connected), failed (no backend could be reached), rejected (the connection limit), unresolved (the name has not \
-resolved yet), abandoned (closed while a backend was being connected: the client left, or the proxy \
+resolved yet), abandoned (closed before any backend connected: the client left, or the proxy \
 stopped). port="other": forwards beyond the slot table.
 # TYPE egress_router_dns_proxy_connections_total counter
 egress_router_dns_proxy_connections_total{port="5432",target="db.example.com:5432",result="relayed"} 7
