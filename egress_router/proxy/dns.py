@@ -246,6 +246,9 @@ class Relay(asyncio.Protocol):
                 self.upstream.write(chunk)
             if self.eof[0] and self.upstream.can_write_eof():
                 self.upstream.write_eof()
+            if self.eof[0] and self.eof[1]:  # both ended before this coroutine ran again (see backend_eof)
+                self.end("closed by both sides")
+                return
             if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
                 self.transport.resume_reading()
             return
@@ -269,7 +272,7 @@ class Relay(asyncio.Protocol):
         self.eof[0] = True
         if self.upstream is not None and self.upstream.can_write_eof():
             self.upstream.write_eof()
-        if self.eof[1]:
+        if self.eof[1] and self.upstream is not None:
             self.end("closed by both sides")
             return False
         return True
@@ -302,7 +305,9 @@ class Relay(asyncio.Protocol):
         self.eof[1] = True
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
-        if self.eof[0]:
+        # The backend can answer and end before connect() runs again (the loop may read the new socket first):
+        # then the client's held bytes are not written yet, and connect() ends the connection once they are.
+        if self.eof[0] and self.upstream is not None:
             self.end("closed by both sides")
             return False
         return True

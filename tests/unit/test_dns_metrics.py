@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from types import SimpleNamespace
 
@@ -229,3 +231,82 @@ def test_the_rows_are_worker_0_s_forwards_with_every_worker_s_counts_and_health(
     text = render(m.dns_families(shared, table, [mine, ipv6]))
     assert 'egress_router_dns_proxy_healthy_backends{port="7000",target="203.0.113.10:7000"} 0' in text
     assert 'egress_router_dns_proxy_reloads_total{result="applied"} 1' in text
+
+
+# ------------------------------------------------------------------ a relay's count when its backend is quick
+
+class FakeTransport:
+    """A transport that records what is written to it."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.eof = self.closed = self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.written += data
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def test_a_backend_that_answers_and_ends_before_the_connect_returns_still_gets_the_client_s_bytes() -> None:
+    """The backend's answer and end can arrive before the connecting coroutine runs again (the loop reads the
+    new socket first): the client's bytes held meanwhile still reach the backend, and the connection counts as
+    relayed, not abandoned."""
+    from egress_router.proxy.dns import Relay
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        backend = FakeTransport()
+
+        async def create_connection(factory: Callable[[], asyncio.Protocol], host: str, port: int) -> object:
+            protocol = factory()
+            protocol.connection_made(backend)  # type: ignore[arg-type]
+            protocol.data_received(b"greeting\n")
+            protocol.eof_received()
+            return backend, protocol
+
+        shared = SharedCounters(1)
+        worker = SimpleNamespace(loop=loop, shared=shared, counters=shared.row(0), connections=set(),
+                                 release_if_done=lambda target: None,
+                                 settings=SimpleNamespace(max_connections=10, tries=3, connect_timeout=5.0,
+                                                          debug=False, check_interval=2.0))
+        target = Target(worker, Forward(7000, IPv4Address("203.0.113.10"), 7000))  # type: ignore[arg-type]
+        relay = Relay(worker, target)  # type: ignore[arg-type]
+        client = FakeTransport()
+        loop.create_connection = create_connection  # type: ignore[method-assign,assignment]
+        relay.connection_made(client)  # type: ignore[arg-type]
+        relay.data_received(b"hello")
+        relay.eof_received()
+        async with asyncio.timeout(2):
+            while not relay.ended:
+                await asyncio.sleep(0)
+        assert (backend.written, backend.eof) == (b"hello", True)
+        assert (client.written, client.eof) == (b"greeting\n", True)
+        assert relay.ended == "closed by both sides"
+        assert [target.slot.cells[target.slot.base + c] for c in (m.RELAYED, m.ABANDONED, m.BYTES_UP, m.BYTES_DOWN)] \
+            == [1, 0, 5, 9]
+
+    asyncio.run(main())
