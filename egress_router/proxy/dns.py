@@ -169,7 +169,7 @@ class Relay(asyncio.Protocol):
     """A client connection and, once connected, its backend connection; bytes both ways, half-close kept."""
 
     __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
-                 "started", "up", "down", "ended", "closing", "upstream_full")
+                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full")
 
     def __init__(self, worker: DnsWorker, target: Target):
         self.worker = worker
@@ -180,6 +180,7 @@ class Relay(asyncio.Protocol):
         self.pending: list[bytes] | None = []  # client bytes before the backend connection is up
         self.pending_size = 0
         self.upstream_full = False  # the backend's write buffer is above its high-water mark
+        self.client_full = False  # the client's write buffer is above its high-water mark
         self.eof = [False, False]  # client finished sending, backend finished sending
         self.last = worker.loop.time()
         self.started = self.last
@@ -241,6 +242,8 @@ class Relay(asyncio.Protocol):
                 return
             self.backend = backend
             self.upstream = transport
+            if self.client_full:  # the backend's first bytes filled the client's buffer before this ran again
+                transport.pause_reading()
             pending, self.pending = self.pending, None
             for chunk in pending or ():
                 self.upstream.write(chunk)
@@ -285,10 +288,12 @@ class Relay(asyncio.Protocol):
         self.finish()
 
     def pause_writing(self) -> None:
+        self.client_full = True
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self.client_full = False
         if self.upstream is not None:
             self.upstream.resume_reading()
 
