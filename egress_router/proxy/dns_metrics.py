@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -121,7 +122,8 @@ class ForwardTable:
 
 
 class WorkerSlots:
-    """One worker's part of the table: it alone claims, writes and releases these slots."""
+    """One worker's part of the table: it alone claims, writes and releases these slots, so its own index of them
+    (key -> slot, and the free ones) is the truth, and a claim costs a dict probe, not a scan."""
 
     def __init__(self, table: ForwardTable, worker: int):
         self.table = table
@@ -129,40 +131,57 @@ class WorkerSlots:
         self.start = worker * table.width
         self.void = table.other_base(worker) + SLOT_WIDTH
         self.holders: dict[int, int] = {}  # slot -> targets holding it (a forward changed back while the old drains)
+        self.used: dict[tuple[int, int], int] = {}  # (port, target hash) -> slot
+        self.free: list[int] = []  # a heap: the lowest free slot is taken first
+        self.scan()
+
+    def base(self, slot: int) -> int:
+        return self.start + slot * SLOT_WIDTH
+
+    def scan(self) -> None:
+        cells = self.cells
+        self.used, self.free = {}, []
+        for slot in range(self.table.slots):
+            base = self.base(slot)
+            if cells[base + KEY_PORT]:
+                self.used[(cells[base + KEY_PORT], cells[base + KEY_HASH])] = slot
+            else:
+                self.free.append(slot)  # ascending: a heap already
 
     def started(self, keep: set[tuple[int, int]]) -> None:
         """A worker (re)starts: its open connections are none, its health reports stale; slots of forwards not
         in `keep` (a replaced worker's predecessor's removed forwards) are freed. The counts of the rest stay."""
         cells = self.cells
         for slot in range(self.table.slots + 1):
-            base = self.start + slot * SLOT_WIDTH
+            base = self.base(slot)
             cells[base + OPEN] = 0
             for cell in range(base + HEALTH_CELLS, base + SLOT_WIDTH):
                 cells[cell] = 0
             if slot < self.table.slots and (cells[base + KEY_PORT], cells[base + KEY_HASH]) not in keep:
                 cells[base + KEY_PORT] = 0
+        self.holders = {}
+        self.scan()
 
     def claim(self, port: int, target: str) -> Slot:
         """The forward's slot: the one it had (a target that comes back, a replaced worker), else a free one,
         zeroed, else the shared one."""
-        key = stable_hash(target)
-        cells, free = self.cells, None
-        for slot in range(self.table.slots):
-            base = self.start + slot * SLOT_WIDTH
-            if cells[base + KEY_PORT] == port and cells[base + KEY_HASH] == key:
-                self.holders[slot] = self.holders.get(slot, 0) + 1
-                return Slot(cells, base, slot, self.void)
-            if free is None and cells[base + KEY_PORT] == 0:
-                free = slot
-        if free is None:
-            return Slot(cells, self.start + self.table.slots * SLOT_WIDTH, -1, self.void)
-        base = self.start + free * SLOT_WIDTH
+        key = (port, stable_hash(target))
+        cells = self.cells
+        slot = self.used.get(key)
+        if slot is not None:
+            self.holders[slot] = self.holders.get(slot, 0) + 1
+            return Slot(cells, self.base(slot), slot, self.void)
+        if not self.free:
+            return Slot(cells, self.base(self.table.slots), -1, self.void)
+        slot = heapq.heappop(self.free)
+        base = self.base(slot)
         for cell in range(base + 1, base + SLOT_WIDTH):
             cells[cell] = 0
-        cells[base + KEY_HASH] = key
+        cells[base + KEY_HASH] = key[1]
         cells[base + KEY_PORT] = port  # last: a reader takes the slot as used only once it is zeroed
-        self.holders[free] = 1
-        return Slot(cells, base, free, self.void)
+        self.used[key] = slot
+        self.holders[slot] = 1
+        return Slot(cells, base, slot, self.void)
 
     def release(self, slot: Slot) -> None:
         """The forward is gone and its last connection ended: the slot is free; late writes (a connect that was
@@ -172,7 +191,10 @@ class WorkerSlots:
             if left > 0:
                 self.holders[slot.index] = left
             else:
-                self.cells[slot.base + KEY_PORT] = 0
+                base = slot.base
+                self.used.pop((self.cells[base + KEY_PORT], self.cells[base + KEY_HASH]), None)
+                self.cells[base + KEY_PORT] = 0
+                heapq.heappush(self.free, slot.index)
             slot.index = -2
         slot.base = self.void
 
