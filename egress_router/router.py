@@ -187,8 +187,8 @@ def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
     reload their rules from the files it names)."""
     # a proxy's admin port is opened before the network is configured: a port in use changes nothing
-    admin_socket = open_admin_port(config.metrics_port) if config.http_proxy is not None and config.metrics_port \
-        else None
+    proxy = config.http_proxy is not None or config.dns_proxy is not None
+    admin_socket = open_admin_port(config.metrics_port) if proxy and config.metrics_port else None
     if config.configures_network:
         configure(config, env)
     if config.http_proxy is not None:
@@ -198,5 +198,5 @@ def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     if config.dns_proxy is not None:
         from .proxy.dns import run_dns_proxy
 
-        return run_dns_proxy(config.dns_proxy, env)
+        return run_dns_proxy(config.dns_proxy, env, admin_socket)
     return 0

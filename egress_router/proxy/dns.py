@@ -400,7 +400,8 @@ class BackendSide(asyncio.Protocol):
             self.relay.transport.resume_reading()
 
 
-def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = None) -> int:
+def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = None,
+                  admin_socket: socket.socket | None = None) -> int:
     """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code.
 
     With `env` (the environment `settings` came from), the forwards are reloaded when their file changes
@@ -410,7 +411,8 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
     workers = settings.workers or auto_workers("DNS proxy")
     shared = SharedCounters(workers)
     table = ForwardTable(workers)
-    admin_socket = bind(settings.metrics_port) if settings.metrics_port else None
+    if admin_socket is None and settings.metrics_port:  # else opened by the caller, before the network was set up
+        admin_socket = bind(settings.metrics_port)
     for forward in settings.forwards:
         log.info("Forwarding port %d to %s", forward.port, forward.target())
     started = time.monotonic()

@@ -7,8 +7,11 @@ import os
 import signal
 import socket
 
+import pytest
+
 from egress_router.lab import SOURCE_IP, Lab, router_command
 from tests.lab.origin import ECHO_TAIL, Origin, blob
+from tests.lab.proxyproc import proxy_env
 from tests.lab.test_http_proxy import (
     PORT,
     Client,
@@ -114,13 +117,16 @@ def test_a_replaced_first_worker_serves_the_admin_port_again(lab: Lab, origin: O
     proxy.remember_workers()
 
 
-def test_an_admin_port_in_use_stops_the_proxy_before_it_changes_anything(lab: Lab, origin: Origin) -> None:
+@pytest.mark.parametrize("mode", ["http-proxy", "dns-proxy"])
+def test_an_admin_port_in_use_stops_the_proxy_before_it_changes_anything(lab: Lab, origin: Origin, mode: str) -> None:
     with lab.entered("router"):
         taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with taken:
         taken.bind(("0.0.0.0", ADMIN))
         taken.listen()
-        env = http_proxy_env("www.example.com", network=True, port=PORT, variables={"EGRESS_METRICS_PORT": str(ADMIN)})
+        admin = {"EGRESS_METRICS_PORT": str(ADMIN)}
+        env = http_proxy_env("www.example.com", network=True, port=PORT, variables=admin) if mode == "http-proxy" \
+            else proxy_env({"EGRESS_DNS_PROXY_DESTINATION": f"{PORT} 203.0.113.10 80"}, network=True, variables=admin)
         done = lab.exec("router", router_command(), env=env, etc=True, timeout=30)
     assert done.returncode == 1, done
     assert done.stderr == f"error: the admin port {ADMIN} (EGRESS_METRICS_PORT) cannot be opened: it is in use; " \
