@@ -81,8 +81,10 @@ def until_lands(lab: Lab, target: str, since: float) -> float:
 
 
 class Router:
-    def __init__(self, lab: Lab, path: str):
-        env = lab.router_env("", mode="legacy", EGRESS_DESTINATION_FILE=path)
+    """The legacy-mode router in the lab's router namespace, its rules in the file `path`; ready when constructed."""
+
+    def __init__(self, lab: Lab, path: str, **variables: str):
+        env = lab.router_env("", mode="legacy", EGRESS_DESTINATION_FILE=path, **variables)
         env.pop("EGRESS_DESTINATION")
         self.process = subprocess.Popen(lab.enter_argv("router") + router_command(), env=env, text=True,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -97,10 +99,11 @@ class Router:
         self.drain = threading.Thread(target=lambda: [None for _ in self.process.stderr or ()], daemon=True)
         self.drain.start()
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self, children: bool = False) -> float:
+        """The router's CPU time; with `children`, that of the children it waited for too (iptables-save runs)."""
         with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(fields[i]) for i in ((11, 12, 13, 14) if children else (11, 12))) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

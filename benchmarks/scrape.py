@@ -28,13 +28,10 @@ order rotates:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +56,9 @@ from benchlib import (
     timed_run,
     write_results,
 )
+from reload import Router
 
-from egress_router.lab import CLIENT_IP, DEST_IPS, ROUTER_POD_IP, Lab, router_command
+from egress_router.lab import CLIENT_IP, DEST_IPS, ROUTER_POD_IP, Lab
 
 A, B, C = DEST_IPS
 PORT = 9253
@@ -81,41 +79,12 @@ def rules(extra: int) -> str:
     return f"53 udp {A} 5353\n80 tcp {A}\n{filler}{C}\n"
 
 
-class Router:
-    """The legacy-mode router in the lab's router namespace, ready when constructed."""
-
-    def __init__(self, lab: Lab, extra_rules: int, work: Path):
-        # in a file: 10,000 rules are over the 128 KiB an environment string may have
-        path = work / "destination"
-        path.write_text(rules(extra_rules), encoding="utf-8")
-        env = lab.router_env("", mode="legacy", EGRESS_METRICS_PORT=str(PORT), EGRESS_DESTINATION_FILE=str(path))
-        env.pop("EGRESS_DESTINATION")
-        self.process = subprocess.Popen(lab.enter_argv("router") + router_command(), env=env, text=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            if "Ready:" in line:
-                break
-            if "error" in line:
-                raise BenchError(f"the router failed: {line.strip()}")
-        else:
-            raise BenchError("the router exited before it was ready")
-        self.drain = threading.Thread(target=lambda: [None for _ in self.process.stderr or ()], daemon=True)
-        self.drain.start()
-
-    def cpu_seconds(self) -> float:
-        """The router's CPU time and that of the children it waited for (its iptables-save runs)."""
-        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.process.terminate()  # our child, by its Popen handle
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+def start_router(lab: Lab, extra_rules: int, work: Path) -> Router:
+    """The legacy-mode router with the admin port; its rules in a file: 10,000 rules are over the 128 KiB an
+    environment string may have."""
+    path = work / "destination"
+    path.write_text(rules(extra_rules), encoding="utf-8")
+    return Router(lab, str(path), EGRESS_METRICS_PORT=str(PORT))
 
 
 def entries(lab: Lab) -> int:
@@ -207,13 +176,13 @@ def measure(extra_rules: int, rounds: int, deadline: Deadline) -> Measured:
             sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read: no replies, no ICMP errors
         with sink:
             sink.bind((A, 5353))
-            router = Router(lab, extra_rules, Path(work))
+            router = start_router(lab, extra_rules, Path(work))
             try:
                 created = send_flows(lab, deadline)
                 print(f"{3 + extra_rules:,} redirect rules: {FLOWS:,} UDP flows sent in {secs(created)}; "
                       f"{entries(lab):,} conntrack entries in the router's namespace; {rounds} rounds ...", flush=True)
                 body = scrape(lab)[1]  # a first scrape: imports and caches warm, as on a pod scraped for a while
-                cpu_before, machine = router.cpu_seconds(), cpu_times()
+                cpu_before, machine = router.cpu_seconds(children=True), cpu_times()
                 for index in range(rounds):
                     if deadline.passed():
                         print(f"--max-seconds reached after {index} rounds")
@@ -229,7 +198,7 @@ def measure(extra_rules: int, rounds: int, deadline: Deadline) -> Measured:
                             seconds = reference(lab, REFERENCE if who == "reference" else RULES_ONLY)
                         times[who].append(seconds)
                 busy, steal = cpu_share_since(machine)
-                router_cpu = (router.cpu_seconds() - cpu_before) / max(1, len(times["ours"]))
+                router_cpu = (router.cpu_seconds(children=True) - cpu_before) / max(1, len(times["ours"]))
             finally:
                 router.stop()
     if not reported:
