@@ -121,6 +121,19 @@ METRICS_PORT: Variable[int | None] = Variable(
     "EGRESS_METRICS_PORT", None, f"{DEFAULT_METRICS_PORT} (legacy: off)", "the admin port: /healthz, /ready and "
     "/metrics (Prometheus) over HTTP on every address; off (or 0): none. In http-proxy mode /metrics is then "
     "served here only, not on the proxy port", STAYS_UP, values.port_or_off, "PORT|off")
+HA_PEERS: Variable[str] = Variable(
+    "EGRESS_HA_PEERS", "", "(unset: one replica)", "high availability: the replicas of this router, as a headless "
+    "Service name (re-resolved) or their pod addresses (space- or comma-separated; this replica's own may be "
+    "among them); set: exactly one replica holds EGRESS_SOURCE, elected with keepalived (VRRP) over the pod "
+    "network", STAYS_UP, values.text, "NAME|ADDRESSES", "legacy, http-proxy, dns-proxy (with EGRESS_SOURCE)")
+HA_VRID: Variable[int] = Variable(
+    "EGRESS_HA_VRID", 51, "51", "high availability: the VRRP virtual router id of these replicas (1-255; the same "
+    "on all of them, another for each group of routers whose pod networks meet)", STAYS_UP,
+    values.whole_number(1, 255), "N")
+HA_ADVERT_SECONDS: Variable[float] = Variable(
+    "EGRESS_HA_ADVERT_SECONDS", 0.2, "0.2", "high availability: seconds between the active replica's VRRP "
+    "adverts; a standby takes over about 3 of them after the last one (0.01-40)", STAYS_UP,
+    values.seconds(minimum=0.01), "SECONDS")
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
@@ -193,7 +206,7 @@ DNS_TTL_MAX: Variable[float] = Variable(
 # In the order --help, `egress-router variables` and the README show them.
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
     SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, LOG_FORMAT, INTERFACE, POD_INTERFACE,
-    IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS, METRICS_PORT,
+    IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS, METRICS_PORT, HA_PEERS, HA_VRID, HA_ADVERT_SECONDS,
     HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
     HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,
