@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import inforce, inotify
 from .core import variables as v
@@ -28,6 +29,9 @@ from .core.steps import Address, Announce, Route
 from .net import apply as apply_steps
 from .net import conntrack, iptables
 from .net.lock import namespace_lock
+
+if TYPE_CHECKING:
+    from .ha import Role
 from .sources import FileWatch, load_files, read_files, watched_paths
 
 log = logging.getLogger(__name__)
@@ -55,8 +59,9 @@ class Live:
     """The running legacy-mode router: the plan in force and what it was built from."""
 
     def __init__(self, env: Mapping[str, str], config: RouterConfig, plan: Plan, facts: PodFacts | None,
-                 context: apply_steps.Context):
+                 context: apply_steps.Context, role: Role | None = None):
         self.env = env
+        self.role = role  # high availability: this replica's part (ha.py); None: the only replica
         self.config = config
         self.plan = plan
         self.facts = facts
@@ -82,6 +87,9 @@ class Live:
         now = time.monotonic()
         announce_at: float | None = now + REANNOUNCE_AFTER_SECONDS
         check_at = now + self.config.drift_seconds if self.config.drift_seconds else None
+        if self.role is not None:
+            self.role.start(WAKE)
+            announce_at = None  # a replica announces when it becomes the active one
         if self.stale:
             self.reload("changed during set-up")
         while True:
@@ -89,9 +97,16 @@ class Live:
             wait = min([POLL_SECONDS, *(max(0.0, t - time.monotonic()) for t in due)])
             received = signal.sigtimedwait(SIGNALS, wait)
             if received is not None and received.si_signo in STOPS:
+                if self.role is not None:
+                    self.role.stop()
                 return received.si_signo
             if self.notifier is not None and received is not None and received.si_signo == WAKE:
                 self.notifier.drain()
+            if self.role is not None:
+                was = self.role.active
+                self.role.act()
+                if self.role.active and not was:
+                    announce_at = time.monotonic() + REANNOUNCE_AFTER_SECONDS
             if received is not None and received.si_signo == signal.SIGHUP:
                 self.reload("SIGHUP")
             elif self.watch.changed():
@@ -99,7 +114,7 @@ class Live:
                 self.reload("a changed file")
             now = time.monotonic()
             if announce_at is not None and now >= announce_at:
-                apply_steps.announce(self.plan, self.context)
+                apply_steps.announce(self.view(self.plan), self.context)
                 announce_at = None
             if check_at is not None and now >= check_at:
                 self.repair()
@@ -141,7 +156,7 @@ class Live:
             return
         plan = build_plan(config, self.plan.interface, self.facts)
         try:  # the address is unchanged (only rules reload): no announcement
-            self.converge(tuple(step for step in plan.steps if not isinstance(step, Announce)))
+            self.converge(tuple(step for step in self.view(plan).steps if not isinstance(step, Announce)))
         except EgressRouterError as exc:
             self.counts.reload_failures += 1
             log.error("Reload (%s) failed, the rules in force stay: %s (%d failed so far)", why, exc,
@@ -149,6 +164,8 @@ class Live:
             return
         old, new = self.config.destinations, config.destinations
         self.config, self.plan = config, plan
+        if self.role is not None:
+            self.role.plan = plan
         inforce.record(files)
         self.counts.reloads += 1
         flows = ""
@@ -168,10 +185,11 @@ class Live:
         """Re-apply the steps that no longer hold; one line per repaired step."""
         try:
             with namespace_lock():
-                drifted = apply_steps.drift(self.plan, self.context)
+                plan = self.view(self.plan)
+                drifted = apply_steps.drift(plan, self.context)
                 if not drifted:
                     return
-                self.apply_locked(repair_steps(self.plan, drifted), quiet=True)
+                self.apply_locked(repair_steps(plan, drifted), quiet=True)
         except EgressRouterError as exc:
             self.counts.repair_failures += 1
             self.problem = f"drift repair failed: {exc}"
@@ -183,6 +201,10 @@ class Live:
                 self.counts.repairs += 1
                 log.warning("Repaired drift: %s no longer held; re-applied (repair %d)", what(step),
                             self.counts.repairs)
+
+    def view(self, plan: Plan) -> Plan:
+        """The plan as this replica must hold it now: whole, or a standby's part (high availability)."""
+        return plan if self.role is None else self.role.view(plan)
 
     def converge(self, steps: tuple[Step, ...]) -> None:
         with namespace_lock():

@@ -7,6 +7,7 @@ steps in order (NAT first, all or nothing), each change recorded with its undo (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .core.config import RouterConfig
 from .core.errors import SetupError
@@ -25,6 +27,9 @@ from .net import apply as apply_steps
 from .net import iptables, links
 from .net.lock import namespace_lock
 from .net.rtnl import Rtnl
+
+if TYPE_CHECKING:
+    from .ha import Role
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +151,15 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     # the admin port is opened before any change: a port in use is an error with nothing changed
     admin_socket = open_admin_port(config.metrics_port) if stay_up and config.metrics_port else None
+    role = None
     with namespace_lock():
         prepared = prepare(config)
         try:
-            apply(prepared)
+            if config.ha is not None and stay_up:
+                role = standby_role(config, prepared)
+                apply(dataclasses.replace(prepared, plan=role.view(prepared.plan)))  # a standby's part, at first
+            else:
+                apply(prepared)
         except BaseException:
             prepared.rtnl.close()
             raise
@@ -159,21 +169,44 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
             else "no NAT (proxy mode)"
         state = f"{context.changes} network change(s)" if context.changes else "network already configured"
         # legacy mode: the rule files are watched from before "Ready", so an edit made after it is noticed
-        live = Live(env, config, plan, prepared.facts, context) if stay_up else None
+        live = Live(env, config, plan, prepared.facts, context, role) if stay_up else None
         if live is not None and admin_socket is not None:
             from .admin import serve_in_thread
             from .legacy_metrics import RedirectMetrics, legacy_admin
 
             serve_in_thread(admin_socket, legacy_admin(live, RedirectMetrics()))
             log.info("Admin port %d: /healthz, /ready, /metrics", config.metrics_port)
+        held = " and ".join(map(str, plan.addresses))
         log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
-                 " and ".join(map(str, plan.addresses)), plan.interface, " and ".join(map(str, plan.gateways)),
-                 nat_part, state, config.mode, seconds_since_process_start())
+                 held if role is None else f"a standby replica for {held}", plan.interface,
+                 " and ".join(map(str, plan.gateways)), nat_part, state, config.mode, seconds_since_process_start())
         if live is not None:
             received = live.run()
             log.info("Received %s; exiting", signal.Signals(received).name)
     finally:
         prepared.rtnl.close()
+
+
+def standby_role(config: RouterConfig, prepared: Prepared) -> Role:
+    """High availability: this replica's part, a standby until keepalived elects it; the reserved addresses an
+    earlier run left (a crash keeps the pod's network namespace) are removed first."""
+    from .ha import Role, own_address
+
+    assert config.ha is not None
+    settings = config.ha
+    versions = [settings.addresses[0].version] if settings.addresses else [4, 6]
+    own = None
+    for version in versions:
+        try:
+            own = own_address(prepared.rtnl, config.pod_interface, version)
+            break
+        except SetupError:
+            if version == versions[-1]:
+                raise
+    assert own is not None
+    role = Role(settings, prepared.plan, prepared.context, own, config.pod_interface)
+    role.release_stale()
+    return role
 
 
 def open_admin_port(port: int) -> socket.socket:

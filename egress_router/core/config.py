@@ -17,6 +17,7 @@ from . import variables as v
 from .allowlist import AccessList, parse_access_list
 from .errors import ConfigError
 from .forwards import Forward, parse_dns_destinations
+from .ha import HaSettings, check_advert, parse_peers
 from .redirect import Destinations, parse_destinations
 from .values import looks_ipv6, parse_ip
 from .variables import DEFAULT_IPTABLES, DEFAULT_MODE, MODES, NAT_MODES, unknown_variable_warnings
@@ -96,6 +97,7 @@ class RouterConfig:
     cluster_cidrs: tuple[IPv4Network | IPv6Network, ...] = ()  # reached through the pod interface (core.podnet)
     drift_seconds: float = 2.0  # legacy mode: seconds between drift checks (0: none)
     metrics_port: int = 0  # the admin port (/healthz, /ready, /metrics) of a mode that stays up; 0: none
+    ha: HaSettings | None = None  # high availability (core.ha): None, one replica
 
     @property
     def configures_nat(self) -> bool:
@@ -181,7 +183,23 @@ def load(env: Mapping[str, str], files: Mapping[str, str] = NO_FILES) -> RouterC
         cluster_cidrs=v.CLUSTER_CIDRS.read(env),
         drift_seconds=v.DRIFT_SECONDS.read(env),
         metrics_port=admin_port,
+        ha=load_ha(env, mode, egress),
     )
+
+
+def load_ha(env: Mapping[str, str], mode: str, egress: tuple[Egress, ...]) -> HaSettings | None:
+    """EGRESS_HA_*: None unless EGRESS_HA_PEERS is set; only where the router stays up and owns the network."""
+    if not v.HA_PEERS.is_set(env):
+        return None
+    if mode not in v.STAYS_UP:
+        raise ConfigError(v.HA_PEERS.name, f"high availability needs a mode that stays up (legacy, http-proxy, "
+                          f"dns-proxy), not {mode}: an init container exits and cannot hand the address over")
+    if not egress:
+        raise ConfigError(v.HA_PEERS.name, "high availability moves EGRESS_SOURCE between the replicas: set "
+                          "EGRESS_SOURCE and EGRESS_GATEWAY in this container (the single-container layout)")
+    addresses, service = parse_peers(v.HA_PEERS.read(env), v.HA_PEERS.name)
+    advert = check_advert(v.HA_ADVERT_SECONDS.read(env), v.HA_ADVERT_SECONDS.name)
+    return HaSettings(addresses, service, v.HA_VRID.read(env), advert, v.HA_STATE_DIR.read(env))
 
 
 def check_admin_port(port: int, destinations: Destinations, where: str) -> None:

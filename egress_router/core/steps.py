@@ -24,10 +24,12 @@ class Address:
 
     interface: str
     address: Interface
+    lifetime: int | None = None  # seconds it stays unless renewed (high availability: core.ha); None: forever
 
     def render(self) -> str:
         nodad = " nodad" if self.address.version == 6 else ""
-        return f"ip address add {self.address} dev {self.interface}{nodad}"
+        lifetime = f" valid_lft {self.lifetime} preferred_lft {self.lifetime}" if self.lifetime else ""
+        return f"ip address add {self.address} dev {self.interface}{nodad}{lifetime}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +64,13 @@ class Route:
     onlink: bool = False
     owned: bool = False  # tagged with ROUTER_PROTO, so that a later plan without it removes it (PruneRoutes)
     source: IPAddress | None = None  # the preferred source of what the router itself sends by it (src)
+    kind: str = "unicast"  # or "unreachable": nothing goes there (no interface, no gateway)
 
     def render(self) -> str:
         where = "default" if self.destination.prefixlen == 0 else str(self.destination)
+        if self.kind != "unicast":
+            table = f" table {self.table}" if self.table != MAIN_TABLE else ""
+            return f"ip{' -6' if self.destination.version == 6 else ''} route replace {self.kind} {where}{table}"
         via = f" via {self.gateway}" if self.gateway is not None else ""
         scope = " scope link" if self.gateway is None else ""
         onlink = " onlink" if self.onlink and self.gateway is not None else ""

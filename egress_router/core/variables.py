@@ -134,6 +134,10 @@ HA_ADVERT_SECONDS: Variable[float] = Variable(
     "EGRESS_HA_ADVERT_SECONDS", 0.2, "0.2", "high availability: seconds between the active replica's VRRP "
     "adverts; a standby takes over about 3 of them after the last one (0.01-40)", STAYS_UP,
     values.seconds(minimum=0.01), "SECONDS")
+HA_STATE_DIR: Variable[str] = Variable(
+    "EGRESS_HA_STATE_DIR", "/run/egress-router", "/run/egress-router", "high availability: a writable directory "
+    "for keepalived's configuration and the replica's state (`egress-router ready` reads it; an emptyDir with a "
+    "read-only root filesystem)", STAYS_UP, values.path, "PATH")
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",
@@ -207,6 +211,7 @@ DNS_TTL_MAX: Variable[float] = Variable(
 VARIABLES: Mapping[str, Variable[Any]] = {variable.name: variable for variable in (
     SOURCE, GATEWAY, DESTINATION, DESTINATION_FILE, CONFIG_FILE, MODE, DEBUG, LOG_FORMAT, INTERFACE, POD_INTERFACE,
     IPTABLES, CLUSTER_CIDRS, DRIFT_SECONDS, METRICS_PORT, HA_PEERS, HA_VRID, HA_ADVERT_SECONDS,
+    HA_STATE_DIR,
     HTTP_DESTINATION, HTTP_DESTINATION_FILE, HTTP_PORT, HTTP_WORKERS, HTTP_ACCESS_LOG, HTTP_CONNECT_TIMEOUT,
     HTTP_MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT, HTTP_TUNNEL_IDLE_TIMEOUT, GRACE,
     DNS_DESTINATION, DNS_DESTINATION_FILE, DNS_DEBUG, DNS_WORKERS, DNS_CONNECT_TIMEOUT, DNS_IDLE_TIMEOUT,

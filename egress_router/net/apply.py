@@ -22,7 +22,16 @@ from ..core.nat import NatRules, NatState, restore_payload
 from ..core.plan import Plan, Step
 from ..core.steps import ROUTER_PROTO, Address, Announce, LinkUp, PolicyRule, PruneRoutes, Route, Sysctl
 from . import arp, iptables
-from .rtnl import FAMILIES, IP6_RT_PRIO_USER, RTPROT_STATIC, SCOPE_LINK, SCOPE_UNIVERSE, Rtnl
+from .rtnl import (
+    FAMILIES,
+    IP6_RT_PRIO_USER,
+    ROUTE_TYPES,
+    RTN_UNREACHABLE,
+    RTPROT_STATIC,
+    SCOPE_LINK,
+    SCOPE_UNIVERSE,
+    Rtnl,
+)
 from .rtnl import Route as KernelRoute
 from .rtnl import Rule as KernelRule
 
@@ -147,7 +156,7 @@ def address_apply(context: Context, step: Address, undo: Undo) -> None:
         elif not other_ip.startswith("fe80:"):  # the kernel's own link-local address is expected
             log.warning("%s also has address %s/%s; left as it is", step.interface, other_ip, other_prefix)
     attempt(f"adding address {step.address} to {step.interface}",
-            partial(rtnl.address, True, index, ip, prefix, family))
+            partial(rtnl.address, True, index, ip, prefix, family, step.lifetime))
     undo.push(f"add address {step.address}", partial(rtnl.address, False, index, ip, prefix, family))
     log.info("Added address %s to %s", step.address, step.interface)
     context.changes += 1
@@ -177,6 +186,10 @@ def kernel_route(context: Context, step: Route) -> KernelRoute:
     v6 = network.version == 6
     # IPv6 routes have no scope, and the kernel gives them metric 1024 when none is asked for
     scope = SCOPE_LINK if step.gateway is None and not v6 else SCOPE_UNIVERSE
+    if step.kind != "unicast":
+        return KernelRoute(dst, network.prefixlen, None, None, IP6_RT_PRIO_USER if v6 else None, SCOPE_UNIVERSE,
+                           ROUTER_PROTO if step.owned else RTPROT_STATIC, table=step.table,
+                           family=FAMILIES[network.version], type=ROUTE_TYPES[step.kind])
     return KernelRoute(dst, network.prefixlen, gateway, context.index(step.interface),
                        IP6_RT_PRIO_USER if v6 else None, scope, ROUTER_PROTO if step.owned else RTPROT_STATIC,
                        table=step.table, onlink=step.onlink and gateway is not None, family=FAMILIES[network.version],
@@ -258,7 +271,8 @@ def rule_apply(context: Context, step: PolicyRule, undo: Undo) -> None:
 
 
 def describe(route: KernelRoute) -> str:
-    text = f"via {route.gateway}" if route.gateway else "(no gateway)"
+    text = "unreachable" if route.type == RTN_UNREACHABLE else \
+        f"via {route.gateway}" if route.gateway else "(no gateway)"
     return text + (f" metric {route.priority}" if route.priority else "")
 
 

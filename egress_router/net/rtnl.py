@@ -28,7 +28,9 @@ FR_ACT_TO_TBL = 1
 RTNH_F_ONLINK = 0x4
 IFF_UP = 0x1
 MAIN_TABLE = 254
-RTN_UNICAST = 1
+RTN_UNICAST, RTN_UNREACHABLE = 1, 7
+ROUTE_TYPES = {"unicast": RTN_UNICAST, "unreachable": RTN_UNREACHABLE}
+KNOWN_TYPES = frozenset(ROUTE_TYPES.values())
 RTPROT_STATIC = 4
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = 0, 253, 255
 IFA_F_NODAD = 0x02
@@ -75,6 +77,7 @@ class Route:
     onlink: bool = False
     family: int = socket.AF_INET
     prefsrc: str | None = None
+    type: int = RTN_UNICAST  # or RTN_UNREACHABLE (no gateway, no interface)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,23 +175,33 @@ class Rtnl:
         found = self.request(self.messages.ifaddrmsg, RTM_GETADDR, F_REQUEST | F_DUMP, {"family": family})
         return [(msg.get("IFA_ADDRESS"), msg["prefixlen"]) for msg in found if msg["index"] == index]
 
-    def address(self, add: bool, index: int, ip: str, prefixlen: int, family: int = socket.AF_INET) -> None:
-        """Add or remove an address; an IPv6 one is added without duplicate address detection (nodad)."""
-        msg_type, flags = (RTM_NEWADDR, F_CREATE | F_EXCL) if add else (RTM_DELADDR, 0)
+    def address(self, add: bool, index: int, ip: str, prefixlen: int, family: int = socket.AF_INET,
+                lifetime: int | None = None, *, renew: bool = False) -> None:
+        """Add or remove an address; an IPv6 one is added without duplicate address detection (nodad).
+        `lifetime`: seconds until the kernel removes it by itself; `renew`: the address is there, its lifetime
+        starts again (NLM_F_REPLACE)."""
+        msg_type, flags = (RTM_NEWADDR, F_REPLACE if renew else F_CREATE | F_EXCL) if add else (RTM_DELADDR, 0)
         attrs: list[tuple[str, Any]] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
         if family == socket.AF_INET6:
             attrs = [("IFA_ADDRESS", ip)]
+        if add and lifetime is not None:
+            attrs.append(("IFA_CACHEINFO", {"ifa_preferred": lifetime, "ifa_valid": lifetime, "cstamp": 0,
+                                            "tstamp": 0}))
         self.request(self.messages.ifaddrmsg, msg_type, F_REQUEST | F_ACK | flags,
                      {"family": family, "prefixlen": prefixlen, "index": index, "scope": SCOPE_UNIVERSE,
                       "flags": IFA_F_NODAD if family == socket.AF_INET6 else 0}, attrs)
 
     # ------------------------------------------------------------ routes
     def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[Route]:
-        """Unicast routes of one routing table (the main table unless told) and family (IPv4 unless told)."""
+        """Unicast and unreachable routes of one routing table (the main table unless told) and family (IPv4
+        unless told)."""
         found = self.request(self.messages.rtmsg, RTM_GETROUTE, F_REQUEST | F_DUMP, {"family": family})
-        return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"), m.get("RTA_OIF"), m.get("RTA_PRIORITY"),
-                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK), family, m.get("RTA_PREFSRC"))
-                for m in found if m.get("RTA_TABLE", m["table"]) == table and m["type"] == RTN_UNICAST]
+        # an IPv6 unreachable route is dumped with the loopback as its interface: none, as it is added
+        return [Route(m.get("RTA_DST"), m["dst_len"], m.get("RTA_GATEWAY"),
+                      m.get("RTA_OIF") if m["type"] == RTN_UNICAST else None, m.get("RTA_PRIORITY"),
+                      m["scope"], m["proto"], table, bool(m["flags"] & RTNH_F_ONLINK), family, m.get("RTA_PREFSRC"),
+                      m["type"])
+                for m in found if m.get("RTA_TABLE", m["table"]) == table and m["type"] in KNOWN_TYPES]
 
     def route(self, command: str, route: Route) -> None:
         """command: 'replace', 'add' or 'del'."""
@@ -209,7 +222,7 @@ class Rtnl:
         proto, scope = (0, SCOPE_NOWHERE) if command == "del" else (route.proto, route.scope)
         self.request(self.messages.rtmsg, msg_type, F_REQUEST | F_ACK | flags,
                      {"family": route.family, "dst_len": route.dst_len, "table": compat_table(route.table),
-                      "proto": proto, "scope": scope, "type": RTN_UNICAST,
+                      "proto": proto, "scope": scope, "type": route.type,
                       "flags": RTNH_F_ONLINK if route.onlink else 0}, attrs)
 
     # ------------------------------------------------------------ policy rules

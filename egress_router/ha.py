@@ -1,0 +1,352 @@
+"""High availability at the edge: keepalived supervised by the router, and the role it elects applied.
+
+The router writes keepalived's configuration (core.ha), starts it in the foreground as its child (it gets
+SIGTERM should the router die, and then sends its priority-0 goodbye), and reads its state lines from the
+notify FIFO, whose O_ASYNC signal wakes the router's loop. MASTER: the held steps are applied (the reserved
+addresses with a lifetime a thread renews, the routes through the egress interface, the announcements) and the
+replica is ready; any other state: the addresses go (the kernel takes their routes along), the default routes
+become unreachable, and it is not ready. Peers given as a Service name are re-resolved in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from ipaddress import ip_address
+from pathlib import Path
+
+from .core import ha
+from .core.errors import SetupError
+from .core.plan import Plan, Step
+from .core.steps import Address
+from .net import apply as apply_steps
+from .net.lock import namespace_lock
+from .net.rtnl import FAMILIES, Rtnl
+
+log = logging.getLogger(__name__)
+
+RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
+STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
+KEEPALIVED = "keepalived"
+STATE_FILE = "ha-state"
+
+
+class Keepalived:
+    """keepalived as the router's child: its files in `directory`, its state lines read without blocking."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.conf, self.fifo, self.guard = directory / "keepalived.conf", directory / "keepalived.fifo", \
+            directory / "guard"
+        self.pidfile, self.vrrp_pidfile = directory / "keepalived.pid", directory / "vrrp.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.fd = -1
+        self.buffer = b""
+        self.started_at = 0.0
+
+    def start(self, text: str, wake: int | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(text, encoding="utf-8")
+        self.guard.write_text("0\n", encoding="ascii")
+        for stale in (self.pidfile, self.vrrp_pidfile):  # a crash's pid files would stop it ("already running")
+            stale.unlink(missing_ok=True)
+        if not self.fifo.exists():
+            os.mkfifo(self.fifo, 0o600)
+        if self.fd < 0:  # read-write: the open never blocks, and the FIFO never sees its last writer go
+            self.fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
+            if wake is not None:
+                fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+                fcntl.fcntl(self.fd, fcntl.F_SETSIG, wake)
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
+        argv = [KEEPALIVED, "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f", str(self.conf),
+                "-p", str(self.pidfile), "-r", str(self.vrrp_pidfile)]
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        except FileNotFoundError:
+            raise SetupError("keepalived is not installed: high availability (EGRESS_HA_PEERS) needs it (the image "
+                             "has it; apt-get install keepalived)") from None
+        self.started_at = time.monotonic()
+        threading.Thread(target=self.relay_log, args=(self.process,), name="keepalived-log", daemon=True).start()
+        log.info("Started keepalived (pid %d), VRRP id %s", self.process.pid, vrid_of(text))
+
+    def relay_log(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                log.debug("keepalived: %s", line)
+
+    def states(self) -> list[str]:
+        """The states keepalived wrote since the last call (MASTER, BACKUP, FAULT, STOP), oldest first."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [state for line in lines if (state := ha.fifo_state(line.decode("ascii", "replace"))) is not None]
+
+    def step_down(self, down: bool) -> None:
+        """The track file: non-zero puts keepalived in FAULT (it stops being MASTER and sends priority 0)."""
+        self.guard.write_text("1\n" if down else "0\n", encoding="ascii")
+
+    def reload(self, text: str) -> None:
+        self.conf.write_text(text, encoding="utf-8")
+        if self.process is not None and self.process.poll() is None:
+            # keepalived dies of a SIGHUP in its first moments, before its handlers are in place
+            time.sleep(max(0.0, 0.3 - (time.monotonic() - self.started_at)))
+            self.process.send_signal(signal.SIGHUP)
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """SIGTERM (keepalived says goodbye with priority 0: a standby takes over at once), then wait."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+        self.process = None
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the router dies, so keepalived never outlives it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def vrid_of(text: str) -> str:
+    return next((line.split()[1] for line in text.splitlines() if "virtual_router_id" in line), "?")
+
+
+class PeerWatch:
+    """The replicas' addresses: as given, or a Service name looked up again every RESOLVE_SECONDS in a thread."""
+
+    def __init__(self, settings: ha.HaSettings, version: int):
+        self.settings, self.version = settings, version
+        self.latest: tuple[ha.IPAddress, ...] = settings.addresses
+        self.error = ""
+        if settings.service is not None:
+            self.latest = self.lookup()
+            threading.Thread(target=self.loop, name="ha-peers", daemon=True).start()
+
+    def lookup(self) -> tuple[ha.IPAddress, ...]:
+        assert self.settings.service is not None
+        try:
+            found = socket.getaddrinfo(self.settings.service, None, FAMILIES[self.version], socket.SOCK_DGRAM)
+        except OSError as exc:
+            if not self.error:
+                log.warning("High availability: cannot look up the peers %s (%s); keeping %s",
+                            self.settings.service, exc, ", ".join(map(str, self.latest)) or "none")
+            self.error = str(exc)
+            return self.latest
+        self.error = ""
+        return tuple(sorted({ip_address(str(info[4][0]).split("%")[0]) for info in found},
+                            key=lambda a: a.packed))
+
+    def loop(self) -> None:
+        while True:
+            time.sleep(RESOLVE_SECONDS)
+            self.latest = self.lookup()
+
+
+class Role:
+    """The replica's part: standby (prepared steps, unreachable defaults) or active (the held steps too)."""
+
+    def __init__(self, settings: ha.HaSettings, plan: Plan, context: apply_steps.Context, own: ha.IPAddress,
+                 pod_interface: str, on_change: Callable[[bool], None] | None = None):
+        self.settings, self.plan, self.context, self.own = settings, plan, context, own
+        self.pod_interface = pod_interface
+        self.active = False
+        self.transitions = 0
+        self.on_change = on_change
+        self.directory = Path(settings.state_dir)
+        self.keepalived = Keepalived(self.directory)
+        self.peers = PeerWatch(settings, own.version)
+        self.in_config: tuple[ha.IPAddress, ...] = ()
+        self.renewer: threading.Thread | None = None
+        self.renew_stop = threading.Event()
+        self.write_state("standby")
+
+    # ------------------------------------------------------------ steps
+    def held(self) -> tuple[Step, ...]:
+        steps = []
+        for step in self.plan.steps:
+            if ha.held_step(step, self.plan.interface):
+                steps.append(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address)
+                             else step)
+        return tuple(steps)
+
+    def view(self, plan: Plan) -> Plan:
+        """`plan` as this replica holds it now: active, with the held steps (addresses with their lifetime);
+        standby, without them and with unreachable default routes."""
+        prepared = tuple(step for step in plan.steps if not ha.held_step(step, plan.interface))
+        if not self.active:
+            return dataclasses.replace(plan, steps=prepared + self.standby_steps())
+        steps = tuple(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address) and
+                      ha.held_step(step, plan.interface) else step for step in plan.steps)
+        return dataclasses.replace(plan, steps=steps)
+
+    def standby_steps(self) -> tuple[Step, ...]:
+        return ha.standby_routes([address.version for address in self.plan.addresses])
+
+    def keepalived_text(self) -> str:
+        self.in_config = self.peers.latest
+        # found by name, a new replica waits before it may take over: its peers must list it first (they look
+        # the name up every RESOLVE_SECONDS, and the Service's records take a few seconds to change)
+        delay = STARTUP_DELAY_BY_NAME if self.settings.service is not None else 0
+        text = ha.keepalived_config(own=self.own, peers=self.in_config, interface=self.pod_interface,
+                                    vrid=self.settings.vrid, advert=self.settings.advert,
+                                    fifo=str(self.keepalived.fifo), guard=str(self.keepalived.guard),
+                                    startup_delay=delay)
+        return text
+
+    def start(self, wake: int) -> None:
+        self.keepalived.start(self.keepalived_text(), wake)
+
+    # ------------------------------------------------------------ transitions
+    def act(self) -> None:
+        """Apply what keepalived said since last time (the newest state counts); reload it on a peer change."""
+        states = self.keepalived.states()
+        if states:
+            log.debug("keepalived states: %s", ", ".join(states))
+            self.become(states[-1] == "MASTER")
+        if self.peers.latest != self.in_config:
+            log.info("High availability: the peers are now %s (were %s)", ", ".join(map(str, self.peers.latest)),
+                     ", ".join(map(str, self.in_config)) or "none")
+            self.keepalived.reload(self.keepalived_text())
+
+    def become(self, active: bool) -> None:
+        if active == self.active:
+            return
+        started = time.monotonic()
+        with namespace_lock():
+            if active:
+                self.apply(self.held())
+            else:
+                self.stop_renewing()
+                self.release()
+        self.active = active
+        self.transitions += 1
+        self.write_state("active" if active else "standby")
+        if active:
+            self.start_renewing()
+        held = " and ".join(str(address) for address in self.plan.addresses)
+        log.info("High availability: %s (%.1f ms)", f"active, holding {held}" if active else
+                 f"standby, holding nothing (peers {', '.join(map(str, self.in_config)) or 'none'})",
+                 (time.monotonic() - started) * 1000)
+        if self.on_change is not None:
+            self.on_change(active)
+
+    def apply(self, steps: Sequence[Step]) -> None:
+        apply_steps.apply(dataclasses.replace(self.plan, steps=tuple(steps)), self.context)
+
+    def release_stale(self) -> None:
+        """At start: a reserved address already on the egress interface was left by a run that died (its pod
+        network namespace stays): a standby holds nothing."""
+        rtnl, index = self.context.rtnl, self.context.index(self.plan.interface)
+        for address in self.plan.addresses:
+            family = FAMILIES[address.version]
+            if (str(address.ip), address.network.prefixlen) in rtnl.addresses(index, family):
+                rtnl.address(False, index, str(address.ip), address.network.prefixlen, family)
+                log.warning("High availability: removed %s from %s, left by an earlier run; this replica holds it "
+                            "only once elected", address, self.plan.interface)
+
+    def release(self) -> None:
+        """The reserved addresses off (their routes with them), the default routes unreachable."""
+        rtnl: Rtnl = self.context.rtnl
+        index = self.context.index(self.plan.interface)
+        for address in self.plan.addresses:
+            family = FAMILIES[address.version]
+            if (str(address.ip), address.network.prefixlen) in rtnl.addresses(index, family):
+                rtnl.address(False, index, str(address.ip), address.network.prefixlen, family)
+        self.apply(self.standby_steps())
+
+    # ------------------------------------------------------------ the address lifetime
+    def start_renewing(self) -> None:
+        self.renew_stop.clear()
+        self.renewer = threading.Thread(target=self.renew_loop, name="ha-renew", daemon=True)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # signals are the loop's
+        try:
+            self.renewer.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def stop_renewing(self) -> None:
+        self.renew_stop.set()
+        if self.renewer is not None:
+            self.renewer.join(timeout=2)
+            self.renewer = None
+
+    def renew_loop(self) -> None:
+        """Every RENEW_SECONDS the addresses' lifetime starts again: should this process die, they expire."""
+        with Rtnl() as rtnl:
+            index = socket.if_nametoindex(self.plan.interface)
+            while not self.renew_stop.wait(ha.RENEW_SECONDS):
+                for address in self.plan.addresses:
+                    try:
+                        rtnl.address(True, index, str(address.ip), address.network.prefixlen,
+                                     FAMILIES[address.version], ha.ADDRESS_LIFETIME, renew=True)
+                    except OSError as exc:
+                        log.warning("High availability: could not renew %s on %s: %s", address,
+                                    self.plan.interface, getattr(exc, "strerror", None) or exc)
+
+    # ------------------------------------------------------------ state for `egress-router ready`
+    def write_state(self, state: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = self.directory / f".{STATE_FILE}.{os.getpid()}"
+        temporary.write_text(f"{state} {os.getpid()}\n", encoding="ascii")
+        temporary.replace(self.directory / STATE_FILE)
+
+    def stop(self) -> None:
+        """The goodbye: the addresses off first (never two holders), then keepalived's priority 0."""
+        if self.active:
+            self.stop_renewing()
+            with contextlib.suppress(Exception):
+                self.release()
+            self.active = False
+        self.write_state("stopped")
+        self.keepalived.stop()
+
+
+def own_address(rtnl: Rtnl, pod_interface: str, version: int) -> ha.IPAddress:
+    """This replica's pod address of the peers' family (the heartbeats' source)."""
+    try:
+        index = socket.if_nametoindex(pod_interface)
+    except OSError:
+        raise SetupError(f"high availability: the pod interface {pod_interface!r} does not exist") from None
+    for ip, _ in rtnl.addresses(index, FAMILIES[version]):
+        address = ip_address(ip)
+        if not address.is_link_local:
+            return address
+    raise SetupError(f"high availability: {pod_interface} has no IPv{version} address for the heartbeats")
+
+
+def ready(state_dir: str) -> tuple[bool, str]:
+    """What `egress-router ready` says: active (and its router alive), or why not."""
+    try:
+        state, pid = (Path(state_dir) / STATE_FILE).read_text(encoding="ascii").split()[:2]
+    except (OSError, ValueError):
+        return False, "no high-availability state yet (the router is starting, or HA is off)"
+    if not Path(f"/proc/{pid}").exists():
+        return False, f"the router that wrote the state ({pid}) is gone"
+    return state == "active", f"this replica is {state}"
