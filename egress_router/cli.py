@@ -398,6 +398,15 @@ def convert(file: str, to: str, image: str, macvlan: str) -> None:
     guarded(action)
 
 
+@main.command(help="Exit 0 only on the active replica of a high-availability router (EGRESS_HA_PEERS), its state "
+              "converged: the exec readiness probe (reads EGRESS_HA_STATE_DIR/ha-state; 1 standby or starting, 2 "
+              "no high availability).")
+def ready() -> None:
+    from .readiness import main as readiness
+
+    sys.exit(readiness())
+
+
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the lab up (print how to remove it) instead of tearing it down.")
 @click.option("--ipv4-only", is_flag=True, help="An IPv4-only lab and router instead of dual stack.")

@@ -18,6 +18,10 @@ def main() -> None:
         from .container import run_container
 
         sys.exit(run_container(os.environ))
+    if sys.argv[1:] == ["ready"]:  # an exec probe, run every few seconds: no click, no configuration loading
+        from .readiness import main as ready
+
+        sys.exit(ready())
     from .cli import main as cli_main
 
     cli_main()

@@ -31,13 +31,13 @@ from .core.steps import Address
 from .net import apply as apply_steps
 from .net.lock import namespace_lock
 from .net.rtnl import FAMILIES, Rtnl
+from .readiness import write_state
 
 log = logging.getLogger(__name__)
 
 RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
 STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
 KEEPALIVED = "keepalived"
-STATE_FILE = "ha-state"
 
 
 class Keepalived:
@@ -310,12 +310,9 @@ class Role:
                         log.warning("High availability: could not renew %s on %s: %s", address,
                                     self.plan.interface, getattr(exc, "strerror", None) or exc)
 
-    # ------------------------------------------------------------ state for `egress-router ready`
     def write_state(self, state: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.directory / f".{STATE_FILE}.{os.getpid()}"
-        temporary.write_text(f"{state} {os.getpid()}\n", encoding="ascii")
-        temporary.replace(self.directory / STATE_FILE)
+        """For `egress-router ready` (readiness.py)."""
+        write_state(self.directory, state)
 
     def stop(self) -> None:
         """The goodbye: the addresses off first (never two holders), then keepalived's priority 0."""
@@ -339,14 +336,3 @@ def own_address(rtnl: Rtnl, pod_interface: str, version: int) -> ha.IPAddress:
         if not address.is_link_local:
             return address
     raise SetupError(f"high availability: {pod_interface} has no IPv{version} address for the heartbeats")
-
-
-def ready(state_dir: str) -> tuple[bool, str]:
-    """What `egress-router ready` says: active (and its router alive), or why not."""
-    try:
-        state, pid = (Path(state_dir) / STATE_FILE).read_text(encoding="ascii").split()[:2]
-    except (OSError, ValueError):
-        return False, "no high-availability state yet (the router is starting, or HA is off)"
-    if not Path(f"/proc/{pid}").exists():
-        return False, f"the router that wrote the state ({pid}) is gone"
-    return state == "active", f"this replica is {state}"

@@ -23,10 +23,30 @@ def legacy_admin(live: Live, extra: Callable[[Live], list[Family]] | None = None
     def health() -> str | None:
         return live.problem  # the last drift repair's failure, until a repair succeeds
 
-    def collect() -> list[Family]:
-        return live_families(live) + (extra(live) if extra is not None else [])
+    def ready() -> str | None:
+        role = live.role
+        if role is None or role.active:
+            return None
+        return "standby: another replica holds EGRESS_SOURCE (high availability)"
 
-    return Admin("legacy", collect, health=health)
+    def collect() -> list[Family]:
+        return live_families(live) + ha_families(live) + (extra(live) if extra is not None else [])
+
+    return Admin("legacy", collect, health=health, ready=ready)
+
+
+def ha_families(live: Live) -> list[Family]:
+    role = live.role
+    if role is None:
+        return []
+    return [
+        single("egress_router_ha_active", "gauge", "1 while this replica is the active one and holds EGRESS_SOURCE "
+               "(high availability), else 0.", int(role.active)),
+        single("egress_router_ha_transitions_total", "counter", "Times this replica became active or standby.",
+               role.transitions),
+        single("egress_router_ha_peers", "gauge", "The replicas keepalived is configured with, this one included.",
+               len({*role.in_config, role.own})),
+    ]
 
 
 def live_families(live: Live) -> list[Family]:

@@ -17,7 +17,7 @@ from egress_router.core.variables import MODES
 
 BIN = Path(sys.executable).parent
 CONSOLE_SCRIPT = BIN / "egress-router"
-SUBCOMMANDS = {"convert", "demo", "dns-proxy", "http-proxy", "render", "validate", "variables", "verify"}
+SUBCOMMANDS = {"convert", "demo", "dns-proxy", "http-proxy", "ready", "render", "validate", "variables", "verify"}
 
 
 def shell(argv: list[str]) -> subprocess.CompletedProcess[str]:
