@@ -38,6 +38,25 @@ log = logging.getLogger(__name__)
 RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
 STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
 KEEPALIVED = "keepalived"
+MISSING_KEEPALIVED = ("keepalived is not installed: high availability (EGRESS_HA_PEERS) runs it (apt-get install "
+                      "keepalived); the image does not have it yet")
+
+
+def check_can_run(state_dir: str) -> None:
+    """Before any change: keepalived is there, and the state directory can be written."""
+    import shutil
+
+    if shutil.which(KEEPALIVED) is None:
+        raise SetupError(MISSING_KEEPALIVED)
+    directory = Path(state_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe.{os.getpid()}"
+        probe.write_text("", encoding="ascii")
+        probe.unlink()
+    except OSError as exc:
+        raise SetupError(f"EGRESS_HA_STATE_DIR {state_dir} is not writable ({exc.strerror or exc}): mount an "
+                         "emptyDir there (a read-only root filesystem)") from None
 
 
 class Keepalived:
@@ -73,8 +92,7 @@ class Keepalived:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         except FileNotFoundError:
-            raise SetupError("keepalived is not installed: high availability (EGRESS_HA_PEERS) needs it (the image "
-                             "has it; apt-get install keepalived)") from None
+            raise SetupError(MISSING_KEEPALIVED) from None
         self.started_at = time.monotonic()
         threading.Thread(target=self.relay_log, args=(self.process,), name="keepalived-log", daemon=True).start()
         log.info("Started keepalived (pid %d), VRRP id %s", self.process.pid, vrid_of(text))

@@ -152,6 +152,10 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
     # the admin port is opened before any change: a port in use is an error with nothing changed
     admin_socket = open_admin_port(config.metrics_port) if stay_up and config.metrics_port else None
     role = None
+    if config.ha is not None and stay_up:
+        from .ha import check_can_run
+
+        check_can_run(config.ha.state_dir)
     with namespace_lock():
         prepared = prepare(config)
         try:
