@@ -11,6 +11,7 @@ become unreachable, and it is not ready. Peers given as a Service name are re-re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import logging
@@ -145,11 +146,13 @@ class Keepalived:
         self.process = None
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the router dies, so keepalived never outlives it."""
-    import ctypes
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec only calls it
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the router (the thread that started it: the main one) dies, so
+    keepalived never outlives it and says its priority-0 goodbye."""
+    _LIBC.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def vrid_of(text: str) -> str:
