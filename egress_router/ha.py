@@ -198,6 +198,7 @@ class Role:
         self.settings, self.plan, self.context, self.own = settings, plan, context, own
         self.pod_interface = pod_interface
         self.active = False
+        self.restarting = False
         self.transitions = 0
         self.on_change = on_change
         self.directory = Path(settings.state_dir)
@@ -246,7 +247,20 @@ class Role:
 
     # ------------------------------------------------------------ transitions
     def act(self) -> None:
-        """Apply what keepalived said since last time (the newest state counts); reload it on a peer change."""
+        """Apply what keepalived said since last time (the newest state counts); reload it on a peer change;
+        should it have exited, hold nothing and start it again (at most once a second)."""
+        code = self.keepalived.exited()
+        if code is not None:
+            if self.active or not self.restarting:
+                log.error("High availability: keepalived exited (status %s); this replica holds nothing until it "
+                          "runs again", code)
+            self.restarting = True
+            self.become(False)
+            if time.monotonic() - self.keepalived.started_at >= 1.0:
+                self.keepalived.process = None
+                self.keepalived.start(self.keepalived_text())
+            return
+        self.restarting = False
         states = self.keepalived.states()
         if states:
             log.debug("keepalived states: %s", ", ".join(states))

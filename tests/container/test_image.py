@@ -46,6 +46,7 @@ out = {
     "backends": [t for t in ("iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save",
                              "iptables-legacy-restore") if shutil.which(t)],
     "uid": os.getuid(),
+    "keepalived": subprocess.run(["keepalived", "--version"], capture_output=True, text=True).stderr.split("\n")[0],
     "packages": sorted(d.split("-")[0].lower() for d in os.listdir(next(p for p in __import__("sys").path
                                                                         if p.endswith("site-packages")))
                        if d.endswith(".dist-info")),
@@ -64,6 +65,7 @@ def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Do
     assert "nf_tables" in found["iptables"]  # nft is the default backend
     assert len(found["backends"]) == 4
     assert found["uid"] == 0  # root by default: the redirect modes change the pod's network
+    assert found["keepalived"].startswith("Keepalived v2."), found  # high availability runs it; it loads
     assert {"egress_router", "pyroute2", "click", "httptools", "uvloop", "dnspython", "pyyaml"} <= set(
         found["packages"])
     config = docker_env.client.images.get(image).attrs["Config"]

@@ -1,0 +1,142 @@
+"""High availability in the lab (egress_router/halab.py): replicas on one LAN, keepalived electing one; exactly one
+holds EGRESS_SOURCE and is ready, a standby sends nothing out, the address moves on a crash, a stop and a return."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from egress_router.halab import PEERS_NAME, SOURCE, HaLab, macvlan_mac
+from egress_router.lab import router_command
+
+TAKEOVER = 3.0  # seconds any test waits for a change that the benchmark measures in well under one
+
+
+def until(check: Callable[[], bool], timeout: float = TAKEOVER, step: float = 0.02) -> float | None:
+    """Seconds until `check` held (None: not within `timeout`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(step)
+    return None
+
+
+class Replicas:
+    """The routers of a lab's pods, each with its own state directory (the pods share this machine's /run)."""
+
+    def __init__(self, lab: HaLab, directory: Path):
+        self.lab, self.dir = lab, directory
+        self.processes: dict[int, subprocess.Popen[str]] = {}
+
+    def env(self, i: int, **variables: str) -> dict[str, str]:
+        return self.lab.router_env(i, EGRESS_HA_STATE_DIR=str(self.dir / f"pod{i}"), **variables)
+
+    def start(self, i: int, **variables: str) -> subprocess.Popen[str]:
+        self.processes[i] = self.lab.run_router(i, self.env(i, **variables))
+        return self.processes[i]
+
+    def log(self, i: int) -> str:
+        return self.lab.output(self.processes[i])
+
+    def ready(self, i: int) -> int:
+        """`egress-router ready` in pod i: its exit code."""
+        return self.lab.exec(self.lab.pod(i), ["env", f"EGRESS_HA_PEERS={self.lab.peers()}",
+                                               f"EGRESS_HA_STATE_DIR={self.dir / f'pod{i}'}", *router_command(),
+                                               "ready"]).returncode
+
+    def active(self) -> int:
+        """The one replica holding EGRESS_SOURCE, once there is exactly one and it says it is ready."""
+        assert until(lambda: len(self.lab.holders()) == 1 and self.lab.http_status(self.lab.holders()[0]) == 200,
+                     timeout=8), self.logs()
+        return self.lab.holders()[0]
+
+    def logs(self) -> str:
+        return "\n\n".join(f"--- pod{i}\n{self.log(i)}" for i in self.processes)
+
+
+@pytest.fixture
+def replicas(ha_lab: HaLab, tmp_path: Path) -> Iterator[Replicas]:
+    yield Replicas(ha_lab, tmp_path)
+
+
+def test_one_replica_holds_the_address_and_is_ready_the_other_sends_nothing(ha_lab: HaLab,
+                                                                            replicas: Replicas) -> None:
+    servers = ha_lab.serve_outside()
+    for i in range(2):
+        replicas.start(i)
+    active = replicas.active()
+    standby = 1 - active
+    assert ha_lab.http_status(standby) == 503 and ha_lab.http_status(standby, "/healthz") == 200
+    assert (replicas.ready(active), replicas.ready(standby)) == (0, 1)
+    assert ha_lab.connect(active) == SOURCE
+    with pytest.raises(OSError):  # the standby's default route is unreachable: refused, not sent elsewhere
+        ha_lab.connect(standby)
+    assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
+    routes = ha_lab.exec(ha_lab.pod(standby), ["ip", "route", "show", "default"], check=True).stdout
+    assert routes.startswith("unreachable default"), routes
+    assert ha_lab.gateway_neighbour(SOURCE) in (None, macvlan_mac(active))
+    assert "High availability: active, holding 192.0.2.99/24" in replicas.log(active)
+    assert "High availability: active" not in replicas.log(standby)
+
+
+def test_a_crash_of_the_active_pod_moves_the_address_and_the_dead_one_lets_go(ha_lab: HaLab,
+                                                                             replicas: Replicas) -> None:
+    servers = ha_lab.serve_outside()
+    for i in range(2):
+        replicas.start(i)
+    active = replicas.active()
+    other = 1 - active
+    assert ha_lab.connect(active) == SOURCE
+    ha_lab.kill_pod(active)  # router and keepalived, no goodbye; the pod's namespace and address stay
+    took = until(lambda: ha_lab.holders() == [active, other] or other in ha_lab.holders() and
+                 ha_lab.http_status(other) == 200)
+    assert took is not None, replicas.logs()
+    assert until(lambda: ha_lab.connect(other) == SOURCE if ha_lab.http_status(other) == 200 else False) is not None
+    # the dead replica's address expires by itself (its lifetime is no longer renewed)
+    assert until(lambda: ha_lab.holders() == [other]) is not None, ha_lab.holders()
+    assert until(lambda: ha_lab.gateway_neighbour(SOURCE) == macvlan_mac(other)) is not None
+    assert ha_lab.arp_replies() == [macvlan_mac(other)]
+    assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
+
+
+def test_a_stop_hands_over_at_once_and_a_returning_replica_stays_standby(ha_lab: HaLab, replicas: Replicas) -> None:
+    for i in range(2):
+        replicas.start(i)
+    active = replicas.active()
+    other = 1 - active
+    replicas.processes[active].terminate()  # as the kubelet stops a container
+    took = until(lambda: ha_lab.holders() == [other] and ha_lab.http_status(other) == 200)
+    assert took is not None and took < 1.5, (took, replicas.logs())
+    assert replicas.processes[active].wait(timeout=10) == 0
+    assert ha_lab.holders() == [other]  # the leaving one gave the address up before keepalived said goodbye
+    replicas.start(active)  # it comes back
+    assert until(lambda: replicas.ready(active) == 1 and ha_lab.http_status(active) == 503, timeout=5) is not None
+    time.sleep(2.0)  # longer than a takeover would take: nothing moves (nopreempt)
+    assert ha_lab.holders() == [other] and replicas.ready(other) == 0, replicas.logs()
+    assert replicas.log(other).count("High availability: active") == 1
+
+
+def test_a_leftover_address_is_removed_before_anything_else(ha_lab: HaLab, replicas: Replicas) -> None:
+    ha_lab.exec(ha_lab.pod(1), ["ip", "addr", "add", f"{SOURCE}/24", "dev", "macvlan0"], check=True)
+    replicas.start(1, EGRESS_HA_PEERS=f"{ha_lab.pod_ip(0)} {ha_lab.pod_ip(1)}")
+    assert until(lambda: "removed 192.0.2.99/24 from macvlan0, left by an earlier run" in replicas.log(1)), \
+        replicas.log(1)
+    replicas.start(0)
+    assert replicas.active() in (0, 1)
+
+
+def test_peers_named_by_a_service_are_looked_up_again(ha_lab: HaLab, replicas: Replicas) -> None:
+    ha_lab.set_peers([0])
+    replicas.start(0, EGRESS_HA_PEERS=PEERS_NAME)
+    assert replicas.active() == 0
+    ha_lab.set_peers([0, 1])  # a new pod behind the headless Service
+    replicas.start(1, EGRESS_HA_PEERS=PEERS_NAME)
+    seen = f"High availability: the peers are now {ha_lab.pod_ip(0)}, {ha_lab.pod_ip(1)}"
+    assert until(lambda: seen in replicas.log(0), timeout=6) is not None, replicas.logs()
+    time.sleep(9)  # past the new replica's start-up delay: it found an active peer and stays standby
+    assert ha_lab.holders() == [0] and replicas.ready(1) == 1, replicas.logs()
