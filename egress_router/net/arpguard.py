@@ -19,8 +19,9 @@ as well: a raw socket cannot send from :: with hop limit 255 to a group we have 
 the kernel's source address selection getting in the way, and it only sees what the stack accepts,
 while the packet socket sees every frame on the wire and its Ethernet source. A classic BPF filter
 keeps the IPv6 socket to neighbour solicitations and advertisements, so forwarded IPv6 traffic
-never reaches it. What we send ourselves comes back as PACKET_OUTGOING and is skipped, as is
-anything about other addresses.
+never reaches it. A socket bound to one protocol never sees what this host sends (only ETH_P_ALL
+taps do), but a LAN that reflects frames (a hairpin port, VEPA) can hand ours back: a frame with
+our MAC as sender is ours. Frames about other addresses are skipped.
 
 Costs measured in the lab (2-core VM, kernel 6.18, see the report of branch arpguard15): opening
 and binding a socket per probe would cost about 20 ms; one probe plus a 30 ms wait is 30 ms of

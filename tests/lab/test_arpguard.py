@@ -152,6 +152,24 @@ def test_an_announcement_counts_and_our_own_does_not(guardlab: GuardLab, probers
     assert probers["poda"].others(VIP, WAIT) == {b}
 
 
+def test_a_frame_that_names_our_mac_as_sender_is_ours(guardlab: GuardLab, probers: dict[str, Prober]) -> None:
+    """What a reflecting LAN (a hairpin port, VEPA) hands back: our own ARP, from another port.
+
+    A socket bound to ETH_P_ARP never sees what this host sends (only ETH_P_ALL taps do), and the
+    macvlan drops broadcasts with its own Ethernet source, so pod b forges it: Ethernet source b,
+    ARP sender a's MAC and the address."""
+    a, b = guardlab.mac("poda"), guardlab.mac("podb")
+    ours = arp.announcement(a, VIP, reply=False)
+    frame = arp.BROADCAST + arp.mac_bytes(b) + ours[12:]  # Ethernet source b, then a's ARP message
+    with guardlab.entered("podb"):
+        sock = probers["podb"].open(4)
+    sock.send(frame)
+    assert probers["poda"].others(VIP, WAIT) == set()
+    # the same frame with b as ARP sender is another holder: the filter above is the sender MAC's
+    sock.send(arp.announcement(b, VIP, reply=False))
+    assert probers["poda"].others(VIP, WAIT) == {b}
+
+
 def test_a_plain_request_from_the_address_is_not_answered_the_probe_is(guardlab: GuardLab,
                                                                         probers: dict[str, Prober]) -> None:
     """Spike F5, the reason for the probe form: the other holder drops a request from its own address."""
