@@ -62,11 +62,11 @@ GONE = (errno.ENODEV, errno.ENXIO)
 
 # classic BPF (struct sock_filter: code, jt, jf, k) for the IPv6 socket: IPv6 carrying ICMPv6
 # directly (no extension headers: neighbour discovery never has any) of type 135 or 136
-_ND_FILTER = (
+ND_FILTER = (
     (0x28, 0, 0, 12),  # ldh [12]: EtherType
-    (0x15, 0, 5, ETH_P_IPV6),  # jeq IPv6, else drop
+    (0x15, 0, 6, ETH_P_IPV6),  # jeq IPv6, else drop (jumps count from the next instruction)
     (0x30, 0, 0, ETH_HEADER + 6),  # ldb [20]: IPv6 next header
-    (0x15, 0, 3, socket.IPPROTO_ICMPV6),  # jeq 58, else drop
+    (0x15, 0, 4, socket.IPPROTO_ICMPV6),  # jeq 58, else drop
     (0x30, 0, 0, ETH_HEADER + IPV6_HEADER),  # ldb [54]: ICMPv6 type
     (0x15, 1, 0, ICMPV6_NEIGHBOR_SOLICITATION),  # jeq 135: accept
     (0x15, 0, 1, ICMPV6_NEIGHBOR_ADVERTISEMENT),  # jeq 136: accept, else drop
@@ -250,7 +250,7 @@ class Prober:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             if version == 6:
-                _attach_filter(sock, _ND_FILTER)
+                _attach_filter(sock, ND_FILTER)
             sock.bind((self.interface, ETH_P_IPV6 if version == 6 else ETH_P_ARP))
             sock.setblocking(False)
         except BaseException:

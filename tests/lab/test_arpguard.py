@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import select
+import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
@@ -216,3 +218,32 @@ def test_the_prober_reopens_after_its_interface_is_replaced(guardlab: GuardLab, 
         assert prober.second_holders(VIP, WAIT) == {guardlab.mac("podb")}
     assert mac_text(prober.mac()) == guardlab.mac("poda")  # the new MAC, read from the new socket
     assert probers["podb"].second_holders(VIP, WAIT) == {guardlab.mac("poda")}
+
+
+
+def test_the_ipv6_socket_sees_neighbour_discovery_only(guardlab: GuardLab, probers: dict[str, Prober]) -> None:
+    """The BPF filter: other IPv6 traffic (here UDP to all nodes) reaches the pod, not the prober's socket."""
+    for pod in PODS:
+        guardlab.hold(pod, VIP6)
+    with guardlab.entered("poda"):
+        sock = probers["poda"].open(6)
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with guardlab.entered("podb"):
+        sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        index = socket.if_nametoindex("macvlan0")
+    with listener, sender:
+        listener.bind(("::", 9999))
+        listener.settimeout(5)
+        sender.sendto(b"not neighbour discovery", ("ff02::1", 9999, 0, index))
+        assert listener.recvfrom(64)[0] == b"not neighbour discovery"  # it did reach pod a
+        with guardlab.entered("podb"):
+            ndp.announce("macvlan0", guardlab.mac("podb"), VIP6)
+        frames = []
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while poller.poll(int(WAIT * 1000)):  # whatever is queued, until the LAN is quiet for WAIT
+            frames.append(sock.recv(2048))
+    kinds = [frame[54] for frame in frames if frame[12:14] == b"\x86\xdd" and frame[20] == socket.IPPROTO_ICMPV6]
+    assert len(kinds) == len(frames), "only ICMPv6 frames"
+    assert set(kinds) <= {135, 136}
+    assert 136 in kinds  # the announcement came through
