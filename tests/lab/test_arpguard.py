@@ -186,24 +186,32 @@ def test_a_plain_request_from_the_address_is_not_answered_the_probe_is(guardlab:
     assert probers["poda"].second_holders(VIP, WAIT) == {guardlab.mac("podb")}
 
 
-def test_the_prober_survives_its_interface_going_down_and_up(guardlab: GuardLab, probers: dict[str, Prober]) -> None:
+@pytest.mark.parametrize("address", [pytest.param(VIP, id="ipv4"), pytest.param(VIP6, id="ipv6")])
+def test_the_prober_survives_its_interface_going_down_and_up(guardlab: GuardLab, probers: dict[str, Prober],
+                                                             address: IPv4Address | IPv6Address) -> None:
     for pod in PODS:
-        guardlab.hold(pod, VIP)
+        guardlab.hold(pod, address)
     prober, b = probers["poda"], guardlab.mac("podb")
-    assert prober.second_holders(VIP, WAIT) == {b}
+    assert prober.second_holders(address, WAIT) == {b}
     guardlab.link("poda", "down")
     with pytest.raises(OSError) as raised:
-        prober.second_holders(VIP, WAIT)
+        prober.second_holders(address, WAIT)
     assert raised.value.errno == errno.ENETDOWN
     guardlab.link("poda", "up")
-    assert prober.second_holders(VIP, WAIT) == {b}
+    if address.version == 6:  # IPv6 addresses go with the link (keep_addr_on_down=0); IPv4 ones stay
+        guardlab.hold("poda", address)
+    assert prober.second_holders(address, WAIT) == {b}
+    assert probers["podb"].second_holders(address, WAIT) == {guardlab.mac("poda")}
 
 
-def test_the_prober_reopens_after_its_interface_is_replaced(guardlab: GuardLab, probers: dict[str, Prober]) -> None:
+@pytest.mark.parametrize("address", [pytest.param(VIP, id="ipv4"), pytest.param(VIP6, id="ipv6")])
+def test_the_prober_reopens_after_its_interface_is_replaced(guardlab: GuardLab, probers: dict[str, Prober],
+                                                            address: IPv4Address | IPv6Address) -> None:
     for pod in PODS:
-        guardlab.hold(pod, VIP)
+        guardlab.hold(pod, address)
     prober = probers["poda"]
-    assert prober.second_holders(VIP, WAIT) == {guardlab.mac("podb")}
+    old = guardlab.mac("poda")
+    assert prober.second_holders(address, WAIT) == {guardlab.mac("podb")}
     # a new macvlan0 (new index, new MAC) for pod a, the way a pod sandbox can be rebuilt
     guardlab.exec("poda", ["ip", "link", "del", "macvlan0"], check=True)
     with guardlab.iproute("lan") as ipr:
@@ -211,14 +219,15 @@ def test_the_prober_reopens_after_its_interface_is_replaced(guardlab: GuardLab, 
         ipr.link("add", ifname="mvtmp", kind="macvlan", link=parent, macvlan_mode="bridge")
         ipr.link("set", index=ipr.link_lookup(ifname="mvtmp")[0], net_ns_fd=guardlab.path("poda"), ifname="macvlan0")
     guardlab.link("poda", "up")
-    guardlab.hold("poda", VIP)
-    with pytest.raises(OSError):  # the old socket's device is gone
-        prober.second_holders(VIP, WAIT)
+    guardlab.hold("poda", address)
+    assert guardlab.mac("poda") != old
+    with pytest.raises(OSError) as raised:  # the old socket's device is gone
+        prober.second_holders(address, WAIT)
+    assert raised.value.errno in (errno.ENODEV, errno.ENXIO)
     with guardlab.entered("poda"):  # the next call binds afresh, in the pod's namespace
-        assert prober.second_holders(VIP, WAIT) == {guardlab.mac("podb")}
-    assert mac_text(prober.mac()) == guardlab.mac("poda")  # the new MAC, read from the new socket
-    assert probers["podb"].second_holders(VIP, WAIT) == {guardlab.mac("poda")}
-
+        assert prober.second_holders(address, WAIT) == {guardlab.mac("podb")}
+    assert mac_text(prober.mac(address.version)) == guardlab.mac("poda")  # the new MAC, from the new socket
+    assert probers["podb"].second_holders(address, WAIT) == {guardlab.mac("poda")}
 
 
 def test_the_ipv6_socket_sees_neighbour_discovery_only(guardlab: GuardLab, probers: dict[str, Prober]) -> None:
