@@ -37,14 +37,14 @@ class GuardLab(Lab):
             self._up(ipr, "lo")
             ipr.link("add", ifname="br0", kind="bridge")
             bridge = self._up(ipr, "br0")
-            for pod in PODS:
+            for pod in self.roles[1:]:
                 ipr.link("add", ifname=f"{pod}-node", kind="veth", peer={"ifname": f"{pod}-port"})
                 ipr.link("set", index=ipr.link_lookup(ifname=f"{pod}-port")[0], master=bridge)
                 self._up(ipr, f"{pod}-port")
                 parent = self._up(ipr, f"{pod}-node")
                 ipr.link("add", ifname="mvtmp", kind="macvlan", link=parent, macvlan_mode="bridge")
                 ipr.link("set", index=ipr.link_lookup(ifname="mvtmp")[0], net_ns_fd=self.path(pod), ifname="macvlan0")
-        for pod in PODS:
+        for pod in self.roles[1:]:
             with self.iproute(pod) as ipr:
                 self._up(ipr, "lo")
                 self._up(ipr, "macvlan0")
@@ -74,6 +74,10 @@ class GuardLab(Lab):
             prober.open(4)
             prober.open(6)
         return prober
+
+
+class ThreePodLab(GuardLab):
+    roles = ("lan", *PODS, "podc")
 
 
 @pytest.fixture
@@ -256,3 +260,18 @@ def test_the_ipv6_socket_sees_neighbour_discovery_only(guardlab: GuardLab, probe
     assert len(kinds) == len(frames), "only ICMPv6 frames"
     assert set(kinds) <= {135, 136}
     assert 136 in kinds  # the announcement came through
+
+
+@pytest.mark.parametrize("address", [pytest.param(VIP, id="ipv4"), pytest.param(VIP6, id="ipv6")])
+def test_three_holders_each_finds_both_others(address: IPv4Address | IPv6Address) -> None:
+    require_lab()
+    with ThreePodLab() as lab:
+        pods = lab.roles[1:]
+        for pod in pods:
+            lab.hold(pod, address)
+        macs = {pod: lab.mac(pod) for pod in pods}
+        assert len(set(macs.values())) == 3
+        for pod in pods:
+            prober = lab.prober(pod)
+            with prober:
+                assert prober.second_holders(address, WAIT) == {mac for other, mac in macs.items() if other != pod}
