@@ -29,7 +29,7 @@ class GuardLab(Lab):
     which stays in lan (the node side), as the CNI macvlan plugin leaves the parent on the node.
     A parent inside the pod would answer ARP for the pod's address a second time (spike F1)."""
 
-    roles = ("lan", *PODS)
+    roles: tuple[str, ...] = ("lan", *PODS)
 
     def build(self) -> None:
         self.create_namespaces()
@@ -83,7 +83,8 @@ class ThreePodLab(GuardLab):
 @pytest.fixture
 def guardlab() -> Iterator[GuardLab]:
     require_lab()
-    with GuardLab() as built:  # torn down on exit, also when the test or the build fails
+    built = GuardLab()
+    with built:  # torn down on exit, also when the test or the build fails
         yield built
 
 
@@ -265,7 +266,8 @@ def test_the_ipv6_socket_sees_neighbour_discovery_only(guardlab: GuardLab, probe
 @pytest.mark.parametrize("address", [pytest.param(VIP, id="ipv4"), pytest.param(VIP6, id="ipv6")])
 def test_three_holders_each_finds_both_others(address: IPv4Address | IPv6Address) -> None:
     require_lab()
-    with ThreePodLab() as lab:
+    lab = ThreePodLab()
+    with lab:
         pods = lab.roles[1:]
         for pod in pods:
             lab.hold(pod, address)
