@@ -78,7 +78,9 @@ def test_image_has_no_pip_or_compilers_and_both_iptables_backends(docker_env: Do
     assert len(found["license"]) == 1 and found["license"][0].split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert {"org.opencontainers.image.description", "org.opencontainers.image.source"} <= set(labels)
     size = docker_env.client.images.get(image).attrs["Size"]
-    assert size < 150_000_000, f"{size / 1e6:.0f} MB"
+    # 158 MB: ~20 of them keepalived's (high availability) with what it links (net-snmp, libperl's library,
+    # glib) and iproute2, which it needs; Perl's modules and the SNMP MIBs are left out
+    assert size < 165_000_000, f"{size / 1e6:.0f} MB"
 
 
 UNIT_TEST_ENV = {"EGRESS_ROUTER_MODE": "unit-test", "EGRESS_SOURCE": "1.2.3.4", "EGRESS_GATEWAY": "1.1.1.1",
@@ -147,10 +149,10 @@ def test_the_usual_docker_build_works_online_without_a_wheelhouse(docker_env: Do
                                       network_mode="none",
                                       volumes={str(online_image.ca_bundle): {"bind": probe, "mode": "ro"}})
     assert (status, out.splitlines(), err) == (0, [probe], "")
-    # The offline image is 138 MB; the public base's glibc charset modules (9 MB), which the local base leaves
+    # The offline image is 158 MB; the public base's glibc charset modules (9 MB), which the local base leaves
     # out, make most of the difference.
     size = docker_env.client.images.get(tag).attrs["Size"]
-    assert size < 160_000_000, f"{size / 1e6:.0f} MB"
+    assert size < 175_000_000, f"{size / 1e6:.0f} MB"
 
 
 def test_invalid_configuration_exits_1_with_one_line_and_no_traceback(docker_env: Docker, image: str) -> None:
