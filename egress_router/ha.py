@@ -30,12 +30,17 @@ from .core.errors import SetupError
 from .core.plan import Plan, Step
 from .core.steps import Address
 from .net import apply as apply_steps
+from .net import arp
+from .net.arpguard import Prober
 from .net.lock import namespace_lock
 from .net.rtnl import FAMILIES, Rtnl
 from .readiness import write_state
 
 log = logging.getLogger(__name__)
 
+GUARD_SECONDS = 0.1  # how often the active replica looks for a second holder of its address
+GUARD_WAIT = 0.03  # how long it listens for one after each probe
+CLEAR_PROBES = 3  # unanswered probes after which a replica that gave way is a standby again
 RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
 STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
 KEEPALIVED = "keepalived"
@@ -199,6 +204,11 @@ class Role:
         self.pod_interface = pod_interface
         self.active = False
         self.restarting = False
+        self.wake: int = signal.SIGIO
+        self.yield_to: str | None = None  # set by the guard thread: a second holder with a higher MAC
+        self.yielded = False
+        self.clear_probes = 0
+        self.adverts: socket.socket | None = None  # while given way: VRRP packets from the peers, heard again
         self.transitions = 0
         self.on_change = on_change
         self.directory = Path(settings.state_dir)
@@ -243,6 +253,7 @@ class Role:
         return text
 
     def start(self, wake: int) -> None:
+        self.wake = wake
         self.keepalived.start(self.keepalived_text(), wake)
 
     # ------------------------------------------------------------ transitions
@@ -261,6 +272,15 @@ class Role:
                 self.keepalived.start(self.keepalived_text())
             return
         self.restarting = False
+        if self.yield_to is not None:
+            log.warning("High availability: giving way to %s, which holds %s too (its MAC is higher)", self.yield_to,
+                        self.plan.addresses[0].ip)
+            self.yield_to = None
+            self.yielded, self.clear_probes = True, 0
+            self.keepalived.step_down(True)  # keepalived goes to FAULT: it sends priority 0 and stays out
+            self.become(False)
+        elif self.yielded:
+            self.yielded_check()
         states = self.keepalived.states()
         if states:
             log.debug("keepalived states: %s", ", ".join(states))
@@ -333,17 +353,83 @@ class Role:
             self.renewer = None
 
     def renew_loop(self) -> None:
-        """Every RENEW_SECONDS the addresses' lifetime starts again: should this process die, they expire."""
-        with Rtnl() as rtnl:
+        """While active, in a thread of its own: every GUARD_SECONDS look for a second holder of the address on the
+        LAN (the heartbeat path may be cut while both replicas live), every RENEW_SECONDS renew the addresses'
+        lifetime (should this process die, they expire). Of two holders the one with the lower MAC yields, once
+        the other has shown for YIELD_AFTER: longer than a dead replica's address lives, so that a crashed
+        replica's leftover expires first instead of making this one give way; the higher one announces itself
+        again meanwhile, to keep the gateway."""
+        guarded = self.plan.addresses[0].ip
+        first_seen: float | None = None
+        announced = renewed = 0.0
+        with Rtnl() as rtnl, Prober(self.plan.interface) as prober:
             index = socket.if_nametoindex(self.plan.interface)
-            while not self.renew_stop.wait(ha.RENEW_SECONDS):
-                for address in self.plan.addresses:
-                    try:
-                        rtnl.address(True, index, str(address.ip), address.network.prefixlen,
-                                     FAMILIES[address.version], ha.ADDRESS_LIFETIME, renew=True)
-                    except OSError as exc:
-                        log.warning("High availability: could not renew %s on %s: %s", address,
-                                    self.plan.interface, getattr(exc, "strerror", None) or exc)
+            while not self.renew_stop.wait(GUARD_SECONDS):
+                now = time.monotonic()
+                if now - renewed >= ha.RENEW_SECONDS:
+                    self.renew(rtnl, index)
+                    renewed = now
+                try:
+                    others = prober.second_holders(guarded, GUARD_WAIT)
+                    own = prober.mac(guarded.version).hex(":")
+                except OSError as exc:
+                    log.debug("High availability: the second-holder probe failed: %s", exc)
+                    continue
+                if not others:
+                    if first_seen is not None:
+                        log.info("High availability: the second holder of %s is gone", guarded)
+                    first_seen = None
+                    continue
+                other = min(others)
+                if first_seen is None:
+                    first_seen = now
+                    log.warning("High availability: %s also answers for %s on the LAN (this replica is %s); the "
+                                "lower MAC gives way if it stays %.1f s", other, guarded, own, ha.YIELD_AFTER)
+                if own < other:
+                    if now - first_seen >= ha.YIELD_AFTER and self.yield_to is None:
+                        self.yield_to = other
+                        os.kill(os.getpid(), self.wake)  # the loop acts on it
+                elif now - announced >= 1.0:
+                    announced = now
+                    with contextlib.suppress(OSError):
+                        announce_all(self.plan)
+
+    def renew(self, rtnl: Rtnl, index: int) -> None:
+        for address in self.plan.addresses:
+            try:
+                rtnl.address(True, index, str(address.ip), address.network.prefixlen, FAMILIES[address.version],
+                             ha.ADDRESS_LIFETIME, renew=True)
+            except OSError as exc:
+                log.warning("High availability: could not renew %s on %s: %s", address, self.plan.interface,
+                            getattr(exc, "strerror", None) or exc)
+
+    def yielded_check(self) -> None:
+        """Given way: a plain standby again (keepalived may elect it) once the heartbeats are back (a VRRP advert
+        from a peer arrived: the path healed, and the active one is heard again) or no other holder answered
+        CLEAR_PROBES probes in a row (the other one is gone)."""
+        if self.adverts is None:
+            family = socket.AF_INET6 if self.own.version == 6 else socket.AF_INET
+            self.adverts = socket.socket(family, socket.SOCK_RAW, ha.VRRP_PROTOCOL)
+            self.adverts.setblocking(False)
+        heard = False
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                _, sender = self.adverts.recvfrom(2048)
+                heard = heard or ip_address(sender[0].split("%")[0]) in self.in_config
+        guarded = self.plan.addresses[0].ip
+        try:
+            with Prober(self.plan.interface) as prober:
+                others = prober.second_holders(guarded, GUARD_WAIT)
+        except OSError:
+            others = {"unknown"}
+        self.clear_probes = 0 if others else self.clear_probes + 1
+        if heard or self.clear_probes >= CLEAR_PROBES:
+            self.yielded = False
+            self.adverts.close()
+            self.adverts = None
+            self.keepalived.step_down(False)
+            log.info("High availability: %s; a standby again", "the peers' heartbeats are back" if heard else
+                     f"no other holder of {guarded} any more")
 
     def write_state(self, state: str) -> None:
         """For `egress-router ready` (readiness.py)."""
@@ -371,3 +457,17 @@ def own_address(rtnl: Rtnl, pod_interface: str, version: int) -> ha.IPAddress:
         if not address.is_link_local:
             return address
     raise SetupError(f"high availability: {pod_interface} has no IPv{version} address for the heartbeats")
+
+
+def announce_all(plan: Plan) -> None:
+    """The plan's announcements, from a thread (its own sockets, no shared netlink socket)."""
+    from ipaddress import IPv4Address
+
+    mac = Path(f"/sys/class/net/{plan.interface}/address").read_text(encoding="ascii").strip()
+    for address in plan.addresses:
+        if isinstance(address.ip, IPv4Address):
+            arp.announce(plan.interface, mac, address.ip)
+        else:
+            from .net import ndp
+
+            ndp.announce(plan.interface, mac, address.ip)

@@ -25,8 +25,12 @@ STATES = ("MASTER", "BACKUP", "FAULT", "STOP")
 TOP_PRIORITY, PRIORITY_STEP, LOWEST_PRIORITY = 250, 40, 10
 ADDRESS_LIFETIME = 2  # seconds (the kernel counts whole seconds): how long a dead replica's address outlives it
 RENEW_SECONDS = 0.5  # how often the active replica renews it
+# Of two holders (the heartbeat path cut), the lower MAC gives way once the other has shown this long: longer than
+# a dead replica's address outlives it, and within the 3 s that two holders may be seen on the LAN
+YIELD_AFTER = ADDRESS_LIFETIME + 0.5
 MAX_ADVERT = 40.95
-PLACEHOLDER = "127.0.0.99/32"  # VRRPv3 carries the interval in centiseconds, 12 bits
+PLACEHOLDER = "127.0.0.99/32"
+VRRP_PROTOCOL = 112  # VRRPv3 carries the interval in centiseconds, 12 bits
 _NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
                    re.IGNORECASE)
 _SEPARATOR = re.compile(r"[\s,]+")
