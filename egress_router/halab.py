@@ -119,6 +119,9 @@ class HaLab(Lab):
             self.etc_file(f"pod{i}", "resolv.conf", f"nameserver {POD_GATEWAY}\noptions timeout:1 attempts:1\n")
         self.set_peers(range(self.replicas))
         self.sysctl("gw", "net.ipv4.ip_forward", "1")
+        # a new namespace inherits IPv4 forwarding from the machine's own: the node must not forward, so
+        # that nothing reaches the outside but through a macvlan
+        self.sysctl("node", "net.ipv4.ip_forward", "0")
         if v6:
             self.sysctl("gw", "net.ipv6.conf.all.forwarding", "1")
         self.settle()
