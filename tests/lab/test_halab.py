@@ -295,6 +295,11 @@ def test_dual_stack_lab() -> None:
         assert env["EGRESS_SOURCE"] == f"{SOURCE}/24,2001:db8:2::99/64"
         lab.ip(lab.pod(1), ["addr add 2001:db8:2::99/64 dev macvlan0 nodad"])
         assert lab.holders("2001:db8:2::99") == [1] and lab.holders() == []
+        lab.cut_heartbeat(0)  # VRRP over IPv6 too
+        rules = lab.exec(lab.pod(0), ["ip6tables", "-S"], check=True).stdout
+        assert "-A INPUT -i eth0 -p vrrp -j DROP" in rules and "-A OUTPUT -o eth0 -p vrrp -j DROP" in rules
+        lab.heal_heartbeat(0)
+        assert "vrrp" not in lab.exec(lab.pod(0), ["ip6tables", "-S"], check=True).stdout
 
 
 def test_run_router_starts_egress_router_in_a_pod(ha_lab: HaLab) -> None:
