@@ -330,19 +330,25 @@ class HaLab(Lab):
 
 # ------------------------------------------------------------ process trees
 def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (a thread that forks is the parent, not the main one)."""
+    found: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
-            return [int(child) for child in handle.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return found
+    for task in tasks:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
 
 
 def kill_trees(roots: list[int]) -> list[int]:
     """SIGKILL these processes and all their descendants; returns every pid killed.
 
     Each process is stopped (SIGSTOP) before its children are read, so none forks, respawns (keepalived's
-    parent restarts a dead VRRP child) or is reaped meanwhile: a pid found here cannot be reused before
-    the SIGKILL. The roots are the lab's own unreaped children; a second pass catches a fork in flight."""
+    parent restarts a dead VRRP child) or reaps one meanwhile: a pid found here cannot be reused before
+    the SIGKILL. The roots are the lab's own unreaped children; a second pass catches a fork in flight.
+    A process that double-forks away (a daemon) is no descendant any more, and is not found."""
     frozen: list[int] = []
     for _ in range(2):
         todo = [pid for pid in roots if pid not in frozen] + [c for pid in frozen for c in children(pid)]
@@ -353,6 +359,7 @@ def kill_trees(roots: list[int]) -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
                 frozen.append(pid)
+                stopped(pid)
                 todo += children(pid)
     for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
@@ -364,9 +371,21 @@ def kill_trees(roots: list[int]) -> list[int]:
     return frozen
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T, Z, ...); '' when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return handle.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return ""
+
+
+def stopped(pid: int, timeout: float = 1.0) -> None:
+    """Wait (bounded) until a SIGSTOP has taken effect: kill() returns before the target stops."""
+    deadline = time.monotonic() + timeout
+    while state(pid) not in ("T", "t", "Z", "X", "") and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in ("Z", "X", "")
