@@ -294,20 +294,25 @@ class HaLab(Lab):
             arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, socket.inet_aton(LAN_GATEWAY),
                               b"\0" * 6, socket.inet_aton(ip))
             sock.send(b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP) + arp)
-            replies = []
+            frames = []
             deadline = time.monotonic() + window
             while (left := deadline - time.monotonic()) > 0:
                 sock.settimeout(left)
                 try:
-                    frame = sock.recv(2048)
+                    frames.append(sock.recv(2048))
                 except TimeoutError:
                     break
-                if len(frame) < 42:
-                    continue
+            sock.setblocking(False)  # and what the kernel queued while this thread waited for a CPU
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    frames.append(sock.recv(2048))
+        replies = []
+        for frame in frames:
+            if len(frame) >= 42:
                 op, sender, sender_ip = struct.unpack_from("!6xH6s4s", frame, 14)
                 if op == 2 and sender_ip == socket.inet_aton(ip):
                     replies.append(sender.hex(":"))
-            return replies
+        return replies
 
     # ------------------------------------------------------------ traffic
     def serve_outside(self) -> Servers:
