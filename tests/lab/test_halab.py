@@ -321,3 +321,22 @@ def test_run_router_starts_egress_router_in_a_pod(ha_lab: HaLab) -> None:
     router.terminate()
     assert router.wait(timeout=10) == 0, lab.output(router)
     assert "Ready:" in lab.output(router)
+
+
+def test_run_router_in_a_dual_stack_lab() -> None:
+    require_lab(HALAB_TOOLS)
+    with HaLab(2, dual_stack=True) as lab:
+        lab.serve_outside()
+        router = lab.run_router(1, lab.router_env(1))
+
+        def source6() -> str | None:
+            try:
+                return lab.connect(1, 80, timeout=0.5, ipv6=True)
+            except OSError:
+                return None
+
+        wait_for(source6, timeout=15.0)
+        assert source6() == "2001:db8:2::99" and lab.connect(1, 7000) == SOURCE
+        assert lab.holders("2001:db8:2::99") == [1] and lab.gateway_neighbour("2001:db8:2::99") == lab.macvlan_mac(1)
+        router.terminate()
+        assert router.wait(timeout=10) == 0, lab.output(router)
