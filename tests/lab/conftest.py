@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from egress_router.halab import HaLab
 from egress_router.lab import DEMO_SERVERS, DEMO_SERVERS6, DEST_IPS, Lab
 from egress_router.podlab import LAYOUTS, PodLab
 from tests.lab.origin import Origin
 
 LAB_TOOLS = ("nsenter", "ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "setpriv")
 PODLAB_TOOLS = (*LAB_TOOLS, "dnsmasq", "getent")
+HALAB_TOOLS = (*LAB_TOOLS, "iptables", "ip6tables", "getent")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -134,3 +136,20 @@ def podlab_origin(podlab: PodLab) -> Iterator[Origin]:
     """The `origin` servers, in a layout's destination namespace."""
     with origins(podlab) as server:
         yield server
+
+
+# ------------------------------------------------------------ HA: replicas on one LAN (egress_router/halab.py)
+@pytest.fixture
+def ha_lab() -> Iterator[HaLab]:
+    """Two replica pods (pod0, pod1) on one LAN, each macvlan made on its own node; torn down also on failure."""
+    require_lab(HALAB_TOOLS)
+    with HaLab(2) as built:
+        yield built
+
+
+@pytest.fixture
+def ha_lab3() -> Iterator[HaLab]:
+    """The same with three replicas (pod0-pod2)."""
+    require_lab(HALAB_TOOLS)
+    with HaLab(3) as built:
+        yield built
