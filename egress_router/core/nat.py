@@ -63,7 +63,7 @@ class NatRules:
 
 def nat_rules(destinations: Destinations | None, pod_interface: str, interface: str,
               source: IPv4Address | IPv6Address, *, mark_pod_connections: bool = False,
-              admin_port: int = 0) -> NatRules:
+              admin_port: int = 0, heartbeats: bool = False) -> NatRules:
     """DNAT what arrives on the pod interface as `destinations` say; SNAT what leaves `interface` to `source`;
     with `mark_pod_connections`, mark the connections that arrive on the pod interface (see mark_specs);
     with `admin_port`, connections to that TCP port stay with the router (see admin_exemption).
@@ -73,7 +73,10 @@ def nat_rules(destinations: Destinations | None, pod_interface: str, interface: 
         exempt = admin_exemption(pod_interface, admin_port)
         chains = ((DNAT_CHAIN, (*exempt, *dnat_specs(destinations, pod_interface))),
                   (SNAT_CHAIN, (f"-o {interface} -j SNAT --to-source {source}",)))
-    mangle = ((MARK_CHAIN, mark_specs(pod_interface)),) if mark_pod_connections else ()
+    # VRRP between the replicas (high availability) is not marked: an advert the peer sends first would make this
+    # replica's own adverts the "replies" of its flow, routed by the pod gateway instead of straight to the peer
+    unmarked = (f"-p {VRRP} -j RETURN",) if heartbeats else ()
+    mangle = ((MARK_CHAIN, (*unmarked, *mark_specs(pod_interface))),) if mark_pod_connections else ()
     return NatRules(chains, mangle, source.version)
 
 
@@ -81,6 +84,9 @@ def admin_exemption(pod_interface: str, admin_port: int) -> tuple[str, ...]:
     """The admin port's connections (probes, scrapes) leave our DNAT chain before any rule: a fallback
     redirects every port, and would send the kubelet's probes to the fallback destination."""
     return (f"-i {pod_interface} -p tcp -m tcp --dport {admin_port} -j RETURN",) if admin_port else ()
+
+
+VRRP = 112  # the IP protocol of keepalived's heartbeats
 
 
 def mark_specs(pod_interface: str) -> tuple[str, ...]:

@@ -60,7 +60,7 @@ def network_plan(interface: str, pod_interface: str, address: Interface, gateway
 
 def dual_plan(interface: str, pod_interface: str, egress: Sequence[tuple[Interface, IPAddress]],
               destinations: Destinations | None, facts: PodFacts | None = None,
-              cluster_cidrs: tuple[Network, ...] = (), *, admin_port: int = 0) -> Plan:
+              cluster_cidrs: tuple[Network, ...] = (), *, admin_port: int = 0, heartbeats: bool = False) -> Plan:
     """The steps of every mode that configures the network, for each family of `egress` (source, gateway;
     IPv4 first); NAT only with `destinations` (the TCP `admin_port` exempt from it); the pod-network return
     path (core.podnet) of each family where `facts` know the pod interface's next hop in it.
@@ -79,7 +79,7 @@ def dual_plan(interface: str, pod_interface: str, egress: Sequence[tuple[Interfa
         if destinations is not None or returning[version]:
             part = destinations.family(version) if destinations is not None else None
             steps.append(nat_rules(part, pod_interface, interface, address.ip, mark_pod_connections=returning[version],
-                                   admin_port=admin_port))
+                                   admin_port=admin_port, heartbeats=heartbeats))
     if 6 in versions:
         # IPv6 on the egress interface, whatever the container's default (docker turns it off); router
         # advertisements on the LAN must not add addresses or a second default route there.
@@ -108,4 +108,4 @@ def build_plan(config: RouterConfig, interface: str, facts: PodFacts | None = No
     assert config.egress, "no network to plan"
     return dual_plan(interface, config.pod_interface, [(e.source, e.gateway) for e in config.egress],
                      config.destinations if config.configures_nat else None, facts, config.cluster_cidrs,
-                     admin_port=config.metrics_port)
+                     admin_port=config.metrics_port, heartbeats=config.ha is not None)

@@ -37,7 +37,7 @@ class Replicas:
         return self.lab.router_env(i, EGRESS_HA_STATE_DIR=str(self.dir / f"pod{i}"), **variables)
 
     def start(self, i: int, **variables: str) -> subprocess.Popen[str]:
-        self.processes[i] = self.lab.run_router(i, self.env(i, **variables))
+        self.processes[i] = self.lab.run_router(i, self.env(i, EGRESS_ROUTER_DEBUG="1", **variables))
         return self.processes[i]
 
     def log(self, i: int) -> str:
