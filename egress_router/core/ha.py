@@ -23,8 +23,10 @@ IPAddress = IPv4Address | IPv6Address
 INSTANCE = "egress"
 STATES = ("MASTER", "BACKUP", "FAULT", "STOP")
 TOP_PRIORITY, PRIORITY_STEP, LOWEST_PRIORITY = 250, 40, 10
-ADDRESS_LIFETIME = 2  # seconds (the kernel counts whole seconds): how long a dead replica's address outlives it
-RENEW_SECONDS = 0.5  # how often the active replica renews it
+# seconds (the kernel counts whole seconds): how long a dead replica's address outlives it; renewed 4 times a
+# second by a thread of its own, it lapses only if the whole process stalls for a second
+ADDRESS_LIFETIME = 1
+RENEW_SECONDS = 0.25  # how often the active replica renews it
 # Of two holders (the heartbeat path cut), the lower MAC gives way once the other has shown this long: longer than
 # a dead replica's address outlives it, and within the 3 s that two holders may be seen on the LAN
 YIELD_AFTER = ADDRESS_LIFETIME + 0.5

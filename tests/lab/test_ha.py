@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from egress_router import ha
 from egress_router.halab import PEERS_NAME, SOURCE, HaLab, macvlan_mac
 from egress_router.lab import router_command
 
@@ -49,10 +50,10 @@ class Replicas:
                                                f"EGRESS_HA_STATE_DIR={self.dir / f'pod{i}'}", *router_command(),
                                                "ready"]).returncode
 
-    def active(self) -> int:
+    def active(self, timeout: float = 8.0) -> int:
         """The one replica holding EGRESS_SOURCE, once there is exactly one and it says it is ready."""
         assert until(lambda: len(self.lab.holders()) == 1 and self.lab.http_status(self.lab.holders()[0]) == 200,
-                     timeout=8), self.logs()
+                     timeout=timeout), self.logs()
         return self.lab.holders()[0]
 
     def logs(self) -> str:
@@ -133,10 +134,37 @@ def test_a_leftover_address_is_removed_before_anything_else(ha_lab: HaLab, repli
 def test_peers_named_by_a_service_are_looked_up_again(ha_lab: HaLab, replicas: Replicas) -> None:
     ha_lab.set_peers([0])
     replicas.start(0, EGRESS_HA_PEERS=PEERS_NAME)
-    assert replicas.active() == 0
+    assert replicas.active(timeout=ha.STARTUP_DELAY_BY_NAME + 5) == 0  # found by name: it waits before it may lead
     ha_lab.set_peers([0, 1])  # a new pod behind the headless Service
     replicas.start(1, EGRESS_HA_PEERS=PEERS_NAME)
     seen = f"High availability: the peers are now {ha_lab.pod_ip(0)}, {ha_lab.pod_ip(1)}"
     assert until(lambda: seen in replicas.log(0), timeout=6) is not None, replicas.logs()
-    time.sleep(9)  # past the new replica's start-up delay: it found an active peer and stays standby
+    time.sleep(ha.STARTUP_DELAY_BY_NAME + 1)  # past the new replica's start-up delay: it heard the active one
     assert ha_lab.holders() == [0] and replicas.ready(1) == 1, replicas.logs()
+
+
+def test_a_cut_heartbeat_path_leaves_one_holder_within_3_s_and_no_flap_when_it_heals(ha_lab: HaLab,
+                                                                                    replicas: Replicas) -> None:
+    servers = ha_lab.serve_outside()
+    for i in range(2):
+        replicas.start(i)
+    assert ha_lab.connect(replicas.active()) == SOURCE  # the gateway has a neighbour entry for the address now
+    for i in range(2):
+        ha_lab.cut_heartbeat(i)  # both alive, neither hears the other: both take the address
+    assert until(lambda: ha_lab.holders() == [0, 1], timeout=3) is not None, replicas.logs()
+    two = time.monotonic()
+    # the lower MAC (pod0's) gives way; the holder is pod1, whose MAC the gateway keeps
+    assert until(lambda: ha_lab.holders() == [1], timeout=4) is not None, replicas.logs()
+    both_for = time.monotonic() - two
+    assert both_for < 3.0, (both_for, replicas.logs())
+    assert until(lambda: ha_lab.gateway_neighbour(SOURCE) == macvlan_mac(1)) is not None, ha_lab.gateway_neighbour(
+        SOURCE)
+    assert ha_lab.arp_replies() == [macvlan_mac(1)]
+    assert ha_lab.connect(1) == SOURCE and ha_lab.http_status(0) == 503 and ha_lab.http_status(1) == 200
+    assert "giving way to 02:00:00:00:00:02" in replicas.log(0)
+    for i in range(2):
+        ha_lab.heal_heartbeat(i)
+    assert until(lambda: "a standby again" in replicas.log(0), timeout=5) is not None, replicas.log(0)
+    time.sleep(1.5)  # the healed pair settles: no second takeover
+    assert ha_lab.holders() == [1] and replicas.log(1).count("High availability: active") == 1, replicas.logs()
+    assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
