@@ -476,6 +476,15 @@ def _ha_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping
         problems.append(("warning", f"{v.HA_PEERS.name} is set but no pod anti-affinity on {HOSTNAME} selects "
                                     "these pods: two replicas on one node fail together (add affinity.podAntiAffinity"
                                     f".requiredDuringSchedulingIgnoredDuringExecution with topologyKey {HOSTNAME})"))
+    strategy = _mapping(_mapping(obj.body.get("spec")).get("strategy"))
+    if obj.kind == "Deployment" and strategy.get("type", "RollingUpdate") == "RollingUpdate":
+        unavailable = _mapping(strategy.get("rollingUpdate")).get("maxUnavailable", "25%")
+        replicas = _count(_mapping(obj.body.get("spec")).get("replicas", 1))
+        percent = re.fullmatch(r"(\d+)%", unavailable) if isinstance(unavailable, str) else None
+        if (replicas * int(percent[1]) // 100 if percent else _count(unavailable)) == 0:  # percentages round down
+            problems.append(("warning", f"a RollingUpdate with maxUnavailable {unavailable} lets no replica go until "
+                                        "a new one is ready, and only the active replica is ever ready: the rollout "
+                                        "never replaces any; set maxUnavailable: 1"))
     by_name = config.ha.service is not None if config is not None and config.ha is not None else True
     for service in services if by_name else ():
         body = _mapping(service.body.get("spec"))

@@ -47,7 +47,7 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
     if kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet", "Job"):
         return dict(doc["spec"]["template"]["spec"])
     assert kind in ("Service", "ConfigMap", "NetworkAttachmentDefinition", "EgressRouter", "ServiceAccount",
-                    "SecurityContextConstraints", "Namespace", "PodMonitor"), \
+                    "SecurityContextConstraints", "Namespace", "PodMonitor", "PodDisruptionBudget"), \
         f"the test does not know {kind}"
     return None
 
@@ -83,7 +83,8 @@ def test_there_are_examples_of_every_kind_promised() -> None:
     assert {"redirect-pod.yaml", "redirect-deployment.yaml", "redirect-configmap.yaml", "http-proxy.yaml",
             "http-proxy-single.yaml", "dns-proxy.yaml", "multus-redirect-pod.yaml",
             "multus-redirect-deployment.yaml", "egressrouter.yaml", "egressrouter-configmap.yaml",
-            "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml"} <= names
+            "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml",
+            "ha-redirect-deployment.yaml"} <= names
     index = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
     for name in names:
         assert f"[{name}]({name})" in index, f"examples/README.md does not list {name}"
@@ -320,6 +321,7 @@ def test_an_egress_router_example_converts_to_manifests_that_pass_validate(tmp_p
 # ---------------------------------------------------------------- (c) what production needs
 
 ADMIN_PORT = 9253
+HA_PEERS = "EGRESS_HA_PEERS"
 PAUSE = "registry.k8s.io/pause:"
 LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
           "app.kubernetes.io/part-of", "app.kubernetes.io/version")
@@ -382,11 +384,49 @@ def production_problems(docs: list[dict[str, Any]], image: str = EGRESS_IMAGE) -
             for container in spec.get(key, []):
                 problems += container_problems(f"{where}: {key.removesuffix('s')} {container['name']}", key,
                                                container, labels, image)
+        if any(HA_PEERS in env_of(container) for container in spec["containers"]):
+            problems += ha_problems(where, labels, spec, docs)
     for doc in docs:
-        if doc["kind"] == "Service":
-            for port in doc["spec"]["ports"]:
-                if port.get("targetPort") == "metrics" or ADMIN_PORT in (port["port"], port.get("targetPort")):
-                    problems.append(f"Service/{doc['metadata']['name']}: exposes the admin port to clients")
+        if doc["kind"] != "Service":
+            continue
+        peers = doc["spec"].get("clusterIP") == "None" and doc["spec"].get("publishNotReadyAddresses") is True
+        if doc["spec"].get("publishNotReadyAddresses") and not peers:
+            problems.append(f"Service/{doc['metadata']['name']}: sends clients to pods that are not ready")
+        for port in doc["spec"]["ports"]:
+            if not peers and (port.get("targetPort") == "metrics"
+                              or ADMIN_PORT in (port["port"], port.get("targetPort"))):
+                problems.append(f"Service/{doc['metadata']['name']}: exposes the admin port to clients")
+    return problems
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def ha_problems(where: str, labels: dict[str, str], spec: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """A high-availability router (EGRESS_HA_PEERS): its peers Service, spread, budget, state directory, grace."""
+    problems = []
+    (router,) = [container for container in spec["containers"] if HA_PEERS in env_of(container)]
+    peers = env_of(router)[HA_PEERS].split(".")[0]
+    service = next((doc for doc in docs if doc["kind"] == "Service" and doc["metadata"]["name"] == peers), None)
+    body = {} if service is None else service["spec"]
+    if not selects(body.get("selector", {}), labels) or body.get("clusterIP") != "None" \
+            or body.get("publishNotReadyAddresses") is not True:
+        problems.append(f"{where}: {HA_PEERS} names no headless Service of these pods with publishNotReadyAddresses")
+    anti = spec.get("affinity", {}).get("podAntiAffinity", {})
+    terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    if not any(term["topologyKey"] == "kubernetes.io/hostname"
+               and selects(term["labelSelector"]["matchLabels"], labels) for term in terms):
+        problems.append(f"{where}: no required pod anti-affinity across nodes")
+    if not any(doc["kind"] == "PodDisruptionBudget" and selects(doc["spec"]["selector"]["matchLabels"], labels)
+               and doc["spec"].get("minAvailable") == 1 for doc in docs):
+        problems.append(f"{where}: no PodDisruptionBudget with minAvailable: 1")
+    volumes = {volume["name"] for volume in spec.get("volumes", []) if "emptyDir" in volume}
+    if not any(mount["mountPath"] == env_of(router).get("EGRESS_HA_STATE_DIR", "/run/egress-router")
+               and mount["name"] in volumes for mount in router.get("volumeMounts", [])):
+        problems.append(f"{where}: no emptyDir at the state directory")
+    if spec.get("terminationGracePeriodSeconds", 30) < 5:
+        problems.append(f"{where}: terminationGracePeriodSeconds below 5: no time for the hand-over")
     return problems
 
 
@@ -431,14 +471,22 @@ def probe_problems(where: str, container: dict[str, Any]) -> list[str]:
     problems = []
     ports = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
     admin = env_of(container).get("EGRESS_METRICS_PORT")
-    for probe, paths in (("readinessProbe", ("/ready", "/healthz")), ("livenessProbe", ("/healthz",))):
+    ha = HA_PEERS in env_of(container)
+    for probe, paths in (("readinessProbe", ("/ready",) if ha else ("/ready", "/healthz")),
+                         ("livenessProbe", ("/healthz",))):
         spec = container.get(probe)
         if spec is None:
             problems.append(f"{where}: no {probe}")
+        elif spec.get("exec", {}).get("command") == ["egress-router", "ready"]:
+            if probe != "readinessProbe" or not ha:
+                problems.append(f"{where}: {probe} is egress-router ready, which only a high-availability "
+                                "router's readiness may be")
+            elif spec.get("periodSeconds", 10) * spec.get("failureThreshold", 3) > 2:
+                problems.append(f"{where}: readinessProbe follows a takeover more slowly than 2 s")
         elif "httpGet" in spec:
             if spec["httpGet"].get("port") != "metrics" or spec["httpGet"].get("path") not in paths:
                 problems.append(f"{where}: {probe} is not {' or '.join(paths)} on the port named metrics")
-        elif spec.get("exec", {}).get("command") != ["egress-router", "verify"]:
+        elif ha or spec.get("exec", {}).get("command") != ["egress-router", "verify"]:
             problems.append(f"{where}: {probe} is neither the admin port nor egress-router verify")
     if admin is not None and (ports.get("metrics") != int(admin) or int(admin) != ADMIN_PORT):
         problems.append(f"{where}: EGRESS_METRICS_PORT={admin} but containerPort metrics is {ports.get('metrics')}")
