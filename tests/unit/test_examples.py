@@ -608,6 +608,134 @@ def test_the_production_checks_catch_each_regression(name: str, change: Any, pro
     assert problem in production_problems(docs)
 
 
+# ---------------------------------------------------------------- high availability
+
+
+HA_EXAMPLE = ROOT / "examples" / "ha-redirect-deployment.yaml"
+
+
+def _ha(docs: list[dict[str, Any]], kind: str, name: str = "egress-router-ha") -> dict[str, Any]:
+    return next(doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def _ha_router(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _ha(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+def _ha_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _ha(docs, "Deployment")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def _env(container: dict[str, Any], name: str, value: str | None) -> None:
+    container["env"] = [item for item in container["env"] if item["name"] != name]
+    if value is not None:
+        container["env"].append({"name": name, "value": value})
+
+
+HA_WHERE = "Deployment/egress-router-ha"
+HA_CONTAINER = f"{HA_WHERE}: container egress-router"
+
+
+def test_the_ha_example_is_one_router_in_two_replicas_behind_two_services() -> None:
+    docs = documents(HA_EXAMPLE)
+    deployment, router = _ha(docs, "Deployment"), _ha_router(docs)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 2 and env_of(router)["EGRESS_ROUTER_MODE"] == "legacy"
+    peers = _ha(docs, "Service", env_of(router)[HA_PEERS])
+    client = _ha(docs, "Service")
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert "clusterIP" not in client["spec"] and "publishNotReadyAddresses" not in client["spec"]
+    for selector in (peers["spec"]["selector"], client["spec"]["selector"],
+                     deployment["spec"]["selector"]["matchLabels"], _ha(docs, "PodDisruptionBudget")["spec"]["selector"]
+                     ["matchLabels"]):
+        assert selects(selector, labels)
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1  # see the next test
+    assert router["readinessProbe"]["exec"]["command"] == ["egress-router", "ready"]
+
+
+def test_only_an_ha_example_that_can_roll_passes_validate(tmp_path: Path) -> None:
+    """The example as it is: no finding. Its mistakes: one warning each; without EGRESS_HA_PEERS, the error."""
+    def stderr(change: Any) -> list[str]:
+        docs = documents(HA_EXAMPLE)
+        change(docs)
+        copy = tmp_path / HA_EXAMPLE.name
+        copy.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+        result = invoke(["validate", "-f", str(copy)])
+        assert result.exit_code == (1 if result.stderr.count(": error: ") else 0)
+        return [line.removeprefix(f"{copy}: {HA_CONTAINER}: ") for line in result.stderr.splitlines()]
+
+    assert stderr(lambda docs: None) == []
+    assert stderr(lambda docs: _ha_pod(docs).pop("affinity")) == [
+        "warning: EGRESS_HA_PEERS is set but no pod anti-affinity on kubernetes.io/hostname selects these pods: two "
+        "replicas on one node fail together (add affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuring"
+        "Execution with topologyKey kubernetes.io/hostname)"]
+    assert stderr(lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop(
+        "publishNotReadyAddresses")) == [
+        "warning: the headless Service/egress-router-ha-peers selects these pods without publishNotReadyAddresses: "
+        "true: the standbys are never ready, so its name never lists them and a new replica is not found by its "
+        "peers"]
+    maxunavailable_0 = ("warning: a RollingUpdate with maxUnavailable 0 lets no replica go until a new one is "
+                        "ready, and only the active replica is ever ready: the rollout never replaces any; set "
+                        "maxUnavailable: 1")
+    assert stderr(lambda docs: _ha(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"].update(
+        maxSurge=1, maxUnavailable=0)) == [maxunavailable_0]
+    assert stderr(lambda docs: _ha(docs, "Deployment")["spec"].pop("strategy")) == [
+        maxunavailable_0.replace("maxUnavailable 0", "maxUnavailable 25%")]  # the default: 25% of 2, rounded down
+    assert stderr(lambda docs: _env(_ha_router(docs), HA_PEERS, None)) == [
+        "error: replicas is 2: every pod claims 192.0.2.96 on the same LAN (an address conflict); run one pod "
+        "(replicas: 1), failover comes from rescheduling",
+        "warning: a RollingUpdate starts the new pod while the old one still holds 192.0.2.96: use strategy: "
+        "{type: Recreate}"]
+
+
+@pytest.mark.parametrize(("name", "change", "problem"), [
+    ("readiness on /healthz", lambda docs: _ha_router(docs).update(readinessProbe={"httpGet": {
+        "path": "/healthz", "port": "metrics"}, "periodSeconds": 1, "failureThreshold": 1}),
+     f"{HA_CONTAINER}: readinessProbe is not /ready on the port named metrics"),
+    ("readiness verify", lambda docs: _ha_router(docs).update(readinessProbe={"exec": {
+        "command": ["egress-router", "verify"]}}),
+     f"{HA_CONTAINER}: readinessProbe is neither the admin port nor egress-router verify"),
+    ("slow readiness", lambda docs: _ha_router(docs)["readinessProbe"].update(periodSeconds=10),
+     f"{HA_CONTAINER}: readinessProbe follows a takeover more slowly than 2 s"),
+    ("liveness ready", lambda docs: _ha_router(docs).update(livenessProbe={"exec": {
+        "command": ["egress-router", "ready"]}}),
+     f"{HA_CONTAINER}: livenessProbe is egress-router ready, which only a high-availability router's readiness "
+     "may be"),
+    ("peers not published", lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop(
+        "publishNotReadyAddresses"),
+     f"{HA_WHERE}: EGRESS_HA_PEERS names no headless Service of these pods with publishNotReadyAddresses"),
+    ("peers elsewhere", lambda docs: _env(_ha_router(docs), HA_PEERS, "egress-router-ha.ns.svc.cluster.local"),
+     f"{HA_WHERE}: EGRESS_HA_PEERS names no headless Service of these pods with publishNotReadyAddresses"),
+    ("no anti-affinity", lambda docs: _ha_pod(docs).pop("affinity"),
+     f"{HA_WHERE}: no required pod anti-affinity across nodes"),
+    ("no budget", lambda docs: docs.remove(_ha(docs, "PodDisruptionBudget")),
+     f"{HA_WHERE}: no PodDisruptionBudget with minAvailable: 1"),
+    ("no state volume", lambda docs: _ha_router(docs).pop("volumeMounts"),
+     f"{HA_WHERE}: no emptyDir at the state directory"),
+    ("state elsewhere", lambda docs: _env(_ha_router(docs), "EGRESS_HA_STATE_DIR", "/var/run/egress"),
+     f"{HA_WHERE}: no emptyDir at the state directory"),
+    ("short grace", lambda docs: _ha_pod(docs).update(terminationGracePeriodSeconds=2),
+     f"{HA_WHERE}: terminationGracePeriodSeconds below 5: no time for the hand-over"),
+    ("clients to standbys", lambda docs: _ha(docs, "Service")["spec"].update(publishNotReadyAddresses=True),
+     "Service/egress-router-ha: sends clients to pods that are not ready"),
+    ("admin port to clients", lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop("clusterIP"),
+     "Service/egress-router-ha-peers: exposes the admin port to clients"),
+])
+def test_the_production_checks_catch_each_ha_regression(name: str, change: Any, problem: str) -> None:
+    docs = documents(HA_EXAMPLE)
+    assert production_problems(docs) == []
+    change(docs)
+    assert problem in production_problems(docs)
+
+
+def test_egress_router_ready_is_no_probe_of_a_router_without_ha() -> None:
+    docs = router_pod()
+    _router(docs)["readinessProbe"] = {"exec": {"command": ["egress-router", "ready"]}, "periodSeconds": 1,
+                                       "failureThreshold": 1}
+    assert production_problems(docs) == ["Pod/r: container router: readinessProbe is egress-router ready, which only "
+                                          "a high-availability router's readiness may be"]
+
+
 def test_an_admin_port_behind_a_fallback_is_exempt_from_it() -> None:
     """A fallback redirects every port without a rule that arrives on the pod interface; the examples' probes
     and scrapes of the admin port must still reach the router: its connections leave the DNAT chain first."""
