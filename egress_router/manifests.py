@@ -163,7 +163,6 @@ def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap],
     entries: list[Finding | Checked] = []
     used: set[str] = set()
     for label, container, env in router_containers(obj, spec, configmaps):
-        used |= env.used_files
         problems = list(env.problems)
         config = _load(env, problems)
         claims = (config.configures_network if config is not None
@@ -172,6 +171,7 @@ def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap],
         if claims:
             problems += _privilege_problems(container, spec, config)
             problems += _placement_problems(obj, spec, pod_metadata, env, config, services)
+        used |= env.used_files  # with the files of the Services of peers
         entries += [Finding(severity, message, obj.file, obj.label, label) for severity, message in problems]
         if not any(severity == "error" for severity, _ in problems):
             entries.append(Checked(obj.file, obj.label, label, config))
@@ -432,10 +432,10 @@ def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: 
                                   "egress-router needs a pod network namespace with a macvlan interface"))
     body = _mapping(obj.body.get("spec"))
     # with EGRESS_HA_PEERS, keepalived lets exactly one replica hold the address: several pods are the point
-    ha = config.ha is not None if config is not None else \
-        bool(env.values.get(v.HA_PEERS.name, "").strip()) or v.HA_PEERS.name in env.unknown
+    ha = (config is not None and config.ha is not None) or bool(env.values.get(v.HA_PEERS.name, "").strip()) \
+        or v.HA_PEERS.name in env.unknown
     if ha:
-        problems += _ha_problems(obj, spec, pod_metadata, config, services)
+        problems += _ha_problems(obj, spec, pod_metadata, env, config, services)
     elif obj.kind in REPLICATED:
         replicas = body.get("replicas", 1)
         if _count(replicas) > 1:
@@ -461,7 +461,7 @@ def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: 
     return problems
 
 
-def _ha_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any],
+def _ha_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any], env: _Environment,
                  config: RouterConfig | None, services: Sequence[KubeObject]) -> list[tuple[Severity, str]]:
     """A high-availability router: replicas spread over nodes, and a headless Service of peers that lists standbys."""
     problems: list[tuple[Severity, str]] = []
@@ -489,9 +489,11 @@ def _ha_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping
     for service in services if by_name else ():
         body = _mapping(service.body.get("spec"))
         selector = _mapping(body.get("selector"))
-        if (body.get("clusterIP") == "None" and body.get("publishNotReadyAddresses") is not True and selector
-                and selector.items() <= labels.items()
-                and (None in (service.namespace, obj.namespace) or service.namespace == obj.namespace)):
+        if (body.get("clusterIP") != "None" or not selector or not selector.items() <= labels.items()
+                or not (None in (service.namespace, obj.namespace) or service.namespace == obj.namespace)):
+            continue
+        env.used_files.add(service.file)  # a file of the peers' Service alone is checked with the router
+        if body.get("publishNotReadyAddresses") is not True:
             problems.append(("warning", f"the headless {service.label} selects these pods without "
                                         "publishNotReadyAddresses: true: the standbys are never ready, so its name "
                                         "never lists them and a new replica is not found by its peers"))
