@@ -32,6 +32,7 @@ POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
 REPLICATED = ("Deployment", "StatefulSet", "ReplicaSet", "ReplicationController", "DeploymentConfig")
 OPENSHIFT_MACVLAN = "pod.network.openshift.io/assign-macvlan"
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
+HOSTNAME = "kubernetes.io/hostname"  # the node label pod anti-affinity spreads replicas over
 OFFLINE_SOURCES = ("secretKeyRef", "fieldRef", "resourceFieldRef", "fileKeyRef")
 
 _REFERENCE = re.compile(r"\$\$|\$\(([^)]*)\)")
@@ -120,12 +121,13 @@ def check(sources: Sequence[tuple[str, str]]) -> Report:
     files = [(name, objects, [Finding("error", problem, name) for problem in problems])
              for name, text in sources for objects, problems in [parse_objects(name, text)]]
     configmaps = configmaps_of([obj for _, objects, _ in files for obj in objects])
+    services = [obj for _, objects, _ in files for obj in objects if obj.kind == "Service"]
     checked = []
     used: set[str] = set()
     for _, objects, _ in files:
         found: list[Finding | Checked] = []
         for obj in objects:
-            entries, files_used = _check_object(obj, configmaps)
+            entries, files_used = _check_object(obj, configmaps, services)
             found += entries
             used |= files_used
         checked.append(found)
@@ -145,8 +147,10 @@ def configmaps_of(objects: Sequence[KubeObject]) -> list[_ConfigMap]:
             if obj.kind == "ConfigMap" and isinstance(_mapping(obj.body.get("metadata")).get("name"), str)]
 
 
-def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap]) -> tuple[list[Finding | Checked], set[str]]:
-    """The findings and summaries of one object's egress-router containers, and the files whose ConfigMaps it used."""
+def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap],
+                  services: Sequence[KubeObject] = ()) -> tuple[list[Finding | Checked], set[str]]:
+    """The findings and summaries of one object's egress-router containers, and the files whose ConfigMaps it used
+    (`services`: the Services applied with it, for a high-availability router's peers)."""
     if egressrouter.is_egress_router(obj.body):
         return _check_egress_router(obj), set()
     path = POD_SPEC_PATHS.get(obj.kind)
@@ -159,7 +163,6 @@ def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap]) -> tuple[li
     entries: list[Finding | Checked] = []
     used: set[str] = set()
     for label, container, env in router_containers(obj, spec, configmaps):
-        used |= env.used_files
         problems = list(env.problems)
         config = _load(env, problems)
         claims = (config.configures_network if config is not None
@@ -167,7 +170,8 @@ def _check_object(obj: KubeObject, configmaps: Sequence[_ConfigMap]) -> tuple[li
                   or v.CONFIG_FILE.is_set(env.values))
         if claims:
             problems += _privilege_problems(container, spec, config)
-            problems += _placement_problems(obj, spec, pod_metadata, env, config)
+            problems += _placement_problems(obj, spec, pod_metadata, env, config, services)
+        used |= env.used_files  # with the files of the Services of peers
         entries += [Finding(severity, message, obj.file, obj.label, label) for severity, message in problems]
         if not any(severity == "error" for severity, _ in problems):
             entries.append(Checked(obj.file, obj.label, label, config))
@@ -416,8 +420,9 @@ def _privilege_problems(container: Mapping[str, Any], spec: Mapping[str, Any],
 
 
 def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any], env: _Environment,
-                        config: RouterConfig | None) -> list[tuple[Severity, str]]:
-    """Mistakes of the object around the container: more than one pod claiming the source IP, or no macvlan."""
+                        config: RouterConfig | None, services: Sequence[KubeObject] = ()) -> list[tuple[Severity, str]]:
+    """Mistakes of the object around the container: more than one pod claiming the source IP (unless high
+    availability elects one), replicas of a high-availability router that fail together, or no macvlan."""
     source = (str(config.source.ip) if config is not None and config.source is not None
               else env.values.get("EGRESS_SOURCE", "").strip().partition("/")[0] or "EGRESS_SOURCE")
     claim = f"every pod claims {source} on the same LAN (an address conflict)"
@@ -426,7 +431,12 @@ def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: 
         problems.append(("error", "hostNetwork: true: the router would reconfigure the node's own network; "
                                   "egress-router needs a pod network namespace with a macvlan interface"))
     body = _mapping(obj.body.get("spec"))
-    if obj.kind in REPLICATED:
+    # with EGRESS_HA_PEERS, keepalived lets exactly one replica hold the address: several pods are the point
+    ha = (config is not None and config.ha is not None) or bool(env.values.get(v.HA_PEERS.name, "").strip()) \
+        or v.HA_PEERS.name in env.unknown
+    if ha:
+        problems += _ha_problems(obj, spec, pod_metadata, env, config, services)
+    elif obj.kind in REPLICATED:
         replicas = body.get("replicas", 1)
         if _count(replicas) > 1:
             problems.append(("error", f"replicas is {replicas}: {claim}; run one pod (replicas: 1), failover "
@@ -449,6 +459,61 @@ def _placement_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: 
         problems.append(("warning", f"the pod asks for no macvlan interface: add the annotation {OPENSHIFT_MACVLAN}: "
                                     f"\"true\" (OpenShift 3.x) or {MULTUS_NETWORKS} (Multus), or set EGRESS_INTERFACE"))
     return problems
+
+
+def _ha_problems(obj: KubeObject, spec: Mapping[str, Any], pod_metadata: Mapping[str, Any], env: _Environment,
+                 config: RouterConfig | None, services: Sequence[KubeObject]) -> list[tuple[Severity, str]]:
+    """A high-availability router: replicas spread over nodes, and a headless Service of peers that lists standbys."""
+    problems: list[tuple[Severity, str]] = []
+    labels = _mapping(pod_metadata.get("labels"))
+    anti = _mapping(_mapping(spec.get("affinity")).get("podAntiAffinity"))
+    terms = [*_list(anti.get("requiredDuringSchedulingIgnoredDuringExecution")),
+             *(_mapping(item).get("podAffinityTerm") for item in
+               _list(anti.get("preferredDuringSchedulingIgnoredDuringExecution")))]
+    if obj.kind != "DaemonSet" and not any(  # a DaemonSet has one pod per node by itself
+            _mapping(term).get("topologyKey") == HOSTNAME and _selects(_mapping(term).get("labelSelector"), labels)
+            for term in terms):
+        problems.append(("warning", f"{v.HA_PEERS.name} is set but no pod anti-affinity on {HOSTNAME} selects "
+                                    "these pods: two replicas on one node fail together (add affinity.podAntiAffinity"
+                                    f".requiredDuringSchedulingIgnoredDuringExecution with topologyKey {HOSTNAME})"))
+    strategy = _mapping(_mapping(obj.body.get("spec")).get("strategy"))
+    if obj.kind == "Deployment" and strategy.get("type", "RollingUpdate") == "RollingUpdate":
+        unavailable = _mapping(strategy.get("rollingUpdate")).get("maxUnavailable", "25%")
+        replicas = _count(_mapping(obj.body.get("spec")).get("replicas", 1))
+        percent = re.fullmatch(r"(\d+)%", unavailable) if isinstance(unavailable, str) else None
+        if (replicas * int(percent[1]) // 100 if percent else _count(unavailable)) == 0:  # percentages round down
+            problems.append(("warning", f"a RollingUpdate with maxUnavailable {unavailable} lets no replica go until "
+                                        "a new one is ready, and only the active replica is ever ready: the rollout "
+                                        "never replaces any; set maxUnavailable: 1"))
+    by_name = config.ha.service is not None if config is not None and config.ha is not None else True
+    for service in services if by_name else ():
+        body = _mapping(service.body.get("spec"))
+        selector = _mapping(body.get("selector"))
+        if (body.get("clusterIP") != "None" or not selector or not selector.items() <= labels.items()
+                or not (None in (service.namespace, obj.namespace) or service.namespace == obj.namespace)):
+            continue
+        env.used_files.add(service.file)  # a file of the peers' Service alone is checked with the router
+        if body.get("publishNotReadyAddresses") is not True:
+            problems.append(("warning", f"the headless {service.label} selects these pods without "
+                                        "publishNotReadyAddresses: true: the standbys are never ready, so its name "
+                                        "never lists them and a new replica is not found by its peers"))
+    return problems
+
+
+def _selects(selector: Any, labels: Mapping[str, Any]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against a pod's labels; a null one selects nothing."""
+    if not isinstance(selector, dict):
+        return False
+    if not _mapping(selector.get("matchLabels")).items() <= labels.items():
+        return False
+    for expression in map(_mapping, _list(selector.get("matchExpressions"))):
+        key, values = str(expression.get("key")), _list(expression.get("values"))
+        present = key in labels
+        matched = {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+                   "Exists": present, "DoesNotExist": not present}
+        if not matched.get(str(expression.get("operator"))):
+            return False
+    return True
 
 
 def _count(value: Any) -> int:

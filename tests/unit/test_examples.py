@@ -47,7 +47,7 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
     if kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet", "Job"):
         return dict(doc["spec"]["template"]["spec"])
     assert kind in ("Service", "ConfigMap", "NetworkAttachmentDefinition", "EgressRouter", "ServiceAccount",
-                    "SecurityContextConstraints", "Namespace", "PodMonitor"), \
+                    "SecurityContextConstraints", "Namespace", "PodMonitor", "PodDisruptionBudget"), \
         f"the test does not know {kind}"
     return None
 
@@ -83,7 +83,8 @@ def test_there_are_examples_of_every_kind_promised() -> None:
     assert {"redirect-pod.yaml", "redirect-deployment.yaml", "redirect-configmap.yaml", "http-proxy.yaml",
             "http-proxy-single.yaml", "dns-proxy.yaml", "multus-redirect-pod.yaml",
             "multus-redirect-deployment.yaml", "egressrouter.yaml", "egressrouter-configmap.yaml",
-            "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml"} <= names
+            "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml",
+            "ha-redirect-deployment.yaml"} <= names
     index = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
     for name in names:
         assert f"[{name}]({name})" in index, f"examples/README.md does not list {name}"
@@ -320,6 +321,7 @@ def test_an_egress_router_example_converts_to_manifests_that_pass_validate(tmp_p
 # ---------------------------------------------------------------- (c) what production needs
 
 ADMIN_PORT = 9253
+HA_PEERS = "EGRESS_HA_PEERS"
 PAUSE = "registry.k8s.io/pause:"
 LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
           "app.kubernetes.io/part-of", "app.kubernetes.io/version")
@@ -382,11 +384,49 @@ def production_problems(docs: list[dict[str, Any]], image: str = EGRESS_IMAGE) -
             for container in spec.get(key, []):
                 problems += container_problems(f"{where}: {key.removesuffix('s')} {container['name']}", key,
                                                container, labels, image)
+        if any(HA_PEERS in env_of(container) for container in spec["containers"]):
+            problems += ha_problems(where, labels, spec, docs)
     for doc in docs:
-        if doc["kind"] == "Service":
-            for port in doc["spec"]["ports"]:
-                if port.get("targetPort") == "metrics" or ADMIN_PORT in (port["port"], port.get("targetPort")):
-                    problems.append(f"Service/{doc['metadata']['name']}: exposes the admin port to clients")
+        if doc["kind"] != "Service":
+            continue
+        peers = doc["spec"].get("clusterIP") == "None" and doc["spec"].get("publishNotReadyAddresses") is True
+        if doc["spec"].get("publishNotReadyAddresses") and not peers:
+            problems.append(f"Service/{doc['metadata']['name']}: sends clients to pods that are not ready")
+        for port in doc["spec"]["ports"]:
+            if not peers and (port.get("targetPort") == "metrics"
+                              or ADMIN_PORT in (port["port"], port.get("targetPort"))):
+                problems.append(f"Service/{doc['metadata']['name']}: exposes the admin port to clients")
+    return problems
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def ha_problems(where: str, labels: dict[str, str], spec: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """A high-availability router (EGRESS_HA_PEERS): its peers Service, spread, budget, state directory, grace."""
+    problems = []
+    (router,) = [container for container in spec["containers"] if HA_PEERS in env_of(container)]
+    peers = env_of(router)[HA_PEERS].split(".")[0]
+    service = next((doc for doc in docs if doc["kind"] == "Service" and doc["metadata"]["name"] == peers), None)
+    body = {} if service is None else service["spec"]
+    if not selects(body.get("selector", {}), labels) or body.get("clusterIP") != "None" \
+            or body.get("publishNotReadyAddresses") is not True:
+        problems.append(f"{where}: {HA_PEERS} names no headless Service of these pods with publishNotReadyAddresses")
+    anti = spec.get("affinity", {}).get("podAntiAffinity", {})
+    terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    if not any(term["topologyKey"] == "kubernetes.io/hostname"
+               and selects(term["labelSelector"]["matchLabels"], labels) for term in terms):
+        problems.append(f"{where}: no required pod anti-affinity across nodes")
+    if not any(doc["kind"] == "PodDisruptionBudget" and selects(doc["spec"]["selector"]["matchLabels"], labels)
+               and doc["spec"].get("minAvailable") == 1 for doc in docs):
+        problems.append(f"{where}: no PodDisruptionBudget with minAvailable: 1")
+    volumes = {volume["name"] for volume in spec.get("volumes", []) if "emptyDir" in volume}
+    if not any(mount["mountPath"] == env_of(router).get("EGRESS_HA_STATE_DIR", "/run/egress-router")
+               and mount["name"] in volumes for mount in router.get("volumeMounts", [])):
+        problems.append(f"{where}: no emptyDir at the state directory")
+    if spec.get("terminationGracePeriodSeconds", 30) < 5:
+        problems.append(f"{where}: terminationGracePeriodSeconds below 5: no time for the hand-over")
     return problems
 
 
@@ -431,14 +471,22 @@ def probe_problems(where: str, container: dict[str, Any]) -> list[str]:
     problems = []
     ports = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
     admin = env_of(container).get("EGRESS_METRICS_PORT")
-    for probe, paths in (("readinessProbe", ("/ready", "/healthz")), ("livenessProbe", ("/healthz",))):
+    ha = HA_PEERS in env_of(container)
+    for probe, paths in (("readinessProbe", ("/ready",) if ha else ("/ready", "/healthz")),
+                         ("livenessProbe", ("/healthz",))):
         spec = container.get(probe)
         if spec is None:
             problems.append(f"{where}: no {probe}")
+        elif spec.get("exec", {}).get("command") == ["egress-router", "ready"]:
+            if probe != "readinessProbe" or not ha:
+                problems.append(f"{where}: {probe} is egress-router ready, which only a high-availability "
+                                "router's readiness may be")
+            elif spec.get("periodSeconds", 10) * spec.get("failureThreshold", 3) > 2:
+                problems.append(f"{where}: readinessProbe follows a takeover more slowly than 2 s")
         elif "httpGet" in spec:
             if spec["httpGet"].get("port") != "metrics" or spec["httpGet"].get("path") not in paths:
                 problems.append(f"{where}: {probe} is not {' or '.join(paths)} on the port named metrics")
-        elif spec.get("exec", {}).get("command") != ["egress-router", "verify"]:
+        elif ha or spec.get("exec", {}).get("command") != ["egress-router", "verify"]:
             problems.append(f"{where}: {probe} is neither the admin port nor egress-router verify")
     if admin is not None and (ports.get("metrics") != int(admin) or int(admin) != ADMIN_PORT):
         problems.append(f"{where}: EGRESS_METRICS_PORT={admin} but containerPort metrics is {ports.get('metrics')}")
@@ -558,6 +606,134 @@ def test_the_production_checks_catch_each_regression(name: str, change: Any, pro
     docs = router_pod()
     change(docs)
     assert problem in production_problems(docs)
+
+
+# ---------------------------------------------------------------- high availability
+
+
+HA_EXAMPLE = ROOT / "examples" / "ha-redirect-deployment.yaml"
+
+
+def _ha(docs: list[dict[str, Any]], kind: str, name: str = "egress-router-ha") -> dict[str, Any]:
+    return next(doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def _ha_router(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _ha(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+def _ha_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _ha(docs, "Deployment")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def _env(container: dict[str, Any], name: str, value: str | None) -> None:
+    container["env"] = [item for item in container["env"] if item["name"] != name]
+    if value is not None:
+        container["env"].append({"name": name, "value": value})
+
+
+HA_WHERE = "Deployment/egress-router-ha"
+HA_CONTAINER = f"{HA_WHERE}: container egress-router"
+
+
+def test_the_ha_example_is_one_router_in_two_replicas_behind_two_services() -> None:
+    docs = documents(HA_EXAMPLE)
+    deployment, router = _ha(docs, "Deployment"), _ha_router(docs)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 2 and env_of(router)["EGRESS_ROUTER_MODE"] == "legacy"
+    peers = _ha(docs, "Service", env_of(router)[HA_PEERS])
+    client = _ha(docs, "Service")
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert "clusterIP" not in client["spec"] and "publishNotReadyAddresses" not in client["spec"]
+    for selector in (peers["spec"]["selector"], client["spec"]["selector"],
+                     deployment["spec"]["selector"]["matchLabels"], _ha(docs, "PodDisruptionBudget")["spec"]["selector"]
+                     ["matchLabels"]):
+        assert selects(selector, labels)
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1  # see the next test
+    assert router["readinessProbe"]["exec"]["command"] == ["egress-router", "ready"]
+
+
+def test_only_an_ha_example_that_can_roll_passes_validate(tmp_path: Path) -> None:
+    """The example as it is: no finding. Its mistakes: one warning each; without EGRESS_HA_PEERS, the error."""
+    def stderr(change: Any) -> list[str]:
+        docs = documents(HA_EXAMPLE)
+        change(docs)
+        copy = tmp_path / HA_EXAMPLE.name
+        copy.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+        result = invoke(["validate", "-f", str(copy)])
+        assert result.exit_code == (1 if result.stderr.count(": error: ") else 0)
+        return [line.removeprefix(f"{copy}: {HA_CONTAINER}: ") for line in result.stderr.splitlines()]
+
+    assert stderr(lambda docs: None) == []
+    assert stderr(lambda docs: _ha_pod(docs).pop("affinity")) == [
+        "warning: EGRESS_HA_PEERS is set but no pod anti-affinity on kubernetes.io/hostname selects these pods: two "
+        "replicas on one node fail together (add affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuring"
+        "Execution with topologyKey kubernetes.io/hostname)"]
+    assert stderr(lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop(
+        "publishNotReadyAddresses")) == [
+        "warning: the headless Service/egress-router-ha-peers selects these pods without publishNotReadyAddresses: "
+        "true: the standbys are never ready, so its name never lists them and a new replica is not found by its "
+        "peers"]
+    maxunavailable_0 = ("warning: a RollingUpdate with maxUnavailable 0 lets no replica go until a new one is "
+                        "ready, and only the active replica is ever ready: the rollout never replaces any; set "
+                        "maxUnavailable: 1")
+    assert stderr(lambda docs: _ha(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"].update(
+        maxSurge=1, maxUnavailable=0)) == [maxunavailable_0]
+    assert stderr(lambda docs: _ha(docs, "Deployment")["spec"].pop("strategy")) == [
+        maxunavailable_0.replace("maxUnavailable 0", "maxUnavailable 25%")]  # the default: 25% of 2, rounded down
+    assert stderr(lambda docs: _env(_ha_router(docs), HA_PEERS, None)) == [
+        "error: replicas is 2: every pod claims 192.0.2.96 on the same LAN (an address conflict); run one pod "
+        "(replicas: 1), failover comes from rescheduling",
+        "warning: a RollingUpdate starts the new pod while the old one still holds 192.0.2.96: use strategy: "
+        "{type: Recreate}"]
+
+
+@pytest.mark.parametrize(("name", "change", "problem"), [
+    ("readiness on /healthz", lambda docs: _ha_router(docs).update(readinessProbe={"httpGet": {
+        "path": "/healthz", "port": "metrics"}, "periodSeconds": 1, "failureThreshold": 1}),
+     f"{HA_CONTAINER}: readinessProbe is not /ready on the port named metrics"),
+    ("readiness verify", lambda docs: _ha_router(docs).update(readinessProbe={"exec": {
+        "command": ["egress-router", "verify"]}}),
+     f"{HA_CONTAINER}: readinessProbe is neither the admin port nor egress-router verify"),
+    ("slow readiness", lambda docs: _ha_router(docs)["readinessProbe"].update(periodSeconds=10),
+     f"{HA_CONTAINER}: readinessProbe follows a takeover more slowly than 2 s"),
+    ("liveness ready", lambda docs: _ha_router(docs).update(livenessProbe={"exec": {
+        "command": ["egress-router", "ready"]}}),
+     f"{HA_CONTAINER}: livenessProbe is egress-router ready, which only a high-availability router's readiness "
+     "may be"),
+    ("peers not published", lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop(
+        "publishNotReadyAddresses"),
+     f"{HA_WHERE}: EGRESS_HA_PEERS names no headless Service of these pods with publishNotReadyAddresses"),
+    ("peers elsewhere", lambda docs: _env(_ha_router(docs), HA_PEERS, "egress-router-ha.ns.svc.cluster.local"),
+     f"{HA_WHERE}: EGRESS_HA_PEERS names no headless Service of these pods with publishNotReadyAddresses"),
+    ("no anti-affinity", lambda docs: _ha_pod(docs).pop("affinity"),
+     f"{HA_WHERE}: no required pod anti-affinity across nodes"),
+    ("no budget", lambda docs: docs.remove(_ha(docs, "PodDisruptionBudget")),
+     f"{HA_WHERE}: no PodDisruptionBudget with minAvailable: 1"),
+    ("no state volume", lambda docs: _ha_router(docs).pop("volumeMounts"),
+     f"{HA_WHERE}: no emptyDir at the state directory"),
+    ("state elsewhere", lambda docs: _env(_ha_router(docs), "EGRESS_HA_STATE_DIR", "/var/run/egress"),
+     f"{HA_WHERE}: no emptyDir at the state directory"),
+    ("short grace", lambda docs: _ha_pod(docs).update(terminationGracePeriodSeconds=2),
+     f"{HA_WHERE}: terminationGracePeriodSeconds below 5: no time for the hand-over"),
+    ("clients to standbys", lambda docs: _ha(docs, "Service")["spec"].update(publishNotReadyAddresses=True),
+     "Service/egress-router-ha: sends clients to pods that are not ready"),
+    ("admin port to clients", lambda docs: _ha(docs, "Service", "egress-router-ha-peers")["spec"].pop("clusterIP"),
+     "Service/egress-router-ha-peers: exposes the admin port to clients"),
+])
+def test_the_production_checks_catch_each_ha_regression(name: str, change: Any, problem: str) -> None:
+    docs = documents(HA_EXAMPLE)
+    assert production_problems(docs) == []
+    change(docs)
+    assert problem in production_problems(docs)
+
+
+def test_egress_router_ready_is_no_probe_of_a_router_without_ha() -> None:
+    docs = router_pod()
+    _router(docs)["readinessProbe"] = {"exec": {"command": ["egress-router", "ready"]}, "periodSeconds": 1,
+                                       "failureThreshold": 1}
+    assert production_problems(docs) == ["Pod/r: container router: readinessProbe is egress-router ready, which only "
+                                          "a high-availability router's readiness may be"]
 
 
 def test_an_admin_port_behind_a_fallback_is_exempt_from_it() -> None:

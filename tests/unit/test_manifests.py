@@ -527,6 +527,162 @@ def test_rolling_update_deployment_is_a_warning() -> None:
                                 "the new pod while the old one still holds 192.0.2.99: use strategy: {type: Recreate}"]
 
 
+# ---------------------------------------------------------------- high availability (EGRESS_HA_PEERS)
+
+
+HA_ENV = {"EGRESS_ROUTER_MODE": "legacy", "EGRESS_SOURCE": "192.0.2.99/24", "EGRESS_GATEWAY": "192.0.2.1",
+          "EGRESS_DESTINATION": "80 tcp 203.0.113.10\n", "EGRESS_HA_PEERS": "r-peers"}
+HA_LABELS = {"app": "r", "tier": "egress"}
+HOSTNAME = "kubernetes.io/hostname"
+SPREAD = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+    {"topologyKey": HOSTNAME, "labelSelector": {"matchLabels": {"app": "r"}}}]}}
+ROLLING = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+HA_WHERE = "x.yaml: Deployment/r: container egress-router: "
+NO_SPREAD = (HA_WHERE + "warning: EGRESS_HA_PEERS is set but no pod anti-affinity on kubernetes.io/hostname selects "
+             "these pods: two replicas on one node fail together (add affinity.podAntiAffinity."
+             "requiredDuringSchedulingIgnoredDuringExecution with topologyKey kubernetes.io/hostname)")
+
+
+def ha_workload(kind: str = "Deployment", env: dict[str, str] | None = None, affinity: Any = SPREAD,
+                **fields: Any) -> dict[str, Any]:
+    spec = pod_spec(containers=(router(env=HA_ENV if env is None else env),))
+    if affinity is not None:
+        spec["affinity"] = affinity
+    if kind == "Deployment":
+        fields.setdefault("strategy", ROLLING)
+    if kind != "DaemonSet":
+        fields.setdefault("replicas", 2)
+    body = workload(kind, spec, **fields)
+    template = body["spec"] if kind == "Pod" else body["spec"]["template"]
+    template["metadata"]["labels"] = dict(HA_LABELS)
+    return body
+
+
+def service(name: str = "r-peers", selector: dict[str, str] | None = None, namespace: str | None = None,
+            **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+            "spec": {"selector": {"app": "r"} if selector is None else selector, "ports": [{"port": 9253}], **spec}}
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "ReplicaSet", "ReplicationController",
+                                  "DeploymentConfig"])
+def test_with_ha_replicas_are_no_error(kind: str) -> None:
+    report = run(ha_workload(kind), service(clusterIP="None", publishNotReadyAddresses=True))
+    assert lines(report) == []
+    config = only_checked(report).config
+    assert config is not None and config.ha is not None and config.ha.service == "r-peers"
+
+
+def test_without_ha_the_replicas_error_and_the_rolling_update_warning_stay() -> None:
+    report = run(ha_workload(env={k: v for k, v in HA_ENV.items() if k != "EGRESS_HA_PEERS"}))
+    assert lines(report) == [
+        HA_WHERE + "error: replicas is 2: every pod claims 192.0.2.99 on the same LAN (an address conflict); run one "
+                   "pod (replicas: 1), failover comes from rescheduling",
+        HA_WHERE + "warning: a RollingUpdate starts the new pod while the old one still holds 192.0.2.99: use "
+                   "strategy: {type: Recreate}"]
+
+
+def test_ha_peers_only_the_cluster_knows_still_count_as_ha() -> None:
+    deployment = ha_workload(env={k: v for k, v in HA_ENV.items() if k != "EGRESS_HA_PEERS"})
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["env"].append({"name": "EGRESS_HA_PEERS", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})
+    assert lines(run(deployment)) == [HA_WHERE + "warning: env EGRESS_HA_PEERS comes from secretKeyRef: its value "
+                                                 "cannot be checked offline"]
+
+
+@pytest.mark.parametrize(("name", "affinity", "spread"), [
+    ("required", SPREAD, True),
+    ("preferred", {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100,
+     "podAffinityTerm": {"topologyKey": HOSTNAME, "labelSelector": {"matchLabels": HA_LABELS}}}]}}, True),
+    ("expressions", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": HOSTNAME,
+     "labelSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["r", "s"]},
+                                            {"key": "tier", "operator": "Exists"},
+                                            {"key": "canary", "operator": "DoesNotExist"},
+                                            {"key": "tier", "operator": "NotIn", "values": ["web"]}]}}]}}, True),
+    ("empty selector: every pod", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": HOSTNAME, "labelSelector": {}}]}}, True),
+    ("none", None, False),
+    ("pod affinity, not anti", {"podAffinity": SPREAD["podAntiAffinity"]}, False),
+    ("zones only", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "topology.kubernetes.io/zone", "labelSelector": {"matchLabels": {"app": "r"}}}]}}, False),
+    ("other pods", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": HOSTNAME, "labelSelector": {"matchLabels": {"app": "web"}}}]}}, False),
+    ("null selector: no pod", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": HOSTNAME}]}}, False),
+    ("excluded by NotIn", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "topologyKey": HOSTNAME, "labelSelector": {"matchExpressions": [
+            {"key": "tier", "operator": "NotIn", "values": ["egress"]}]}}]}}, False),
+    ("unknown operator", {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "topologyKey": HOSTNAME, "labelSelector": {"matchExpressions": [{"key": "app", "operator": "Gt",
+                                                                          "values": ["1"]}]}}]}}, False),
+])
+def test_ha_without_anti_affinity_across_nodes_is_a_warning(name: str, affinity: Any, spread: bool) -> None:
+    report = run(ha_workload(affinity=affinity))
+    assert not report.failed
+    assert lines(report) == ([] if spread else [NO_SPREAD])
+
+
+def test_ha_daemon_set_is_spread_by_itself_and_claims_nothing_twice() -> None:
+    assert lines(run(ha_workload("DaemonSet", affinity=None))) == []
+    assert "a DaemonSet runs a pod on every matching node" in lines(run(workload("DaemonSet", pod_spec(router()))))[0]
+
+
+@pytest.mark.parametrize(("strategy", "replicas", "stalls"), [
+    (ROLLING, 2, None),
+    ({"type": "Recreate"}, 2, None),
+    ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, 2, "0"),
+    ({"type": "RollingUpdate"}, 2, "25%"),  # the default: 25% of 2 replicas rounds down to 0
+    (None, 3, "25%"),
+    (None, 4, None),  # 25% of 4 is 1
+    ({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "50%"}}, 2, None),
+])
+def test_ha_rolling_update_that_can_replace_no_replica_is_a_warning(strategy: dict[str, Any] | None, replicas: int,
+                                                                    stalls: str | None) -> None:
+    deployment = ha_workload(strategy=strategy, replicas=replicas)
+    if strategy is None:
+        del deployment["spec"]["strategy"]
+    warning = (HA_WHERE + f"warning: a RollingUpdate with maxUnavailable {stalls} lets no replica go until a new one "
+               "is ready, and only the active replica is ever ready: the rollout never replaces any; set "
+               "maxUnavailable: 1")
+    assert lines(run(deployment)) == ([] if stalls is None else [warning])
+
+
+NOT_PUBLISHED = (HA_WHERE + "warning: the headless Service/r-peers selects these pods without "
+                 "publishNotReadyAddresses: true: the standbys are never ready, so its name never lists them and a "
+                 "new replica is not found by its peers")
+
+
+@pytest.mark.parametrize(("peers", "warned"), [
+    (service(clusterIP="None"), True),
+    (service(clusterIP="None", publishNotReadyAddresses=False), True),
+    (service(clusterIP="None", selector=HA_LABELS, namespace="egress"), True),  # the router's namespace: unset
+    (service(clusterIP="None", publishNotReadyAddresses=True), False),
+    (service(), False),  # not headless: the clients' Service, whose endpoints must be the ready replica alone
+    (service(clusterIP="None", selector={"app": "web"}), False),
+    (service(clusterIP="None", selector={}), False),  # selects no pods
+])
+def test_ha_headless_service_without_not_ready_addresses_is_a_warning(peers: dict[str, Any], warned: bool) -> None:
+    assert lines(run(ha_workload(), peers)) == ([NOT_PUBLISHED] if warned else [])
+
+
+def test_ha_headless_service_in_other_files_or_namespaces() -> None:
+    report = check([("x.yaml", text(ha_workload())), ("peers.yaml", text(service(clusterIP="None")))])
+    assert lines(report) == [NOT_PUBLISHED]
+    deployment = ha_workload()
+    deployment["metadata"]["namespace"] = "egress"
+    assert lines(run(deployment, service(clusterIP="None", namespace="other"))) == []
+    assert lines(run(deployment, service(clusterIP="None", namespace="egress"))) == [NOT_PUBLISHED]
+
+
+def test_ha_peers_given_as_addresses_need_no_headless_service() -> None:
+    report = run(ha_workload(env={**HA_ENV, "EGRESS_HA_PEERS": "198.51.100.11, 198.51.100.12"}),
+                 service(clusterIP="None"))
+    assert lines(report) == []
+    config = only_checked(report).config
+    assert config is not None and config.ha is not None and config.ha.service is None
+
+
 @pytest.mark.parametrize(
     "security_context",
     [None, {}, {"privileged": False}, {"capabilities": {"add": ["NET_RAW"]}}, {"runAsUser": 0},
