@@ -99,7 +99,7 @@ def keepalived_config(*, own: IPAddress, peers: Sequence[IPAddress], interface: 
     others = [peer for peer in peers if peer != own]
     lines = [
         "# written by egress-router from EGRESS_HA_*: do not edit, it is rewritten on every start and peer change",
-        "vrrp_track_file egress_guard {",
+        "track_file egress_guard {",
         f"    file {guard}",
         "}",
         "global_defs {",

@@ -65,7 +65,7 @@ def test_keepalived_config() -> None:
                                 guard="/run/e/guard", startup_delay=8)
     assert text == """\
 # written by egress-router from EGRESS_HA_*: do not edit, it is rewritten on every start and peer change
-vrrp_track_file egress_guard {
+track_file egress_guard {
     file /run/e/guard
 }
 global_defs {
