@@ -123,11 +123,12 @@ def test_a_stop_hands_over_at_once_and_a_returning_replica_stays_standby(ha_lab:
     assert took is not None and took < 1.5, (took, replicas.logs())
     assert replicas.processes[active].wait(timeout=10) == 0
     assert ha_lab.holders() == [other]  # the leaving one gave the address up before keepalived said goodbye
+    before = len(replicas.log(other))
     replicas.start(active)  # it comes back
     assert until(lambda: replicas.ready(active) == 1 and ha_lab.http_status(active) == 503, timeout=5) is not None
     time.sleep(2.0)  # longer than a takeover would take: nothing moves (nopreempt)
     assert ha_lab.holders() == [other] and replicas.ready(other) == 0, replicas.logs()
-    assert replicas.log(other).count("High availability: active") == 1
+    assert "High availability: " not in replicas.log(other)[before:]  # no change of role at all
 
 
 def test_a_leftover_address_is_removed_before_anything_else(ha_lab: HaLab, replicas: Replicas) -> None:
@@ -174,5 +175,5 @@ def test_a_cut_heartbeat_path_leaves_one_holder_within_3_s_and_no_flap_when_it_h
         ha_lab.heal_heartbeat(i)
     assert until(lambda: "a standby again" in replicas.log(0), timeout=5) is not None, replicas.log(0)
     time.sleep(1.5)  # the healed pair settles: no second takeover
-    assert ha_lab.holders() == [1] and replicas.log(1).count("High availability: active") == 1, replicas.logs()
+    assert ha_lab.holders() == [1] and last_role(replicas.log(1)).startswith("active"), replicas.logs()
     assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
