@@ -156,8 +156,8 @@ def address_apply(context: Context, step: Address, undo: Undo) -> None:
         elif not other_ip.startswith("fe80:"):  # the kernel's own link-local address is expected
             log.warning("%s also has address %s/%s; left as it is", step.interface, other_ip, other_prefix)
     attempt(f"adding address {step.address} to {step.interface}",
-            partial(rtnl.address, True, index, ip, prefix, family,
-                    **({"lifetime": step.lifetime} if step.lifetime is not None else {})))
+            partial(rtnl.address, True, index, ip, prefix, family) if step.lifetime is None else
+            partial(rtnl.address, True, index, ip, prefix, family, lifetime=step.lifetime))
     undo.push(f"add address {step.address}", partial(rtnl.address, False, index, ip, prefix, family))
     log.info("Added address %s to %s", step.address, step.interface)
     context.changes += 1
