@@ -56,6 +56,13 @@ class Replicas:
                      timeout=timeout), self.logs()
         return self.lab.holders()[0]
 
+    def start_all(self) -> tuple[int, int]:
+        """Both replicas started; (the active one, the other) once one leads."""
+        for i in range(2):
+            self.start(i)
+        active = self.active()
+        return active, 1 - active
+
     def logs(self) -> str:
         return "\n\n".join(f"--- pod{i}\n{self.log(i)}" for i in self.processes)
 
@@ -75,10 +82,7 @@ def replicas(ha_lab: HaLab, tmp_path: Path) -> Iterator[Replicas]:
 def test_one_replica_holds_the_address_and_is_ready_the_other_sends_nothing(ha_lab: HaLab,
                                                                             replicas: Replicas) -> None:
     servers = ha_lab.serve_outside()
-    for i in range(2):
-        replicas.start(i)
-    active = replicas.active()
-    standby = 1 - active
+    active, standby = replicas.start_all()
     assert ha_lab.http_status(standby) == 503 and ha_lab.http_status(standby, "/healthz") == 200
     assert (replicas.ready(active), replicas.ready(standby)) == (0, 1)
     assert ha_lab.connect(active) == SOURCE
@@ -96,10 +100,7 @@ def test_one_replica_holds_the_address_and_is_ready_the_other_sends_nothing(ha_l
 def test_a_crash_of_the_active_pod_moves_the_address_and_the_dead_one_lets_go(ha_lab: HaLab,
                                                                              replicas: Replicas) -> None:
     servers = ha_lab.serve_outside()
-    for i in range(2):
-        replicas.start(i)
-    active = replicas.active()
-    other = 1 - active
+    active, other = replicas.start_all()
     assert ha_lab.connect(active) == SOURCE
     ha_lab.kill_pod(active)  # router and keepalived, no goodbye; the pod's namespace and address stay
     took = until(lambda: ha_lab.holders() == [active, other] or other in ha_lab.holders() and
@@ -114,10 +115,7 @@ def test_a_crash_of_the_active_pod_moves_the_address_and_the_dead_one_lets_go(ha
 
 
 def test_a_stop_hands_over_at_once_and_a_returning_replica_stays_standby(ha_lab: HaLab, replicas: Replicas) -> None:
-    for i in range(2):
-        replicas.start(i)
-    active = replicas.active()
-    other = 1 - active
+    active, other = replicas.start_all()
     replicas.processes[active].terminate()  # as the kubelet stops a container
     took = until(lambda: ha_lab.holders() == [other] and ha_lab.http_status(other) == 200)
     assert took is not None and took < 1.5, (took, replicas.logs())
@@ -155,9 +153,7 @@ def test_peers_named_by_a_service_are_looked_up_again(ha_lab: HaLab, replicas: R
 def test_a_cut_heartbeat_path_leaves_one_holder_within_3_s_and_no_flap_when_it_heals(ha_lab: HaLab,
                                                                                     replicas: Replicas) -> None:
     servers = ha_lab.serve_outside()
-    for i in range(2):
-        replicas.start(i)
-    assert ha_lab.connect(replicas.active()) == SOURCE  # the gateway has a neighbour entry for the address now
+    assert ha_lab.connect(replicas.start_all()[0]) == SOURCE  # the gateway has a neighbour entry for the address now
     for i in range(2):
         ha_lab.cut_heartbeat(i)  # both alive, neither hears the other: both take the address
     assert until(lambda: ha_lab.holders() == [0, 1], timeout=3) is not None, replicas.logs()
