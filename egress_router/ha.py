@@ -249,7 +249,7 @@ class Role:
         text = ha.keepalived_config(own=self.own, peers=self.in_config, interface=self.pod_interface,
                                     vrid=self.settings.vrid, advert=self.settings.advert,
                                     fifo=str(self.keepalived.fifo), guard=str(self.keepalived.guard),
-                                    startup_delay=delay)
+                                    startup_delay=delay, egress=self.plan.interface)
         return text
 
     def start(self, wake: int) -> None:

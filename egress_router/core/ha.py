@@ -92,10 +92,11 @@ def priority(own: IPAddress, replicas: Sequence[IPAddress]) -> int:
 
 
 def keepalived_config(*, own: IPAddress, peers: Sequence[IPAddress], interface: str, vrid: int, advert: float,
-                      fifo: str, guard: str, startup_delay: int = 0) -> str:
+                      fifo: str, guard: str, startup_delay: int = 0, egress: str | None = None) -> str:
     """keepalived.conf for one replica: VRRPv3 unicast on the pod interface, everyone a BACKUP that does not preempt,
     no addresses of keepalived's own (the router adds and removes them on its state lines), and a track file the
-    router writes to step down (a second holder seen on the LAN)."""
+    router writes to step down (a second holder seen on the LAN); the egress interface tracked, so that its link
+    going down puts keepalived in FAULT (a priority-0 goodbye: another replica takes over at once)."""
     others = [peer for peer in peers if peer != own]
     lines = [
         "# written by egress-router from EGRESS_HA_*: do not edit, it is rewritten on every start and peer change",
@@ -124,6 +125,7 @@ def keepalived_config(*, own: IPAddress, peers: Sequence[IPAddress], interface: 
         "    track_file {",
         "        egress_guard weight 0",
         "    }",
+        *(["    track_interface {", f"        {egress}", "    }"] if egress else []),
         # keepalived refuses an instance without an address of its own: a loopback one, harmless
         "    virtual_ipaddress {",
         f"        {PLACEHOLDER} dev lo",

@@ -173,3 +173,17 @@ def test_a_cut_heartbeat_path_leaves_one_holder_within_3_s_and_no_flap_when_it_h
     time.sleep(1.5)  # the healed pair settles: no second takeover
     assert ha_lab.holders() == [1] and last_role(replicas.log(1)).startswith("active"), replicas.logs()
     assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
+
+
+def test_the_active_ones_egress_link_going_down_moves_the_address(ha_lab: HaLab, replicas: Replicas) -> None:
+    servers = ha_lab.serve_outside()
+    active, other = replicas.start_all()
+    ha_lab.egress_link(active, False)  # keepalived tracks the egress interface: FAULT, a priority-0 goodbye
+    took = until(lambda: ha_lab.holders() == [other] and ha_lab.http_status(other) == 200)
+    assert took is not None and took < 2.0, (took, replicas.logs())
+    assert ha_lab.connect(other) == SOURCE
+    # the drift repair brings the link back up; the old active is a standby then, and stays one
+    assert until(lambda: replicas.ready(active) == 1 and "Repaired drift" in replicas.log(active), timeout=6), \
+        replicas.log(active)
+    assert ha_lab.holders() == [other]
+    assert {reply.peer_ip for reply in servers.seen} == {SOURCE}

@@ -62,7 +62,7 @@ def test_keepalived_config() -> None:
                                 peers=[ip_address("198.51.100.12"), ip_address("198.51.100.13"),
                                        ip_address("198.51.100.11")],
                                 interface="eth0", vrid=51, advert=0.2, fifo="/run/e/keepalived.fifo",
-                                guard="/run/e/guard", startup_delay=8)
+                                guard="/run/e/guard", startup_delay=8, egress="macvlan0")
     assert text == """\
 # written by egress-router from EGRESS_HA_*: do not edit, it is rewritten on every start and peer change
 track_file egress_guard {
@@ -89,6 +89,9 @@ vrrp_instance egress {
     }
     track_file {
         egress_guard weight 0
+    }
+    track_interface {
+        macvlan0
     }
     virtual_ipaddress {
         127.0.0.99/32 dev lo
