@@ -176,8 +176,13 @@ def parse_save(text: str) -> NatState:
             chains.setdefault(line[1:].split(" ", 1)[0], [])
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
-            chains.setdefault(chain, []).append(spec)
+            chains.setdefault(chain, []).append(PROTOCOL_NAME.sub(f"-p {VRRP}", spec))
     return NatState(tables["nat"], tables["mangle"])
+
+
+# iptables-save names a protocol by /etc/protocols where the system has one (`-p vrrp`), by number where it does
+# not (the image): the rules are written, and compared, by number
+PROTOCOL_NAME = re.compile(r"(?<!\S)-p vrrp(?!\S)")
 
 
 def restore_payload(nat: NatRules, state: NatState) -> str | None:

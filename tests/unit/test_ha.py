@@ -181,3 +181,11 @@ def test_ready_command_exit_codes(tmp_path: Path) -> None:
     write_state(tmp_path, "active")
     active = subprocess.run(program, env=env, capture_output=True, text=True, timeout=30)
     assert (active.returncode, active.stdout) == (0, "ready: this replica is active and holds EGRESS_SOURCE\n")
+
+
+def test_a_protocol_named_by_iptables_save_compares_as_its_number() -> None:
+    """iptables-save prints `-p vrrp` where /etc/protocols names 112: the rule written `-p 112` still holds."""
+    from egress_router.core.nat import parse_save
+
+    text = "*mangle\n:EGRESS-ROUTER-MARK - [0:0]\n-A EGRESS-ROUTER-MARK -p vrrp -j RETURN\nCOMMIT\n"
+    assert parse_save(text).mangle == {"EGRESS-ROUTER-MARK": ["-p 112 -j RETURN"]}
