@@ -146,6 +146,7 @@ class Bench:
         self.lab, self.dir, self.neighbour = lab, directory, neighbour
         self.processes: dict[int, subprocess.Popen[str]] = {}
         self.earlier: dict[int, str] = {}  # the log of each replica's earlier lives
+        self.flap_logs: list[str] = []
 
     def log(self, i: int) -> str:
         return self.earlier.get(i, "") + self.lab.output(self.processes[i])
@@ -194,11 +195,13 @@ class Bench:
         raise BenchError(f"no single ready holder within {SETTLE_TIMEOUT:g} s (holders {self.lab.holders()}, "
                          f"ready {self.ready()})\n{self.logs()}")
 
-    def first_landing(self, t0: float) -> tuple[float, int, float] | None:
-        """The first connection after t0 that lands outside from EGRESS_SOURCE: (seconds from t0, through which
-        pod, when it was started); None within GIVE_UP."""
+    def first_landing(self, t0: float, exclude: int | None) -> tuple[float, int, float] | None:
+        """The first connection after t0 that lands outside from EGRESS_SOURCE through a ready replica other than
+        `exclude`: (seconds from t0, through which pod, when it was started); None within GIVE_UP."""
         while (now := time.monotonic()) - t0 < GIVE_UP:
             for i in self.ready():
+                if i == exclude:  # a SIGTERMed router answers for a few ms more: that is no takeover
+                    continue
                 began = time.monotonic()
                 try:
                     if self.lab.connect(i, timeout=CONNECT_TIMEOUT) == SOURCE:
@@ -212,7 +215,7 @@ class Bench:
         marks = self.marks()
         t0 = time.monotonic()
         act()
-        landed = self.first_landing(t0)
+        landed = self.first_landing(t0, None if fault == "link" else active)
         if landed is None:
             return Trial(fault, None, None, f"no connection landed within {GIVE_UP:g} s; holders "
                          f"{self.lab.holders()}, ready {self.ready()}; logged: {self.ha_lines(marks)}")
@@ -270,10 +273,13 @@ class Bench:
     def watch_return(self, seconds: float) -> int:
         """Takeovers (a replica logging that it became active) while the returned replica settles and for
         `seconds` after: nopreempt, so none expected."""
-        before = self.actives()
+        before, marks = self.actives(), self.marks()
         self.settle()
         time.sleep(seconds)  # a watch window, not a synchronization: anything that happens in it is counted
-        return self.actives() - before
+        flaps = self.actives() - before
+        if flaps:
+            self.flap_logs.append(self.ha_lines(marks))
+        return flaps
 
 
 def run_lab(replicas: int, trials: int, return_watch: float, deadline: Deadline) -> Results:
@@ -314,6 +320,7 @@ def run_lab(replicas: int, trials: int, return_watch: float, deadline: Deadline)
                       flush=True)
         bench.settle()
         neighbour.stop()
+        results.notes += [f"{replicas} replicas, a flap after a return; logged: {line}" for line in bench.flap_logs]
     return results
 
 
