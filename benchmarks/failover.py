@@ -271,12 +271,17 @@ class Bench:
         return Trial("split", longest, None, detail, back=back)
 
     def watch_return(self, seconds: float) -> int:
-        """Takeovers (a replica logging that it became active) while the returned replica settles and for
-        `seconds` after: nopreempt, so none expected."""
-        before, marks = self.actives(), self.marks()
-        self.settle()
-        time.sleep(seconds)  # a watch window, not a synchronization: anything that happens in it is counted
-        flaps = self.actives() - before
+        """Changes of the holders in the `seconds` after the returned replica settled (nopreempt: none expected)."""
+        holder = self.settle()  # the returned replica's leftover address gone, one holder left
+        marks = self.marks()
+        flaps, last = 0, [holder]
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # a watch window: whatever moves in it is counted
+            now = self.lab.holders()
+            if now != last:
+                flaps += 1
+                last = now
+            time.sleep(HOLDERS_EVERY)
         if flaps:
             self.flap_logs.append(self.ha_lines(marks))
         return flaps
