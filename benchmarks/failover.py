@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -76,6 +78,7 @@ HOLDERS_EVERY = 0.02
 GIVE_UP = 6.0  # seconds after a fault without a landing connection: no takeover (a finding, not a figure)
 SPLIT_WATCH = 8.0  # the longest a split trial watches the holders
 DEBUG = bool(os.environ.get("FAILOVER_DEBUG"))  # the routers log at debug level (keepalived's lines too)
+KEYS = ("High availability", "Repaired drift", "keepalived: ")  # the log lines a trial's detail quotes
 SETTLE_TIMEOUT = 20.0  # for the lab to have one holder and one ready replica again
 
 
@@ -152,11 +155,11 @@ class Bench:
         return self.earlier.get(i, "") + self.lab.output(self.processes[i])
 
     def ha_lines(self, since: dict[int, int]) -> str:
-        """The 'High availability' lines each replica logged since `since` (line counts from marks())."""
+        """The HA and drift-repair lines (and keepalived's, at debug level) each replica logged since `since`."""
         found = []
         for i, p in self.processes.items():
             lines = self.lab.output(p).splitlines()[since.get(i, 0):]
-            found += [f"pod{i}: {line}" for line in lines if "High availability" in line or "keepalived" in line]
+            found += [f"pod{i}: {line}" for line in lines if any(key in line for key in KEYS)]
         return "; ".join(found)
 
     def marks(self) -> dict[int, int]:
@@ -165,10 +168,6 @@ class Bench:
     def count(self, text: str) -> int:
         """How many lines with `text` the replicas logged, over all their lives."""
         return sum(self.log(i).count(text) for i in self.processes)
-
-    def actives(self) -> int:
-        """How many times any replica became active so far (its log lines)."""
-        return sum(self.log(i).count("High availability: active") for i in self.processes)
 
     def start(self, i: int) -> None:
         if i in self.processes:
@@ -395,6 +394,8 @@ def main() -> int:
     parser.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     require_root()
+    if shutil.which("keepalived") is None:
+        sys.exit("keepalived not found: apt-get install keepalived (the replicas' election)")
     trials = 3 if args.quick else args.trials
     watch = 1.0 if args.quick else args.return_watch
     info = machine_info()
