@@ -180,8 +180,9 @@ class Bench:
         return "\n".join(f"--- pod{i}\n" + "\n".join(self.lab.output(p).splitlines()[-tail:])
                          for i, p in self.processes.items())
 
-    def ready(self) -> list[int]:
-        return [i for i in range(self.lab.replicas) if self.lab.http_status(i, timeout=READY_TIMEOUT) == 200]
+    def ready(self, exclude: int | None = None) -> list[int]:
+        return [i for i in range(self.lab.replicas)
+                if i != exclude and self.lab.http_status(i, timeout=READY_TIMEOUT) == 200]
 
     def settle(self) -> int:
         """Wait until exactly one replica holds the address and exactly it is ready; that replica."""
@@ -198,9 +199,9 @@ class Bench:
         """The first connection after t0 that lands outside from EGRESS_SOURCE through a ready replica other than
         `exclude`: (seconds from t0, through which pod, when it was started); None within GIVE_UP."""
         while (now := time.monotonic()) - t0 < GIVE_UP:
-            for i in self.ready():
-                if i == exclude:  # a SIGTERMed router answers for a few ms more: that is no takeover
-                    continue
+            # a SIGTERMed router answers for a few ms more (no takeover), and its admin port may hang while it
+            # stops (each poll of it would cost the client READY_TIMEOUT): the client leaves it out
+            for i in self.ready(exclude):
                 began = time.monotonic()
                 try:
                     if self.lab.connect(i, timeout=CONNECT_TIMEOUT) == SOURCE:
