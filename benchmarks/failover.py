@@ -297,7 +297,8 @@ def run_lab(replicas: int, trials: int, return_watch: float, deadline: Deadline)
         bench = Bench(lab, Path(tmp), neighbour)
         for i in range(replicas):
             bench.start(i)
-        bench.settle()
+        if lab.connect(bench.settle(), timeout=2.0) != SOURCE:  # the gateway has an entry for the address now
+            raise BenchError(f"the first connection did not come from {SOURCE}")
         for index in range(trials):
             if deadline.passed():
                 results.notes.append(f"stopped after {index} of {trials} rounds (the time bound)")
