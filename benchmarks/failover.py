@@ -165,9 +165,9 @@ class Bench:
     def marks(self) -> dict[int, int]:
         return {i: len(self.lab.output(p).splitlines()) for i, p in self.processes.items()}
 
-    def count(self, text: str) -> int:
-        """How many lines with `text` the replicas logged, over all their lives."""
-        return sum(self.log(i).count(text) for i in self.processes)
+    def since(self, i: int, marks: dict[int, int]) -> str:
+        """What replica i logged in its current life since `marks` (marks())."""
+        return "\n".join(self.lab.output(self.processes[i]).splitlines()[marks.get(i, 0):])
 
     def start(self, i: int) -> None:
         if i in self.processes:
@@ -250,13 +250,13 @@ class Bench:
                     break
             time.sleep(max(0.0, HOLDERS_EVERY - (time.monotonic() - now)))
         unresolved = since is not None
-        gave_way = self.count("giving way")
+        gave_way = [i for i in self.processes if "giving way" in self.since(i, marks)]
         healed = time.monotonic()
         for i in range(self.lab.replicas):
             self.lab.heal_heartbeat(i)
         back = None
         while time.monotonic() - healed < GIVE_UP:  # a replica that gave way waits for the heartbeats
-            if self.count("a standby again") >= gave_way:
+            if all("a standby again" in self.since(i, marks) for i in gave_way):
                 back = time.monotonic() - healed
                 break
             time.sleep(HOLDERS_EVERY)
