@@ -221,22 +221,21 @@ class Role:
 
     # ------------------------------------------------------------ steps
     def held(self) -> tuple[Step, ...]:
-        steps = []
-        for step in self.plan.steps:
-            if ha.held_step(step, self.plan.interface):
-                steps.append(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address)
-                             else step)
-        return tuple(steps)
+        """What taking over applies: the held steps as the active replica holds them."""
+        return tuple(step for step in self.active_steps(self.plan) if ha.held_step(step, self.plan.interface))
+
+    def active_steps(self, plan: Plan) -> tuple[Step, ...]:
+        """`plan`'s steps, the reserved addresses with their lifetime."""
+        return tuple(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address) and
+                     ha.held_step(step, plan.interface) else step for step in plan.steps)
 
     def view(self, plan: Plan) -> Plan:
         """`plan` as this replica holds it now: active, with the held steps (addresses with their lifetime);
         standby, without them and with unreachable default routes."""
+        if self.active:
+            return dataclasses.replace(plan, steps=self.active_steps(plan))
         prepared = tuple(step for step in plan.steps if not ha.held_step(step, plan.interface))
-        if not self.active:
-            return dataclasses.replace(plan, steps=prepared + self.standby_steps())
-        steps = tuple(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address) and
-                      ha.held_step(step, plan.interface) else step for step in plan.steps)
-        return dataclasses.replace(plan, steps=steps)
+        return dataclasses.replace(plan, steps=prepared + self.standby_steps())
 
     def standby_steps(self) -> tuple[Step, ...]:
         return ha.standby_routes([address.version for address in self.plan.addresses])
@@ -318,23 +317,26 @@ class Role:
     def release_stale(self) -> None:
         """At start: a reserved address already on the egress interface was left by a run that died (its pod
         network namespace stays): a standby holds nothing."""
-        rtnl, index = self.context.rtnl, self.context.index(self.plan.interface)
-        for address in self.plan.addresses:
-            family = FAMILIES[address.version]
-            if (str(address.ip), address.network.prefixlen) in rtnl.addresses(index, family):
-                rtnl.address(False, index, str(address.ip), address.network.prefixlen, family)
-                log.warning("High availability: removed %s from %s, left by an earlier run; this replica holds it "
-                            "only once elected", address, self.plan.interface)
+        for address in self.remove_addresses():
+            log.warning("High availability: removed %s from %s, left by an earlier run; this replica holds it "
+                        "only once elected", address, self.plan.interface)
 
     def release(self) -> None:
         """The reserved addresses off (their routes with them), the default routes unreachable."""
+        self.remove_addresses()
+        self.apply(self.standby_steps())
+
+    def remove_addresses(self) -> list[object]:
+        """The reserved addresses that were on the egress interface, removed."""
         rtnl: Rtnl = self.context.rtnl
         index = self.context.index(self.plan.interface)
+        removed: list[object] = []
         for address in self.plan.addresses:
             family = FAMILIES[address.version]
             if (str(address.ip), address.network.prefixlen) in rtnl.addresses(index, family):
                 rtnl.address(False, index, str(address.ip), address.network.prefixlen, family)
-        self.apply(self.standby_steps())
+                removed.append(address)
+        return removed
 
     # ------------------------------------------------------------ the address lifetime
     def start_renewing(self) -> None:
