@@ -20,10 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .core.errors import SetupError
 from .core.exposition import CONTENT_TYPE, Family, render, single
+
+if TYPE_CHECKING:
+    from .ha_view import SharedRole
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +290,36 @@ def family_pids() -> list[int]:
 
 
 async def serve_in_worker(loop: asyncio.AbstractEventLoop, sock: socket.socket | None, index: int, alone: bool,
-                          mode: str, collect: Callable[[], Iterable[Family]]) -> asyncio.AbstractServer | None:
+                          mode: str, collect: Callable[[], Iterable[Family]],
+                          role: SharedRole | None = None) -> asyncio.AbstractServer | None:
     """A proxy worker's part: the first worker serves the admin port (bound by the starting process and kept
-    open by a master, so a replaced first worker serves it again); the others close their copy."""
+    open by a master, so a replaced first worker serves it again); the others close their copy. `role`: a
+    high-availability replica's (ha_keeper.py): /ready only on the active one, the egress_router_ha_* families, and
+    the process_* families over the keeper's whole tree (keeper, keepalived, the proxy's processes)."""
     if sock is None:
         return None
     if index != 0:
         sock.close()
         return None
-    admin = Admin(mode, collect, pids=(lambda: (os.getpid(),)) if alone else family_pids)
+    if role is not None:
+        keeper = role.keeper
+        admin = Admin(mode, lambda: [*collect(), *role.families()], ready=role.ready,
+                      pids=lambda: process_tree(keeper))
+    else:
+        admin = Admin(mode, collect, pids=(lambda: (os.getpid(),)) if alone else family_pids)
     return await serve_async(loop, sock, admin)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants (the children of every thread: keepalived is a thread's child only if started
+    from one), read from /proc."""
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                    todo += [int(child) for child in f.read().split() if int(child) not in found]
+    return found

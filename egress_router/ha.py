@@ -173,6 +173,10 @@ class PeerWatch:
         self.error = ""
         if settings.service is not None:
             self.latest = self.lookup()
+
+    def start(self) -> None:
+        """The lookups from now on, in a thread (started only here: the proxies' keeper forks before this)."""
+        if self.settings.service is not None:
             threading.Thread(target=self.loop, name="ha-peers", daemon=True).start()
 
     def lookup(self) -> tuple[ha.IPAddress, ...]:
@@ -253,6 +257,7 @@ class Role:
 
     def start(self, wake: int) -> None:
         self.wake = wake
+        self.peers.start()
         self.keepalived.start(self.keepalived_text(), wake)
 
     # ------------------------------------------------------------ transitions

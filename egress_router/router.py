@@ -151,27 +151,9 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     # the admin port is opened before any change: a port in use is an error with nothing changed
     admin_socket = open_admin_port(config.metrics_port) if stay_up and config.metrics_port else None
-    role = None
-    if config.ha is not None and stay_up:
-        from .ha import check_can_run
-
-        check_can_run(config.ha.state_dir)
-    with namespace_lock():
-        prepared = prepare(config)
-        try:
-            if config.ha is not None and stay_up:
-                role = standby_role(config, prepared)
-                apply(dataclasses.replace(prepared, plan=role.view(prepared.plan)))  # a standby's part, at first
-            else:
-                apply(prepared)
-        except BaseException:
-            prepared.rtnl.close()
-            raise
+    prepared, role = set_up(config)
     try:
         plan, context = prepared.plan, prepared.context
-        nat_part = f"{context.nat_rule_count} NAT rules" if any(nat.chains for nat in plan.nats) \
-            else "no NAT (proxy mode)"
-        state = f"{context.changes} network change(s)" if context.changes else "network already configured"
         # legacy mode: the rule files are watched from before "Ready", so an edit made after it is noticed
         live = Live(env, config, plan, prepared.facts, context, role) if stay_up else None
         if live is not None and admin_socket is not None:
@@ -180,15 +162,45 @@ def configure(config: RouterConfig, env: Mapping[str, str]) -> None:
 
             serve_in_thread(admin_socket, legacy_admin(live, RedirectMetrics()))
             log.info("Admin port %d: /healthz, /ready, /metrics", config.metrics_port)
-        held = " and ".join(map(str, plan.addresses))
-        log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
-                 held if role is None else f"a standby replica for {held}", plan.interface,
-                 " and ".join(map(str, plan.gateways)), nat_part, state, config.mode, seconds_since_process_start())
+        log_ready(config, prepared, role)
         if live is not None:
             received = live.run()
             log.info("Received %s; exiting", signal.Signals(received).name)
     finally:
         prepared.rtnl.close()
+
+
+def log_ready(config: RouterConfig, prepared: Prepared, role: Role | None) -> None:
+    plan, context = prepared.plan, prepared.context
+    nat_part = f"{context.nat_rule_count} NAT rules" if any(nat.chains for nat in plan.nats) \
+        else "no NAT (proxy mode)"
+    state = f"{context.changes} network change(s)" if context.changes else "network already configured"
+    held = " and ".join(map(str, plan.addresses))
+    log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
+             held if role is None else f"a standby replica for {held}", plan.interface,
+             " and ".join(map(str, plan.gateways)), nat_part, state, config.mode, seconds_since_process_start())
+
+
+def set_up(config: RouterConfig) -> tuple[Prepared, Role | None]:
+    """Every check, then the plan applied under the namespace's lock; with high availability (the router stays
+    up), the standby's part of it and the replica's Role. The caller closes the prepared netlink socket."""
+    if config.ha is not None:
+        from .ha import check_can_run
+
+        check_can_run(config.ha.state_dir)
+    role = None
+    with namespace_lock():
+        prepared = prepare(config)
+        try:
+            if config.ha is not None:
+                role = standby_role(config, prepared)
+                apply(dataclasses.replace(prepared, plan=role.view(prepared.plan)))  # a standby's part, at first
+            else:
+                apply(prepared)
+        except BaseException:
+            prepared.rtnl.close()
+            raise
+    return prepared, role
 
 
 def standby_role(config: RouterConfig, prepared: Prepared) -> Role:
@@ -226,6 +238,10 @@ def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
     # a proxy's admin port is opened before the network is configured: a port in use changes nothing
     proxy = config.http_proxy is not None or config.dns_proxy is not None
     admin_socket = open_admin_port(config.metrics_port) if proxy and config.metrics_port else None
+    if config.ha is not None and proxy:
+        from .ha_keeper import serve_replica  # the proxy runs as the child of the replica's keeper
+
+        return serve_replica(config, env, admin_socket)
     if config.configures_network:
         configure(config, env)
     if config.http_proxy is not None:

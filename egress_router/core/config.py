@@ -191,12 +191,9 @@ def load_ha(env: Mapping[str, str], mode: str, egress: tuple[Egress, ...]) -> Ha
     """EGRESS_HA_*: None unless EGRESS_HA_PEERS is set; only where the router stays up and owns the network."""
     if not v.HA_PEERS.is_set(env):
         return None
-    if mode in v.PROXY_MODES:
-        raise ConfigError(v.HA_PEERS.name, f"high availability is built for legacy (redirect) mode so far, not "
-                          f"{mode}: run one proxy replica, or the redirect rules in legacy mode")
-    if mode != "legacy":
-        raise ConfigError(v.HA_PEERS.name, f"high availability needs legacy mode, which stays up, not {mode}: an "
-                          "init container exits and cannot hand the address over")
+    if mode not in v.STAYS_UP:
+        raise ConfigError(v.HA_PEERS.name, f"high availability needs a mode that stays up (legacy, http-proxy, "
+                          f"dns-proxy), not {mode}: an init container exits and cannot hand the address over")
     if not egress:
         raise ConfigError(v.HA_PEERS.name, "high availability moves EGRESS_SOURCE between the replicas: set "
                           "EGRESS_SOURCE and EGRESS_GATEWAY in this container (the single-container layout)")

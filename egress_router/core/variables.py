@@ -125,19 +125,19 @@ HA_PEERS: Variable[str] = Variable(
     "EGRESS_HA_PEERS", "", "(unset: one replica)", "high availability: the replicas of this router, as a headless "
     "Service name (re-resolved) or their pod addresses (space- or comma-separated; this replica's own may be "
     "among them); set: exactly one replica holds EGRESS_SOURCE, elected with keepalived (VRRP) over the pod "
-    "network", ("legacy",), values.text, "NAME|ADDRESSES")
+    "network", STAYS_UP, values.text, "NAME|ADDRESSES")
 HA_VRID: Variable[int] = Variable(
     "EGRESS_HA_VRID", 51, "51", "high availability: the VRRP virtual router id of these replicas (1-255; the same "
-    "on all of them, another for each group of routers whose pod networks meet)", ("legacy",),
+    "on all of them, another for each group of routers whose pod networks meet)", STAYS_UP,
     values.whole_number(1, 255), "N")
 HA_ADVERT_SECONDS: Variable[float] = Variable(
     "EGRESS_HA_ADVERT_SECONDS", 0.2, "0.2", "high availability: seconds between the active replica's VRRP "
-    "adverts; a standby takes over about 3 of them after the last one (0.01-40)", ("legacy",),
+    "adverts; a standby takes over about 3 of them after the last one (0.01-40)", STAYS_UP,
     values.seconds(minimum=0.01), "SECONDS")
 HA_STATE_DIR: Variable[str] = Variable(
     "EGRESS_HA_STATE_DIR", "/run/egress-router", "/run/egress-router", "high availability: a writable directory "
     "for keepalived's configuration and the replica's state (`egress-router ready` reads it; an emptyDir with a "
-    "read-only root filesystem)", ("legacy",), values.path, "PATH")
+    "read-only root filesystem)", STAYS_UP, values.path, "PATH")
 
 HTTP_DESTINATION: Variable[str] = Variable(
     "EGRESS_HTTP_PROXY_DESTINATION", "", "(unset)", "allow list of the HTTP proxy; set: run the proxy",

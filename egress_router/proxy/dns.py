@@ -21,6 +21,7 @@ from typing import cast
 from ..admin import bind, serve_in_worker
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
+from ..ha_view import ACTIVE, STANDBY_REFUSAL, SharedRole
 from . import dns_metrics as cells
 from . import metrics
 from .dns_metrics import ForwardTable, dns_families, stable_hash
@@ -37,8 +38,10 @@ class DnsWorker:
     """One process's forwards and connections."""
 
     def __init__(self, settings: DnsProxySettings, shared: SharedCounters, table: ForwardTable, index: int,
-                 reloader: Reloader[tuple[Forward, ...]] | None = None, admin_socket: socket.socket | None = None):
+                 reloader: Reloader[tuple[Forward, ...]] | None = None, admin_socket: socket.socket | None = None,
+                 role: SharedRole | None = None):
         self.settings = settings
+        self.role = role  # high availability: the replica's role (a standby refuses connections); None: one replica
         self.admin_socket = admin_socket  # the admin port (EGRESS_METRICS_PORT), served by worker 0
         self.shared = shared
         self.table = table
@@ -61,7 +64,8 @@ class DnsWorker:
         await self.resolved(list(self.targets.values()))
         await self.listen(sockets)
         admin = await serve_in_worker(self.loop, self.admin_socket, self.index, alone, "dns-proxy",
-                                      lambda: dns_families(self.shared, self.table, self.targets.values()))
+                                      lambda: dns_families(self.shared, self.table, self.targets.values()),
+                                      self.role)
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         reloads = None if self.reloader is None else \
             WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)
@@ -193,6 +197,10 @@ class Relay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         worker, target = self.worker, self.target
+        if worker.role is not None and not worker.role.cells[ACTIVE]:
+            target.slot.add(cells.REJECTED)
+            self.end(f"refused: {STANDBY_REFUSAL}", abort=True)
+            return
         if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
             target.slot.add(cells.REJECTED)
             self.end("refused: connection limit reached", abort=True)
@@ -401,11 +409,12 @@ class BackendSide(asyncio.Protocol):
 
 
 def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = None,
-                  admin_socket: socket.socket | None = None) -> int:
+                  admin_socket: socket.socket | None = None, role: SharedRole | None = None) -> int:
     """Run the DNS proxy until SIGTERM/SIGINT (blocking); returns the exit code.
 
     With `env` (the environment `settings` came from), the forwards are reloaded when their file changes
-    and on SIGHUP (proxy/reload.py)."""
+    and on SIGHUP (proxy/reload.py). `role`: a high-availability replica's role (ha_keeper.py); a standby refuses
+    connections."""
     from .server import auto_workers, loop_worker, serve
 
     workers = settings.workers or auto_workers("DNS proxy")
@@ -421,7 +430,7 @@ def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = No
     def make_worker(index: int) -> DnsWorker:
         # a worker forked after a reload starts from the forwards in force then (and listens on their ports)
         in_force = settings if reloader is None else dataclasses.replace(settings, forwards=reloader.rules)
-        return DnsWorker(in_force, shared, table, index, reloader, admin_socket)
+        return DnsWorker(in_force, shared, table, index, reloader, admin_socket, role)
 
     code = serve("DNS proxy", forward_listeners(settings.forwards), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

@@ -273,8 +273,9 @@ def forward_families(rows: Sequence[ForwardRow], reloads: int, reload_failures: 
         single("egress_router_dns_proxy_forwards", "gauge", "Forwards in force (worker 0's).", len(named)),
         labelled("egress_router_dns_proxy_connections_total", "counter", "Client connections by forward and result: "
                  "relayed (a backend connected), failed (no backend could be reached), rejected (the connection "
-                 "limit), unresolved (the name has not resolved yet), abandoned (closed before any backend "
-                 "connected: the client left, or the proxy stopped). port=\"other\": forwards beyond the slot table.",
+                 "limit, or a standby replica), unresolved (the name has not resolved yet), abandoned (closed "
+                 "before any backend connected: the client left, or the proxy stopped). port=\"other\": forwards "
+                 "beyond the slot table.",
                  each(RESULTS, "result")),
         labelled("egress_router_dns_proxy_open_connections", "gauge", "Client connections open now, by forward.",
                  one(OPEN)),

@@ -14,6 +14,7 @@ from typing import cast
 from ..admin import bind
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
+from ..ha_view import ACTIVE, STANDBY_REFUSAL, SharedRole
 from ..logs import BARE, FIELDS
 from . import metrics
 from .families import egress_versions
@@ -129,6 +130,9 @@ class ClientConnection(RequestReader, asyncio.Protocol):
     def start(self, request: Request) -> None:
         """Decide and dispatch the current request."""
         try:
+            role = self.worker.role
+            if role is not None and not role.cells[ACTIVE] and request.url[:1] != b"/":
+                raise ProxyError(503, STANDBY_REFUSAL, metrics.STANDBY)
             if request.method == b"CONNECT":
                 self.start_tunnel(request)
                 return
@@ -418,12 +422,12 @@ class ClientConnection(RequestReader, asyncio.Protocol):
 
 
 def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = None,
-                   admin_socket: socket.socket | None = None) -> int:
+                   admin_socket: socket.socket | None = None, role: SharedRole | None = None) -> int:
     """Run the HTTP proxy until SIGTERM/SIGINT (blocking); returns the exit code.
 
     With `env` (the environment `settings` came from), the allow list is reloaded when its file changes
     and on SIGHUP (proxy/reload.py). `admin_socket`: the admin port, when the caller opened it already (before
-    configuring the network)."""
+    configuring the network). `role`: a high-availability replica's role (ha_keeper.py); a standby refuses requests."""
     from .server import auto_workers, listen_spec, loop_worker, serve
 
     workers = settings.workers or auto_workers("HTTP proxy")
@@ -438,7 +442,7 @@ def run_http_proxy(settings: HttpProxySettings, env: Mapping[str, str] | None = 
     def make_worker(index: int) -> Worker:
         # a worker forked after a reload starts from the list in force then, not from the start-up one
         in_force = settings if reloader is None else dataclasses.replace(settings, acl=reloader.rules)
-        return Worker(in_force, shared, index, ClientConnection, reloader, versions, admin_socket)
+        return Worker(in_force, shared, index, ClientConnection, reloader, versions, admin_socket, role)
 
     code = serve("HTTP proxy", listen_spec(settings.port), workers, loop_worker(shared, make_worker),
                  settings.grace_seconds, reloader)

@@ -12,6 +12,7 @@ from ..admin import serve_in_worker
 from ..core.allowlist import AccessList
 from ..core.config import HttpProxySettings
 from ..core.hosts import Address
+from ..ha_view import SharedRole
 from . import metrics
 from .http_rules import Host, ProxyError
 from .http_upstream import Endpoint, Upstream, UpstreamPool
@@ -31,8 +32,10 @@ class Worker:
 
     def __init__(self, settings: HttpProxySettings, shared: SharedCounters, index: int,
                  client: Callable[[Worker], ClientConnection], reloader: Reloader[AccessList] | None = None,
-                 versions: frozenset[int] | None = None, admin_socket: socket.socket | None = None):
+                 versions: frozenset[int] | None = None, admin_socket: socket.socket | None = None,
+                 role: SharedRole | None = None):
         self.settings = settings
+        self.role = role  # high availability: the replica's role (a standby refuses requests); None: one replica
         self.admin_socket = admin_socket  # the admin port (EGRESS_METRICS_PORT), served by worker 0
         # The families with a reserved source (None: unknown). The pod's own default route of another family
         # stays in place: an address of that family, tried first, may only time out (or leave from the pod's
@@ -67,7 +70,7 @@ class Worker:
         servers = [await self.loop.create_server(lambda: client(self), sock=sock, backlog=4096)
                    for sock in sockets]
         admin = await serve_in_worker(self.loop, self.admin_socket, self.index, alone, "http-proxy",
-                                      lambda: http_families(self.shared))
+                                      lambda: http_families(self.shared), self.role)
         handle_stop_signals(self.loop, self.stopped, self.settings.grace_seconds, alone)
         reloads = None if self.reloader is None else \
             WorkerReloads(self.loop, self.reloader, self.apply_rules, self.index, alone, channel)

@@ -14,10 +14,11 @@ DNS_TIMEOUTS, LOOKUPS_ANSWERED, LOOKUPS_NOT_FOUND, LOOKUPS_FAILED, LOOKUPS_TIMED
 # Rule reloads (proxy/reload.py) applied and refused; written by the deciding process only (the master, or the
 # only process) into row 0, which its worker 0 never writes these cells of.
 RELOADS, RELOAD_FAILURES = range(15, 17)
+STANDBY = 17  # requests a standby replica refused (high availability: ha_keeper.py)
 # HTTP request durations: per kind, one cell per bucket (the last: above every bound) and the sum in microseconds.
 REQUEST, CONNECT = 0, 1
 KINDS = ("request", "connect")
-DURATIONS = 17
+DURATIONS = 18
 BUCKETS = len(DURATION_BUCKETS) + 1
 SERIES = BUCKETS + 1
 WIDTH = DURATIONS + len(KINDS) * SERIES
@@ -77,8 +78,10 @@ def by(key: str, **values: int) -> list[tuple[tuple[tuple[str, str], ...], int]]
 def http_families(shared: SharedCounters) -> list[Family]:
     total = shared.total
     families = [
-        labelled("egress_router_http_requests_total", "counter", "Proxy requests and tunnels by verdict.",
-                 by("verdict", allowed=total(ALLOWED), denied=total(DENIED), bad_request=total(BAD))),
+        labelled("egress_router_http_requests_total", "counter", "Proxy requests and tunnels by verdict "
+                 "(standby: refused by a standby replica, high availability).",
+                 by("verdict", allowed=total(ALLOWED), denied=total(DENIED), bad_request=total(BAD),
+                    standby=total(STANDBY))),
         single("egress_router_http_tunnels_total", "counter", "CONNECT tunnels established.", total(TUNNELS)),
         labelled("egress_router_http_bytes_total", "counter", "Bytes relayed (payload), by direction.",
                  by("direction", upstream=total(BYTES_UP), downstream=total(BYTES_DOWN))),

@@ -29,9 +29,9 @@ EXPECTED = '''\
 # TYPE egress_router_dns_proxy_forwards gauge
 egress_router_dns_proxy_forwards 1
 # HELP egress_router_dns_proxy_connections_total Client connections by forward and result: relayed (a backend \
-connected), failed (no backend could be reached), rejected (the connection limit), unresolved (the name has not \
-resolved yet), abandoned (closed before any backend connected: the client left, or the proxy \
-stopped). port="other": forwards beyond the slot table.
+connected), failed (no backend could be reached), rejected (the connection limit, or a standby replica), \
+unresolved (the name has not resolved yet), abandoned (closed before any backend connected: the client left, or \
+the proxy stopped). port="other": forwards beyond the slot table.
 # TYPE egress_router_dns_proxy_connections_total counter
 egress_router_dns_proxy_connections_total{port="5432",target="db.example.com:5432",result="relayed"} 7
 egress_router_dns_proxy_connections_total{port="5432",target="db.example.com:5432",result="failed"} 2
@@ -287,7 +287,7 @@ def quick_backend(loop: asyncio.AbstractEventLoop, early: Callable[[asyncio.Prot
         return backend, protocol
 
     shared = SharedCounters(1)
-    worker = SimpleNamespace(loop=loop, shared=shared, counters=shared.row(0), connections=set(),
+    worker = SimpleNamespace(loop=loop, role=None, shared=shared, counters=shared.row(0), connections=set(),
                              release_if_done=lambda target: None,
                              settings=SimpleNamespace(max_connections=10, tries=3, connect_timeout=5.0,
                                                       debug=False, check_interval=2.0))

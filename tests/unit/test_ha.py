@@ -140,11 +140,12 @@ def test_settings_loaded() -> None:
 
 
 @pytest.mark.parametrize(("env", "message"), [
-    ({"EGRESS_ROUTER_MODE": "init"}, "EGRESS_HA_PEERS: high availability needs legacy mode, which stays up, not "
-     "init: an init container exits and cannot hand the address over"),
-    ({"EGRESS_ROUTER_MODE": "http-proxy", "EGRESS_HTTP_PROXY_DESTINATION": "*"},
-     "EGRESS_HA_PEERS: high availability is built for legacy (redirect) mode so far, not http-proxy: run one proxy "
-     "replica, or the redirect rules in legacy mode"),
+    ({"EGRESS_ROUTER_MODE": "init"}, "EGRESS_HA_PEERS: high availability needs a mode that stays up (legacy, "
+     "http-proxy, dns-proxy), not init: an init container exits and cannot hand the address over"),
+    ({"EGRESS_ROUTER_MODE": "http-proxy", "EGRESS_HTTP_PROXY_DESTINATION": "*", "EGRESS_SOURCE": "",
+      "EGRESS_GATEWAY": ""},
+     "EGRESS_HA_PEERS: high availability moves EGRESS_SOURCE between the replicas: set EGRESS_SOURCE and "
+     "EGRESS_GATEWAY in this container (the single-container layout)"),
     ({"EGRESS_HA_ADVERT_SECONDS": "41"}, "EGRESS_HA_ADVERT_SECONDS: 41 is over VRRPv3's longest advert interval "
      "(40.95 s)"),
     ({"EGRESS_HA_VRID": "256"}, "EGRESS_HA_VRID: '256' is not a whole number from 1 to 255"),
@@ -189,3 +190,12 @@ def test_a_protocol_named_by_iptables_save_compares_as_its_number() -> None:
 
     text = "*mangle\n:EGRESS-ROUTER-MARK - [0:0]\n-A EGRESS-ROUTER-MARK -p vrrp -j RETURN\nCOMMIT\n"
     assert parse_save(text).mangle == {"EGRESS-ROUTER-MARK": ["-p 112 -j RETURN"]}
+
+
+@pytest.mark.parametrize("proxy", [
+    {"EGRESS_ROUTER_MODE": "http-proxy", "EGRESS_HTTP_PROXY_DESTINATION": "*"},
+    {"EGRESS_ROUTER_MODE": "dns-proxy", "EGRESS_DNS_PROXY_DESTINATION": "53 203.0.113.10"}])
+def test_settings_in_the_proxy_modes(proxy: dict[str, str]) -> None:
+    config = load({**BASE, "EGRESS_HA_PEERS": "egress-router-ha", **proxy})
+    assert config.ha == ha.HaSettings((), "egress-router-ha", 51, 0.2, "/run/egress-router")
+    assert config.configures_network and not config.configures_nat
