@@ -84,7 +84,7 @@ def test_there_are_examples_of_every_kind_promised() -> None:
             "http-proxy-single.yaml", "dns-proxy.yaml", "multus-redirect-pod.yaml",
             "multus-redirect-deployment.yaml", "egressrouter.yaml", "egressrouter-configmap.yaml",
             "redirect-reload.yaml", "legacy-redirect-deployment.yaml", "multus-dual-stack-redirect-pod.yaml",
-            "ha-redirect-deployment.yaml"} <= names
+            "ha-redirect-deployment.yaml", "ha-http-proxy-deployment.yaml"} <= names
     index = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
     for name in names:
         assert f"[{name}]({name})" in index, f"examples/README.md does not list {name}"
@@ -636,18 +636,23 @@ HA_WHERE = "Deployment/egress-router-ha"
 HA_CONTAINER = f"{HA_WHERE}: container egress-router"
 
 
-def test_the_ha_example_is_one_router_in_two_replicas_behind_two_services() -> None:
-    docs = documents(HA_EXAMPLE)
-    deployment, router = _ha(docs, "Deployment"), _ha_router(docs)
+@pytest.mark.parametrize(("example", "mode", "name"), [
+    (HA_EXAMPLE, "legacy", "egress-router-ha"),
+    (ROOT / "examples" / "ha-http-proxy-deployment.yaml", "http-proxy", "egress-http-proxy-ha")])
+def test_the_ha_examples_are_one_router_in_two_replicas_behind_two_services(example: Path, mode: str,
+                                                                            name: str) -> None:
+    docs = documents(example)
+    deployment = _ha(docs, "Deployment", name)
+    router = deployment["spec"]["template"]["spec"]["containers"][0]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["replicas"] == 2 and env_of(router)["EGRESS_ROUTER_MODE"] == "legacy"
+    assert deployment["spec"]["replicas"] == 2 and env_of(router)["EGRESS_ROUTER_MODE"] == mode
     peers = _ha(docs, "Service", env_of(router)[HA_PEERS])
-    client = _ha(docs, "Service")
+    client = _ha(docs, "Service", name)
     assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
     assert "clusterIP" not in client["spec"] and "publishNotReadyAddresses" not in client["spec"]
     for selector in (peers["spec"]["selector"], client["spec"]["selector"],
-                     deployment["spec"]["selector"]["matchLabels"], _ha(docs, "PodDisruptionBudget")["spec"]["selector"]
-                     ["matchLabels"]):
+                     deployment["spec"]["selector"]["matchLabels"],
+                     _ha(docs, "PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"]):
         assert selects(selector, labels)
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1  # see the next test
     assert router["readinessProbe"]["exec"]["command"] == ["egress-router", "ready"]
