@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_router.halab import CLIENT, METRICS_PORT, OUT_IPS, SOURCE, HaLab, children
+from egress_router.halab import CLIENT, METRICS_PORT, OUT_IPS, OUT_IPS6, SOURCE, SOURCE6, HaLab, children
+from tests.lab.conftest import HALAB_TOOLS, require_lab
 from tests.lab.origin import Origin
 from tests.lab.test_ha import Replicas, until
 
@@ -28,7 +29,7 @@ class ProxyReplicas(Replicas):
         self.mode, self.workers = mode, workers
 
     def env(self, i: int, **variables: str) -> dict[str, str]:
-        env = super().env(i, EGRESS_ROUTER_MODE=self.mode, **variables)
+        env = super().env(i, EGRESS_ROUTER_MODE=self.mode)
         del env["EGRESS_DESTINATION"]
         if self.mode == "http-proxy":
             env.update(EGRESS_HTTP_PROXY_DESTINATION="203.0.113.0/24", EGRESS_HTTP_PROXY_WORKERS=str(self.workers),
@@ -36,6 +37,7 @@ class ProxyReplicas(Replicas):
         else:
             env.update(EGRESS_DNS_PROXY_DESTINATION=f"{FORWARD_PORT} {OUT_IPS[0]}",
                        EGRESS_DNS_PROXY_WORKERS=str(self.workers), EGRESS_PROXY_GRACE_SECONDS="2")
+        env.update(variables)
         return env
 
     def proxy_pid(self, i: int) -> int:
@@ -157,3 +159,31 @@ def test_dns_proxy_replicas_relay_from_the_address_the_standby_refuses(ha_lab: H
     assert ha_lab.connect(standby, FORWARD_PORT) == SOURCE
     assert replicas.processes[active].wait(timeout=10) == 0
 
+
+
+def test_dual_stack_http_proxy_replicas_hand_both_addresses_over(tmp_path: Path) -> None:
+    require_lab(HALAB_TOOLS)
+    with HaLab(2, dual_stack=True) as lab:
+        server = Origin()
+        with lab.entered("out"):
+            server.listen(OUT_IPS[0], 80)
+            server.listen(OUT_IPS6[0], 80)
+        server.start()
+        try:
+            replicas = proxies(lab, tmp_path, "http-proxy", 1)
+            for i in range(2):
+                replicas.start(i, EGRESS_HTTP_PROXY_DESTINATION="203.0.113.0/24\n2001:db8:203::/64")
+            active = replicas.active()
+            other = 1 - active
+            url6 = f"http://[{OUT_IPS6[0]}]/hello"
+            proxy = f"http://{lab.pod_ip(active)}:{HTTP_PORT}"
+            assert curl(lab, url6, proxy=proxy)[0] == 200 and through(lab, active)[0] == 200, replicas.logs()
+            assert lab.holders(SOURCE6) == [active]
+            replicas.processes[active].terminate()
+            assert until(lambda: lab.holders() == [other] and lab.holders(SOURCE6) == [other] and
+                         lab.http_status(other) == 200) is not None, replicas.logs()
+            assert curl(lab, url6, proxy=f"http://{lab.pod_ip(other)}:{HTTP_PORT}")[0] == 200
+            assert {seen.peer_ip for seen in server.requests()} == {SOURCE, SOURCE6}
+            assert replicas.processes[active].wait(timeout=10) == 0
+        finally:
+            server.stop()
