@@ -87,17 +87,19 @@ class Servers:
 
     def _answer(self, sock: socket.socket, proto: str) -> None:
         here = endpoint(sock.getsockname())
+        # recorded before answering: a client that has its answer may look at `seen` at once
         if proto == "tcp":
             conn, peer = sock.accept()
             with conn:
                 reply = Reply(here, endpoint(peer))
+                self.seen.append(reply)
                 conn.settimeout(2)
                 conn.sendall(f"{reply.landed} {reply.peer}\n".encode())
         else:
             _, peer = sock.recvfrom(2048)
             reply = Reply(here, endpoint(peer))
+            self.seen.append(reply)
             sock.sendto(f"{reply.landed} {reply.peer}\n".encode(), peer)
-        self.seen.append(reply)
 
 
 def request(entered: AbstractContextManager[Any], proto: str, ip: str, port: int, *,
