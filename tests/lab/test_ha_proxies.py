@@ -187,3 +187,25 @@ def test_dual_stack_http_proxy_replicas_hand_both_addresses_over(tmp_path: Path)
             assert replicas.processes[active].wait(timeout=10) == 0
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_proxy_under_a_keeper_reloads_its_rules_on_a_file_change_and_on_sighup(
+        ha_lab: HaLab, origin: Origin, tmp_path: Path, workers: int) -> None:
+    rules = tmp_path / "allow"
+    rules.write_text("203.0.113.11\n", encoding="ascii")
+    replicas = proxies(ha_lab, tmp_path, "http-proxy", workers)
+    for i in range(2):
+        replicas.start(i, EGRESS_HTTP_PROXY_DESTINATION="", EGRESS_HTTP_PROXY_DESTINATION_FILE=str(rules))
+    active = replicas.active()
+    assert through(ha_lab, active)[0] == 403  # 203.0.113.10 is not allowed yet
+    replacement = tmp_path / "allow.new"
+    replacement.write_text("203.0.113.0/24\n", encoding="ascii")
+    replacement.replace(rules)  # the proxy's own watch (inotify in the proxy's process, under the keeper)
+    assert until(lambda: through(ha_lab, active)[0] == 200, timeout=5) is not None, replicas.log(active)
+    replicas.processes[active].send_signal(signal.SIGHUP)  # to the keeper, which passes it on to the proxy
+    assert until(lambda: "SIGHUP: EGRESS_HTTP_PROXY_DESTINATION_FILE=" in replicas.log(active), timeout=5), \
+        replicas.log(active)
+    assert replicas.processes[active].poll() is None and ha_lab.holders() == [active]  # nobody died of it
+    rules.write_text("203.0.113.11\n", encoding="ascii")  # written in place this time
+    assert until(lambda: through(ha_lab, active)[0] == 403, timeout=5) is not None, replicas.log(active)
