@@ -1,4 +1,4 @@
-"""The container behaviour per mode: check everything, apply the plan, then exit, stay up or serve a proxy.
+"""Setting the network up: check everything, apply the plan, then exit or stay up (legacy mode).
 
 Order matters for "nothing half-applied": every check that can fail without changing anything
 (configuration, privileges, interfaces, tools, the current nat table) runs first; then the plan's
@@ -230,26 +230,3 @@ def open_admin_port(port: int) -> socket.socket:
 
     return bind(port)
 
-
-def run_mode(config: RouterConfig, env: Mapping[str, str]) -> int:
-    """The container behaviour of every mode but unit-test: the network first (if configured), then the
-    proxy the mode runs (if any); returns the exit code. `env`: what `config` was loaded from (the proxies
-    reload their rules from the files it names)."""
-    # a proxy's admin port is opened before the network is configured: a port in use changes nothing
-    proxy = config.http_proxy is not None or config.dns_proxy is not None
-    admin_socket = open_admin_port(config.metrics_port) if proxy and config.metrics_port else None
-    if config.ha is not None and proxy:
-        from .ha_keeper import serve_replica  # the proxy runs as the child of the replica's keeper
-
-        return serve_replica(config, env, admin_socket)
-    if config.configures_network:
-        configure(config, env)
-    if config.http_proxy is not None:
-        from .proxy.http import run_http_proxy
-
-        return run_http_proxy(config.http_proxy, env, admin_socket)
-    if config.dns_proxy is not None:
-        from .proxy.dns import run_dns_proxy
-
-        return run_dns_proxy(config.dns_proxy, env, admin_socket)
-    return 0
