@@ -437,6 +437,12 @@ Exit status:
 \b
 With --output json, stdout is one JSON document whatever verify concludes:
   {"converged": bool, "differences": [{"kind", "step", "detail"}], "error": str|null, "summary": str}
+  (a high-availability replica adds "role": "active"|"standby" and "role_line")
+
+A high-availability replica (EGRESS_HA_PEERS) is compared with its role's part of the plan: the active
+one holds everything, its reserved addresses with a lifetime; a standby holds no reserved address and
+has unreachable default routes. The role is what the running router wrote in EGRESS_HA_STATE_DIR;
+with no router running that is exit 2, unless --role names the role to compare with.
 
 Usable as an exec readiness or liveness probe of a long-running router container (legacy mode, or a
 proxy mode with EGRESS_SOURCE), and through `kubectl debug` for a pod whose router ran as an init
@@ -447,10 +453,13 @@ container (see the README, 'Verifying a router')."""
 @config_options
 @click.option("--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="text: one line per difference and a summary; json: one document.")
-def verify(output: str, **options: str | None) -> None:
+@click.option("--role", type=click.Choice(["active", "standby"]), default=None,
+              help="High availability: compare with this role's part of the plan instead of the running router's "
+                   "(e.g. a namespace inspected with no router running).")
+def verify(output: str, role: str | None, **options: str | None) -> None:
     from .verify import verify as compare_live
 
-    report = compare_live(environment(options))
+    report = compare_live(environment(options), role)
     if output == "json":
         click.echo(report.json())
     elif report.error is not None:

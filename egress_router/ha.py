@@ -28,7 +28,6 @@ from pathlib import Path
 from .core import ha
 from .core.errors import SetupError
 from .core.plan import Plan, Step
-from .core.steps import Address
 from .net import apply as apply_steps
 from .net import arp
 from .net.arpguard import Prober
@@ -230,19 +229,15 @@ class Role:
 
     def active_steps(self, plan: Plan) -> tuple[Step, ...]:
         """`plan`'s steps, the reserved addresses with their lifetime."""
-        return tuple(dataclasses.replace(step, lifetime=ha.ADDRESS_LIFETIME) if isinstance(step, Address) and
-                     ha.held_step(step, plan.interface) else step for step in plan.steps)
+        return ha.active_steps(plan)
 
     def view(self, plan: Plan) -> Plan:
         """`plan` as this replica holds it now: active, with the held steps (addresses with their lifetime);
         standby, without them and with unreachable default routes."""
-        if self.active:
-            return dataclasses.replace(plan, steps=self.active_steps(plan))
-        prepared = tuple(step for step in plan.steps if not ha.held_step(step, plan.interface))
-        return dataclasses.replace(plan, steps=prepared + self.standby_steps())
+        return ha.replica_plan(plan, ha.ACTIVE if self.active else ha.STANDBY)
 
     def standby_steps(self) -> tuple[Step, ...]:
-        return ha.standby_routes([address.version for address in self.plan.addresses])
+        return ha.standby_defaults(self.plan)
 
     def keepalived_text(self) -> str:
         self.in_config = self.peers.latest

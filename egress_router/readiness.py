@@ -22,6 +22,20 @@ def write_state(directory: Path, state: str) -> None:
     temporary.replace(directory / STATE_FILE)
 
 
+def read_state(directory: Path) -> tuple[str, int] | None:
+    """The state and pid the router last wrote in `directory` (None: no state file, or not one the router wrote);
+    whether that process still runs is `running`'s answer."""
+    try:
+        state, pid = (directory / STATE_FILE).read_text(encoding="ascii").split()[:2]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return (state, int(pid)) if pid.isdigit() else None
+
+
+def running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 def check(env: Mapping[str, str]) -> tuple[int, str]:
     """(exit code, the line to print): 0 active; 1 standby, stopped or starting; 2 not a high-availability router."""
     if not env.get("EGRESS_HA_PEERS", "").strip():

@@ -6,6 +6,9 @@ Works wherever testinfra can run a command next to the router's network namespac
 netlink and iptables-save only, so the image itself answers. Loaded in every pytest run of an
 environment that has egress-router installed: it only adds the `egress_router` fixture, imports
 nothing heavy, and needs testinfra only when the fixture is used.
+
+A high-availability replica is compared with its role's part of the plan (the role its running router wrote,
+or the one `role=` gives, as `verify --role`); `assert_role` asserts which role a replica has.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class RouterState:
     error: str | None
     summary: str
     exit_status: int
+    role: str | None = None  # a high-availability replica's: "active" or "standby" (None: no high availability)
 
     def lines(self) -> list[str]:
         """One line per difference, as `egress-router verify` prints them."""
@@ -41,12 +45,13 @@ class RouterState:
         """The readable assertion message: what is wrong, one difference per line."""
         if self.error is not None:
             return f"egress-router verify on {self.where} cannot tell: {self.error}"
-        return "\n".join([f"egress router on {self.where} is not as configured: {self.summary}",
+        role = f" ({self.role} replica)" if self.role else ""
+        return "\n".join([f"egress router on {self.where}{role} is not as configured: {self.summary}",
                           *(f"  {line}" for line in self.lines())])
 
 
 def verify_command(env: Mapping[str, str] | None = None, *, command: str = DEFAULT_COMMAND,
-                   netns: str | None = None) -> str:
+                   netns: str | None = None, role: str | None = None) -> str:
     """The shell command that runs verify on a host.
 
     `env` None: verify sees the environment of the process it runs in (`docker exec`/`kubectl exec` give it
@@ -54,8 +59,10 @@ def verify_command(env: Mapping[str, str] | None = None, *, command: str = DEFAU
     the assertion is about that configuration and no other. Every value is shell-quoted (multi-line rule
     lists included); one shell command line holds at most 128 KiB on Linux: for larger rule lists name a
     file in the container (EGRESS_DESTINATION_FILE) or assert the container's own environment.
+    `role` ("active" or "standby"): a high-availability replica compared with that role's part of the plan, not
+    the running router's (`verify --role`).
     """
-    argv = [command, "verify", "--output", "json"]
+    argv = [command, "verify", "--output", "json", *(["--role", role] if role is not None else [])]
     prefix = ""
     if netns is not None:
         prefix = f"ip netns exec {shlex.quote(netns)} "
@@ -74,15 +81,15 @@ def host_name(host: Any) -> str:
 
 
 def router_state(host: Any, env: Mapping[str, str] | None = None, *, command: str = DEFAULT_COMMAND,
-                 netns: str | None = None) -> RouterState:
+                 netns: str | None = None, role: str | None = None) -> RouterState:
     """Run verify on a testinfra `host` and parse its answer; an AssertionError if it gave none (not installed,
-    no shell, a crash): that is a broken test set-up, not a router state."""
+    no shell, a crash): that is a broken test set-up, not a router state. `role`: see verify_command."""
     where = host_name(host) + (f" (network namespace {netns})" if netns else "")
-    result = host.run(verify_command(env, command=command, netns=netns))
+    result = host.run(verify_command(env, command=command, netns=netns, role=role))
     try:
         document = json.loads(result.stdout)
         state = RouterState(where, bool(document["converged"]), tuple(document["differences"]), document["error"],
-                            str(document.get("summary", "")), int(result.rc))
+                            str(document.get("summary", "")), int(result.rc), document.get("role"))
     except (ValueError, KeyError, TypeError):
         output = " ".join(f"{result.stdout} {result.stderr}".split()) or "no output"
         raise AssertionError(f"egress-router verify on {where} gave no answer (exit status {result.rc}): "
@@ -91,13 +98,28 @@ def router_state(host: Any, env: Mapping[str, str] | None = None, *, command: st
 
 
 def assert_converged(host: Any, env: Mapping[str, str] | None = None, *, command: str = DEFAULT_COMMAND,
-                     netns: str | None = None) -> RouterState:
+                     netns: str | None = None, role: str | None = None) -> RouterState:
     """Fail (AssertionError, one difference per line) unless the router's live state on `host` matches `env`
-    (None: the environment verify runs with there). Returns the state for further checks."""
+    (None: the environment verify runs with there); a high-availability replica's, its role's part of the plan
+    (`role` None: the role its running router is in). Returns the state for further checks."""
     __tracebackhide__ = True
-    state = router_state(host, env, command=command, netns=netns)
+    state = router_state(host, env, command=command, netns=netns, role=role)
     if not state.converged:
         raise AssertionError(state.failure())
+    return state
+
+
+def assert_role(host: Any, role: str, env: Mapping[str, str] | None = None, *, command: str = DEFAULT_COMMAND,
+                netns: str | None = None) -> RouterState:
+    """Fail unless the high-availability replica on `host` is in `role` ("active" or "standby"; a starting
+    replica counts as a standby), as its running router says; whether it holds that part is assert_converged's."""
+    __tracebackhide__ = True
+    state = router_state(host, env, command=command, netns=netns)
+    if state.error is not None:
+        raise AssertionError(state.failure())
+    if state.role != role:
+        found = f"the {state.role} replica" if state.role else "not a high-availability replica (EGRESS_HA_PEERS unset)"
+        raise AssertionError(f"egress router on {state.where} is {found}, not the {role} one")
     return state
 
 
@@ -126,13 +148,19 @@ class EgressRouter:
         self.host = host
         self.command = command
 
-    def state(self, env: Mapping[str, str] | None = None, *, host: Any = None, netns: str | None = None) -> RouterState:
-        return router_state(host or self.host, env, command=self.command, netns=netns)
+    def state(self, env: Mapping[str, str] | None = None, *, host: Any = None, netns: str | None = None,
+              role: str | None = None) -> RouterState:
+        return router_state(host or self.host, env, command=self.command, netns=netns, role=role)
 
     def assert_converged(self, env: Mapping[str, str] | None = None, *, host: Any = None,
-                         netns: str | None = None) -> RouterState:
+                         netns: str | None = None, role: str | None = None) -> RouterState:
         __tracebackhide__ = True
-        return assert_converged(host or self.host, env, command=self.command, netns=netns)
+        return assert_converged(host or self.host, env, command=self.command, netns=netns, role=role)
+
+    def assert_role(self, role: str, env: Mapping[str, str] | None = None, *, host: Any = None,
+                    netns: str | None = None) -> RouterState:
+        __tracebackhide__ = True
+        return assert_role(host or self.host, role, env, command=self.command, netns=netns)
 
     def assert_nat_rules(self, env: Mapping[str, str], *, interface: str | None = None, host: Any = None) -> None:
         """Our nat chains on the host hold exactly what `env` plans, in iptables and (IPv6) ip6tables (no egress-router

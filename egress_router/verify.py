@@ -6,6 +6,9 @@ such step as one line (what is missing, what differs, what is left over) and nev
 
 The namespace's lock (net.lock) is held while reading, so a run applying at that moment (an init container
 re-run, a drift repair) is waited for instead of being reported as a transient difference.
+
+A high-availability replica (EGRESS_HA_PEERS) is compared with its role's part of the plan (core.ha.replica_plan):
+the role the running router wrote in its state file (readiness.py), or the one `--role` gives.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .core import ha
 from .core.errors import EgressRouterError, SetupError
 from .core.nat import TABLE_JUMPS, NatRules, NatState
 from .core.plan import Plan, Step, build_plan
@@ -25,11 +30,16 @@ from .core.steps import MAIN_TABLE, ROUTER_PROTO, Address, Announce, LinkUp, Pol
 
 if TYPE_CHECKING:
     from .core.config import RouterConfig
+    from .core.ha import HaSettings
     from .net.apply import Context
 
 EXIT_CONVERGED, EXIT_DIFFERS, EXIT_UNKNOWN = 0, 1, 2
 LOCK_WAIT_SECONDS = 3.0  # a run holds the lock ~0.1 s; a probe's own timeout is a few seconds
 RULES_SHOWN_PER_CHAIN = 10  # a flushed chain of 5,000 rules is one line per rule up to here, then a count
+ROLE_LINES = MappingProxyType({ha.ACTIVE: "active replica: it holds EGRESS_SOURCE",
+                               ha.STANDBY: "standby replica: EGRESS_SOURCE is held by another replica"})
+ROLE_READS = 3  # the role changed while the namespace was read: read again, up to this many times in all
+FOREVER = 0xFFFFFFFF  # an address's valid lifetime as the kernel reports "forever"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,8 @@ class Report:
     error: str | None = None
     summary: str = ""
     notes: tuple[str, ...] = ()  # e.g. the files differ from the rules the running router has in force
+    role: str | None = None  # a high-availability replica's role compared with (core.ha.ACTIVE or STANDBY)
+    role_line: str = ""  # ROLE_LINES[role], and where the role came from
 
     @property
     def converged(self) -> bool:
@@ -68,32 +80,46 @@ class Report:
         return EXIT_DIFFERS if self.differences else EXIT_CONVERGED
 
     def as_dict(self) -> dict[str, Any]:
-        found = {"converged": self.converged, "differences": [d.as_dict() for d in self.differences],
-                 "error": self.error, "summary": self.summary}
-        return {**found, "notes": list(self.notes)} if self.notes else found
+        found: dict[str, Any] = {"converged": self.converged, "differences": [d.as_dict() for d in self.differences],
+                                 "error": self.error, "summary": self.summary}
+        if self.notes:
+            found["notes"] = list(self.notes)
+        if self.role is not None:
+            found.update(role=self.role, role_line=self.role_line)
+        return found
 
     def json(self) -> str:
         return json.dumps(self.as_dict())
 
     def lines(self) -> list[str]:
-        """The text output (stdout): one line per difference, then the summary (errors go to stderr)."""
-        return ([f"note: {note}" for note in self.notes] + [d.line() for d in self.differences]
-                + ([self.summary] if self.summary else []))
+        """The text output (stdout): the role, one line per difference, then the summary (errors go to stderr)."""
+        return ([f"note: {note}" for note in self.notes] + ([self.role_line] if self.role_line else [])
+                + [d.line() for d in self.differences] + ([self.summary] if self.summary else []))
 
 
-def verify(env: Mapping[str, str]) -> Report:
+def verify(env: Mapping[str, str], role: str | None = None) -> Report:
     """Build the plan for `env` and compare it with the current network namespace; never raises for a user
-    error (bad configuration, missing privileges, interface or tool): that is the report's error."""
+    error (bad configuration, missing privileges, interface or tool): that is the report's error.
+
+    `role` (ACTIVE or STANDBY): a high-availability replica's role to compare with; None: the running router's."""
     try:
         config, notes = configuration(env)
+        if role is not None and config.ha is None:
+            return Report(error=f"--role {role} is for a high-availability replica: EGRESS_HA_PEERS is unset")
         if config.mode == "unit-test" or not config.configures_network:
             why = "unit-test mode changes nothing" if config.mode == "unit-test" else \
                 "EGRESS_SOURCE is unset, the network is not configured (proxy only)"
             return Report(summary=f"converged: nothing to verify ({why})")
         from .net.lock import namespace_lock
 
-        with namespace_lock(LOCK_WAIT_SECONDS):
-            report = compare(config)
+        for _ in range(ROLE_READS):
+            chosen, line = (None, "") if config.ha is None else replica_role(config.ha, role)
+            with namespace_lock(LOCK_WAIT_SECONDS):
+                report = compare(config, chosen)
+            # the router writes its new role just after changing the namespace: a change meanwhile, read again
+            if config.ha is None or replica_role(config.ha, role)[0] == chosen:
+                break
+        report = dataclasses.replace(report, role=chosen, role_line=line)
         return dataclasses.replace(report, notes=notes) if notes else report
     except EgressRouterError as exc:
         return Report(error=str(exc))
@@ -123,8 +149,34 @@ def configuration(env: Mapping[str, str]) -> tuple[RouterConfig, tuple[str, ...]
                                        "the rules in force",)
 
 
-def compare(config: RouterConfig) -> Report:
-    """router.prepare's reads, then drift; the differences of every step that does not hold."""
+def replica_role(settings: HaSettings, chosen: str | None = None) -> tuple[str, str]:
+    """(role, the line that says it): `chosen` when given, else what the running router last wrote in its state
+    file (any state but active is a standby's part: a starting replica holds what a standby holds); a SetupError
+    when no router runs (no state file, the router stopped or its process is gone)."""
+    from . import readiness
+
+    if chosen is not None:
+        return chosen, f"{ROLE_LINES[chosen]} (--role {chosen}, not read from a running router)"
+    path = Path(settings.state_dir) / readiness.STATE_FILE
+    found = readiness.read_state(path.parent)
+    why = "" if found is not None else f"no state in {path}"
+    if found is not None and found[0] == "stopped":
+        why = f"the router that wrote {path} stopped"
+    elif found is not None and not readiness.running(found[1]):
+        why = f"the router that wrote {path} (pid {found[1]}) is gone"
+    if why:
+        raise SetupError(f"no high-availability router runs here ({why}; EGRESS_HA_STATE_DIR): which part of the "
+                         "plan this replica holds is its role; give --role active or --role standby to compare "
+                         "with that one")
+    assert found is not None
+    state = found[0]
+    role = ha.ACTIVE if state == ha.ACTIVE else ha.STANDBY
+    return role, ROLE_LINES[role] + ("" if state == role else f" (the router says {state})")
+
+
+def compare(config: RouterConfig, role: str | None = None) -> Report:
+    """router.prepare's reads, then drift; the differences of every step that does not hold. `role`: a
+    high-availability replica's, whose part of the plan is compared (core.ha.replica_plan)."""
     from . import router
     from .net import apply as net_apply
     from .net import iptables, links
@@ -134,7 +186,8 @@ def compare(config: RouterConfig) -> Report:
     rtnl = links.open_rtnl()
     try:
         interface = links.resolve_interface(rtnl, config)
-        plan = build_plan(config, interface, links.pod_facts(rtnl, config.pod_interface, versions=config.versions))
+        whole = build_plan(config, interface, links.pod_facts(rtnl, config.pod_interface, versions=config.versions))
+        plan = whole if role is None else ha.replica_plan(whole, role)
         tools = {}
         if plan.nats:
             if not router.effective_capabilities() & (1 << router.CAP_NET_ADMIN):
@@ -144,21 +197,28 @@ def compare(config: RouterConfig) -> Report:
             tools = iptables.find_family_tools(config.iptables, tuple(nat.version for nat in plan.nats))
         context = net_apply.Context(rtnl, tools=tools)
         drifted = net_apply.drift(plan, context)
-        differences = tuple(d for step in drifted for d in explain(step, context))
+        differences = [d for step in drifted for d in explain(step, context)]
+        lifetimes = [] if role != ha.ACTIVE else [
+            found for step in plan.steps if isinstance(step, Address) and step.lifetime is not None
+            and step not in drifted and (found := lifetime_difference(step, address_lifetime(context, step)))]
+        extra = [] if role != ha.STANDBY else standby_extras(whole, present_addresses(context, whole))
     finally:
         rtnl.close()
-    return Report(differences, summary=summary(config.mode, plan, len(drifted)))
+    return Report((*differences, *lifetimes, *extra),
+                  summary=summary(config.mode, plan, len(drifted) + len(lifetimes), len(extra)))
 
 
-def summary(mode: str, plan: Plan, drifted: int) -> str:
+def summary(mode: str, plan: Plan, drifted: int, held: int = 0) -> str:
+    """`held`: reserved addresses on a standby, which holds none."""
     what = f"{' and '.join(map(str, plan.addresses))} on {plan.interface} via {' and '.join(map(str, plan.gateways))}"
     nat_count = sum(len(rules) for nat in plan.nats for _, rules in nat.chains)
     if nat_count:
         what += f", {nat_count} NAT rules"
     checked = len(plan.steps)
-    if not drifted:
+    if not drifted and not held:
         return f"converged: all {checked} steps hold ({mode} mode: {what})"
-    return f"not converged: {drifted} of {checked} steps do not hold ({mode} mode: {what})"
+    besides = f", and {held} reserved address(es) held, which a standby must not" if held else ""
+    return f"not converged: {drifted} of {checked} steps do not hold{besides} ({mode} mode: {what})"
 
 
 def explain(step: Step, context: Context) -> list[Difference]:
@@ -178,6 +238,48 @@ def address_differences(context: Context, step: Address) -> list[Difference]:
     if others:
         return [Difference("differs", step.render(), f"found {', '.join(others)}")]
     return [Difference("missing", step.render())]
+
+
+def address_lifetime(context: Context, step: Address) -> int | None:
+    """The seconds the kernel keeps `step`'s address unless renewed (None: forever, or not there)."""
+    from .net import rtnl
+
+    wanted = (str(step.address.ip), step.address.network.prefixlen)
+    found = context.rtnl.request(context.rtnl.messages.ifaddrmsg, rtnl.RTM_GETADDR, rtnl.F_REQUEST | rtnl.F_DUMP,
+                                 {"family": rtnl.FAMILIES[step.address.version]})
+    for msg in found:
+        if msg["index"] == context.index(step.interface) and (msg.get("IFA_ADDRESS"), msg["prefixlen"]) == wanted:
+            cacheinfo = msg.get("IFA_CACHEINFO")
+            valid = FOREVER if cacheinfo is None else int(cacheinfo["ifa_valid"])
+            return None if valid == FOREVER else valid
+    return None
+
+
+def lifetime_difference(step: Address, valid: int | None) -> Difference | None:
+    """An active replica's reserved address must lapse unless renewed (pure): without its lifetime (`valid` None:
+    forever) or with a longer one, a replica that dies with its network namespace left would answer for it on the
+    LAN long after another one took over."""
+    if step.lifetime is None or (valid is not None and valid <= step.lifetime):
+        return None
+    found = "valid forever" if valid is None else f"valid for {valid} s"
+    return Difference("differs", step.render(), f"found {step.address} {found}: a replica that dies would keep "
+                      "answering for it")
+
+
+def present_addresses(context: Context, plan: Plan) -> list[tuple[str, int]]:
+    from .net.rtnl import FAMILIES
+
+    index = context.index(plan.interface)
+    return [found for version in sorted({a.version for a in plan.addresses})
+            for found in context.rtnl.addresses(index, FAMILIES[version])]
+
+
+def standby_extras(plan: Plan, present: Sequence[tuple[str, int]]) -> list[Difference]:
+    """The reserved addresses found on a standby's egress interface (pure): only the active replica holds them,
+    whatever their prefix."""
+    return [Difference("extra", f"ip address del {ip}/{prefix} dev {plan.interface}",
+                       "a standby holds no reserved address: the active replica does")
+            for address in plan.addresses for ip, prefix in present if ip == str(address.ip)]
 
 
 def link_differences(context: Context, step: LinkUp) -> list[Difference]:

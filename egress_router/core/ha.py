@@ -11,16 +11,23 @@ replica (VRRPv3, unicast adverts between the replicas' pod addresses); the route
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .steps import Address, Announce, Route
 
+if TYPE_CHECKING:  # plan.py imports config.py, which imports this module
+    from .plan import Plan, Step
+
 IPAddress = IPv4Address | IPv6Address
 INSTANCE = "egress"
+ACTIVE, STANDBY = "active", "standby"
+ROLES = (ACTIVE, STANDBY)  # a replica's part: what it holds (a starting one holds what a standby holds)
 STATES = ("MASTER", "BACKUP", "FAULT", "STOP")
 TOP_PRIORITY, PRIORITY_STEP, LOWEST_PRIORITY = 250, 40, 10
 # seconds (the kernel counts whole seconds): how long a dead replica's address outlives it; renewed 4 times a
@@ -156,3 +163,26 @@ def standby_routes(versions: Sequence[int]) -> tuple[Route, ...]:
     """A standby's default route per family: unreachable, so that nothing leaves by the pod network instead."""
     return tuple(Route("", ip_network("::/0" if version == 6 else "0.0.0.0/0"), sole=True, kind="unreachable")
                  for version in versions)
+
+
+def active_steps(plan: Plan) -> tuple[Step, ...]:
+    """`plan`'s steps as the active replica holds them: all of them, the reserved addresses with their lifetime."""
+    return tuple(dataclasses.replace(step, lifetime=ADDRESS_LIFETIME) if isinstance(step, Address) and
+                 held_step(step, plan.interface) else step for step in plan.steps)
+
+
+def standby_defaults(plan: Plan) -> tuple[Route, ...]:
+    """The unreachable default routes a standby holds instead of the egress ones: one per family of `plan`."""
+    return standby_routes([address.version for address in plan.addresses])
+
+
+def replica_plan(plan: Plan, role: str) -> Plan:
+    """`plan` as a replica in `role` (ACTIVE or STANDBY) must hold it: active, every step (the reserved addresses
+    with their lifetime); standby, the prepared steps without the held ones and with unreachable default routes.
+    What `verify` compares with, and what drift repair converges to."""
+    if role == ACTIVE:
+        return dataclasses.replace(plan, steps=active_steps(plan))
+    if role != STANDBY:
+        raise ValueError(f"a replica's role is {' or '.join(ROLES)}, not {role!r}")
+    prepared = tuple(step for step in plan.steps if not held_step(step, plan.interface))
+    return dataclasses.replace(plan, steps=prepared + standby_defaults(plan))

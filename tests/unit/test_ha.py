@@ -199,3 +199,45 @@ def test_settings_in_the_proxy_modes(proxy: dict[str, str]) -> None:
     config = load({**BASE, "EGRESS_HA_PEERS": "egress-router-ha", **proxy})
     assert config.ha == ha.HaSettings((), "egress-router-ha", 51, 0.2, "/run/egress-router")
     assert config.configures_network and not config.configures_nat
+
+
+# ---------------------------------------------------------------- a replica's part of the plan (core.ha.replica_plan)
+
+def dual_stack_plan():  # type: ignore[no-untyped-def]
+    return dual_plan("macvlan0", "eth0", [(ip_interface("192.0.2.99/24"), ip_address("192.0.2.1")),
+                                          (ip_interface("2001:db8:2::99/64"), ip_address("fe80::1"))], None)
+
+
+def test_the_active_replica_holds_every_step_its_reserved_addresses_with_their_lifetime() -> None:
+    plan = dual_stack_plan()
+    active = ha.replica_plan(plan, ha.ACTIVE)
+    assert (active.interface, active.addresses, active.gateways) == (plan.interface, plan.addresses, plan.gateways)
+    assert len(active.steps) == len(plan.steps)
+    for wanted, held in zip(plan.steps, active.steps, strict=True):
+        if isinstance(wanted, Address):
+            assert held == Address(wanted.interface, wanted.address, lifetime=ha.ADDRESS_LIFETIME)
+        else:
+            assert held == wanted
+    assert [step.render() for step in active.steps if isinstance(step, Address)] == [
+        "ip address add 192.0.2.99/24 dev macvlan0 valid_lft 1 preferred_lft 1",
+        "ip address add 2001:db8:2::99/64 dev macvlan0 nodad valid_lft 1 preferred_lft 1"]
+    assert ha.active_steps(plan) == active.steps
+
+
+def test_a_standby_holds_the_prepared_steps_and_unreachable_defaults_instead_of_the_held_ones() -> None:
+    plan = dual_stack_plan()
+    standby = ha.replica_plan(plan, ha.STANDBY)
+    prepared = tuple(step for step in plan.steps if not ha.held_step(step, "macvlan0"))
+    assert standby.steps == prepared + ha.standby_routes([4, 6])
+    assert not any(isinstance(step, (Address, Announce)) for step in standby.steps)
+    assert not any(isinstance(step, Route) and step.interface == "macvlan0" for step in standby.steps)
+    assert standby.addresses == plan.addresses  # what it stands by for, still named in logs and verify's summary
+    assert ha.standby_defaults(plan) == ha.standby_routes([4, 6])
+    ipv4 = dual_plan("macvlan0", "eth0", [(ip_interface("192.0.2.99/24"), ip_address("192.0.2.1"))], None)
+    assert [step.render() for step in ha.replica_plan(ipv4, ha.STANDBY).steps][-1:] == [
+        "ip route replace unreachable default"]
+
+
+def test_a_role_is_active_or_standby() -> None:
+    with pytest.raises(ValueError, match="a replica's role is active or standby, not 'starting'"):
+        ha.replica_plan(dual_stack_plan(), "starting")
