@@ -45,7 +45,7 @@ class RouterState:
         """The readable assertion message: what is wrong, one difference per line."""
         if self.error is not None:
             return f"egress-router verify on {self.where} cannot tell: {self.error}"
-        role = f" ({self.role} replica)" if self.role else ""
+        role = f", the {self.role} replica," if self.role else ""
         return "\n".join([f"egress router on {self.where}{role} is not as configured: {self.summary}",
                           *(f"  {line}" for line in self.lines())])
 

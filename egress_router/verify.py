@@ -290,8 +290,12 @@ def link_differences(context: Context, step: LinkUp) -> list[Difference]:
 
 def shown_route(route: Any) -> str:
     """A kernel route as `ip route` prints it (the parts we compare)."""
+    from .net.rtnl import RTN_UNREACHABLE
+
     where = "default" if not route.dst_len else f"{route.dst}/{route.dst_len}"
-    text = where + (f" via {route.gateway}" if route.gateway else "")
+    # a standby's default routes (high availability)
+    text = ("unreachable " if getattr(route, "type", None) == RTN_UNREACHABLE else "") + where
+    text += f" via {route.gateway}" if route.gateway else ""
     if route.oif is not None:
         try:
             text += f" dev {socket.if_indextoname(route.oif)}"

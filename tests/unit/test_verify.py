@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -197,3 +198,154 @@ def test_a_step_that_does_not_hold_is_never_explained_away() -> None:
     assert [d.line() for d in explain(step, Context())] == [  # type: ignore[arg-type]
         "differs: ip route del <each route dev eth0 proto 245 but 10.96.0.10/32> (did not hold, then changed "
         "while it was read again)"]
+
+
+# ---------------------------------------------------------------- high availability: the role compared with
+
+HA_ENV = {**ENV, "EGRESS_ROUTER_MODE": "legacy", "EGRESS_HA_PEERS": "198.51.100.10 198.51.100.11"}
+
+
+def ha_settings(state_dir: Path):  # type: ignore[no-untyped-def]
+    from egress_router.core.config import load
+
+    settings = load({**HA_ENV, "EGRESS_HA_STATE_DIR": str(state_dir)}).ha
+    assert settings is not None
+    return settings
+
+
+def test_the_role_is_what_the_running_router_wrote_any_state_but_active_a_standbys_part(tmp_path: Path) -> None:
+    from egress_router.readiness import write_state
+    from egress_router.verify import replica_role
+
+    settings = ha_settings(tmp_path)
+    write_state(tmp_path, "active")  # this process is the router that wrote it: it runs
+    assert replica_role(settings) == ("active", "active replica: it holds EGRESS_SOURCE")
+    write_state(tmp_path, "standby")
+    assert replica_role(settings) == ("standby", "standby replica: EGRESS_SOURCE is held by another replica")
+    write_state(tmp_path, "starting")  # keepalived has not reported yet: it holds what a standby holds
+    assert replica_role(settings) == ("standby", "standby replica: EGRESS_SOURCE is held by another replica (the "
+                                      "router says starting)")
+    assert replica_role(settings, "active") == ("active", "active replica: it holds EGRESS_SOURCE (--role active, "
+                                                "not read from a running router)")
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (None, "no state in {path}"),
+    ("stopped {pid}\n", "the router that wrote {path} stopped"),
+    ("active 999999999\n", "the router that wrote {path} (pid 999999999) is gone"),
+    ("active ../self\n", "no state in {path}"),  # not a pid the router writes
+])
+def test_no_running_router_is_an_error_unless_a_role_is_given(tmp_path: Path, content: str | None, why: str) -> None:
+    from egress_router.core.errors import SetupError
+    from egress_router.verify import replica_role
+
+    path = tmp_path / "ha-state"
+    if content is not None:
+        path.write_text(content.format(pid=os.getpid()), encoding="ascii")
+    with pytest.raises(SetupError) as caught:
+        replica_role(ha_settings(tmp_path))
+    assert str(caught.value) == (f"no high-availability router runs here ({why.format(path=path)}; "
+                                 "EGRESS_HA_STATE_DIR): which part of the plan this replica holds is its role; give "
+                                 "--role active or --role standby to compare with that one")
+    assert replica_role(ha_settings(tmp_path), "standby")[0] == "standby"
+
+
+def test_verify_without_a_running_replica_exits_2_before_reading_the_namespace(tmp_path: Path) -> None:
+    env = {**HA_ENV, "EGRESS_HA_STATE_DIR": str(tmp_path)}
+    report = verify(env)
+    assert (report.exit_code, report.role) == (2, None)
+    assert report.error is not None and report.error.startswith("no high-availability router runs here (no state in")
+    result = CliRunner().invoke(main, ["verify", "--output", "json"], env=env)
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"] == report.error
+    assert "role" not in json.loads(result.stdout)
+
+
+def test_a_role_given_without_high_availability_is_an_error() -> None:
+    assert verify(ENV, "standby").error == "--role standby is for a high-availability replica: EGRESS_HA_PEERS is unset"
+    result = CliRunner().invoke(main, ["verify", "--role", "standby"], env=ENV)
+    assert (result.exit_code, result.stderr) == (
+        2, "error: --role standby is for a high-availability replica: EGRESS_HA_PEERS is unset\n")
+    result = CliRunner().invoke(main, ["verify", "--role", "leader"], env=HA_ENV)
+    assert result.exit_code == 2 and "'leader' is not one of 'active', 'standby'" in result.stderr
+    assert "--role [active|standby]" in CliRunner().invoke(main, ["verify", "--help"]).output
+
+
+def test_the_report_says_the_role_first_in_text_and_as_keys_in_json() -> None:
+    report = Report((Difference("extra", "ip address del 192.0.2.99/24 dev macvlan0"),), summary="not converged",
+                    role="standby", role_line="standby replica: EGRESS_SOURCE is held by another replica")
+    assert report.lines() == ["standby replica: EGRESS_SOURCE is held by another replica",
+                              "extra: ip address del 192.0.2.99/24 dev macvlan0", "not converged"]
+    document = json.loads(report.json())
+    assert (document["role"], document["role_line"], document["converged"]) == (
+        "standby", "standby replica: EGRESS_SOURCE is held by another replica", False)
+    assert set(json.loads(Report(summary="converged").json())) == {"converged", "differences", "error", "summary"}
+
+
+@pytest.mark.parametrize(("lifetime", "valid", "found"), [
+    (1, 1, None), (1, 0, None),  # renewed 4 times a second: the kernel counts down from 1
+    (1, None, "valid forever"),  # added without a lifetime: a crashed replica's address would never lapse
+    (1, 3600, "valid for 3600 s"),
+    (None, None, None),  # no lifetime planned (not high availability): any lifetime will do
+])
+def test_an_active_replicas_address_without_its_lifetime_differs(lifetime: int | None, valid: int | None,
+                                                                 found: str | None) -> None:
+    from ipaddress import ip_interface
+
+    from egress_router.core.steps import Address
+    from egress_router.verify import lifetime_difference
+
+    step = Address("macvlan0", ip_interface("192.0.2.99/24"), lifetime=lifetime)
+    difference = lifetime_difference(step, valid)
+    if found is None:
+        assert difference is None
+    else:
+        assert difference is not None and difference.line() == (
+            f"differs: ip address add 192.0.2.99/24 dev macvlan0 valid_lft 1 preferred_lft 1 (found 192.0.2.99/24 "
+            f"{found}: a replica that dies would keep answering for it)")
+
+
+def test_a_reserved_address_on_a_standby_is_extra_whatever_its_prefix() -> None:
+    from ipaddress import ip_address, ip_interface
+
+    from egress_router.core.plan import dual_plan
+    from egress_router.verify import standby_extras, summary
+
+    plan = dual_plan("macvlan0", "eth0", [(ip_interface("192.0.2.99/24"), ip_address("192.0.2.1")),
+                                          (ip_interface("2001:db8:2::99/64"), ip_address("fe80::1"))], None)
+    present = [("192.0.2.5", 24), ("192.0.2.99", 32), ("fe80::1", 64), ("2001:db8:2::99", 64)]
+    assert [d.line() for d in standby_extras(plan, present)] == [
+        "extra: ip address del 192.0.2.99/32 dev macvlan0 (a standby holds no reserved address: the active replica "
+        "does)",
+        "extra: ip address del 2001:db8:2::99/64 dev macvlan0 (a standby holds no reserved address: the active "
+        "replica does)"]
+    assert standby_extras(plan, [("192.0.2.5", 24)]) == []
+    assert summary("legacy", plan, 0, 2).startswith("not converged: 0 of ")
+    assert ", and 2 reserved address(es) held, which a standby must not (legacy mode: " in summary("legacy", plan, 0, 2)
+
+
+def test_the_plugin_passes_the_role_and_asserts_it(tmp_path: Path) -> None:
+    import testinfra
+
+    from egress_router.testinfra_plugin import assert_converged, assert_role
+
+    fake = tmp_path / "egress-router"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+role = sys.argv[sys.argv.index("--role") + 1] if "--role" in sys.argv else "standby"
+print(json.dumps({{"converged": True, "differences": [], "error": None, "summary": " ".join(sys.argv[1:]),
+                  "role": role, "role_line": role}}))
+""")
+    fake.chmod(0o755)
+    host = testinfra.get_host("local://")
+    assert verify_command(role="active") == "egress-router verify --output json --role active"
+    state = assert_converged(host, {}, command=str(fake), role="active")
+    assert (state.role, state.summary) == ("active", "verify --output json --role active")
+    assert router_state(host, {}, command=str(fake)).role == "standby"
+    assert assert_role(host, "standby", {}, command=str(fake)).converged
+    with pytest.raises(AssertionError) as failed:
+        assert_role(host, "active", {}, command=str(fake))
+    assert str(failed.value) == "egress router on local is the standby replica, not the active one"
+    differs = RouterState("h", False, ({"kind": "extra", "step": "ip address del x", "detail": ""},), None,
+                          "not converged", 1, "standby")
+    assert differs.failure().splitlines() == ["egress router on h, the standby replica, is not as configured: not "
+                                              "converged", "  extra: ip address del x"]
