@@ -10,13 +10,15 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from egress_router.halab import SOURCE, HaLab
+from egress_router.halab import SOURCE, SOURCE6, HaLab
 from egress_router.lab import router_command
 from egress_router.readiness import read_state
 from egress_router.testinfra_plugin import EgressRouter, assert_converged, assert_role
+from tests.lab.conftest import HALAB_TOOLS, require_lab
 from tests.lab.test_ha import Replicas, until
 from tests.lab.test_ha import replicas as replicas  # the fixture
 
@@ -130,6 +132,24 @@ def test_with_no_router_running_verify_cannot_tell_unless_given_the_role(ha_lab:
     stopped = verify(replicas, 1)
     assert stopped.returncode == 2 and f"the router that wrote {replicas.dir / 'pod1' / 'ha-state'} stopped" in \
         stopped.stderr, stopped.stderr
+
+
+def test_dual_stack_replicas_and_an_ipv6_address_on_the_standby(tmp_path: Path) -> None:
+    require_lab(HALAB_TOOLS)
+    with HaLab(2, dual_stack=True) as lab:
+        replicas = Replicas(lab, tmp_path)
+        started_with_pod1_active(replicas)
+        held = "192.0.2.99/24 and 2001:db8:2::99/64 on macvlan0 via 192.0.2.1 and 2001:db8:2::1, 8 NAT rules"
+        active, standby = verify(replicas, 1), verify(replicas, 0)
+        assert active.stdout.splitlines() == [ACTIVE_LINE, f"converged: all 22 steps hold (legacy mode: {held})"], \
+            active.stdout + replicas.logs()
+        assert standby.stdout.splitlines() == [STANDBY_LINE, f"converged: all 16 steps hold (legacy mode: {held})"], \
+            standby.stdout + replicas.logs()
+        lab.exec(lab.pod(0), ["ip", "address", "add", f"{SOURCE6}/64", "dev", "macvlan0", "nodad"], check=True)
+        extra = verify(replicas, 0)
+        assert extra.returncode == 1 and extra.stdout.splitlines()[1] == (
+            f"extra: ip address del {SOURCE6}/64 dev macvlan0 (a standby holds no reserved address: the active replica "
+            "does)"), extra.stdout
 
 
 # ---------------------------------------------------------------- the testinfra plugin
