@@ -159,19 +159,18 @@ def replica_role(settings: HaSettings, chosen: str | None = None) -> tuple[str, 
         return chosen, f"{ROLE_LINES[chosen]} (--role {chosen}, not read from a running router)"
     path = Path(settings.state_dir) / readiness.STATE_FILE
     found = readiness.read_state(path.parent)
-    why = "" if found is not None else f"no state in {path}"
-    if found is not None and found[0] == "stopped":
+    if found is None:
+        why = f"no state in {path}"
+    elif found[0] == "stopped":
         why = f"the router that wrote {path} stopped"
-    elif found is not None and not readiness.running(found[1]):
+    elif not readiness.running(found[1]):
         why = f"the router that wrote {path} (pid {found[1]}) is gone"
-    if why:
-        raise SetupError(f"no high-availability router runs here ({why}; EGRESS_HA_STATE_DIR): which part of the "
-                         "plan this replica holds is its role; give --role active or --role standby to compare "
-                         "with that one")
-    assert found is not None
-    state = found[0]
-    role = ha.ACTIVE if state == ha.ACTIVE else ha.STANDBY
-    return role, ROLE_LINES[role] + ("" if state == role else f" (the router says {state})")
+    else:
+        state = found[0]
+        role = ha.ACTIVE if state == ha.ACTIVE else ha.STANDBY
+        return role, ROLE_LINES[role] + ("" if state == role else f" (the router says {state})")
+    raise SetupError(f"no high-availability router runs here ({why}; EGRESS_HA_STATE_DIR): which part of the plan "
+                     "this replica holds is its role; give --role active or --role standby to compare with that one")
 
 
 def compare(config: RouterConfig, role: str | None = None) -> Report:
@@ -247,8 +246,9 @@ def address_lifetime(context: Context, step: Address) -> int | None:
     wanted = (str(step.address.ip), step.address.network.prefixlen)
     found = context.rtnl.request(context.rtnl.messages.ifaddrmsg, rtnl.RTM_GETADDR, rtnl.F_REQUEST | rtnl.F_DUMP,
                                  {"family": rtnl.FAMILIES[step.address.version]})
+    index = context.index(step.interface)
     for msg in found:
-        if msg["index"] == context.index(step.interface) and (msg.get("IFA_ADDRESS"), msg["prefixlen"]) == wanted:
+        if msg["index"] == index and (msg.get("IFA_ADDRESS"), msg["prefixlen"]) == wanted:
             cacheinfo = msg.get("IFA_CACHEINFO")
             valid = FOREVER if cacheinfo is None else int(cacheinfo["ifa_valid"])
             return None if valid == FOREVER else valid
