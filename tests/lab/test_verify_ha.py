@@ -21,6 +21,7 @@ from egress_router.testinfra_plugin import EgressRouter, assert_converged, asser
 from tests.lab.conftest import HALAB_TOOLS, require_lab
 from tests.lab.test_ha import Replicas, until
 from tests.lab.test_ha import replicas as replicas  # the fixture
+from tests.lab.test_ha_proxies import ProxyReplicas
 
 ACTIVE_LINE = "active replica: it holds EGRESS_SOURCE"
 STANDBY_LINE = "standby replica: EGRESS_SOURCE is held by another replica"
@@ -150,6 +151,17 @@ def test_dual_stack_replicas_and_an_ipv6_address_on_the_standby(tmp_path: Path) 
         assert extra.returncode == 1 and extra.stdout.splitlines()[1] == (
             f"extra: ip address del {SOURCE6}/64 dev macvlan0 (a standby holds no reserved address: the active replica "
             "does)"), extra.stdout
+
+
+@pytest.mark.parametrize("mode", ["http-proxy", "dns-proxy"])
+def test_proxy_mode_replicas_converge_in_their_roles(ha_lab: HaLab, tmp_path: Path, mode: str) -> None:
+    """The proxies' keeper (ha_keeper.py) holds the role and writes the same state file."""
+    replicas = ProxyReplicas(ha_lab, tmp_path, mode, 1)
+    started_with_pod1_active(replicas)
+    active, standby = verify(replicas, 1), verify(replicas, 0)
+    assert active.returncode == 0 and active.stdout.splitlines()[0] == ACTIVE_LINE, active.stdout + active.stderr
+    assert standby.returncode == 0 and standby.stdout.splitlines()[0] == STANDBY_LINE, standby.stdout + standby.stderr
+    assert f"missing: {ACTIVE_ADDRESS}" in verify(replicas, 0, "--role", "active").stdout.splitlines()
 
 
 # ---------------------------------------------------------------- the testinfra plugin
