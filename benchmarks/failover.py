@@ -111,8 +111,7 @@ class Results:
 class Neighbour(threading.Thread):
     """Samples the gateway's neighbour entry for EGRESS_SOURCE (every 2 ms) until stopped: the (time, MAC) changes.
 
-    One thread for the lab's whole life, the only caller of gateway_neighbour: HaLab.netlink keeps one IPRoute
-    per namespace, and an IPRoute made in one thread answers an empty list in another (pyroute2 0.9)."""
+    One thread for the lab's whole life (HaLab.netlink keeps an IPRoute per thread and namespace)."""
 
     def __init__(self, lab: HaLab):
         super().__init__(daemon=True)
