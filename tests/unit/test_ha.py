@@ -199,3 +199,16 @@ def test_settings_in_the_proxy_modes(proxy: dict[str, str]) -> None:
     config = load({**BASE, "EGRESS_HA_PEERS": "egress-router-ha", **proxy})
     assert config.ha == ha.HaSettings((), "egress-router-ha", 51, 0.2, "/run/egress-router")
     assert config.configures_network and not config.configures_nat
+
+
+@pytest.mark.parametrize(("state", "why"), [
+    ("starting", "its keepalived has not reported a state yet: it could not take over now"),
+    ("standby", "another one holds EGRESS_SOURCE"),
+    ("fault", "keepalived is in FAULT: its egress link is down, or it gave way to a second holder of EGRESS_SOURCE"),
+    ("stopped", "the router is stopping"),
+    ("later", "a state this version does not know"),
+])
+def test_ready_probe_says_why_a_replica_is_not_ready(tmp_path: Path, state: str, why: str) -> None:
+    env = {"EGRESS_HA_PEERS": "198.51.100.11 198.51.100.12", "EGRESS_HA_STATE_DIR": str(tmp_path)}
+    write_state(tmp_path, state)
+    assert check(env) == (1, f"not ready: this replica is {state} ({why})")
