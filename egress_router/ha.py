@@ -31,7 +31,7 @@ from .core.plan import Plan, Step
 from .core.steps import Address
 from .net import apply as apply_steps
 from .net import arp
-from .net.arpguard import Prober
+from .net.arpguard import HolderWatch, Prober
 from .net.lock import namespace_lock
 from .net.rtnl import FAMILIES, Rtnl
 from .readiness import write_state
@@ -371,11 +371,12 @@ class Role:
         addresses on the LAN (the heartbeat path may be cut while both replicas live; in dual-stack both are
         guarded, IPv4 by ARP and IPv6 by DAD, and a second holder of either counts), every RENEW_SECONDS renew the
         addresses' lifetime (should this process die, they expire). Of two holders the one with the lower MAC
-        yields, once the other has shown for YIELD_AFTER: longer than a dead replica's address lives, so that a
-        crashed replica's leftover expires first instead of making this one give way; the higher one announces
-        itself again meanwhile, to keep the gateway."""
+        yields, once the other has shown for YIELD_AFTER (a holder missing from fewer than CLEAR_PROBES probes in a
+        row still counts: a late answer must not restart the wait) and answers still: longer than a dead replica's
+        address lives, so that a crashed replica's leftover expires first instead of making this one give way; the
+        higher one announces itself again meanwhile, to keep the gateway."""
         guarded = [address.ip for address in self.plan.addresses]
-        first_seen: float | None = None
+        watch = HolderWatch(CLEAR_PROBES)
         announced = renewed = 0.0
         with Rtnl() as rtnl, Prober(self.plan.interface) as prober:
             index = socket.if_nametoindex(self.plan.interface)
@@ -391,20 +392,18 @@ class Role:
                     log.debug("High availability: the second-holder probe failed: %s", exc)
                     continue
                 others = set().union(*found.values())
-                where = " and ".join(str(ip) for ip, macs in found.items() if macs)
-                if not others:
-                    if first_seen is not None:
-                        log.info("High availability: the second holder of %s is gone",
-                                 " or ".join(map(str, guarded)))
-                    first_seen = None
+                seen = watch.update(now, others)
+                if seen == "gone":
+                    log.info("High availability: the second holder of %s is gone", " or ".join(map(str, guarded)))
+                if not others or watch.since is None:  # yield to, or announce against, a holder there now only
                     continue
                 other = min(others)
-                if first_seen is None:
-                    first_seen = now
+                if seen == "new":
                     log.warning("High availability: %s also answers for %s on the LAN (this replica is %s); the "
-                                "lower MAC gives way if it stays %.1f s", other, where, own, ha.YIELD_AFTER)
+                                "lower MAC gives way if it stays %.1f s", other,
+                                " and ".join(str(ip) for ip, macs in found.items() if macs), own, ha.YIELD_AFTER)
                 if own < other:
-                    if now - first_seen >= ha.YIELD_AFTER and self.yield_to is None:
+                    if now - watch.since >= ha.YIELD_AFTER and self.yield_to is None:
                         self.yield_to = other
                         os.kill(os.getpid(), self.wake)  # the loop acts on it
                 elif now - announced >= 1.0:
@@ -464,7 +463,7 @@ class Role:
             return "active"
         if self.elected is None:
             return "starting"
-        return "fault" if self.elected == "FAULT" or self.yielded else "standby"
+        return "standby" if self.elected in ("BACKUP", "MASTER") and not self.yielded else "fault"
 
     def refresh_state(self) -> None:
         if self.state != "stopped" and self.current_state() != self.state:

@@ -223,6 +223,34 @@ def _attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int]
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+class HolderWatch:
+    """How long another holder has been answering, from one probe's result after another: a holder is
+    forgotten only after `misses` probes in a row without it, so that one answer lost or late (a busy host
+    or LAN: it arrives after the wait, and the next probe discards it) does not restart the count."""
+
+    def __init__(self, misses: int = 3) -> None:
+        self.misses = misses
+        self.since: float | None = None  # when the holder now remembered was first seen
+        self.silent = 0
+
+    def update(self, now: float, others: set[str]) -> str:
+        """One probe's other holders: 'new' (the first seen since none was remembered), 'seen', 'missed' (none
+        this time, still remembered), 'gone' (forgotten now) or 'none'."""
+        if others:
+            self.silent = 0
+            if self.since is None:
+                self.since = now
+                return "new"
+            return "seen"
+        if self.since is None:
+            return "none"
+        self.silent += 1
+        if self.silent < self.misses:
+            return "missed"
+        self.since, self.silent = None, 0
+        return "gone"
+
+
 class Prober:
     """Probes for other holders of an address on one interface; one socket per family, kept open.
 
