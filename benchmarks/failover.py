@@ -481,7 +481,8 @@ def main() -> int:
     if not args.no_results:
         body = [f"## failover.py: high availability, from a fault to the first new connection ({info['date']})", "",
                 *machine_lines(info), "", f"{trials} round(s) per replica count, the fault order rotating; "
-                f"GIVE_UP {GIVE_UP:g} s, return watch {watch:g} s.", "", md_table(HEADERS, table), "", ref, "", *steady]
+                f"GIVE_UP {GIVE_UP:g} s, return watch {watch:g} s.", "", md_table(HEADERS, table), "", ref, "",
+                *(f"- {line}" for line in steady)]
         if failures or notes:
             body += ["", "Trials without a figure and notes:", "", *(f"- {line}" for line in failures + notes)]
         write_results("failover", "\n".join(body))
