@@ -19,8 +19,13 @@ before the fault's syscall:
 
 A sampler reads the gateway's neighbour entry for 192.0.2.99 every 2 ms: per trial, whether it was on the new
 holder's MAC when the landing connection started. Between trials the lab is restored (the replica started
-again, the link up, the path healed) and the benchmark waits until exactly one replica holds the address and
-exactly that one is ready. The fault order rotates between rounds.
+again, the link up, the path healed), and every trial starts from the steady state it claims: every replica
+running, exactly one holding the address and exactly that one ready, and every other one's state file saying
+"standby" (its keepalived in BACKUP, so a goodbye reaches it; "starting" until keepalived's first state line,
+"fault" while it is in FAULT), bounded by SETTLE_TIMEOUT. A trial started while a restarted replica is still
+starting would measure the master-down wait of a VRRP router that missed the goodbye, not the hand-over. How
+long a restarted replica takes from its start to "standby" (the state file's time) is reported too. The fault
+order rotates between rounds.
 
 The reference is today's recovery: a rescheduled pod, of which the lab can time only the router's own part,
 `egress-router` in init mode (the same configuration without EGRESS_HA_PEERS) in a fresh pod namespace, from
@@ -79,7 +84,7 @@ GIVE_UP = 6.0  # seconds after a fault without a landing connection: no takeover
 SPLIT_WATCH = 8.0  # the longest a split trial watches the holders
 DEBUG = bool(os.environ.get("FAILOVER_DEBUG"))  # the routers log at debug level (keepalived's lines too)
 KEYS = ("High availability", "Repaired drift", "keepalived: ")  # the log lines a trial's detail quotes
-SETTLE_TIMEOUT = 20.0  # for the lab to have one holder and one ready replica again
+SETTLE_TIMEOUT = 20.0  # for the lab to be in its steady state again (one ready holder, every other one standby)
 
 
 def p95(samples: Sequence[float]) -> float:
@@ -102,6 +107,8 @@ class Results:
     replicas: int
     trials: list[Trial] = field(default_factory=list)
     flaps: list[int] = field(default_factory=list)  # per return of a killed replica
+    to_standby: list[float] = field(default_factory=list)  # per restart: seconds from its start to "standby"
+    settle_waits: list[float] = field(default_factory=list)  # per trial: seconds waited for the steady state
     notes: list[str] = field(default_factory=list)
 
     def of(self, fault: str) -> list[Trial]:
@@ -111,8 +118,7 @@ class Results:
 class Neighbour(threading.Thread):
     """Samples the gateway's neighbour entry for EGRESS_SOURCE (every 2 ms) until stopped: the (time, MAC) changes.
 
-    One thread for the lab's whole life, the only caller of gateway_neighbour: HaLab.netlink keeps one IPRoute
-    per namespace, and an IPRoute made in one thread answers an empty list in another (pyroute2 0.9)."""
+    One thread for the lab's whole life (HaLab.netlink keeps an IPRoute per thread and namespace)."""
 
     def __init__(self, lab: HaLab):
         super().__init__(daemon=True)
@@ -150,6 +156,9 @@ class Bench:
         self.processes: dict[int, subprocess.Popen[str]] = {}
         self.earlier: dict[int, str] = {}  # the log of each replica's earlier lives
         self.flap_logs: list[str] = []
+        self.started: dict[int, float] = {}  # a restarted replica not yet seen standby: when it started (wall clock)
+        self.to_standby: list[float] = []
+        self.settle_waits: list[float] = []
 
     def log(self, i: int) -> str:
         return self.earlier.get(i, "") + self.lab.output(self.processes[i])
@@ -172,9 +181,19 @@ class Bench:
     def start(self, i: int) -> None:
         if i in self.processes:
             self.earlier[i] = self.log(i) + "\n"
+            self.started[i] = time.time()  # the state file's time is wall clock
         debug = {"EGRESS_ROUTER_DEBUG": "1"} if DEBUG else {}
         env = self.lab.router_env(i, EGRESS_HA_STATE_DIR=str(self.dir / f"pod{i}"), **debug)
         self.processes[i] = self.lab.run_router(i, env)
+
+    def state(self, i: int) -> tuple[str, float]:
+        """What replica i's state file says now ('' before its first), and when it was written (wall clock)."""
+        path = self.dir / f"pod{i}" / "ha-state"
+        try:
+            with path.open(encoding="ascii") as handle:
+                return handle.read().split()[0], os.fstat(handle.fileno()).st_mtime
+        except (OSError, IndexError):
+            return "", 0.0
 
     def logs(self, tail: int = 12) -> str:
         return "\n".join(f"--- pod{i}\n" + "\n".join(self.lab.output(p).splitlines()[-tail:])
@@ -185,15 +204,26 @@ class Bench:
                 if i != exclude and self.lab.http_status(i, timeout=READY_TIMEOUT) == 200]
 
     def settle(self) -> int:
-        """Wait until exactly one replica holds the address and exactly it is ready; that replica."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
+        """Wait (bounded) for the steady state: every replica running, exactly one holding the address and exactly
+        it ready, every other one "standby" in its state file; that replica. A restarted replica's time from its
+        start to "standby" is recorded on the way."""
+        begun = time.monotonic()
+        deadline = begun + SETTLE_TIMEOUT
         while time.monotonic() < deadline:
+            states = {i: self.state(i) for i in self.processes}
+            for i, started in list(self.started.items()):
+                if states[i][0] == "standby":
+                    self.to_standby.append(states[i][1] - started)
+                    del self.started[i]
             holders = self.lab.holders()
-            if len(holders) == 1 and self.ready() == holders:
+            if (len(holders) == 1 and all(p.poll() is None for p in self.processes.values())
+                    and all(state == ("active" if i == holders[0] else "standby") for i, (state, _) in states.items())
+                    and self.ready() == holders):
+                self.settle_waits.append(time.monotonic() - begun)
                 return holders[0]
             time.sleep(0.02)
-        raise BenchError(f"no single ready holder within {SETTLE_TIMEOUT:g} s (holders {self.lab.holders()}, "
-                         f"ready {self.ready()})\n{self.logs()}")
+        raise BenchError(f"no steady state within {SETTLE_TIMEOUT:g} s (holders {self.lab.holders()}, ready "
+                         f"{self.ready()}, states {[self.state(i)[0] for i in self.processes]})\n{self.logs()}")
 
     def first_landing(self, t0: float, exclude: int | None) -> tuple[float, int, float] | None:
         """The first connection after t0 that lands outside from EGRESS_SOURCE through a ready replica other than
@@ -326,6 +356,7 @@ def run_lab(replicas: int, trials: int, return_watch: float, deadline: Deadline)
                       flush=True)
         bench.settle()
         neighbour.stop()
+        results.to_standby, results.settle_waits = bench.to_standby, bench.settle_waits
         results.notes += [f"{replicas} replicas, a flap after a return; logged: {line}" for line in bench.flap_logs]
     return results
 
@@ -384,6 +415,23 @@ def rows(all_results: Sequence[Results]) -> list[list[str]]:
     return table
 
 
+def distribution(samples: Sequence[float]) -> str:
+    if not samples:
+        return "none"
+    return (f"median {secs(statistics.median(samples))}, p95 {secs(p95(samples))}, max {secs(max(samples))} "
+            f"(n={len(samples)})")
+
+
+def steady_lines(all_results: Sequence[Results]) -> list[str]:
+    """What every trial started from, and how long a restarted replica took to be able to take over."""
+    lines = ["Every trial started from the steady state: every replica running, exactly one holding the address "
+             "and ready, every other one's state file \"standby\" (its keepalived in BACKUP)."]
+    for r in all_results:
+        lines.append(f"{r.replicas} replicas: waited for it {distribution(r.settle_waits)}; a restarted replica "
+                     f"from its start to \"standby\" {distribution(r.to_standby)}")
+    return lines
+
+
 HEADERS = ["replicas", "fault", "n ok/trials", "min", "median", "p95", "max", "target", "", "neighbour ok / flaps"]
 
 
@@ -422,6 +470,8 @@ def main() -> int:
            "reschedule adds the node controller's detection (node-monitor-grace-period 40 s) and the eviction on "
            "top: a lower bound") if reference else "reference: not run (the time bound)"
     print(ref)
+    steady = steady_lines(all_results)
+    print("\n".join(steady))
     failures = [f"{r.replicas} replicas, {t.fault}: {t.detail}" for r in all_results for t in r.trials
                 if t.seconds is None]
     notes = [note for r in all_results for note in r.notes]
@@ -431,7 +481,8 @@ def main() -> int:
     if not args.no_results:
         body = [f"## failover.py: high availability, from a fault to the first new connection ({info['date']})", "",
                 *machine_lines(info), "", f"{trials} round(s) per replica count, the fault order rotating; "
-                f"GIVE_UP {GIVE_UP:g} s, return watch {watch:g} s.", "", md_table(HEADERS, table), "", ref]
+                f"GIVE_UP {GIVE_UP:g} s, return watch {watch:g} s.", "", md_table(HEADERS, table), "", ref, "",
+                *(f"- {line}" for line in steady)]
         if failures or notes:
             body += ["", "Trials without a figure and notes:", "", *(f"- {line}" for line in failures + notes)]
         write_results("failover", "\n".join(body))

@@ -30,7 +30,7 @@ from .core.errors import SetupError
 from .core.plan import Plan, Step
 from .net import apply as apply_steps
 from .net import arp
-from .net.arpguard import Prober
+from .net.arpguard import HolderWatch, Prober
 from .net.lock import namespace_lock
 from .net.rtnl import FAMILIES, Rtnl
 from .readiness import write_state
@@ -212,6 +212,7 @@ class Role:
         self.yielded = False
         self.clear_probes = 0
         self.adverts: socket.socket | None = None  # while given way: VRRP packets from the peers, heard again
+        self.yield_prober: Prober | None = None  # while given way: kept open (a packet socket costs ~16 ms to open)
         self.transitions = 0
         self.on_change = on_change
         self.directory = Path(settings.state_dir)
@@ -220,7 +221,9 @@ class Role:
         self.in_config: tuple[ha.IPAddress, ...] = ()
         self.renewer: threading.Thread | None = None
         self.renew_stop = threading.Event()
-        self.write_state("standby")
+        self.elected: str | None = None  # keepalived's last state line since it (re)started; None: none yet
+        self.state = ""
+        self.write_state("starting")
 
     # ------------------------------------------------------------ steps
     def held(self) -> tuple[Step, ...]:
@@ -265,7 +268,9 @@ class Role:
                 log.error("High availability: keepalived exited (status %s); this replica holds nothing until it "
                           "runs again", code)
             self.restarting = True
+            self.elected = None  # no keepalived: this replica cannot take over until the new one reports
             self.become(False)
+            self.refresh_state()
             if time.monotonic() - self.keepalived.started_at >= 1.0:
                 self.keepalived.process = None
                 self.keepalived.start(self.keepalived_text())
@@ -273,7 +278,7 @@ class Role:
         self.restarting = False
         if self.yield_to is not None:
             log.warning("High availability: giving way to %s, which holds %s too (its MAC is higher)", self.yield_to,
-                        self.plan.addresses[0].ip)
+                        " or ".join(str(address.ip) for address in self.plan.addresses))
             self.yield_to = None
             self.yielded, self.clear_probes = True, 0
             self.keepalived.step_down(True)  # keepalived goes to FAULT: it sends priority 0 and stays out
@@ -283,7 +288,9 @@ class Role:
         states = self.keepalived.states()
         if states:
             log.debug("keepalived states: %s", ", ".join(states))
+            self.elected = states[-1]
             self.become(states[-1] == "MASTER")
+        self.refresh_state()
         if self.peers.latest != self.in_config:
             log.info("High availability: the peers are now %s (were %s)", ", ".join(map(str, self.peers.latest)),
                      ", ".join(map(str, self.in_config)) or "none")
@@ -301,7 +308,7 @@ class Role:
                 self.release()
         self.active = active
         self.transitions += 1
-        self.write_state("active" if active else "standby")
+        self.refresh_state()
         if active:
             self.start_renewing()
         held = " and ".join(str(address) for address in self.plan.addresses)
@@ -355,14 +362,16 @@ class Role:
             self.renewer = None
 
     def renew_loop(self) -> None:
-        """While active, in a thread of its own: every GUARD_SECONDS look for a second holder of the address on the
-        LAN (the heartbeat path may be cut while both replicas live), every RENEW_SECONDS renew the addresses'
-        lifetime (should this process die, they expire). Of two holders the one with the lower MAC yields, once
-        the other has shown for YIELD_AFTER: longer than a dead replica's address lives, so that a crashed
-        replica's leftover expires first instead of making this one give way; the higher one announces itself
-        again meanwhile, to keep the gateway."""
-        guarded = self.plan.addresses[0].ip
-        first_seen: float | None = None
+        """While active, in a thread of its own: every GUARD_SECONDS look for a second holder of the reserved
+        addresses on the LAN (the heartbeat path may be cut while both replicas live; in dual-stack both are
+        guarded, IPv4 by ARP and IPv6 by DAD, and a second holder of either counts), every RENEW_SECONDS renew the
+        addresses' lifetime (should this process die, they expire). Of two holders the one with the lower MAC
+        yields, once the other has shown for YIELD_AFTER (a holder missing from fewer than CLEAR_PROBES probes in a
+        row still counts: a late answer must not restart the wait) and answers still: longer than a dead replica's
+        address lives, so that a crashed replica's leftover expires first instead of making this one give way; the
+        higher one announces itself again meanwhile, to keep the gateway."""
+        guarded = [address.ip for address in self.plan.addresses]
+        watch = HolderWatch(CLEAR_PROBES)
         announced = renewed = 0.0
         with Rtnl() as rtnl, Prober(self.plan.interface) as prober:
             index = socket.if_nametoindex(self.plan.interface)
@@ -372,23 +381,24 @@ class Role:
                     self.renew(rtnl, index)
                     renewed = now
                 try:
-                    others = prober.second_holders(guarded, GUARD_WAIT)
-                    own = prober.mac(guarded.version).hex(":")
+                    found = prober.second_holders_of(guarded, GUARD_WAIT)
+                    own = prober.mac(guarded[0].version).hex(":")
                 except OSError as exc:
                     log.debug("High availability: the second-holder probe failed: %s", exc)
                     continue
-                if not others:
-                    if first_seen is not None:
-                        log.info("High availability: the second holder of %s is gone", guarded)
-                    first_seen = None
+                others = set().union(*found.values())
+                seen = watch.update(now, others)
+                if seen == "gone":
+                    log.info("High availability: the second holder of %s is gone", " or ".join(map(str, guarded)))
+                if not others or watch.since is None:  # yield to, or announce against, a holder there now only
                     continue
                 other = min(others)
-                if first_seen is None:
-                    first_seen = now
+                if seen == "new":
                     log.warning("High availability: %s also answers for %s on the LAN (this replica is %s); the "
-                                "lower MAC gives way if it stays %.1f s", other, guarded, own, ha.YIELD_AFTER)
+                                "lower MAC gives way if it stays %.1f s", other,
+                                " and ".join(str(ip) for ip, macs in found.items() if macs), own, ha.YIELD_AFTER)
                 if own < other:
-                    if now - first_seen >= ha.YIELD_AFTER and self.yield_to is None:
+                    if now - watch.since >= ha.YIELD_AFTER and self.yield_to is None:
                         self.yield_to = other
                         os.kill(os.getpid(), self.wake)  # the loop acts on it
                 elif now - announced >= 1.0:
@@ -418,24 +428,46 @@ class Role:
             while True:
                 _, sender = self.adverts.recvfrom(2048)
                 heard = heard or ip_address(sender[0].split("%")[0]) in self.in_config
-        guarded = self.plan.addresses[0].ip
+        guarded = [address.ip for address in self.plan.addresses]
+        if self.yield_prober is None:
+            self.yield_prober = Prober(self.plan.interface)
         try:
-            with Prober(self.plan.interface) as prober:
-                others = prober.second_holders(guarded, GUARD_WAIT)
+            others = set().union(*self.yield_prober.second_holders_of(guarded, GUARD_WAIT).values())
         except OSError:
             others = {"unknown"}
         self.clear_probes = 0 if others else self.clear_probes + 1
         if heard or self.clear_probes >= CLEAR_PROBES:
             self.yielded = False
-            self.adverts.close()
-            self.adverts = None
+            self.close_yield_sockets()
             self.keepalived.step_down(False)
             log.info("High availability: %s; a standby again", "the peers' heartbeats are back" if heard else
-                     f"no other holder of {guarded} any more")
+                     f"no other holder of {' or '.join(map(str, guarded))} any more")
+
+    def close_yield_sockets(self) -> None:
+        for sock in (self.adverts, self.yield_prober):
+            if sock is not None:
+                sock.close()
+        self.adverts = self.yield_prober = None
+
+    def current_state(self) -> str:
+        """What the state file says: active; starting (keepalived has not reported a state since it started: a
+        goodbye now would not reach it, and it would take over only after the master-down time); fault (keepalived
+        in FAULT: the egress link is down, or this replica gave way to a second holder); standby (BACKUP: it takes
+        over at once on a goodbye)."""
+        if self.active:
+            return "active"
+        if self.elected is None:
+            return "starting"
+        return "standby" if self.elected in ("BACKUP", "MASTER") and not self.yielded else "fault"
+
+    def refresh_state(self) -> None:
+        if self.state != "stopped" and self.current_state() != self.state:
+            self.write_state(self.current_state())
 
     def write_state(self, state: str) -> None:
-        """For `egress-router ready` (readiness.py)."""
+        """For `egress-router ready` (readiness.py), the metrics and the benchmark."""
         write_state(self.directory, state)
+        self.state = state
 
     def stop(self) -> None:
         """The goodbye: the addresses off first (never two holders), then keepalived's priority 0."""
@@ -444,6 +476,7 @@ class Role:
             with contextlib.suppress(Exception):
                 self.release()
             self.active = False
+        self.close_yield_sockets()
         self.write_state("stopped")
         self.keepalived.stop()
 

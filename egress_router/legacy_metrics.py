@@ -12,6 +12,7 @@ from .core.counters import counter_rows
 from .core.errors import SetupError
 from .core.exposition import Family, labelled, single
 from .net.counters import read_counters
+from .readiness import STATES
 
 if TYPE_CHECKING:
     from .live import Live
@@ -46,6 +47,10 @@ def ha_families(live: Live) -> list[Family]:
                role.transitions),
         single("egress_router_ha_peers", "gauge", "The replicas keepalived is configured with, this one included.",
                len({*role.in_config, role.own})),
+        labelled("egress_router_ha_state", "gauge", "1 for this replica's state, 0 for the others: starting (its "
+                 "keepalived has not reported yet: it cannot take over), standby (it takes over on a goodbye), fault "
+                 "(out of the election: egress link down, or given way to a second holder), active, stopped.",
+                 [((("state", state),), int(role.state == state)) for state in STATES]),
     ]
 
 

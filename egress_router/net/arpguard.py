@@ -41,6 +41,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -222,10 +223,39 @@ def _attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int]
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+class HolderWatch:
+    """How long another holder has been answering, from one probe's result after another: a holder is
+    forgotten only after `misses` probes in a row without it, so that one answer lost or late (a busy host
+    or LAN: it arrives after the wait, and the next probe discards it) does not restart the count."""
+
+    def __init__(self, misses: int = 3) -> None:
+        self.misses = misses
+        self.since: float | None = None  # when the holder now remembered was first seen
+        self.silent = 0
+
+    def update(self, now: float, others: set[str]) -> str:
+        """One probe's other holders: 'new' (the first seen since none was remembered), 'seen', 'missed' (none
+        this time, still remembered), 'gone' (forgotten now) or 'none'."""
+        if others:
+            self.silent = 0
+            if self.since is None:
+                self.since = now
+                return "new"
+            return "seen"
+        if self.since is None:
+            return "none"
+        self.silent += 1
+        if self.silent < self.misses:
+            return "missed"
+        self.since, self.silent = None, 0
+        return "gone"
+
+
 class Prober:
     """Probes for other holders of an address on one interface; one socket per family, kept open.
 
-    probe() sends the probe, others() collects what answers; second_holders() does both. Errors
+    probe() sends the probe, others() collects what answers; second_holders() does both, and
+    second_holders_of() does it for several addresses (dual-stack) within one wait. Errors
     of the interface (down: ENETDOWN; gone: ENODEV, after which the socket is reopened on the
     next call) are raised as OSError.
     """
@@ -269,13 +299,20 @@ class Prober:
 
     def probe(self, address: IPv4Address | IPv6Address) -> None:
         """Discard what is queued, then send the duplicate address detection probe for `address`."""
-        version = address.version
-        sock = self.open(version)
+        self._drain(address.version)
+        self._send(address)
+
+    def _drain(self, version: int) -> None:
         # answers to earlier probes and old chatter must not count for this one; a pending error
         # of the socket (the link went down and up since) says nothing about now: send() will
+        sock = self.open(version)
         with contextlib.suppress(OSError):
             while sock.recv(FRAME_BUFFER):
                 pass
+
+    def _send(self, address: IPv4Address | IPv6Address) -> None:
+        version = address.version
+        sock = self.open(version)
         own = self.mac(version)
         frame = probe_frame(own, address) if isinstance(address, IPv4Address) else solicitation_frame(own, address)
         try:
@@ -287,11 +324,15 @@ class Prober:
 
     def others(self, address: IPv4Address | IPv6Address, wait: float) -> set[str]:
         """The MACs other than ours that show holding `address`, in frames received for `wait` seconds."""
-        version = address.version
+        return self._collect(address.version, (address,), time.monotonic() + max(0.0, wait))[address]
+
+    def _collect(self, version: int, addresses: Sequence[IPv4Address | IPv6Address],
+                 deadline: float) -> dict[IPv4Address | IPv6Address, set[str]]:
+        """For each of `addresses` (of one family), the other MACs that show holding it, in the family's frames
+        received until `deadline` (those already queued when it has passed)."""
         sock = self.open(version)
         own = self.mac(version)
-        found: set[str] = set()
-        deadline = time.monotonic() + max(0.0, wait)
+        found: dict[IPv4Address | IPv6Address, set[str]] = {address: set() for address in addresses}
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         while True:
@@ -307,12 +348,13 @@ class Prober:
                 if exc.errno in GONE:
                     self._forget(version)
                 raise
-            if isinstance(address, IPv4Address):
-                mac = arp_holder(frame, source[2], address, own)
-            else:
-                mac = neighbour_holder(frame, source[2], address, own)
-            if mac is not None:
-                found.add(mac)
+            for address in addresses:
+                if isinstance(address, IPv4Address):
+                    mac = arp_holder(frame, source[2], address, own)
+                else:
+                    mac = neighbour_holder(frame, source[2], address, own)
+                if mac is not None:
+                    found[address].add(mac)
             if time.monotonic() >= deadline:
                 return found
 
@@ -320,6 +362,21 @@ class Prober:
         """probe() then others(): who else answers for `address` within `wait` seconds."""
         self.probe(address)
         return self.others(address, wait)
+
+    def second_holders_of(self, addresses: Sequence[IPv4Address | IPv6Address],
+                          wait: float = 0.03) -> dict[IPv4Address | IPv6Address, set[str]]:
+        """Who else answers for each of `addresses` (dual-stack: both families), every probe sent first and
+        the answers then collected within one `wait`, so guarding two addresses costs no more time than one."""
+        versions = sorted({address.version for address in addresses})
+        for version in versions:
+            self._drain(version)
+        for address in addresses:
+            self._send(address)
+        deadline = time.monotonic() + max(0.0, wait)
+        found: dict[IPv4Address | IPv6Address, set[str]] = {}
+        for version in versions:
+            found.update(self._collect(version, [a for a in addresses if a.version == version], deadline))
+        return found
 
     def _forget(self, version: int) -> None:
         sock = self._sockets.pop(version, None)

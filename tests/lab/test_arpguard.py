@@ -125,6 +125,25 @@ def test_one_holder_hears_nobody_and_the_other_pod_finds_it(guardlab: GuardLab, 
     assert probers["podb"].second_holders(address, WAIT) == {guardlab.mac("poda")}
 
 
+@pytest.mark.parametrize("second", ["ipv4", "ipv6", "both"])
+def test_both_families_probed_at_once_each_second_holder_found(guardlab: GuardLab, probers: dict[str, Prober],
+                                                               second: str) -> None:
+    """Dual-stack: poda holds both addresses, podb one of them or both; one call asks for both and tells them
+    apart (a second holder of either counts), within one wait."""
+    for address in (VIP, VIP6):
+        guardlab.hold("poda", address)
+    held = {"ipv4": (VIP,), "ipv6": (VIP6,), "both": (VIP, VIP6)}[second]
+    for address in held:
+        guardlab.hold("podb", address)
+    b = guardlab.mac("podb")
+    found = probers["poda"].second_holders_of([VIP, VIP6], WAIT)
+    assert found == {VIP: {b} if VIP in held else set(), VIP6: {b} if VIP6 in held else set()}
+    # again on the same sockets; and from podb, which finds poda for each address it asks about
+    assert probers["poda"].second_holders_of([VIP, VIP6], WAIT) == found
+    assert probers["podb"].second_holders_of([VIP, VIP6], WAIT) == {VIP: {guardlab.mac("poda")},
+                                                                    VIP6: {guardlab.mac("poda")}}
+
+
 @pytest.mark.parametrize("pair", ADDRESSES)
 def test_an_address_nobody_holds_while_both_hold_another(guardlab: GuardLab, probers: dict[str, Prober],
                                                          pair: tuple[IPv4Address | IPv6Address, ...]) -> None:

@@ -3,6 +3,10 @@ holds EGRESS_SOURCE and is ready, a standby sends nothing out, the address moves
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -11,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from egress_router import ha
-from egress_router.halab import PEERS_NAME, SOURCE, HaLab, macvlan_mac
+from egress_router.halab import METRICS_PORT, PEERS_NAME, SOURCE, SOURCE6, HaLab, children, macvlan_mac
 from egress_router.lab import router_command
+from tests.lab.conftest import HALAB_TOOLS, require_lab
 
 TAKEOVER = 3.0  # seconds any test waits for a change that the benchmark measures in well under one
 
@@ -199,3 +204,86 @@ def test_the_active_ones_egress_link_going_down_moves_the_address(ha_lab: HaLab,
     time.sleep(1.0)
     assert ha_lab.holders() == [other]
     assert {reply.peer_ip for reply in servers.seen} == {SOURCE}
+
+
+def state_file(replicas: Replicas, i: int) -> str:
+    """What pod i's router wrote to its state file (`egress-router ready` reads it): the state."""
+    path = replicas.dir / f"pod{i}" / "ha-state"
+    return path.read_text(encoding="ascii").split()[0] if path.exists() else ""
+
+
+def metrics(lab: HaLab, i: int) -> str:
+    """The body of pod i's /metrics, fetched from the client."""
+    with lab.entered("node"):
+        sock = socket.create_connection((lab.pod_ip(i), METRICS_PORT), timeout=2.0)
+    with sock:
+        sock.sendall(f"GET /metrics HTTP/1.1\r\nHost: {lab.pod_ip(i)}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode().split("\r\n\r\n", 1)[1]
+
+
+def test_a_replica_is_starting_until_its_keepalived_reports_a_state(ha_lab: HaLab, replicas: Replicas,
+                                                                   tmp_path: Path) -> None:
+    """Until keepalived's first state line a replica could not take over (a goodbye would not reach it): the
+    state file, `egress-router ready` and the metrics say "starting", not "standby"; also after keepalived died,
+    until the new one reports. keepalived here waits at a gate (a FIFO) the test opens."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    wrapper = tmp_path / "bin" / "keepalived"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nread go < {gate}\nexec {shutil.which("keepalived")} "$@"\n', encoding="ascii")
+    wrapper.chmod(0o755)
+    replicas.start(0)
+    assert replicas.active() == 0
+    router = replicas.start(1, PATH=f"{wrapper.parent}:{os.environ['PATH']}")
+    assert until(lambda: "Started keepalived" in replicas.log(1) and ha_lab.http_status(1) == 503, timeout=10), \
+        replicas.log(1)
+    assert state_file(replicas, 1) == "starting"
+    assert 'egress_router_ha_state{state="starting"} 1' in metrics(ha_lab, 1)
+    ready = ha_lab.exec(ha_lab.pod(1), ["env", f"EGRESS_HA_PEERS={ha_lab.peers()}",
+                                        f"EGRESS_HA_STATE_DIR={replicas.dir / 'pod1'}", *router_command(), "ready"])
+    assert ready.returncode == 1 and ready.stderr.startswith("not ready: this replica is starting (its keepalived")
+    with open(gate, "w", encoding="ascii") as opened:
+        opened.write("go\n")
+    assert until(lambda: state_file(replicas, 1) == "standby") is not None, replicas.log(1)
+    text = metrics(ha_lab, 1)
+    assert 'egress_router_ha_state{state="standby"} 1' in text and \
+        'egress_router_ha_state{state="starting"} 0' in text, text
+    assert state_file(replicas, 0) == "active" and 'egress_router_ha_state{state="active"} 1' in metrics(ha_lab, 0)
+    # keepalived dies: starting again (the router starts a new one, which waits at the gate)
+    (keepalived,) = children(router.pid)
+    os.kill(keepalived, signal.SIGKILL)
+    assert until(lambda: state_file(replicas, 1) == "starting" and "keepalived exited" in replicas.log(1),
+                 timeout=5) is not None, replicas.log(1)
+    with open(gate, "w", encoding="ascii") as opened:
+        opened.write("go\n")
+    assert until(lambda: state_file(replicas, 1) == "standby", timeout=5) is not None, replicas.log(1)
+    assert ha_lab.holders() == [0]
+
+
+def test_dual_stack_a_second_holder_of_the_ipv6_address_alone_counts(tmp_path: Path) -> None:
+    """Dual-stack, the guard probes both reserved addresses: another MAC answering only for the IPv6 one (DAD)
+    is a second holder; the active replica, with the lower MAC, gives way and the other takes both over."""
+    require_lab(HALAB_TOOLS)
+    with HaLab(2, dual_stack=True) as lab:
+        lab.serve_outside()
+        replicas = Replicas(lab, tmp_path)
+        replicas.start(0)
+        assert replicas.active() == 0 and lab.holders(SOURCE6) == [0]
+        replicas.start(1)  # a standby (nopreempt): pod0, whose MAC is lower, stays the active one
+        assert until(lambda: state_file(replicas, 1) == "standby", timeout=10) is not None, replicas.log(1)
+        lab.ip(lab.pod(1), [f"addr add {SOURCE6}/64 dev macvlan0 nodad"])  # by hand: the IPv6 address only
+        assert lab.holders(SOURCE6) == [0, 1] and lab.holders() == [0]
+        two = time.monotonic()
+        assert until(lambda: lab.holders(SOURCE6) == [1] and lab.holders() == [1], timeout=6) is not None, \
+            replicas.logs()
+        assert time.monotonic() - two < 3.0, replicas.logs()
+        assert f"also answers for {SOURCE6} on the LAN" in replicas.log(0), replicas.log(0)
+        assert "giving way to 02:00:00:00:00:02" in replicas.log(0)
+        assert until(lambda: lab.http_status(1) == 200) is not None
+        assert lab.connect(1, ipv6=True) == SOURCE6 and lab.connect(1) == SOURCE
+        assert until(lambda: "a standby again" in replicas.log(0), timeout=5) is not None, replicas.log(0)
+        assert until(lambda: state_file(replicas, 0) == "standby") is not None, replicas.log(0)
+        assert lab.holders(SOURCE6) == [1] and lab.holders() == [1] and lab.http_status(0) == 503

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -111,6 +113,31 @@ def test_one_arp_answer_per_holder(ha_lab: HaLab) -> None:
     hold(lab, 1)  # a second holder on the LAN is seen as such
     assert lab.holders() == [0, 1]
     assert sorted(lab.arp_replies()) == [lab.macvlan_mac(0), lab.macvlan_mac(1)]
+
+
+def test_observations_from_other_threads_see_the_lab(ha_lab: HaLab) -> None:
+    """holders and gateway_neighbour answer the same from any thread (a benchmark's sampler thread), whether
+    the main thread queried a namespace first or not (pyroute2 keeps an IPRoute's socket per thread)."""
+    lab = ha_lab
+    hold(lab, 1)
+    lab.gateway_neighbour(SOURCE)  # the gateway's namespace queried from this thread first
+    with lab.entered("gw"):  # a connection attempt from the gateway: its kernel resolves SOURCE
+        attempt = socket.socket()
+    with attempt, contextlib.suppress(OSError):
+        attempt.settimeout(2.0)
+        attempt.connect((SOURCE, 9))
+    wait_for(lambda: lab.gateway_neighbour(SOURCE) == lab.macvlan_mac(1))
+    seen: list[object] = []
+
+    def sample() -> None:
+        seen.extend([lab.holders(), lab.gateway_neighbour(SOURCE), lab.holders(), lab.gateway_neighbour(SOURCE)])
+
+    for _ in range(2):  # two threads one after the other (a new thread may get a finished one's id)
+        worker = threading.Thread(target=sample)
+        worker.start()
+        worker.join(timeout=10)
+    assert seen == [[1], lab.macvlan_mac(1)] * 4
+    assert lab.holders() == [1] and lab.gateway_neighbour(SOURCE) == lab.macvlan_mac(1)
 
 
 def test_the_gateway_reaches_the_outside_and_the_pods_do_not(ha_lab: HaLab) -> None:

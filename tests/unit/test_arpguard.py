@@ -11,6 +11,7 @@ import pytest
 from egress_router.net.arp import announcement
 from egress_router.net.arpguard import (
     ND_FILTER,
+    HolderWatch,
     arp_holder,
     icmpv6_checksum,
     multicast_mac,
@@ -221,3 +222,18 @@ def run_bpf(program: tuple[tuple[int, int, int, int], ...], frame: bytes) -> int
 ])
 def test_the_socket_filter_keeps_neighbour_discovery_only(frame: bytes, accepted: bool) -> None:
     assert (run_bpf(ND_FILTER, frame) > 0) == accepted
+
+
+def test_holder_watch_keeps_a_holder_through_fewer_silent_probes_than_its_misses() -> None:
+    watch = HolderWatch(misses=3)
+    other = {"02:00:00:00:00:02"}
+    assert watch.update(0.0, set()) == "none" and watch.since is None
+    assert watch.update(0.1, other) == "new" and watch.since == 0.1
+    # one answer late or lost, then two: the holder is still the one first seen at 0.1
+    assert [watch.update(t, s) for t, s in ((0.2, set()), (0.3, other), (0.4, set()), (0.5, set()))] == \
+        ["missed", "seen", "missed", "missed"]
+    assert watch.update(0.6, other) == "seen" and watch.since == 0.1
+    # three in a row: gone, and a holder seen again later is new, its wait counted from then
+    assert [watch.update(t, set()) for t in (0.7, 0.8, 0.9)] == ["missed", "missed", "gone"]
+    assert watch.since is None and watch.update(1.0, set()) == "none"
+    assert watch.update(1.1, other) == "new" and watch.since == 1.1

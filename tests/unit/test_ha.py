@@ -241,3 +241,16 @@ def test_a_standby_holds_the_prepared_steps_and_unreachable_defaults_instead_of_
 def test_a_role_is_active_or_standby() -> None:
     with pytest.raises(ValueError, match="a replica's role is active or standby, not 'starting'"):
         ha.replica_plan(dual_stack_plan(), "starting")
+
+
+@pytest.mark.parametrize(("state", "why"), [
+    ("starting", "its keepalived has not reported a state yet: it could not take over now"),
+    ("standby", "another one holds EGRESS_SOURCE"),
+    ("fault", "keepalived is in FAULT: its egress link is down, or it gave way to a second holder of EGRESS_SOURCE"),
+    ("stopped", "the router is stopping"),
+    ("later", "a state this version does not know"),
+])
+def test_ready_probe_says_why_a_replica_is_not_ready(tmp_path: Path, state: str, why: str) -> None:
+    env = {"EGRESS_HA_PEERS": "198.51.100.11 198.51.100.12", "EGRESS_HA_STATE_DIR": str(tmp_path)}
+    write_state(tmp_path, state)
+    assert check(env) == (1, f"not ready: this replica is {state} ({why})")
