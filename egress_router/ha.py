@@ -1,6 +1,6 @@
 """High availability at the edge: keepalived supervised by the router, and the role it elects applied.
 
-The router writes keepalived's configuration (core.ha), starts it in the foreground as its child (it gets
+The router writes keepalived's configuration (core.ha), runs it as its child (keepalived.py: it gets
 SIGTERM should the router die, and then sends its priority-0 goodbye), and reads its state lines from the
 notify FIFO, whose O_ASYNC signal wakes the router's loop. MASTER: the held steps are applied (the reserved
 addresses with a lifetime a thread renews, the routes through the egress interface, the announcements) and the
@@ -11,14 +11,11 @@ become unreachable, and it is not ready. Peers given as a Service name are re-re
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import fcntl
 import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +25,7 @@ from pathlib import Path
 from .core import ha
 from .core.errors import SetupError
 from .core.plan import Plan, Step
+from .keepalived import KEEPALIVED, MISSING_KEEPALIVED, Keepalived
 from .net import apply as apply_steps
 from .net import arp
 from .net.arpguard import HolderWatch, Prober
@@ -42,10 +40,6 @@ GUARD_WAIT = 0.03  # how long it listens for one after each probe
 CLEAR_PROBES = 3  # unanswered probes after which a replica that gave way is a standby again
 RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
 STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
-KEEPALIVED = "keepalived"
-MISSING_KEEPALIVED = ("keepalived is not installed: high availability (EGRESS_HA_PEERS) runs it (apt-get install "
-                      "keepalived); the image does not have it yet")
-
 
 def check_can_run(state_dir: str) -> None:
     """Before any change: keepalived is there, and the state directory can be written."""
@@ -62,105 +56,6 @@ def check_can_run(state_dir: str) -> None:
     except OSError as exc:
         raise SetupError(f"EGRESS_HA_STATE_DIR {state_dir} is not writable ({exc.strerror or exc}): mount an "
                          "emptyDir there (a read-only root filesystem)") from None
-
-
-class Keepalived:
-    """keepalived as the router's child: its files in `directory`, its state lines read without blocking."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.conf, self.fifo, self.guard = directory / "keepalived.conf", directory / "keepalived.fifo", \
-            directory / "guard"
-        self.pidfile, self.vrrp_pidfile = directory / "keepalived.pid", directory / "vrrp.pid"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.fd = -1
-        self.buffer = b""
-        self.started_at = 0.0
-
-    def start(self, text: str, wake: int | None = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(text, encoding="utf-8")
-        self.guard.write_text("0\n", encoding="ascii")
-        for stale in (self.pidfile, self.vrrp_pidfile):  # a crash's pid files would stop it ("already running")
-            stale.unlink(missing_ok=True)
-        if not self.fifo.exists():
-            os.mkfifo(self.fifo, 0o600)
-        if self.fd < 0:  # read-write: the open never blocks, and the FIFO never sees its last writer go
-            self.fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-            if wake is not None:
-                fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
-                fcntl.fcntl(self.fd, fcntl.F_SETSIG, wake)
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
-        argv = [KEEPALIVED, "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f", str(self.conf),
-                "-p", str(self.pidfile), "-r", str(self.vrrp_pidfile)]
-        try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        except FileNotFoundError:
-            raise SetupError(MISSING_KEEPALIVED) from None
-        self.started_at = time.monotonic()
-        threading.Thread(target=self.relay_log, args=(self.process,), name="keepalived-log", daemon=True).start()
-        log.info("Started keepalived (pid %d), VRRP id %s", self.process.pid, vrid_of(text))
-
-    def relay_log(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                log.debug("keepalived: %s", line)
-
-    def states(self) -> list[str]:
-        """The states keepalived wrote since the last call (MASTER, BACKUP, FAULT, STOP), oldest first."""
-        while True:
-            try:
-                chunk = os.read(self.fd, 4096)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        return [state for line in lines if (state := ha.fifo_state(line.decode("ascii", "replace"))) is not None]
-
-    def step_down(self, down: bool) -> None:
-        """The track file: non-zero puts keepalived in FAULT (it stops being MASTER and sends priority 0)."""
-        self.guard.write_text("1\n" if down else "0\n", encoding="ascii")
-
-    def reload(self, text: str) -> None:
-        self.conf.write_text(text, encoding="utf-8")
-        if self.process is not None and self.process.poll() is None:
-            # keepalived dies of a SIGHUP in its first moments, before its handlers are in place
-            time.sleep(max(0.0, 0.3 - (time.monotonic() - self.started_at)))
-            self.process.send_signal(signal.SIGHUP)
-
-    def exited(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        """SIGTERM (keepalived says goodbye with priority 0: a standby takes over at once), then wait."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
-        self.process = None
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec only calls it
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the router (the thread that started it: the main one) dies, so
-    keepalived never outlives it and says its priority-0 goodbye."""
-    _LIBC.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def vrid_of(text: str) -> str:
-    return next((line.split()[1] for line in text.splitlines() if "virtual_router_id" in line), "?")
 
 
 class PeerWatch:
@@ -306,9 +201,10 @@ class Role:
             else:
                 self.stop_renewing()
                 self.release()
-        self.active = active
-        self.transitions += 1
-        self.refresh_state()
+            # the state written under the lock: `verify`, which holds it while it reads, sees both agree
+            self.active = active
+            self.transitions += 1
+            self.refresh_state()
         if active:
             self.start_renewing()
         held = " and ".join(str(address) for address in self.plan.addresses)

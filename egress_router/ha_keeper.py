@@ -133,7 +133,7 @@ class Keeper:
 
     def publish(self) -> None:
         role = self.role
-        self.shared.publish(role.active, role.transitions, len({*role.in_config, role.own}))
+        self.shared.publish(role.active, role.transitions, len({*role.in_config, role.own}), role.state)
 
     def stop(self, signo: signal.Signals) -> int:
         """The address goes first (another replica takes over now), then the proxy drains."""

@@ -11,8 +11,8 @@ from .admin import Admin
 from .core.counters import counter_rows
 from .core.errors import SetupError
 from .core.exposition import Family, labelled, single
+from .ha_view import families
 from .net.counters import read_counters
-from .readiness import STATES
 
 if TYPE_CHECKING:
     from .live import Live
@@ -40,18 +40,7 @@ def ha_families(live: Live) -> list[Family]:
     role = live.role
     if role is None:
         return []
-    return [
-        single("egress_router_ha_active", "gauge", "1 while this replica is the active one and holds EGRESS_SOURCE "
-               "(high availability), else 0.", int(role.active)),
-        single("egress_router_ha_transitions_total", "counter", "Times this replica became active or standby.",
-               role.transitions),
-        single("egress_router_ha_peers", "gauge", "The replicas keepalived is configured with, this one included.",
-               len({*role.in_config, role.own})),
-        labelled("egress_router_ha_state", "gauge", "1 for this replica's state, 0 for the others: starting (its "
-                 "keepalived has not reported yet: it cannot take over), standby (it takes over on a goodbye), fault "
-                 "(out of the election: egress link down, or given way to a second holder), active, stopped.",
-                 [((("state", state),), int(role.state == state)) for state in STATES]),
-    ]
+    return families(role.active, role.transitions, len({*role.in_config, role.own}), role.state)
 
 
 def live_families(live: Live) -> list[Family]:

@@ -21,14 +21,17 @@ def test_the_role_is_seen_by_a_forked_process_as_the_keeper_writes_it() -> None:
         os.read(read, 1)
         os._exit(0 if role.active and role.ready() is None else 3)
     os.close(read)
-    role.publish(True, 1, 2)
+    role.publish(True, 1, 2, "active")
     os.write(write, b"x")
     os.close(write)
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
     text = render(role.families())
     assert "egress_router_ha_active 1\n" in text and "egress_router_ha_transitions_total 1\n" in text
     assert "egress_router_ha_peers 2\n" in text
-    role.publish(False, 2, 2)
+    assert 'egress_router_ha_state{state="active"} 1\n' in text
+    assert 'egress_router_ha_state{state="standby"} 0\n' in text
+    role.publish(False, 2, 2, "fault")
+    assert role.state == "fault" and 'egress_router_ha_state{state="fault"} 1\n' in render(role.families())
     assert role.ready() == "not ready: this replica is a standby (another one holds EGRESS_SOURCE)"
 
 
