@@ -399,8 +399,8 @@ def convert(file: str, to: str, image: str, macvlan: str) -> None:
 
 
 @main.command(help="Exit 0 only on the active replica of a high-availability router (EGRESS_HA_PEERS), its state "
-              "converged: the exec readiness probe (reads EGRESS_HA_STATE_DIR/ha-state; 1 standby or starting, 2 "
-              "no high availability).")
+              "converged: the exec readiness probe (reads EGRESS_HA_STATE_DIR/ha-state; 1 otherwise: starting, "
+              "standby, fault, stopped; 2 no high availability).")
 def ready() -> None:
     from .readiness import main as readiness
 

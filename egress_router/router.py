@@ -177,7 +177,7 @@ def log_ready(config: RouterConfig, prepared: Prepared, role: Role | None) -> No
     state = f"{context.changes} network change(s)" if context.changes else "network already configured"
     held = " and ".join(map(str, plan.addresses))
     log.info("Ready: %s on %s via %s, %s, %s (%s mode, %.2f s since start)",
-             held if role is None else f"a standby replica for {held}", plan.interface,
+             held if role is None else f"a replica for {held} (holding it only once elected)", plan.interface,
              " and ".join(map(str, plan.gateways)), nat_part, state, config.mode, seconds_since_process_start())
 
 
