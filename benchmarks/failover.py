@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""High availability (legacy mode): from a fault to the first new connection from EGRESS_SOURCE, beside a fresh init.
+"""High availability (legacy or dns-proxy mode): from a fault to the first new connection from EGRESS_SOURCE, beside a fresh init.
 
-Run as root from the repository:  .venv/bin/python benchmarks/failover.py [--trials N] [--quick]
+Run as root from the repository:  .venv/bin/python benchmarks/failover.py [--trials N] [--quick] [--mode M]
+
+--mode dns-proxy runs the replicas as DNS proxies (port 80 forwarded to the outside server), each under its
+keeper (egress_router/ha_keeper.py): the same faults, the proxy's own path for the connections.
 
 An HA lab (egress_router/halab.py) with 2 and then 3 router pods on one LAN, legacy mode, EGRESS_HA_PEERS = the
 pod IPs, each replica with its own EGRESS_HA_STATE_DIR. The client stands in for the Service: it asks each pod's
@@ -68,7 +71,7 @@ from benchlib import (
     write_results,
 )
 
-from egress_router.halab import SOURCE, HaLab, macvlan_mac
+from egress_router.halab import OUT_IPS, SOURCE, HaLab, macvlan_mac
 from egress_router.lab import router_command
 
 FAULTS = ("kill", "term", "link", "split")
@@ -84,6 +87,11 @@ GIVE_UP = 6.0  # seconds after a fault without a landing connection: no takeover
 SPLIT_WATCH = 8.0  # the longest a split trial watches the holders
 DEBUG = bool(os.environ.get("FAILOVER_DEBUG"))  # the routers log at debug level (keepalived's lines too)
 KEYS = ("High availability", "Repaired drift", "keepalived: ")  # the log lines a trial's detail quotes
+MODES = ("legacy", "dns-proxy")
+# dns-proxy: the same client and servers, the replicas' DNS proxy forwarding port 80 to the outside server (its
+# default workers: a master and one per CPU), each run by its keeper (egress_router/ha_keeper.py)
+PROXY_ENV = {"EGRESS_ROUTER_MODE": "dns-proxy", "EGRESS_DNS_PROXY_DESTINATION": f"80 {OUT_IPS[0]}"}
+mode = "legacy"  # --mode
 SETTLE_TIMEOUT = 20.0  # for the lab to be in its steady state again (one ready holder, every other one standby)
 
 
@@ -184,6 +192,9 @@ class Bench:
             self.started[i] = time.time()  # the state file's time is wall clock
         debug = {"EGRESS_ROUTER_DEBUG": "1"} if DEBUG else {}
         env = self.lab.router_env(i, EGRESS_HA_STATE_DIR=str(self.dir / f"pod{i}"), **debug)
+        if mode == "dns-proxy":
+            del env["EGRESS_DESTINATION"]
+            env.update(PROXY_ENV)
         self.processes[i] = self.lab.run_router(i, env)
 
     def state(self, i: int) -> tuple[str, float]:
@@ -442,7 +453,11 @@ def main() -> int:
     parser.add_argument("--return-watch", type=float, default=5.0, help="seconds a returned replica is watched")
     parser.add_argument("--max-seconds", type=float, default=540.0, help="stop starting rounds after this")
     parser.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--mode", choices=MODES, default="legacy",
+                        help="the replicas' mode: legacy (redirect rules) or dns-proxy (a proxy under its keeper)")
     args = parser.parse_args()
+    global mode
+    mode = args.mode
     require_root()
     if shutil.which("keepalived") is None:
         sys.exit("keepalived not found: apt-get install keepalived (the replicas' election)")
@@ -479,13 +494,15 @@ def main() -> int:
         print(line)
     print(f"CPU during the run: {info['CPU during the run']}")
     if not args.no_results:
-        body = [f"## failover.py: high availability, from a fault to the first new connection ({info['date']})", "",
+        title = "" if mode == "legacy" else f", {mode} mode (--mode {mode})"
+        body = [f"## failover.py: high availability{title}, from a fault to the first new connection ({info['date']})",
+                "",
                 *machine_lines(info), "", f"{trials} round(s) per replica count, the fault order rotating; "
                 f"GIVE_UP {GIVE_UP:g} s, return watch {watch:g} s.", "", md_table(HEADERS, table), "", ref, "",
                 *(f"- {line}" for line in steady)]
         if failures or notes:
             body += ["", "Trials without a figure and notes:", "", *(f"- {line}" for line in failures + notes)]
-        write_results("failover", "\n".join(body))
+        write_results("failover" if mode == "legacy" else f"failover-{mode}", "\n".join(body))
     return 0
 
 
