@@ -160,7 +160,6 @@ def test_dns_proxy_replicas_relay_from_the_address_the_standby_refuses(ha_lab: H
     assert replicas.processes[active].wait(timeout=10) == 0
 
 
-
 def test_dual_stack_http_proxy_replicas_hand_both_addresses_over(tmp_path: Path) -> None:
     require_lab(HALAB_TOOLS)
     with HaLab(2, dual_stack=True) as lab:
