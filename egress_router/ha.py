@@ -41,6 +41,7 @@ CLEAR_PROBES = 3  # unanswered probes after which a replica that gave way is a s
 RESOLVE_SECONDS = 2.0  # how often a Service name of the peers is looked up again
 STARTUP_DELAY_BY_NAME = 8  # seconds a replica found by name waits before it may take over: its peers must list it
 
+
 def check_can_run(state_dir: str) -> None:
     """Before any change: keepalived is there, and the state directory can be written."""
     import shutil
