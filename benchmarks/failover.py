@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""High availability (legacy or dns-proxy mode): from a fault to the first new connection from EGRESS_SOURCE, beside a fresh init.
+"""High availability (legacy or dns-proxy mode): from a fault to the first new connection from EGRESS_SOURCE.
 
 Run as root from the repository:  .venv/bin/python benchmarks/failover.py [--trials N] [--quick] [--mode M]
 
