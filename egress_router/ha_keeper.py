@@ -136,12 +136,16 @@ class Keeper:
         self.shared.publish(role.active, role.transitions, len({*role.in_config, role.own}), role.state)
 
     def stop(self, signo: signal.Signals) -> int:
-        """The address goes first (another replica takes over now), then the proxy drains."""
+        """The address goes at once (another replica takes over now) while the proxy drains: the proxy is told first
+        (it stops accepting; what still reaches it is refused as a standby's), then the address is given up and
+        keepalived says goodbye, which takes keepalived a second or so to finish; then the drain is waited for."""
         log.info("Received %s; handing EGRESS_SOURCE over, then draining the proxy for up to %g s", signo.name,
                  self.grace)
-        self.role.stop()
-        self.publish()
+        role = self.role
+        self.shared.publish(False, role.transitions, len({*role.in_config, role.own}), "stopped")
         self.signal_proxy(signo)
+        role.stop()
+        self.publish()
         deadline = time.monotonic() + self.grace + EXTRA_WAIT
         while not self.proxy_ended() and time.monotonic() < deadline:
             signal.sigtimedwait({signal.SIGCHLD}, 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_http_proxy_replicas_one_proxies_from_the_address_the_standby_refuses(ha
     assert 'egress_router_http_requests_total{verdict="standby"} 1' in standby_metrics
 
 
-def test_a_stop_hands_over_first_and_then_the_proxy_drains(ha_lab: HaLab, origin: Origin, tmp_path: Path) -> None:
+def test_a_stop_hands_the_address_over_and_the_proxy_stops(ha_lab: HaLab, origin: Origin, tmp_path: Path) -> None:
     replicas = proxies(ha_lab, tmp_path, "http-proxy", 2)
     active, other = replicas.start_all()
     assert through(ha_lab, active)[0] == 200
@@ -110,8 +111,22 @@ def test_a_stop_hands_over_first_and_then_the_proxy_drains(ha_lab: HaLab, origin
     assert replicas.processes[active].wait(timeout=10) == 0, replicas.log(active)
     assert time.monotonic() - stopped < 2 + 2  # the proxy drained within its grace period (nothing was open)
     log = replicas.log(active)
-    assert log.index("handing EGRESS_SOURCE over") < log.index("Stopped"), log  # the address went first
+    assert log.index("handing EGRESS_SOURCE over") < log.index("Stopped"), log  # the address did not wait for it
     assert {seen.peer_ip for seen in origin.requests()} == {SOURCE}
+
+
+def test_the_hand_over_does_not_wait_for_the_drain(ha_lab: HaLab, origin: Origin, tmp_path: Path) -> None:
+    replicas = proxies(ha_lab, tmp_path, "http-proxy", 1)
+    active, other = replicas.start_all()
+    slow = threading.Thread(target=through, args=(ha_lab, active, "/slow?delay=4"), daemon=True)
+    slow.start()  # a request the proxy drains for (its grace period is 2 s)
+    assert until(lambda: any(seen.path == "/slow" for seen in origin.requests()), timeout=3) is not None
+    replicas.processes[active].terminate()
+    took = until(lambda: ha_lab.holders() == [other] and ha_lab.http_status(other) == 200)
+    assert took is not None and took < 1.5, (took, replicas.logs())
+    assert replicas.processes[active].poll() is None  # still draining while the other replica serves
+    assert through(ha_lab, other) == (200, HELLO)
+    assert replicas.processes[active].wait(timeout=10) == 0
 
 
 def test_a_dead_proxy_gives_the_address_up(ha_lab: HaLab, origin: Origin, tmp_path: Path) -> None:
