@@ -311,15 +311,24 @@ async def serve_in_worker(loop: asyncio.AbstractEventLoop, sock: socket.socket |
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and its descendants (the children of every thread: keepalived is a thread's child only if started
-    from one), read from /proc."""
+    """`root` and its descendants, read from /proc."""
     found: list[int] = []
     todo = [root]
     while todo:
         pid = todo.pop()
         found.append(pid)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                    todo += [int(child) for child in f.read().split() if int(child) not in found]
+        todo += [child for child in children(pid) if child not in found]
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (a thread that forks is the parent, not the main one)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+            found += [int(child) for child in handle.read().split()]
     return found

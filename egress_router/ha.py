@@ -361,6 +361,11 @@ class Role:
         if self.state != "stopped" and self.current_state() != self.state:
             self.write_state(self.current_state())
 
+    @property
+    def peer_count(self) -> int:
+        """The replicas keepalived is configured with, this one included."""
+        return len({*self.in_config, self.own})
+
     def write_state(self, state: str) -> None:
         """For `egress-router ready` (readiness.py), the metrics and the benchmark."""
         write_state(self.directory, state)

@@ -7,8 +7,9 @@ proxies wait on signals of their own (their master's sigtimedwait, their event l
 loop needs the signals the kubelet sends, which go to the container's first process.
 
 Every proxy process sees the role in shared memory (ha_view.SharedRole): a standby's proxy refuses at once
-what reaches it, its /ready answers 503. On SIGTERM the keeper gives the address up first (the next replica
-takes over while this one drains), then passes the signal on and waits for the proxy to drain. Should the proxy
+what reaches it, its /ready answers 503. On SIGTERM the keeper passes the signal on (the proxy stops accepting
+and drains) and gives the address up at once (the next replica takes over while this one drains), then waits
+for the drain. Should the proxy
 die, the keeper gives the address up and exits with it (the kubelet restarts the container); should the keeper
 die, the proxy and keepalived get SIGTERM from the kernel (PR_SET_PDEATHSIG), and the address lapses by itself.
 """
@@ -133,7 +134,7 @@ class Keeper:
 
     def publish(self) -> None:
         role = self.role
-        self.shared.publish(role.active, role.transitions, len({*role.in_config, role.own}), role.state)
+        self.shared.publish(role.active, role.transitions, role.peer_count, role.state)
 
     def stop(self, signo: signal.Signals) -> int:
         """The address goes at once (another replica takes over now) while the proxy drains: the proxy is told first
@@ -142,7 +143,7 @@ class Keeper:
         log.info("Received %s; handing EGRESS_SOURCE over, then draining the proxy for up to %g s", signo.name,
                  self.grace)
         role = self.role
-        self.shared.publish(False, role.transitions, len({*role.in_config, role.own}), "stopped")
+        self.shared.publish(False, role.transitions, role.peer_count, "stopped")
         self.signal_proxy(signo)
         role.stop()
         self.publish()

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
+from .admin import children
 from .lab import Lab, Servers, router_command
 from .net.pyroute import iproute_class
 
@@ -368,19 +369,6 @@ class HaLab(Lab):
 
 
 # ------------------------------------------------------------ process trees
-def children(pid: int) -> list[int]:
-    """The children of every thread of `pid` (a thread that forks is the parent, not the main one)."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
-
-
 def kill_trees(roots: list[int]) -> list[int]:
     """SIGKILL these processes and all their descendants; returns every pid killed.
 

@@ -40,7 +40,7 @@ def ha_families(live: Live) -> list[Family]:
     role = live.role
     if role is None:
         return []
-    return families(role.active, role.transitions, len({*role.in_config, role.own}), role.state)
+    return families(role.active, role.transitions, role.peer_count, role.state)
 
 
 def live_families(live: Live) -> list[Family]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_router.halab import CLIENT, METRICS_PORT, OUT_IPS, OUT_IPS6, SOURCE, SOURCE6, HaLab, children
+from egress_router.admin import children
+from egress_router.halab import CLIENT, METRICS_PORT, OUT_IPS, OUT_IPS6, SOURCE, SOURCE6, HaLab
 from tests.lab.conftest import HALAB_TOOLS, require_lab
 from tests.lab.origin import Origin
 from tests.lab.test_ha import Replicas, until
