@@ -19,7 +19,8 @@ took the most CPU in the warm-up):
             the share of busy samples per function, self and inclusive, top --top
 
 Paths: http-keepalive, http-close (a new client connection per request), http-connect (CONNECT, GET
-of the large object in the tunnel, spliced to /dev/null by the client), dns-keepalive, dns-close (a
+of the large object in the tunnel, spliced to /dev/null by the client), http-get-big (a plain GET of
+the large object through the proxy, curl writing it to /dev/null), dns-keepalive, dns-close (a
 new proxied TCP connection per request), dns-bulk (iperf3, 1 stream). Raw outputs (perf, py-spy
 stacks, a JSON of every figure) go to --out (default benchmarks/.work/profile-<time>/, kept).
 Nothing in egress_router is changed; every process started is ended by pid; the lab always goes.
@@ -63,11 +64,11 @@ from proxybench import (
 
 from egress_router.lab import ROUTER_POD_IP, Lab
 
-PATHS = ("http-keepalive", "http-close", "http-connect", "dns-keepalive", "dns-close", "dns-bulk")
+PATHS = ("http-keepalive", "http-close", "http-connect", "http-get-big", "dns-keepalive", "dns-close", "dns-bulk")
 SYSCALLS = ("read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg", "epoll_wait",
             "epoll_pwait", "epoll_ctl", "accept4", "connect", "socket", "setsockopt", "getsockopt", "getsockname",
             "getpeername", "close", "shutdown", "splice", "fcntl", "ioctl", "futex", "mmap", "munmap", "brk",
-            "madvise", "getpid", "clock_gettime", "rt_sigprocmask", "eventfd2")
+            "madvise", "getpid", "clock_gettime", "rt_sigprocmask", "eventfd2", "io_uring_enter", "getrandom")
 PY_SPY = Path(sys.executable).with_name("py-spy")
 
 
@@ -143,6 +144,21 @@ class Loads:
         wall = time.monotonic() - began
         return moved / 1e6, {"transfers": runs, "rate": moved / 1e6 / wall}
 
+    def big_gets(self, seconds: float) -> tuple[float, dict[str, Any]]:
+        """Plain GETs of the large object through the proxy (curl, body to /dev/null) until `seconds` have passed."""
+        moved, runs, began = 0, 0, time.monotonic()
+        while runs == 0 or time.monotonic() - began < seconds:
+            argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "--max-time", "120", "-x",
+                    f"http://{ROUTER_POD_IP}:{http_proxy.PORT}", f"http://{ORIGIN_IP}{BIG}"]
+            done = subprocess.run(ns_argv(self.lab, "client", argv), capture_output=True, text=True, timeout=180,
+                                  check=False, start_new_session=True)
+            if done.returncode != 0 or not done.stdout.strip().isdigit():
+                raise BenchError(f"GET {BIG} through the proxy failed ({done.returncode}): {done.stderr[-400:]}")
+            moved += int(done.stdout)
+            runs += 1
+        wall = time.monotonic() - began
+        return moved / 1e6, {"transfers": runs, "rate": moved / 1e6 / wall}
+
     def iperf(self, seconds: float) -> tuple[float, dict[str, Any]]:
         argv = ["iperf3", "-c", ROUTER_POD_IP, "-p", str(dns_proxy.IPERF_PORT), "-t", f"{seconds:g}", "-J",
                 "--connect-timeout", "5000"]
@@ -158,6 +174,8 @@ class Loads:
     def run(self, path: str, seconds: float) -> tuple[float, dict[str, Any]]:
         if path == "http-connect":
             return self.tunnels(seconds)
+        if path == "http-get-big":
+            return self.big_gets(seconds)
         if path == "dns-bulk":
             return self.iperf(seconds)
         if path.startswith("http-"):
@@ -165,7 +183,8 @@ class Loads:
         return self.wrk(dns_proxy.HTTP_PORT, SMALL, path == "dns-close", seconds)
 
 
-UNITS = {"http-keepalive": "request", "http-close": "connection", "http-connect": "MB", "dns-keepalive": "request",
+UNITS = {"http-keepalive": "request", "http-close": "connection", "http-connect": "MB", "http-get-big": "MB",
+         "dns-keepalive": "request",
          "dns-close": "connection", "dns-bulk": "MB"}
 
 
@@ -319,7 +338,7 @@ def main() -> int:
     if unknown := [p for p in paths if p not in PATHS]:
         parser.error(f"unknown path(s) {', '.join(unknown)}")
     require_root()
-    needed = ["wrk", "nginx", "perf"] + (["iperf3"] if "dns-bulk" in paths else [])
+    needed = ["wrk", "nginx", "perf", "curl"] + (["iperf3"] if "dns-bulk" in paths else [])
     needed += (["squid"] if any(p.startswith("http") for p in paths) else []) + (["haproxy"] if args.refs else [])
     if missing := [tool for tool in needed if shutil.which(tool) is None]:
         sys.exit(f"missing {', '.join(missing)}: apt-get install wrk nginx-light linux-perf iperf3 squid haproxy")
