@@ -106,6 +106,15 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def thread_count(pids: Sequence[int]) -> int:
+    """Threads of the processes `pids` (from /proc/<pid>/task)."""
+    count = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            count += len(os.listdir(f"/proc/{pid}/task"))
+    return count
+
+
 def socket_fds(pids: Sequence[int]) -> int:
     count = 0
     for pid in pids:
@@ -417,6 +426,7 @@ class Results:
     start_ups: dict[str, list[float]] = field(default_factory=dict)
     fd_limits: dict[str, str] = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)
     probe: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
 
     def add(self, side: str, test: str, measured: Measured) -> None:
