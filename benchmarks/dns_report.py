@@ -109,6 +109,8 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
                    "ratios ours/baseline (rates: higher is better; latency, memory: lower is better)")
         text += f"\n\n{heading}\n" + text_table(AB_HEADERS, ab_rows)
         md += f"\n\n{heading}:\n\n" + md_table(AB_HEADERS, ab_rows)
+    if not verdicts:
+        verdicts.append(f"{title}: no verdicts (haproxy was not run: --only)")
     return text, md, verdicts
 
 

@@ -371,7 +371,9 @@ def plain_gets(bench: Bench, proxy: Proxy, results: Results) -> str:
     direct = bench.clean("direct GET", lambda: bench.tunnel(None, GET_PATH, role="router"))
     results.add("origin", "get", direct)
     best = max(m.value for m in gets)
-    for m in gets:
+    for m in [*gets, direct]:
+        if m.extra["bytes"] != bench.origin.sizes[GET_PATH]:  # the whole object, not only what was announced
+            raise BenchError(f"GET {GET_PATH} read {m.extra['bytes']} bytes, not {bench.origin.sizes[GET_PATH]}")
         m.extra["direct"] = direct.value
     return f"GET {best:6.0f} MB/s (direct {direct.value:.0f})"
 

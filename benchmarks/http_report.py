@@ -98,6 +98,8 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str],
                  "ratios ours/baseline (rates: higher is better; latency, memory: lower is better)")
         text += f"\n\n{title}\n" + text_table(AB_HEADERS, ab_rows)
         md += f"\n\n{title}:\n\n" + md_table(AB_HEADERS, ab_rows)
+    if not verdicts:
+        verdicts.append("no verdicts (ours and squid were not both run: --only)")
     return text, md, verdicts
 
 
