@@ -458,7 +458,8 @@ def comparison_report(results: Results, args: argparse.Namespace, sides: Sequenc
                     or e["sockets"] < 2 * e["connected"]:
                 results.notes.append(f"{side} memory: {e['connected']} connected, {e['failed']} failed, "
                                      f"{e['sockets']} new sockets in the proxy, {e['alive']} still open at the end")
-    text, md, verdicts = report(results, args, sides, ncpu, title)
+    short = "defaults" if defaults else ("one process" if args.workers == 1 else f"{args.workers} workers")
+    text, md, verdicts = report(results, args, sides, ncpu, f"[{short}]")
     print(f"\n=== {title}\n\n{text}\n\n" + "\n".join(verdicts))
     per_process = per_process_lines(
         results, sides, lambda side: f"{side} with idle connections ({results.workers.get(side, '?')} processes)")
