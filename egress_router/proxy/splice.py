@@ -2,7 +2,7 @@
 
 API (Linux only: `available()` says whether os.splice exists):
 
-    relay = Relay(loop, a, b, on_bytes, on_end, limit_down=None, up=True, down=True)
+    relay = Relay(loop, a, b, on_bytes, on_end, limit_down=None, up=True, down=True, pass_resets=True)
     relay.start()
     ...
     relay.abort(reason, hard=False)
@@ -17,13 +17,14 @@ API (Linux only: `available()` says whether os.splice exists):
 - `on_bytes(direction, n)`: called for every splice into a destination, with the bytes it delivered (count
   them exactly there: what is still in a pipe when a connection fails was never delivered). `relay.last` is
   the loop's clock at the last delivery, for idle timeouts.
-- `on_end(how)`, exactly once, after the relay let go of both sockets (unless `abort` ended it): CLOSED (every
-  relayed direction saw its EOF and passed it on), A_FAILED / B_FAILED (an error on that side's socket,
-  ECONNRESET, EPIPE or another: the *other* side was closed with a reset, SO_LINGER 0, so that its peer sees
-  a reset and not a clean end, as proxy/server.reset does for transports), LIMIT (`limit_down` bytes went
-  b -> a: the sockets are handed back open, nothing shut down), SHORT (b's EOF came before `limit_down` bytes:
-  nothing is shut down and both sockets are closed; a caller whose peer must see a cut-off, not a clean end,
-  resets its own reference to a).
+- `on_end(how)`, exactly once, after the relay let go of both sockets (unless `abort` ended it; `relay.error`:
+  the OSError of a failure): CLOSED (every relayed direction saw its EOF and passed it on), A_FAILED /
+  B_FAILED (an error on that side's socket, ECONNRESET, EPIPE or another: the *other* side was closed with a
+  reset, SO_LINGER 0, so that its peer sees a reset and not a clean end, as proxy/server.reset does for
+  transports; `pass_resets=False`: the other side is just closed, the caller decides), LIMIT (`limit_down`
+  bytes went b -> a: the sockets are handed back open, nothing shut down), SHORT (b's EOF came before
+  `limit_down` bytes: nothing is shut down and both sockets are closed; a caller whose peer must see a
+  cut-off, not a clean end, resets its own reference to a).
 - `abort(reason, hard=False)`: stop now, close both sockets (`hard`: with a reset), no `on_end`. For grace,
   idle timeouts and reloads. `relay.ended` is then `reason`.
 
@@ -129,12 +130,14 @@ class _Flow:
 class Relay:
     """Two sockets relayed both ways (or one) through pipes with splice(2); see the module's docstring."""
 
-    __slots__ = ("loop", "socks", "fds", "flows", "on_bytes", "on_end", "last", "ended")
+    __slots__ = ("loop", "socks", "fds", "flows", "on_bytes", "on_end", "last", "ended", "pass_resets", "error")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
                  on_bytes: Callable[[int, int], None], on_end: Callable[[str], None], *,
-                 limit_down: int | None = None, up: bool = True, down: bool = True):
+                 limit_down: int | None = None, up: bool = True, down: bool = True, pass_resets: bool = True):
         self.loop = loop
+        self.pass_resets = pass_resets
+        self.error: OSError | None = None  # what ended it with A_FAILED or B_FAILED
         self.socks = (a, b)
         self.fds = (a.fileno(), b.fileno())
         self.on_bytes = on_bytes
@@ -168,8 +171,8 @@ class Relay:
                 except BlockingIOError:
                     self._wait_writable(flow)
                     return
-                except OSError:
-                    self._failed(flow.dst)
+                except OSError as exc:
+                    self._failed(flow.dst, exc)
                     return
                 flow.held -= n
                 self.last = self.loop.time()
@@ -198,8 +201,8 @@ class Relay:
                 _give_pipe(pipe)
                 self._wait_readable(flow)
                 return
-            except OSError:
-                self._failed(flow.src)
+            except OSError as exc:
+                self._failed(flow.src, exc)
                 return
             if n == 0:
                 flow.eof = True
@@ -247,12 +250,13 @@ class Relay:
         if all(f.done for f in self.flows):
             self._finish(CLOSED)
 
-    def _failed(self, fd: int) -> None:
+    def _failed(self, fd: int, exc: OSError) -> None:
         """An error on `fd`'s socket: the other one is reset, both closed."""
+        self.error = exc
         side = 0 if fd == self.fds[0] else 1
-        other = self.socks[1 - side]
-        with contextlib.suppress(OSError):
-            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        if self.pass_resets:
+            with contextlib.suppress(OSError):
+                self.socks[1 - side].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         self._finish(A_FAILED if side == 0 else B_FAILED)
 
     def _finish(self, how: str) -> None:

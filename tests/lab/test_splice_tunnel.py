@@ -7,6 +7,7 @@ passed on each way, exact byte counts (access log and metrics), the idle timeout
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -69,10 +70,8 @@ def pipes(pid: int) -> int:
     """How many pipe descriptors process `pid` has open."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
             count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except FileNotFoundError:  # closed meanwhile
-            pass
     return count
 
 
