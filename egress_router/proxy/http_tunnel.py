@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from .http import ClientConnection
     from .http_reader import Request
 
+# A tunnel moves to the splice relay once it has carried this much (both ways): a short one (a TLS handshake and
+# a small exchange) stays on its transports, which costs no dups (2 more descriptors), pipes or setup syscalls.
+SPLICE_AFTER = 256 * 1024
+
 
 class TunnelSide(FlowControl):
     """What a client connection does for a CONNECT: open the tunnel, relay, half-close, end."""
@@ -79,30 +83,46 @@ class TunnelSide(FlowControl):
         self.release(WRITE_FULL)  # the two directions of a tunnel wait for each other no more
         self.feeding(transport)
         request.host_text = f"{request.host_text}:{request.port}"
-        self.try_splice()
 
     def try_splice(self) -> None:
         """Move the open tunnel off its two transports onto a splice relay (the kernel moves the bytes from one
         socket to the other: no copy into Python and back), once nothing waits in either transport's buffer, so
-        that the order of the bytes is kept; until then (and when splice is not there) the transports relay.
+        that the order of the bytes is kept, and once it has carried SPLICE_AFTER bytes; until then (and when
+        splice is not there, or no descriptor is left for the dups) the transports relay.
 
         The relay works on dups of the two sockets while the transports stay, paused for good: the client stays
         one of the worker's connections (limits, idle timeout, drain), and the end goes through the transports'
         connection_lost as before (access log line, counters)."""
-        tunnel, transport = self.tunnel, self.transport
-        if (tunnel is None or transport is None or self.relay is not None or self.closing or self.client_eof
-                or self.upstream_eof or self.out is not None or self.paused_source is not None or self.write_full
+        tunnel, transport, request = self.tunnel, self.transport, self.current
+        if (tunnel is None or transport is None or request is None or self.relay is not None or self.closing
+                or request.bytes_up + request.bytes_down < SPLICE_AFTER or self.client_eof or self.upstream_eof
+                or self.out is not None or self.paused_source is not None or self.write_full
                 or transport.get_write_buffer_size() or tunnel.get_write_buffer_size() or not splice.available()):
             return
         mine, theirs = transport.get_extra_info("socket"), tunnel.get_extra_info("socket")
         if mine is None or theirs is None:
             return
-        a = splice.adopt(os.dup(mine.fileno()), mine.family)
-        b = splice.adopt(os.dup(theirs.fileno()), theirs.family)
+        try:
+            a = splice.adopt(os.dup(mine.fileno()), mine.family)
+        except OSError:  # out of descriptors (EMFILE): the transports go on relaying
+            return
+        try:
+            b = splice.adopt(os.dup(theirs.fileno()), theirs.family)
+        except OSError:
+            a.close()
+            return
+        relay = splice.Relay(self.worker.loop, a, b, self.spliced, self.splice_ended)
         self.hold(SPLICED)
         tunnel.pause_reading()
-        self.relay = splice.Relay(self.worker.loop, a, b, self.spliced, self.splice_ended)
-        self.relay.start()
+        self.relay = relay
+        try:
+            relay.start()
+        except OSError:  # no pipe to be had (EMFILE): nothing moved, the transports go on
+            self.relay = None
+            a.close()
+            b.close()
+            self.release(SPLICED)
+            tunnel.resume_reading()
 
     def spliced(self, direction: int, n: int) -> None:
         """Bytes the relay delivered: counted as the transports' path counts them."""

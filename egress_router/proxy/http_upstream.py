@@ -238,12 +238,28 @@ class Upstream(Endpoint, asyncio.Protocol):
         if mine is None or sock is None:
             self.body_left = -1
             return
-        a = splice.adopt(os.dup(sock.fileno()), sock.family)
-        b = splice.adopt(os.dup(mine.fileno()), mine.family)
+        try:
+            a = splice.adopt(os.dup(sock.fileno()), sock.family)
+        except OSError:  # out of descriptors (EMFILE): this body goes through Python
+            self.body_left = -1
+            return
+        try:
+            b = splice.adopt(os.dup(mine.fileno()), mine.family)
+        except OSError:
+            a.close()
+            self.body_left = -1
+            return
         transport.pause_reading()
-        self.relay = splice.Relay(self.worker.loop, a, b, self.body_bytes, self.body_ended,
-                                  limit_down=self.body_left, up=False, pass_resets=False)
-        self.relay.start()
+        self.relay = relay = splice.Relay(self.worker.loop, a, b, self.body_bytes, self.body_ended,
+                                          limit_down=self.body_left, up=False, pass_resets=False)
+        try:
+            relay.start()
+        except OSError:  # no pipe to be had (EMFILE): nothing moved, the parser reads on
+            self.relay = None
+            self.body_left = -1
+            a.close()
+            b.close()
+            transport.resume_reading()
 
     def body_bytes(self, direction: int, n: int) -> None:
         self.body_left -= n

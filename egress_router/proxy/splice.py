@@ -33,10 +33,12 @@ system allows, the default 64 KiB otherwise). A direction reads its source only 
 while its destination would block it waits for the destination to become writable and reads nothing: a peer
 that does not read stops the other peer (through TCP's window), nothing piles up.
 
-Descriptors: two pipes (four descriptors) per connection would make 10,000 idle connections cost 40,000
-descriptors and their pipe buffers. A direction takes a pipe only when its source has data and gives it back
-(empty) when the source has nothing more for now, to a small pool per process (POOL_SIZE pipes, emptied in a
-forked child); so an idle relay holds no pipe at all.
+Descriptors: two pipes (four descriptors) per relay, taken when it starts (`start` raises OSError, having
+changed nothing, when none can be made: EMFILE; the caller goes on without the relay) and given back when it
+ends, to a small pool per process (POOL_SIZE empty pipes, emptied in a forked child) for the next relay. Pipes
+are taken at the start, not when bytes come, so that a relay can never be stuck half-way without one; callers
+start relays only for connections that move data (proxy/http_tunnel.py: a tunnel past its first SPLICE_AFTER
+bytes; proxy/http_upstream.py: a body of at least SPLICE_BODY_MIN), so idle connections hold none.
 """
 
 from __future__ import annotations
@@ -152,6 +154,16 @@ class Relay:
         self.flows = flows
 
     def start(self) -> None:
+        """Take the pipes (OSError if there are none to be had: nothing changed then), then relay."""
+        try:
+            for flow in self.flows:
+                flow.pipe = _take_pipe()
+        except OSError:
+            for flow in self.flows:
+                pipe, flow.pipe = flow.pipe, None
+                if pipe is not None:
+                    _give_pipe(pipe)
+            raise
         for flow in self.flows:
             self._pump(flow)  # what is already there moves at once; otherwise a reader waits for it
             if self.ended is not None:
@@ -190,15 +202,12 @@ class Relay:
             if rounds > ROUNDS:  # more to read, later: the reader stays registered
                 self._wait_readable(flow)
                 return
-            if flow.pipe is None:
-                flow.pipe = _take_pipe()
             pipe = flow.pipe
+            assert pipe is not None  # taken in start, kept to the end
             want = pipe[2] if flow.left < 0 else min(pipe[2], flow.left)
             try:
                 n = splice(flow.src, pipe[1], want, flags=_FLAGS)
             except BlockingIOError:  # the pipe is empty, so it is the socket that has nothing now
-                flow.pipe = None
-                _give_pipe(pipe)
                 self._wait_readable(flow)
                 return
             except OSError as exc:

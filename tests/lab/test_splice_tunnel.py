@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from egress_router.lab import Lab
+from egress_router.proxy.http_tunnel import SPLICE_AFTER
 from tests.lab.origin import Origin
 from tests.lab.test_http_proxy import ACCESS_LINE, Client, StartProxy, connect, eventually, scrape
 from tests.lab.test_http_proxy import start_proxy as start_proxy  # the fixture
@@ -75,10 +76,26 @@ def pipes(pid: int) -> int:
     return count
 
 
-def open_tunnel(lab: Lab, dest: Destination) -> tuple[Client, socket.socket]:
+def open_tunnel(lab: Lab, dest: Destination, pid: int | None = None) -> tuple[Client, socket.socket]:
+    """A tunnel to the destination; with the proxy's `pid`, past its first SPLICE_AFTER bytes (so on the relay:
+    the proxy's pipes show it)."""
     client = Client(lab, timeout=TIMEOUT)
     assert connect(client, f"{WWW}:{PEER_PORT}").status == 200
-    return client, dest.accept()
+    server = dest.accept()
+    if pid is not None:
+        # 64 KiB at a time, each read by the destination before the next: the proxy's write buffers are empty
+        # when the next piece arrives past SPLICE_AFTER, which is when the tunnel moves to the relay
+        before, piece = pipes(pid), payload(65536, b"warm")
+        for _ in range(2 * SPLICE_AFTER // len(piece)):
+            client.send(piece)
+            got = bytearray()
+            while len(got) < len(piece):
+                got += server.recv(65536)
+            assert got == piece
+            if pipes(pid) > before:
+                break
+        assert pipes(pid) > before, "the tunnel was not spliced"
+    return client, server
 
 
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -134,8 +151,8 @@ def test_spliced_tunnel_half_closes_each_way_and_counts_exactly(lab: Lab, origin
 @pytest.mark.parametrize("who", ["client", "destination"])
 def test_a_reset_on_one_side_of_a_spliced_tunnel_is_a_reset_on_the_other(
         lab: Lab, origin: Origin, start_proxy: StartProxy, dest: Destination, who: str) -> None:
-    start_proxy("*")
-    client, server = open_tunnel(lab, dest)
+    proxy = start_proxy("*")
+    client, server = open_tunnel(lab, dest, proxy.serving_pids()[0])
     client.send(b"ping")  # through the relay both ways first
     assert server.recv(4) == b"ping"
     server.sendall(b"pong")
@@ -156,8 +173,8 @@ def test_a_reset_on_one_side_of_a_spliced_tunnel_is_a_reset_on_the_other(
 
 def test_an_idle_spliced_tunnel_is_closed_after_the_tunnel_idle_timeout(
         lab: Lab, origin: Origin, start_proxy: StartProxy, dest: Destination) -> None:
-    start_proxy("*", EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT="2")
-    client, server = open_tunnel(lab, dest)
+    proxy = start_proxy("*", EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT="2")
+    client, server = open_tunnel(lab, dest, proxy.serving_pids()[0])
     started = time.monotonic()
     for _ in range(6):  # traffic every 0.5 s for 3 s: longer than the timeout, yet never idle that long
         client.send(b"tick")
@@ -176,7 +193,7 @@ def test_an_idle_spliced_tunnel_is_closed_after_the_tunnel_idle_timeout(
 def test_a_spliced_tunnel_goes_on_during_the_grace_period_and_ends_with_it(
         lab: Lab, origin: Origin, start_proxy: StartProxy, dest: Destination) -> None:
     proxy = start_proxy("*", EGRESS_PROXY_GRACE_SECONDS="2")
-    client, server = open_tunnel(lab, dest)
+    client, server = open_tunnel(lab, dest, proxy.serving_pids()[0])
     client.send(b"before")
     assert server.recv(6) == b"before"
     stopped = time.monotonic()

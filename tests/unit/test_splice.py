@@ -288,15 +288,44 @@ def test_short_body(loop: asyncio.AbstractEventLoop) -> None:
     s.close()
 
 
-def test_idle_relay_holds_no_pipe(loop: asyncio.AbstractEventLoop) -> None:
-    s = Setup(loop)
-    before = len(os.listdir("/proc/self/fd"))
+def test_pipes_come_from_the_pool_and_go_back(loop: asyncio.AbstractEventLoop) -> None:
+    """A relay takes two pipes when it starts and gives them back, empty, when it ends: the next relay makes
+    no new descriptor. abort(hard) resets both peers and does not call on_end."""
+    first = Setup(loop)
+    first.relay.start()
+    first.relay.abort("test")
+    first.close()
+    fds = len(os.listdir("/proc/self/fd"))
+    s = Setup(loop)  # 4 new sockets (2 pairs)
     s.relay.start()
-    assert all(flow.pipe is None for flow in s.relay.flows)
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) == fds + 4, "the pipes were not taken from the pool"
+    assert all(flow.pipe is not None for flow in s.relay.flows)
     s.relay.abort("test", hard=True)
     assert s.relay.ended == "test" and s.ends == []
+    assert all(flow.pipe is None for flow in s.relay.flows)
     s.client.settimeout(TIMEOUT)
     with pytest.raises(ConnectionResetError):
         s.client.recv(1)
+    s.close()
+
+
+def test_no_pipe_to_be_had_changes_nothing(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Setup(loop)
+
+    def no_pipe(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(splice, "_pool", [])
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    with pytest.raises(OSError):
+        s.relay.start()
+    monkeypatch.undo()
+    assert s.relay.ended is None and s.a.fileno() != -1 and s.b.fileno() != -1
+    s.client.sendall(b"still there")
+    s.b.setblocking(True)
+    s.a.setblocking(True)
+    s.a.settimeout(TIMEOUT)
+    assert s.a.recv(100) == b"still there"  # nothing was read: the caller's transport goes on
+    s.a.close()
+    s.b.close()
     s.close()
