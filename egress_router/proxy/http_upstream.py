@@ -221,19 +221,21 @@ class Upstream(Endpoint, asyncio.Protocol):
     # a large body with splice(2)
     def splice_body(self) -> None:
         """Move the rest of a large Content-Length body from this connection's socket to the client's with
-        splice(2), once the client's transport has nothing buffered (else, as for a small body, through Python).
+        splice(2), once the client's transport has nothing buffered (until then, through Python).
 
         Both transports stay; this one is paused meanwhile (the relay reads a dup of its socket), the client's
         is not written to (its requests are still read and queued behind this one). At the body's end this
         connection reads again with a fresh parser and goes back to the pool, as after any response."""
         client, transport = self.client, self.transport
-        if client is None or transport is None or self.closed or client.closing or client.write_full:
+        if client is None or transport is None or self.closed or client.closing:
             self.body_left = -1
             return
         theirs = client.transport
-        if theirs is None or theirs.is_closing() or theirs.get_write_buffer_size():
+        if theirs is None or theirs.is_closing():
             self.body_left = -1
             return
+        if client.write_full or theirs.get_write_buffer_size():
+            return  # the client has not taken all that was written to it yet: tried again with the next bytes
         mine, sock = transport.get_extra_info("socket"), theirs.get_extra_info("socket")
         if mine is None or sock is None:
             self.body_left = -1
