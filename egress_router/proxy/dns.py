@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import cast
 
 from ..admin import bind, serve_in_worker
@@ -170,10 +170,16 @@ class DnsWorker:
 
 
 class Relay(asyncio.Protocol):
-    """A client connection and, once connected, its backend connection; bytes both ways, half-close kept."""
+    """A client connection and, once connected, its backend connection; bytes both ways, half-close kept.
+
+    The backend connection is made without a Task or asyncio.wait_for (per connection they cost about as much CPU
+    as the relaying itself): `connect` starts loop.create_connection's coroutine and `advance` steps it by hand,
+    each time the future it waits on is done; a call_later timer is the connect timeout. BackendSide's
+    connection_made hands over the transport (`connected`), before any of its data or EOF can arrive."""
 
     __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
-                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full")
+                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full",
+                 "tried", "tries_left", "reason", "trying", "attempt", "waiting", "timer", "expired")
 
     def __init__(self, worker: DnsWorker, target: Target):
         self.worker = worker
@@ -192,6 +198,16 @@ class Relay(asyncio.Protocol):
         self.down = 0
         self.ended = ""
         self.closing = False
+        # the connect in progress (see connect): backends tried, tries left, why the last one failed, the one being
+        # tried, its create_connection coroutine (None: none running), the future that waits on, the timeout
+        self.tried: set[Backend] = set()
+        self.tries_left = 0
+        self.reason = "no backend"
+        self.trying: Backend | None = None
+        self.attempt: Coroutine[object, None, object] | None = None
+        self.waiting: object = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
 
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -214,57 +230,112 @@ class Relay(asyncio.Protocol):
         target.relays += 1
         worker.connections.add(self)
         self.transport.pause_reading()  # until the backend is connected
-        worker.loop.create_task(self.connect())
+        self.tries_left = worker.settings.tries
+        self.connect()
 
-    async def connect(self) -> None:
+    def connect(self) -> None:
+        """Connect to the next backend to try; none left (or every try failed at once): the client is closed."""
         worker, target = self.worker, self.target
-        tried: set[Backend] = set()
-        reason = "no backend"
-        for _ in range(worker.settings.tries):
-            backend = target.choose(tried)
+        while self.tries_left > 0:
+            backend = target.choose(self.tried)
             if backend is None:
                 break
-            tried.add(backend)
+            self.tries_left -= 1
+            self.tried.add(backend)
             backend.open += 1
-            try:
-                transport, _ = await asyncio.wait_for(worker.loop.create_connection(
-                    lambda: BackendSide(self), str(backend.address), backend.port), worker.settings.connect_timeout)
-            except TimeoutError:
-                backend.open -= 1
-                reason = f"timed out connecting to {backend.text}"
-                target.slot.add(cells.TIMED_OUT)
-                target.mark_down(backend, "connect timed out")
-                continue
-            except OSError as exc:
-                backend.open -= 1
-                reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
-                target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
-                target.mark_down(backend, exc.strerror or str(exc))
-                continue
-            # relayed once the backend connected: its answer may even have reached the client, and both sides
-            # ended, before this coroutine runs again (the closing case below)
-            target.slot.add(cells.RELAYED)
-            if self.closing:  # the client went away while we were connecting
-                backend.open -= 1
-                transport.close()
-                return
-            self.backend = backend
-            self.upstream = transport
-            if self.client_full:  # the backend's first bytes filled the client's buffer before this ran again
-                transport.pause_reading()
-            pending, self.pending = self.pending, None
-            for chunk in pending or ():
-                self.upstream.write(chunk)
-            if self.eof[0] and self.upstream.can_write_eof():
-                self.upstream.write_eof()
-            if self.eof[0] and self.eof[1]:  # both ended before this coroutine ran again (see backend_eof)
-                self.end("closed by both sides")
-                return
-            if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
-                self.transport.resume_reading()
-            return
+            self.trying = backend
+            self.expired = False
+            self.attempt = worker.loop.create_connection(self.backend_side, backend.host, backend.port)
+            self.timer = worker.loop.call_later(worker.settings.connect_timeout, self.timed_out)
+            exc = self.advance()
+            if exc is None:
+                return  # waiting (advance is called again), or connected
+            self.failed(backend, exc)  # at once (a network that is unreachable): the next one
         target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
-        self.end(f"failed: {reason}", abort=True)
+        self.end(f"failed: {self.reason}", abort=True)
+
+    def advance(self, waited: object = None) -> BaseException | None:
+        """Run the connect coroutine up to its next wait, as a Task's step would; the error that ended it, if any.
+        `waited`: the future that was done (a done-callback); a stale one (an earlier attempt's) is ignored."""
+        attempt = self.attempt
+        if attempt is None or waited is not self.waiting:
+            return None
+        try:
+            # expired: what wait_for does, the coroutine gets CancelledError (uvloop then closes the socket)
+            step = attempt.throw(asyncio.CancelledError()) if self.expired else attempt.send(None)
+        except StopIteration:  # connected (connected() has run) and the coroutine returned
+            self.attempt = self.waiting = None
+            return None
+        except (OSError, asyncio.CancelledError) as exc:
+            self.attempt = self.waiting = None
+            if self.timer is not None:
+                self.timer.cancel()
+            return exc
+        self.waiting = step
+        if isinstance(step, asyncio.Future):
+            step.add_done_callback(self.resumed)
+        else:  # a bare yield: run it again on the next turn of the loop, as a Task does
+            self.worker.loop.call_soon(self.resumed, step)
+        return None
+
+    def resumed(self, waited: object) -> None:
+        exc = self.advance(waited)
+        if exc is not None and self.trying is not None:
+            self.failed(self.trying, exc)
+            self.connect()
+
+    def timed_out(self) -> None:
+        """The connect timeout: the coroutine is cancelled, the future it waits on first (as wait_for does: what
+        that future registered is unregistered before the socket is closed); its CancelledError counts as the
+        timeout. A future that is done already has its result on the way (resumed is scheduled): that counts."""
+        waiting = self.waiting
+        if self.attempt is None:
+            return
+        if isinstance(waiting, asyncio.Future):
+            if waiting.done():
+                return
+            waiting.cancel()
+        self.expired = True
+
+    def failed(self, backend: Backend, exc: BaseException) -> None:
+        target = self.target
+        backend.open -= 1
+        self.trying = None
+        if isinstance(exc, asyncio.CancelledError):
+            self.reason = f"timed out connecting to {backend.text}"
+            target.slot.add(cells.TIMED_OUT)
+            target.mark_down(backend, "connect timed out")
+            return
+        assert isinstance(exc, OSError)
+        self.reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
+        target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
+        target.mark_down(backend, exc.strerror or str(exc))
+
+    def backend_side(self) -> BackendSide:
+        return BackendSide(self)
+
+    def connected(self, transport: asyncio.Transport) -> None:
+        """The backend accepted (BackendSide.connection_made: nothing has been read from it yet)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        backend, self.trying = self.trying, None
+        assert backend is not None
+        # relayed once the backend connected, whatever happens next
+        self.target.slot.add(cells.RELAYED)
+        if self.closing:  # the client went away while we were connecting
+            backend.open -= 1
+            transport.close()
+            return
+        self.backend = backend
+        self.upstream = transport
+        pending, self.pending = self.pending, None
+        for chunk in pending or ():
+            transport.write(chunk)
+        if self.eof[0] and transport.can_write_eof():
+            transport.write_eof()
+        if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last = self.worker.loop.time()
@@ -318,8 +389,6 @@ class Relay(asyncio.Protocol):
         self.eof[1] = True
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
-        # The backend can answer and end before connect() runs again (the loop may read the new socket first):
-        # then the client's held bytes are not written yet, and connect() ends the connection once they are.
         if self.eof[0] and self.upstream is not None:
             self.end("closed by both sides")
             return False
@@ -387,6 +456,9 @@ class BackendSide(asyncio.Protocol):
 
     def __init__(self, relay: Relay):
         self.relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.relay.backend_data(data)

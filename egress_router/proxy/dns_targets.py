@@ -26,10 +26,11 @@ RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a
 class Backend:
     """One address of a forward's host."""
 
-    __slots__ = ("address", "port", "open", "down_until", "checking", "text", "key")
+    __slots__ = ("address", "host", "port", "open", "down_until", "checking", "text", "key")
 
     def __init__(self, address: Address, port: int):
         self.address = address
+        self.host = str(address)  # what connect() is given: made once, not per connection
         self.port = port
         self.open = 0
         self.down_until = 0.0
@@ -165,7 +166,7 @@ class Target:
                 await asyncio.sleep(worker.settings.check_interval)
                 try:
                     _, writer = await asyncio.wait_for(
-                        asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
+                        asyncio.open_connection(backend.host, backend.port), worker.settings.connect_timeout)
                 except (TimeoutError, OSError):
                     continue
                 writer.close()
