@@ -352,11 +352,13 @@ class Relay(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof[0] = True
-        if self.upstream is not None and self.upstream.can_write_eof():
-            self.upstream.write_eof()
         if self.eof[1] and self.upstream is not None:
+            # both sides have ended: closing sends the backend its FIN (after what is still buffered), as a
+            # shutdown would, one syscall fewer
             self.end("closed by both sides")
             return False
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()  # half-close: the backend may still answer
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -387,11 +389,11 @@ class Relay(asyncio.Protocol):
 
     def backend_eof(self) -> bool:
         self.eof[1] = True
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        if self.eof[0] and self.upstream is not None:
+        if self.eof[0] and self.upstream is not None:  # both ended: close, no shutdown first (see eof_received)
             self.end("closed by both sides")
             return False
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()  # half-close: the client may still send
         return True
 
     def backend_lost(self, exc: Exception | None) -> None:
