@@ -314,8 +314,11 @@ class Relay(asyncio.Protocol):
     def backend_side(self) -> BackendSide:
         return BackendSide(self)
 
-    def connected(self, transport: asyncio.Transport) -> None:
-        """The backend accepted (BackendSide.connection_made: nothing has been read from it yet)."""
+    def connected(self, transport: asyncio.Transport) -> bool:
+        """The backend accepted (BackendSide.connection_made: nothing has been read from it yet); False: the
+        transport is not taken (its end is not the relay's)."""
+        if self.expired:  # the timeout fired first, in the same turn of the loop: it wins (the socket is closed)
+            return False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -326,7 +329,7 @@ class Relay(asyncio.Protocol):
         if self.closing:  # the client went away while we were connecting
             backend.open -= 1
             transport.close()
-            return
+            return False
         self.backend = backend
         self.upstream = transport
         pending, self.pending = self.pending, None
@@ -336,6 +339,7 @@ class Relay(asyncio.Protocol):
             transport.write_eof()
         if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
             self.transport.resume_reading()
+        return True
 
     def data_received(self, data: bytes) -> None:
         self.last = self.worker.loop.time()
@@ -454,13 +458,14 @@ class Relay(asyncio.Protocol):
 
 
 class BackendSide(asyncio.Protocol):
-    __slots__ = ("relay",)
+    __slots__ = ("relay", "taken")
 
     def __init__(self, relay: Relay):
         self.relay = relay
+        self.taken = False  # the relay took the transport (connected)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.relay.connected(cast(asyncio.Transport, transport))
+        self.taken = self.relay.connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.relay.backend_data(data)
@@ -469,7 +474,8 @@ class BackendSide(asyncio.Protocol):
         return self.relay.backend_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.backend_lost(exc)
+        if self.taken:
+            self.relay.backend_lost(exc)
 
     def pause_writing(self) -> None:
         self.relay.upstream_full = True
