@@ -77,6 +77,12 @@ class Target:
 
     def choose(self, exclude: set[Backend]) -> Backend | None:
         """Least open connections among healthy backends, round-robin among equals; all down: any."""
+        if len(self.backends) == 1:  # one address, the common case: the same answer without the lists below
+            only = self.backends[0]
+            if only in exclude:
+                return None
+            self.turn += 1
+            return only
         now = self.worker.loop.time()
         candidates = [b for b in self.backends if b not in exclude and b.down_until <= now]
         if not candidates:
