@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 from ..admin import bind, serve_in_worker
@@ -24,6 +24,7 @@ from ..core.forwards import Forward
 from ..ha_view import ACTIVE, STANDBY_REFUSAL, SharedRole
 from . import dns_metrics as cells
 from . import metrics
+from .dns_connect import Connecting
 from .dns_metrics import ForwardTable, dns_families, stable_hash
 from .dns_targets import Backend, Target
 from .lookup import NameResolver
@@ -169,17 +170,12 @@ class DnsWorker:
                     relay.abort(f"idle for {idle:g} s")
 
 
-class Relay(asyncio.Protocol):
-    """A client connection and, once connected, its backend connection; bytes both ways, half-close kept.
-
-    The backend connection is made without a Task or asyncio.wait_for (per connection they cost about as much CPU
-    as the relaying itself): `connect` starts loop.create_connection's coroutine and `advance` steps it by hand,
-    each time the future it waits on is done; a call_later timer is the connect timeout. BackendSide's
-    connection_made hands over the transport (`connected`), before any of its data or EOF can arrive."""
+class Relay(Connecting):
+    """A client connection and, once connected (dns_connect.Connecting), its backend connection; bytes both ways,
+    half-close kept."""
 
     __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
-                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full",
-                 "tried", "tries_left", "reason", "trying", "attempt", "waiting", "timer", "expired")
+                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full")
 
     def __init__(self, worker: DnsWorker, target: Target):
         self.worker = worker
@@ -198,16 +194,7 @@ class Relay(asyncio.Protocol):
         self.down = 0
         self.ended = ""
         self.closing = False
-        # the connect in progress (see connect): backends tried, tries left, why the last one failed, the one being
-        # tried, its create_connection coroutine (None: none running), the future that waits on, the timeout
-        self.tried: set[Backend] = set()
-        self.tries_left = 0
-        self.reason = "no backend"
-        self.trying: Backend | None = None
-        self.attempt: Coroutine[object, None, object] | None = None
-        self.waiting: object = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.expired = False
+        super().__init__()
 
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -233,95 +220,19 @@ class Relay(asyncio.Protocol):
         self.tries_left = worker.settings.tries
         self.connect()
 
-    def connect(self) -> None:
-        """Connect to the next backend to try; none left (or every try failed at once): the client is closed."""
-        worker, target = self.worker, self.target
-        while self.tries_left > 0:
-            backend = target.choose(self.tried)
-            if backend is None:
-                break
-            self.tries_left -= 1
-            self.tried.add(backend)
-            backend.open += 1
-            self.trying = backend
-            self.expired = False
-            self.attempt = worker.loop.create_connection(self.backend_side, backend.host, backend.port)
-            self.timer = worker.loop.call_later(worker.settings.connect_timeout, self.timed_out)
-            exc = self.advance()
-            if exc is None:
-                return  # waiting (advance is called again), or connected
-            self.failed(backend, exc)  # at once (a network that is unreachable): the next one
-        target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
-        self.end(f"failed: {self.reason}", abort=True)
-
-    def advance(self, waited: object = None) -> BaseException | None:
-        """Run the connect coroutine up to its next wait, as a Task's step would; the error that ended it, if any.
-        `waited`: the future that was done (a done-callback); a stale one (an earlier attempt's) is ignored."""
-        attempt = self.attempt
-        if attempt is None or waited is not self.waiting:
-            return None
-        try:
-            # expired: what wait_for does, the coroutine gets CancelledError (uvloop then closes the socket)
-            step = attempt.throw(asyncio.CancelledError()) if self.expired else attempt.send(None)
-        except StopIteration:  # connected (connected() has run) and the coroutine returned
-            self.attempt = self.waiting = None
-            return None
-        except (OSError, asyncio.CancelledError) as exc:
-            self.attempt = self.waiting = None
-            if self.timer is not None:
-                self.timer.cancel()
-            return exc
-        self.waiting = step
-        if isinstance(step, asyncio.Future):
-            step.add_done_callback(self.resumed)
-        else:  # a bare yield: run it again on the next turn of the loop, as a Task does
-            self.worker.loop.call_soon(self.resumed, step)
-        return None
-
-    def resumed(self, waited: object) -> None:
-        exc = self.advance(waited)
-        if exc is not None and self.trying is not None:
-            self.failed(self.trying, exc)
-            self.connect()
-
-    def timed_out(self) -> None:
-        """The connect timeout: the coroutine is cancelled, the future it waits on first (as wait_for does: what
-        that future registered is unregistered before the socket is closed); its CancelledError counts as the
-        timeout. A future that is done already has its result on the way (resumed is scheduled): that counts."""
-        waiting = self.waiting
-        if self.attempt is None:
-            return
-        if isinstance(waiting, asyncio.Future):
-            if waiting.done():
-                return
-            waiting.cancel()
-        self.expired = True
-
-    def failed(self, backend: Backend, exc: BaseException) -> None:
-        target = self.target
-        backend.open -= 1
-        self.trying = None
-        if isinstance(exc, asyncio.CancelledError):
-            self.reason = f"timed out connecting to {backend.text}"
-            target.slot.add(cells.TIMED_OUT)
-            target.mark_down(backend, "connect timed out")
-            return
-        assert isinstance(exc, OSError)
-        self.reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
-        target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
-        target.mark_down(backend, exc.strerror or str(exc))
-
     def backend_side(self) -> BackendSide:
         return BackendSide(self)
+
+    def gave_up(self) -> None:
+        self.target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
+        self.end(f"failed: {self.reason}", abort=True)
 
     def connected(self, transport: asyncio.Transport) -> bool:
         """The backend accepted (BackendSide.connection_made: nothing has been read from it yet); False: the
         transport is not taken (its end is not the relay's)."""
         if self.expired:  # the timeout fired first, in the same turn of the loop: it wins (the socket is closed)
             return False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.connect_started()
         backend, self.trying = self.trying, None
         assert backend is not None
         # relayed once the backend connected, whatever happens next
