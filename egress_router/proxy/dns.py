@@ -56,6 +56,7 @@ class DnsWorker:
         self.targets = {f.port: self.new_target(f) for f in settings.forwards}
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()
+        self.connecting: set[Connecting] = set()  # backend connects in progress (a client that left may have one)
         self.stopped = asyncio.Event()
         self.draining = False
         self.reloader = reloader
@@ -85,6 +86,9 @@ class DnsWorker:
             await asyncio.sleep(0.05)
         for relay in list(self.connections):
             relay.abort("the grace period ended")
+        for connecting in list(self.connecting):
+            connecting.stop_connecting()
+        await asyncio.sleep(0)  # a turn of the loop: the sockets closed just now are released while it runs
         sweeper.cancel()
         return 0
 

@@ -133,3 +133,20 @@ def test_a_fin_each_way_costs_one_shutdown_and_half_close_still_works(lab: Lab, 
         _, log = trace.communicate(timeout=10)
     calls = [line for line in log.splitlines() if "shutdown(" in line]
     assert len(calls) == 2, f"shutdowns for 2 connections (1 each expected):\n{log}"
+
+
+def test_sigterm_while_a_connect_is_pending_ends_cleanly(lab: Lab, dns: DnsServer, services: Services,
+                                                        start_proxy: StartProxy) -> None:
+    """A connect still pending when the grace period ends: the client is cut, the proxy exits 0 with nothing in
+    its log about a coroutine or a transport left behind (the fixture checks that log)."""
+    drop_syns(lab, B, 7000)
+    proxy = start_proxy(f"7000 {B}", EGRESS_DNS_PROXY_CONNECT_TIMEOUT="20", EGRESS_PROXY_GRACE_SECONDS="1",
+                        EGRESS_METRICS_PORT=str(ADMIN))
+    with Conn(lab, 7000) as conn:
+        wait_until(lambda: value(scrape(lab), "open_connections", port=7000, target=f"{B}:7000") == 1,
+                   "the proxy took the connection", lambda: proxy.stderr)
+        started = time.monotonic()
+        assert proxy.stop() == 0
+        assert time.monotonic() - started < 3
+        assert conn.sock.recv(10) == b""  # closed by the proxy (the grace period ended), not left open
+    assert [m["how"] for m in proxy.wait_connection_lines(1, 7000)] == ["the grace period ended"]
