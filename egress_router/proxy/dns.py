@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Mapping
 from typing import cast
 
@@ -56,7 +57,7 @@ class DnsWorker:
         self.targets = {f.port: self.new_target(f) for f in settings.forwards}
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()
-        self.connecting: set[Connecting] = set()  # backend connects in progress (a client that left may have one)
+        self.retired: weakref.WeakSet[Target] = weakref.WeakSet()  # targets a reload took away, while in use
         self.stopped = asyncio.Event()
         self.draining = False
         self.reloader = reloader
@@ -86,8 +87,9 @@ class DnsWorker:
             await asyncio.sleep(0.05)
         for relay in list(self.connections):
             relay.abort("the grace period ended")
-        for connecting in list(self.connecting):
-            connecting.stop_connecting()
+        for target in {*self.targets.values(), *self.retired}:
+            for connecting in list(target.connecting):
+                connecting.stop_connecting()
         await asyncio.sleep(0)  # a turn of the loop: the sockets closed just now are released while it runs
         sweeper.cancel()
         return 0
@@ -149,6 +151,7 @@ class DnsWorker:
     def retire(self, target: Target, how: str) -> None:
         """The forward is gone (or changed): its connections get the grace period to end, then are closed."""
         target.retire()
+        self.retired.add(target)
         self.release_if_done(target)
         if any(relay.target is target for relay in self.connections):
             task = self.loop.create_task(self.drain(target, how))

@@ -64,7 +64,7 @@ class Connecting(asyncio.Protocol):
             self.trying = backend
             self.expired = False
             self.attempt = worker.loop.create_connection(self.backend_side, backend.host, backend.port)
-            worker.connecting.add(self)
+            target.connecting.add(self)
             self.timer = worker.loop.call_later(worker.settings.connect_timeout, self.timed_out)
             exc = self.advance()
             if exc is None:
@@ -83,11 +83,11 @@ class Connecting(asyncio.Protocol):
             step = attempt.throw(asyncio.CancelledError()) if self.expired else attempt.send(None)
         except StopIteration:  # connected (connected() has run) and the coroutine returned
             self.attempt = self.waiting = None
-            self.worker.connecting.discard(self)
+            self.target.connecting.discard(self)
             return None
         except (OSError, asyncio.CancelledError) as exc:
             self.attempt = self.waiting = None
-            self.worker.connecting.discard(self)
+            self.target.connecting.discard(self)
             if self.timer is not None:
                 self.timer.cancel()
             return exc
@@ -121,7 +121,7 @@ class Connecting(asyncio.Protocol):
         """The worker is stopping: the connect in progress is dropped, its socket closed while the loop still
         runs (closed later, with the loop, uvloop would report the connect's end on a closed loop)."""
         attempt, self.attempt = self.attempt, None
-        self.worker.connecting.discard(self)
+        self.target.connecting.discard(self)
         if self.timer is not None:
             self.timer.cancel()
         if isinstance(self.waiting, asyncio.Future):
