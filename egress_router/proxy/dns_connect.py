@@ -28,7 +28,7 @@ class Connecting(asyncio.Protocol):
     target: Target
 
     def __init__(self) -> None:
-        self.tried: set[Backend] = set()
+        self.tried: tuple[Backend, ...] = ()  # a tuple: nothing held per idle connection once connected
         self.tries_left = 0
         self.reason = "no backend"  # why the last try failed
         self.trying: Backend | None = None  # the backend of the connect in progress
@@ -46,10 +46,11 @@ class Connecting(asyncio.Protocol):
         raise NotImplementedError
 
     def connect_started(self) -> None:
-        """A connect made it: its timeout is off (called by `connected`, before it takes the transport)."""
+        """A connect made it (called by `connected`, before it takes the transport): no timeout, no retry."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.tried = ()
 
     def connect(self) -> None:
         """Connect to the next backend to try; none left (or every try failed at once): the client is closed."""
@@ -59,7 +60,7 @@ class Connecting(asyncio.Protocol):
             if backend is None:
                 break
             self.tries_left -= 1
-            self.tried.add(backend)
+            self.tried += (backend,)
             backend.open += 1
             self.trying = backend
             self.expired = False

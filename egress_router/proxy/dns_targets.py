@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Collection
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,7 @@ class Target:
     def ready(self) -> bool:
         return bool(self.backends)
 
-    def choose(self, exclude: set[Backend]) -> Backend | None:
+    def choose(self, exclude: Collection[Backend]) -> Backend | None:
         """Least open connections among healthy backends, round-robin among equals; all down: any."""
         if len(self.backends) == 1:  # one address, the common case: the same answer without the lists below
             only = self.backends[0]
