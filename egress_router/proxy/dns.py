@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Mapping
 from typing import cast
 
@@ -24,6 +25,7 @@ from ..core.forwards import Forward
 from ..ha_view import ACTIVE, STANDBY_REFUSAL, SharedRole
 from . import dns_metrics as cells
 from . import metrics
+from .dns_connect import Connecting
 from .dns_metrics import ForwardTable, dns_families, stable_hash
 from .dns_targets import Backend, Target
 from .lookup import NameResolver
@@ -55,6 +57,7 @@ class DnsWorker:
         self.targets = {f.port: self.new_target(f) for f in settings.forwards}
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
         self.connections: set[Relay] = set()
+        self.retired: weakref.WeakSet[Target] = weakref.WeakSet()  # targets a reload took away, while in use
         self.stopped = asyncio.Event()
         self.draining = False
         self.reloader = reloader
@@ -84,6 +87,10 @@ class DnsWorker:
             await asyncio.sleep(0.05)
         for relay in list(self.connections):
             relay.abort("the grace period ended")
+        for target in {*self.targets.values(), *self.retired}:
+            for connecting in list(target.connecting):
+                connecting.stop_connecting()
+        await asyncio.sleep(0)  # a turn of the loop: the sockets closed just now are released while it runs
         sweeper.cancel()
         return 0
 
@@ -144,6 +151,7 @@ class DnsWorker:
     def retire(self, target: Target, how: str) -> None:
         """The forward is gone (or changed): its connections get the grace period to end, then are closed."""
         target.retire()
+        self.retired.add(target)
         self.release_if_done(target)
         if any(relay.target is target for relay in self.connections):
             task = self.loop.create_task(self.drain(target, how))
@@ -169,8 +177,9 @@ class DnsWorker:
                     relay.abort(f"idle for {idle:g} s")
 
 
-class Relay(asyncio.Protocol):
-    """A client connection and, once connected, its backend connection; bytes both ways, half-close kept."""
+class Relay(Connecting):
+    """A client connection and, once connected (dns_connect.Connecting), its backend connection; bytes both ways,
+    half-close kept."""
 
     __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
                  "started", "up", "down", "ended", "closing", "upstream_full", "client_full")
@@ -192,6 +201,7 @@ class Relay(asyncio.Protocol):
         self.down = 0
         self.ended = ""
         self.closing = False
+        super().__init__()
 
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -214,57 +224,40 @@ class Relay(asyncio.Protocol):
         target.relays += 1
         worker.connections.add(self)
         self.transport.pause_reading()  # until the backend is connected
-        worker.loop.create_task(self.connect())
+        self.tries_left = worker.settings.tries
+        self.connect()
 
-    async def connect(self) -> None:
-        worker, target = self.worker, self.target
-        tried: set[Backend] = set()
-        reason = "no backend"
-        for _ in range(worker.settings.tries):
-            backend = target.choose(tried)
-            if backend is None:
-                break
-            tried.add(backend)
-            backend.open += 1
-            try:
-                transport, _ = await asyncio.wait_for(worker.loop.create_connection(
-                    lambda: BackendSide(self), str(backend.address), backend.port), worker.settings.connect_timeout)
-            except TimeoutError:
-                backend.open -= 1
-                reason = f"timed out connecting to {backend.text}"
-                target.slot.add(cells.TIMED_OUT)
-                target.mark_down(backend, "connect timed out")
-                continue
-            except OSError as exc:
-                backend.open -= 1
-                reason = f"cannot connect to {backend.text}: {exc.strerror or exc}"
-                target.slot.add(cells.REFUSED if isinstance(exc, ConnectionRefusedError) else cells.UNREACHABLE)
-                target.mark_down(backend, exc.strerror or str(exc))
-                continue
-            # relayed once the backend connected: its answer may even have reached the client, and both sides
-            # ended, before this coroutine runs again (the closing case below)
-            target.slot.add(cells.RELAYED)
-            if self.closing:  # the client went away while we were connecting
-                backend.open -= 1
-                transport.close()
-                return
-            self.backend = backend
-            self.upstream = transport
-            if self.client_full:  # the backend's first bytes filled the client's buffer before this ran again
-                transport.pause_reading()
-            pending, self.pending = self.pending, None
-            for chunk in pending or ():
-                self.upstream.write(chunk)
-            if self.eof[0] and self.upstream.can_write_eof():
-                self.upstream.write_eof()
-            if self.eof[0] and self.eof[1]:  # both ended before this coroutine ran again (see backend_eof)
-                self.end("closed by both sides")
-                return
-            if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
-                self.transport.resume_reading()
-            return
-        target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
-        self.end(f"failed: {reason}", abort=True)
+    def backend_side(self) -> BackendSide:
+        return BackendSide(self)
+
+    def gave_up(self) -> None:
+        self.target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
+        self.end(f"failed: {self.reason}", abort=True)
+
+    def connected(self, transport: asyncio.Transport) -> bool:
+        """The backend accepted (BackendSide.connection_made: nothing has been read from it yet); False: the
+        transport is not taken (its end is not the relay's)."""
+        if self.expired:  # the timeout fired first, in the same turn of the loop: it wins (the socket is closed)
+            return False
+        self.connect_started()
+        backend, self.trying = self.trying, None
+        assert backend is not None
+        # relayed once the backend connected, whatever happens next
+        self.target.slot.add(cells.RELAYED)
+        if self.closing:  # the client went away while we were connecting
+            backend.open -= 1
+            transport.close()
+            return False
+        self.backend = backend
+        self.upstream = transport
+        pending, self.pending = self.pending, None
+        for chunk in pending or ():
+            transport.write(chunk)
+        if self.eof[0] and transport.can_write_eof():
+            transport.write_eof()
+        if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
+            self.transport.resume_reading()
+        return True
 
     def data_received(self, data: bytes) -> None:
         self.last = self.worker.loop.time()
@@ -281,11 +274,13 @@ class Relay(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof[0] = True
-        if self.upstream is not None and self.upstream.can_write_eof():
-            self.upstream.write_eof()
         if self.eof[1] and self.upstream is not None:
+            # both sides have ended: closing sends the backend its FIN (after what is still buffered), as a
+            # shutdown would, one syscall fewer
             self.end("closed by both sides")
             return False
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()  # half-close: the backend may still answer
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -316,13 +311,11 @@ class Relay(asyncio.Protocol):
 
     def backend_eof(self) -> bool:
         self.eof[1] = True
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        # The backend can answer and end before connect() runs again (the loop may read the new socket first):
-        # then the client's held bytes are not written yet, and connect() ends the connection once they are.
-        if self.eof[0] and self.upstream is not None:
+        if self.eof[0] and self.upstream is not None:  # both ended: close, no shutdown first (see eof_received)
             self.end("closed by both sides")
             return False
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()  # half-close: the client may still send
         return True
 
     def backend_lost(self, exc: Exception | None) -> None:
@@ -383,10 +376,14 @@ class Relay(asyncio.Protocol):
 
 
 class BackendSide(asyncio.Protocol):
-    __slots__ = ("relay",)
+    __slots__ = ("relay", "taken")
 
     def __init__(self, relay: Relay):
         self.relay = relay
+        self.taken = False  # the relay took the transport (connected)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.taken = self.relay.connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.relay.backend_data(data)
@@ -395,7 +392,8 @@ class BackendSide(asyncio.Protocol):
         return self.relay.backend_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.backend_lost(exc)
+        if self.taken:
+            self.relay.backend_lost(exc)
 
     def pause_writing(self) -> None:
         self.relay.upstream_full = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Collection
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from .lookup import NoAddresses, describe_dns_error
 
 if TYPE_CHECKING:
     from .dns import DnsWorker
+    from .dns_connect import Connecting
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,11 @@ RESOLVE_MIN_INTERVAL = 0.2  # even a TTL of 0 must not make the proxy query in a
 class Backend:
     """One address of a forward's host."""
 
-    __slots__ = ("address", "port", "open", "down_until", "checking", "text", "key")
+    __slots__ = ("address", "host", "port", "open", "down_until", "checking", "text", "key")
 
     def __init__(self, address: Address, port: int):
         self.address = address
+        self.host = str(address)  # what connect() is given: made once, not per connection
         self.port = port
         self.open = 0
         self.down_until = 0.0
@@ -46,6 +49,7 @@ class Target:
         self.forward = forward
         self.slot = Slot.detached() if slot is None else slot  # its cells in the worker's table (metrics)
         self.relays = 0  # client connections that hold the slot (see DnsWorker.release_if_done)
+        self.connecting: set[Connecting] = set()  # backend connects in progress (a client that left may have one)
         self.backends: list[Backend] = []
         self.resolved_once = False
         self.failing = False
@@ -74,8 +78,14 @@ class Target:
     def ready(self) -> bool:
         return bool(self.backends)
 
-    def choose(self, exclude: set[Backend]) -> Backend | None:
+    def choose(self, exclude: Collection[Backend]) -> Backend | None:
         """Least open connections among healthy backends, round-robin among equals; all down: any."""
+        if len(self.backends) == 1:  # one address, the common case: the same answer without the lists below
+            only = self.backends[0]
+            if only in exclude:
+                return None
+            self.turn += 1
+            return only
         now = self.worker.loop.time()
         candidates = [b for b in self.backends if b not in exclude and b.down_until <= now]
         if not candidates:
@@ -165,7 +175,7 @@ class Target:
                 await asyncio.sleep(worker.settings.check_interval)
                 try:
                     _, writer = await asyncio.wait_for(
-                        asyncio.open_connection(str(backend.address), backend.port), worker.settings.connect_timeout)
+                        asyncio.open_connection(backend.host, backend.port), worker.settings.connect_timeout)
                 except (TimeoutError, OSError):
                     continue
                 writer.close()

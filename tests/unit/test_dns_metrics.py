@@ -313,7 +313,8 @@ def test_a_backend_that_answers_and_ends_before_the_connect_returns_still_gets_t
         async with asyncio.timeout(2):
             while not relay.ended:
                 await asyncio.sleep(0)
-        assert (backend.written, backend.eof) == (b"hello", True)
+        # the backend's FIN by close(), no shutdown first: both sides had ended (a clean close, not an abort)
+        assert (backend.written, backend.eof, backend.closed, backend.aborted) == (b"hello", False, True, False)
         assert (client.written, client.eof) == (b"greeting\n", True)
         assert relay.ended == "closed by both sides"
         assert [target.slot.cells[target.slot.base + c] for c in (m.RELAYED, m.ABANDONED, m.BYTES_UP, m.BYTES_DOWN)] \
