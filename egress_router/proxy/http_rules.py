@@ -33,6 +33,29 @@ HEALTHZ, METRICS = b"/healthz", b"/metrics"  # the proxy's own pages (origin-for
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
+# What a header name is to the proxy (header_kind), by its lower-case spelling; PLAIN: anything else (end-to-end).
+PLAIN, HOP, CONNECTION, TRANSFER_ENCODING, UPGRADE_FIELD, HOST, VIA_FIELD, CONTENT_LENGTH = range(8)
+_KINDS = {name: HOP for name in HOP_BY_HOP} | {b"connection": CONNECTION, b"transfer-encoding": TRANSFER_ENCODING,
+                                               b"upgrade": UPGRADE_FIELD, b"host": HOST, b"via": VIA_FIELD,
+                                               b"content-length": CONTENT_LENGTH}
+# The kinds of names as they were received (case kept): clients and servers repeat a few spellings, and a dict
+# probe on the name is cheaper than lowering it and probing sets per header. Bounded: names past the bound are
+# lowered each time.
+_KIND_OF: dict[bytes, int] = {}
+_KIND_OF_MAX = 2048
+
+
+def header_kind(name: bytes) -> int:
+    """PLAIN, HOP (hop-by-hop, none of the following), CONNECTION, TRANSFER_ENCODING, UPGRADE_FIELD, HOST,
+    VIA_FIELD or CONTENT_LENGTH, whatever the name's case."""
+    kind = _KIND_OF.get(name)
+    if kind is None:
+        kind = _KINDS.get(name.lower(), PLAIN)
+        if len(_KIND_OF) < _KIND_OF_MAX:
+            _KIND_OF[name] = kind
+    return kind
+
+
 # request_framing's answer: bits
 CHUNKED = 1  # the body is chunked
 BODY = 2  # there is a body (chunked, or a Content-Length above 0)
@@ -105,28 +128,50 @@ def checked_host(text: str) -> Host:
         raise ProxyError(400, f"bad host {text!r}: {exc}", BAD) from None
 
 
+# The hosts of request targets as written (bytes) -> (normalized host, host_text of it): a request to a host
+# seen before skips the decoding, the normalization and host_text (whose cache hashes an address, which
+# ipaddress does in Python). Refused hosts are not kept; cleared when full.
+_HOSTS: dict[bytes, tuple[Host, str]] = {}
+_HOSTS_MAX = 4096
+
+
 def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     """An absolute-form target (http://host[:port][/path][?query]): the host, the port and the target
     to send upstream in origin form (the path, '/' if none, and the query; a fragment is dropped)."""
+    host, _, port, path = parse_target(target)
+    return host, port, path
+
+
+def parse_target(target: bytes) -> tuple[Host, str, int, bytes]:
+    """parse_absolute_form's answer with the host as host_text writes it: (host, text, port, path)."""
     try:
         parsed = httptools.parse_url(target)
         raw_host = parsed.host or b""
     except httptools.HttpParserInvalidURLError:
         parsed, raw_host = parse_url_with_underscores(target)
-    if parsed.schema is None or parsed.schema.lower() != b"http":
+    schema = parsed.schema
+    if schema is None or (schema != b"http" and schema.lower() != b"http"):
         raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", BAD)
     if parsed.userinfo:
         raise ProxyError(400, "user information in the URL is not accepted", BAD)
-    if b":" not in raw_host and b"[" in target.split(b"/", 3)[2]:
+    # (the first `in` is only a quicker way to the same answer: no '[' in the target, none in its authority)
+    if b":" not in raw_host and b"[" in target and b"[" in target.split(b"/", 3)[2]:
         raise ProxyError(400, "only IPv6 addresses may be written in brackets", BAD)
-    host = checked_host(raw_host.decode("latin-1"))
+    known = _HOSTS.get(raw_host)
+    if known is None:
+        normalized = checked_host(raw_host.decode("latin-1"))
+        known = normalized, host_text(normalized)
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[raw_host] = known
+    host, text = known
     port = 80 if parsed.port is None else parsed.port
     if not 1 <= port <= 65535:
         raise ProxyError(400, f"port {port} is not a port number (1-65535)", BAD)
     path = parsed.path or b"/"
     if parsed.query is not None:
         path += b"?" + parsed.query
-    return host, port, path
+    return host, text, port, path
 
 
 def parse_url_with_underscores(target: bytes) -> tuple[URL, bytes]:
@@ -186,14 +231,16 @@ def request_framing(headers: list[tuple[bytes, bytes]]) -> int:
     complete with its head), UPGRADE (it has an Upgrade header)."""
     framing = 0
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind == TRANSFER_ENCODING:
             if b"chunked" in value.lower():
                 framing |= CHUNKED | BODY
-        elif lower == b"content-length":
+        elif kind == CONTENT_LENGTH:
             if value.strip(b" \t0"):  # the parser has checked that it is a number
                 framing |= BODY
-        elif lower == b"upgrade":
+        elif kind == UPGRADE_FIELD:
             framing |= UPGRADE
     return framing
 
@@ -313,17 +360,22 @@ def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
     lines = []
     via = VIA
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection" and not tokens and lists_tokens(value):
-                return None
-            continue
-        if lower == b"host" or lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if chunked and lower == b"content-length":
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind:  # one of the names the proxy acts on
+            if kind <= UPGRADE_FIELD:  # hop-by-hop
+                if kind == CONNECTION and not tokens and lists_tokens(value):
+                    return None
+                continue
+            if kind == HOST or (tokens and name.lower() in tokens):
+                continue
+            if kind == VIA_FIELD:
+                via = value + b", " + VIA
+                continue
+            if chunked:  # CONTENT_LENGTH
+                continue
+        elif tokens and name.lower() in tokens:
             continue
         lines.append(name + b": " + value + b"\r\n")
     lines.append(b"Via: " + via + b"\r\n")
@@ -338,20 +390,25 @@ def response_fields(headers: list[tuple[bytes, bytes]],
     has_length = chunked = False
     via = VIA
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection" and not tokens and lists_tokens(value):
-                return None
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind:  # one of the names the proxy acts on
+            if kind <= UPGRADE_FIELD:  # hop-by-hop
+                if kind == TRANSFER_ENCODING:
+                    chunked = b"chunked" in value.lower()
+                elif kind == CONNECTION and not tokens and lists_tokens(value):
+                    return None
+                continue
+            if tokens and name.lower() in tokens:
+                continue
+            if kind == VIA_FIELD:
+                via = value + b", " + VIA
+                continue
+            if kind == CONTENT_LENGTH:
+                has_length = True
+        elif tokens and name.lower() in tokens:
             continue
-        if lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if lower == b"content-length":
-            has_length = True
         lines.append(name + b": " + value + b"\r\n")
     lines.append(b"Via: " + via + b"\r\n")
     return lines, has_length, chunked

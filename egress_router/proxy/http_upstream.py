@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import httptools
 
@@ -18,10 +18,20 @@ if TYPE_CHECKING:
     from .http_reader import Request
     from .http_worker import Worker
 
-__all__ = ["POOL_IDLE_SECONDS", "POOL_MAX_PER_KEY", "Endpoint", "Upstream", "UpstreamPool"]  # Endpoint: from http_flow
+__all__ = ["POOL_IDLE_SECONDS", "POOL_MAX_PER_KEY", "Endpoint", "PoolKey", "Upstream", "UpstreamPool",
+           "pool_key"]  # Endpoint: from http_flow
 
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 POOL_MAX_PER_KEY = 256
+# The pool's key for an (address, port): ipaddress hashes an address in Python (hash(hex(int))), on every take
+# and put; an IPv4 address is keyed by its integer instead. IPv6 keeps the address (its int could be an IPv4
+# one's), so keys of the two families never meet.
+PoolKey: TypeAlias = tuple[int | Address, int]
+
+
+def pool_key(address: Address, port: int) -> PoolKey:
+    return (int(address), port) if type(address) is IPv4Address else (address, port)
+
 
 
 class Upstream(Endpoint, asyncio.Protocol):
@@ -29,7 +39,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
                  "headers", "reason", "done_early", "until_close", "reused",
-                 "answered")
+                 "answered", "pool_key")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -47,6 +57,7 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.until_close = False
         self.reused = False  # taken from the pool: the server may have closed it just now
         self.answered = False  # some of the current response has arrived
+        self.pool_key: PoolKey | None = None  # pool_key(*key), made when first pooled (key is set once connected)
         self.out = None
 
     # client -> upstream
@@ -190,10 +201,10 @@ class UpstreamPool:
     __slots__ = ("conns",)
 
     def __init__(self) -> None:
-        self.conns: dict[tuple[Address, int], list[Upstream]] = {}
+        self.conns: dict[PoolKey, list[Upstream]] = {}
 
-    def take(self, key: tuple[Address, int]) -> Upstream | None:
-        """An open idle connection to `key`, marked as reused; None if there is none."""
+    def take(self, key: PoolKey) -> Upstream | None:
+        """An open idle connection to `key` (pool_key), marked as reused; None if there is none."""
         conns = self.conns.get(key)
         while conns:
             upstream = conns.pop()
@@ -204,8 +215,13 @@ class UpstreamPool:
 
     def put(self, upstream: Upstream, now: float) -> None:
         """Keep an upstream connection whose response is complete for the next request (closed if full)."""
-        conns = self.conns.setdefault(upstream.key, [])
-        if len(conns) >= POOL_MAX_PER_KEY:
+        key = upstream.pool_key
+        if key is None:
+            key = upstream.pool_key = pool_key(*upstream.key)
+        conns = self.conns.get(key)
+        if conns is None:
+            conns = self.conns[key] = []
+        elif len(conns) >= POOL_MAX_PER_KEY:
             upstream.close()
             return
         upstream.client = None
