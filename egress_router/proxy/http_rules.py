@@ -274,17 +274,17 @@ def request_head(method: bytes, target: bytes, host: str, port: int, headers: li
     """The request head for the upstream server: origin-form `target`, HTTP/1.1, a Host header made from
     the request target's `host` (as host_text writes it) and `port` (the client's Host header is not
     used), the end-to-end headers, Via, and Transfer-Encoding when the body is chunked."""
-    host_header = host.encode() + (b"" if port == 80 else b":%d" % port)
-    lines = [method + b" " + target + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
-    fields = request_fields(headers, chunked, _NO_TOKENS)
-    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-        fields = request_fields(headers, chunked, drop_tokens(headers))
-    assert fields is not None
-    lines += fields
+    first = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host.encode(),
+             b"\r\n" if port == 80 else b":%d\r\n" % port]
+    pieces = first.copy()
+    if not request_pieces(headers, chunked, _NO_TOKENS, pieces):
+        # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        pieces = first
+        request_pieces(headers, chunked, drop_tokens(headers), pieces)
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        pieces.append(b"Transfer-Encoding: chunked\r\n")
+    pieces.append(b"\r\n")
+    return b"".join(pieces)
 
 
 # ------------------------------------------------------------ responses: head and framing
@@ -302,11 +302,12 @@ def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
         raise ProxyError(502, "the upstream server switched protocols, which the proxy did not ask for")
     if version == "1.0":
         return None
-    fields = response_fields(headers, _NO_TOKENS)
-    if fields is None:
-        fields = response_fields(headers, drop_tokens(headers))
-    assert fields is not None
-    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(fields[0]))
+    pieces = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    if response_pieces(headers, _NO_TOKENS, pieces) is None:
+        del pieces[1:]
+        response_pieces(headers, drop_tokens(headers), pieces)
+    pieces.append(b"\r\n")
+    return b"".join(pieces)
 
 
 def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str,
@@ -320,12 +321,13 @@ def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], v
     (`until_close`) is re-chunked for an HTTP/1.1 client (`rechunk`); an HTTP/1.0 client gets it as
     it comes and the end of its connection ends it (so `keep_alive` comes back False).
     """
-    fields = response_fields(headers, _NO_TOKENS)
-    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-        fields = response_fields(headers, drop_tokens(headers))
-    assert fields is not None
-    lines, has_length, chunked_upstream = fields
-    lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    facts = response_pieces(headers, _NO_TOKENS, lines)
+    if facts is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        del lines[1:]
+        facts = response_pieces(headers, drop_tokens(headers), lines)
+        assert facts is not None
+    has_length, chunked_upstream = facts
     no_body = head_only or status in NO_BODY_STATUS  # response_ends_at_head, without a call on the hot path
     rechunk = False
     until_close = not no_body and not chunked_upstream and not has_length
@@ -357,7 +359,19 @@ def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
                    tokens: frozenset[bytes]) -> list[bytes] | None:
     """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
     (`tokens` empty) meets a Connection header that names more headers to drop."""
-    lines = []
+    pieces: list[bytes] = []
+    return _lines(pieces) if request_pieces(headers, chunked, tokens, pieces) else None
+
+
+def _lines(pieces: list[bytes]) -> list[bytes]:
+    """request_pieces' or response_pieces' output as one item per header line."""
+    return [b"".join(pieces[i:i + 4]) for i in range(0, len(pieces), 4)]
+
+
+def request_pieces(headers: list[tuple[bytes, bytes]], chunked: bool, tokens: frozenset[bytes],
+                   pieces: list[bytes]) -> bool:
+    """request_fields' lines appended to `pieces`, four pieces a line (name, ': ', value, CRLF: one join
+    for the whole head is cheaper than one per line); False where request_fields answers None."""
     via = VIA
     for name, value in headers:
         kind = _KIND_OF.get(name)
@@ -366,7 +380,7 @@ def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
         if kind:  # one of the names the proxy acts on
             if kind <= UPGRADE_FIELD:  # hop-by-hop
                 if kind == CONNECTION and not tokens and lists_tokens(value):
-                    return None
+                    return False
                 continue
             if kind == HOST or (tokens and name.lower() in tokens):
                 continue
@@ -377,16 +391,24 @@ def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
                 continue
         elif tokens and name.lower() in tokens:
             continue
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines
+        pieces += (name, b": ", value, b"\r\n")
+    pieces += (b"Via", b": ", via, b"\r\n")
+    return True
 
 
 def response_fields(headers: list[tuple[bytes, bytes]],
                     tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
     """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
     upstream sent it chunked; None as for request_fields."""
-    lines = []
+    pieces: list[bytes] = []
+    facts = response_pieces(headers, tokens, pieces)
+    return None if facts is None else (_lines(pieces), *facts)
+
+
+def response_pieces(headers: list[tuple[bytes, bytes]], tokens: frozenset[bytes],
+                    pieces: list[bytes]) -> tuple[bool, bool] | None:
+    """response_fields' lines appended to `pieces` as request_pieces does, and its two facts: (has a
+    Content-Length, sent chunked); None where response_fields answers None."""
     has_length = chunked = False
     via = VIA
     for name, value in headers:
@@ -409,9 +431,9 @@ def response_fields(headers: list[tuple[bytes, bytes]],
                 has_length = True
         elif tokens and name.lower() in tokens:
             continue
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines, has_length, chunked
+        pieces += (name, b": ", value, b"\r\n")
+    pieces += (b"Via", b": ", via, b"\r\n")
+    return has_length, chunked
 
 
 def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
