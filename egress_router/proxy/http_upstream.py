@@ -11,7 +11,7 @@ import httptools
 from ..core.hosts import Address
 from . import metrics
 from .http_flow import UPSTREAM_FULL, Endpoint
-from .http_rules import last_chunk, may_retry, request_head, response_ends_at_head
+from .http_rules import NO_BODY_STATUS, last_chunk, may_retry, request_head
 
 if TYPE_CHECKING:
     from .http import ClientConnection
@@ -166,7 +166,7 @@ class Upstream(Endpoint, asyncio.Protocol):
             self.headers = []
             self.reason = b""
             return
-        if response_ends_at_head(status, request.head_only):
+        if request.head_only or status in NO_BODY_STATUS:  # response_ends_at_head, without a call per response
             # httptools would wait for a body the server will not send: the response ends here.
             self.done_early = True
             self._complete(self.parser.should_keep_alive())
