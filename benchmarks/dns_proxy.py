@@ -12,13 +12,24 @@ and 5201 -> 203.0.113.10:5201; one proxy at a time holds the ports. The forwards
 so no DNS lookup is part of the measurement.
 
   ours     `egress-router` (container path), EGRESS_ROUTER_MODE=dns-proxy,
-           EGRESS_DNS_PROXY_DESTINATION="8080 203.0.113.10 80\\n5201 203.0.113.10 5201",
-           EGRESS_DNS_PROXY_WORKERS = the CPUs available (what `auto` picks)
+           EGRESS_DNS_PROXY_DESTINATION="8080 203.0.113.10 80\\n5201 203.0.113.10 5201"
   haproxy  `haproxy -db -f <temp>/haproxy.cfg`: mode tcp, a frontend/backend per port, timeouts
-           connect 10s / client 60s / server 60s, maxconn 20000, nbthread = ours' worker count
+           connect 10s / client 60s / server 60s, maxconn 20000
 
-Measured, in rounds that alternate the order of the two sides (medians over the rounds), on one
-proxy life per side and round (after a short keep-alive warm-up):
+Two comparisons, as issue 16 asks, in the same run (--compare one|defaults|both, default both):
+  one       one process of ours (EGRESS_DNS_PROXY_WORKERS=1) against haproxy `nbthread 1`
+            (--workers N: N workers against nbthread N)
+  defaults  both at their defaults: ours without EGRESS_DNS_PROXY_WORKERS (the proxy picks its own
+            count), haproxy without an nbthread line (haproxy 2.6: one thread per CPU it may run on);
+            the processes and threads each side ran are printed
+Each comparison's figures are printed with MET / NOT MET against the issue's bounds (keep-alive
+>= 1.0x haproxy, close >= 0.8x, memory per idle connection <= 1x, p99 at 2,000 req/s <= 1x) and the
+CPU each side used. Run time: about 4.5 minutes per comparison at 3 rounds (both: about 9; a
+--baseline adds half again).
+
+Measured, in rounds that alternate the order of the sides (ours, baseline, haproxy; reversed every
+other round, the two comparisons one after the other in the same order), medians over the rounds,
+on one proxy life per side, comparison and round (after a short keep-alive warm-up):
   bulk 1 / bulk 4   iperf3 -c 198.51.100.1 -p 5201 -t 5 (-P 4): Gbit/s received
   keep-alive        wrk -c 64 GET /1k through 8080: requests/s
   latency           wrk -c 64 paced to --rate requests/s (Lua delay()): p50 and p99
@@ -26,6 +37,11 @@ proxy life per side and round (after a short keep-alive warm-up):
   memory            RSS and PSS of all the proxy's processes, before and with 10,000 idle connections
 CPU time of the proxy, the load tool and the backend (nginx or iperf3 server) is recorded per run
 to name the bottleneck. Every process it starts is ended by pid; the lab always goes.
+
+With --baseline TREE, a third side, baseline (TREE's .venv/bin/egress-router: TREE's interpreter and
+code, ours' settings in each comparison), runs in the same rounds; each comparison's table gains
+baseline and ours/baseline, and an A/B table gives each side's IQR and min-max and the per-round
+ratios. With --only ours, that is ours and baseline alone.
 """
 
 from __future__ import annotations
@@ -36,7 +52,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import string
 import sys
 import time
@@ -44,16 +59,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from benchlib import (
+    BASELINE_HELP,
     BENCH,
+    Baseline,
     BenchError,
     Deadline,
+    load_baseline,
     machine_lines,
-    md_table,
     require_root,
     run_benchmark,
-    text_table,
     write_results,
 )
+from dns_report import CONNECTIONS, report
 from proxybench import (
     HTTP_PROXY_DIR,
     CpuWatch,
@@ -64,7 +81,6 @@ from proxybench import (
     QuietStarts,
     Results,
     alternate_rounds,
-    bottleneck,
     client_get,
     common_arguments,
     describe_machine,
@@ -73,9 +89,9 @@ from proxybench import (
     per_process_lines,
     prepare_lab,
     raise_fd_limit,
-    ratio_digits,
     run_tool,
     scratch,
+    thread_count,
     tool_versions,
     wait_for_backends,
     wait_until_serving,
@@ -92,16 +108,16 @@ HTTP_PORT = 8080
 IPERF_PORT = 5201
 FORWARDS = ((HTTP_PORT, BACKEND_IP, 80), (IPERF_PORT, BACKEND_IP, IPERF_PORT))
 DESTINATION = "\n".join(f"{port} {host} {remote}" for port, host, remote in FORWARDS)
-CONNECTIONS = 64
 SIDES = ("ours", "haproxy")
+COMPARISONS = ("one", "defaults")
 
 
 # ---------------------------------------------------------------- the proxies
 
 class DnsProxy(Proxy):
-    """A proxy under test with the worker count both sides get (ours' workers, haproxy's threads)."""
+    """A proxy under test with its worker count (ours' workers, haproxy's threads); None: its default."""
 
-    def __init__(self, lab: Lab, tmp: Path, workers: int):
+    def __init__(self, lab: Lab, tmp: Path, workers: int | None):
         super().__init__(lab, tmp)
         self.workers = workers
 
@@ -109,16 +125,39 @@ class DnsProxy(Proxy):
 class Ours(DnsProxy):
     name = "ours"
 
-    def start(self) -> None:
-        self.lives += 1
+    def command(self) -> list[str]:
+        return router_command()
+
+    def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
         # 10,000 idle connections must not sit at the default limit of 10,000 (haproxy: maxconn
         # 20000); no drain period on stop (it only shortens stopping)
         env.update(EGRESS_ROUTER_MODE="dns-proxy", EGRESS_DNS_PROXY_DESTINATION=DESTINATION,
-                   EGRESS_DNS_PROXY_MAX_CONNECTIONS="16000", EGRESS_PROXY_GRACE_SECONDS="0",
-                   # as many workers as haproxy gets threads (our default is one process)
-                   EGRESS_DNS_PROXY_WORKERS=str(self.workers))
-        self.proc = Managed(self.lab, "router", router_command(), self.tmp / f"ours-{self.lives}.out", env=env)
+                   EGRESS_DNS_PROXY_MAX_CONNECTIONS="16000", EGRESS_PROXY_GRACE_SECONDS="0")
+        if self.workers is not None:
+            env["EGRESS_DNS_PROXY_WORKERS"] = str(self.workers)
+        return env
+
+    def start(self) -> None:
+        self.lives += 1
+        self.proc = Managed(self.lab, "router", self.command(), self.tmp / f"{self.name}-{self.lives}.out",
+                            env=self.env())
+
+
+class BaselineOurs(Ours):
+    """Ours as another checkout has it (--baseline TREE): TREE's console script, interpreter and code."""
+
+    name = "baseline"
+
+    def __init__(self, lab: Lab, tmp: Path, workers: int | None, baseline: Baseline):
+        super().__init__(lab, tmp, workers)
+        self.baseline = baseline
+
+    def command(self) -> list[str]:
+        return self.baseline.command()
+
+    def env(self) -> dict[str, str]:
+        return self.baseline.env(super().env())
 
 
 class Haproxy(DnsProxy):
@@ -132,8 +171,10 @@ class Haproxy(DnsProxy):
             f"frontend f{port}\n    bind *:{port}\n    default_backend b{port}\n\n"
             f"backend b{port}\n    server s{port} {host}:{remote}\n"
             for port, host, remote in FORWARDS)
+        # no nbthread line at all for haproxy's own default (one thread per CPU it may run on)
+        threads = f"nbthread {self.workers}" if self.workers is not None else "# nbthread: haproxy's default"
         conf = string.Template((HERE / "haproxy.cfg.in").read_text()).substitute(
-            threads=self.workers, dir=run, sections=sections, maxconn=haproxy_maxconn())
+            threads=threads, dir=run, sections=sections, maxconn=haproxy_maxconn())
         (run / "haproxy.cfg").write_text(conf)
         self.proc = Managed(self.lab, "router", ["haproxy", "-db", "-f", str(run / "haproxy.cfg")],
                             run / "haproxy.out")
@@ -240,10 +281,12 @@ def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> s
     proxy.start()
     try:
         wait_ready(bench.lab, proxy, expected)
-        results.workers[proxy.name] = len(proxy.pids())
         warm = bench.wrk(proxy, args.warmup)
         if warm.extra["requests"] == 0:
             raise BenchError(f"{proxy.name}: no request completed in the warm-up:\n{proxy.describe_failure()}")
+        # after the warm-up: every worker has started and served by now
+        results.workers[proxy.name] = len(proxy.pids())
+        results.threads[proxy.name] = thread_count(proxy.pids())
         keep = bench.wrk(proxy, args.duration)
         results.add(proxy.name, "keepalive", keep)
         paced = bench.wrk(proxy, args.duration, rate=args.rate)
@@ -268,81 +311,6 @@ def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> s
         proxy.stop()
 
 
-# ---------------------------------------------------------------- report
-
-TARGETS = (  # (test, key, ratio bound, higher is better)
-    ("bulk1", None, 1.0, True),
-    ("bulk4", None, 1.0, True),
-    ("keepalive", None, 0.8, True),
-    ("close", None, 0.5, True),
-    ("memory", "rss_per_conn", 2.0, False),
-)
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncpu: int) -> tuple[str, str, list[str]]:
-    both = len(sides) == 2
-    targets = {(t, k): (bound, higher) for t, k, bound, higher in TARGETS}
-    verdicts = []
-
-    def row(label: str, test: str, key: str | None = None, scale: float = 1.0, digits: int = 0) -> list[str]:
-        ours, ref = results.median("ours", test, key), results.median("haproxy", test, key)
-        ratio = ours / ref if both and ours is not None and ref else None
-        goal, verdict = "", ""
-        bound_of = targets[(test, key)][0] if (test, key) in targets else None
-        if (test, key) in targets:
-            bound, higher = targets[(test, key)]
-            goal = f">= {bound:g}x" if higher else f"<= {bound:g}x"
-            if ratio is not None:
-                verdict = "MET" if (ratio >= bound if higher else ratio <= bound) else "NOT MET"
-                verdicts.append(f"{label}: ours/haproxy {ratio:.{ratio_digits(ratio, bound)}f} ({goal}): {verdict}")
-        return [label, fmt(ours and ours * scale, digits), fmt(ref and ref * scale, digits),
-                fmt(ratio, ratio_digits(ratio, bound_of)), goal, verdict]
-
-    rate = results.median("haproxy", "latency", "rate") or results.median("ours", "latency", "rate")
-    rows = [
-        row("bulk, 1 stream, Gbit/s (iperf3)", "bulk1", digits=2),
-        row("bulk, 4 streams, Gbit/s (iperf3 -P 4)", "bulk4", digits=2),
-        row(f"keep-alive, req/s ({CONNECTIONS} conns, GET 1 KiB)", "keepalive"),
-        row("Connection: close, conn/s", "close"),
-        row(f"p50 at ~{fmt(rate)} req/s, ms", "latency", "p50_us", 1e-3, 2),
-        row(f"p99 at ~{fmt(rate)} req/s, ms", "latency", "p99_us", 1e-3, 2),
-        row("memory per idle connection (RSS), KiB", "memory", "rss_per_conn", 1, 1),
-        row("memory per idle connection (PSS), KiB", "memory", "pss_per_conn", 1, 1),
-        row("RSS before the idle connections, MiB", "memory", "base_rss", 1 / 1024, 1),
-        row(f"RSS with {args.idle:,} idle connections, MiB", "memory", "rss", 1 / 1024, 1),
-        row("PSS before the idle connections, MiB", "memory", "base_pss", 1 / 1024, 1),
-        row(f"PSS with {args.idle:,} idle connections, MiB", "memory", "pss", 1 / 1024, 1),
-    ]
-    headers = ["", "ours", "haproxy", "ours/haproxy", "target", ""]
-    cpu_headers = ["test", "side", "proxy", "busiest proxy thread", "load tool", "backend", "softirq", "others",
-                   "machine (all CPUs)", "bottleneck"]
-    cpu_rows = []
-    tools = {"keepalive": "wrk", "close": "wrk", "latency": "wrk", "bulk1": "iperf3 client",
-             "bulk4": "iperf3 client"}
-    for test in ("bulk1", "bulk4", "keepalive", "close", "latency"):
-        for side in (*sides, "direct"):
-            samples = results.samples.get((side, test))
-            if not samples:
-                continue
-            med = {k: statistics.median(m.cpu.get(k, 0.0) for m in samples) for k in samples[0].cpu}
-            neck = "- (paced)" if test == "latency" else bottleneck(med, tools[test], ncpu).replace(
-                "origin (nginx worker", "backend (" + ("iperf3 server" if test.startswith("bulk") else "nginx worker")
-            ).replace("a process at", "a thread at")
-            cpu_rows.append([test, side if side != "direct" else "no proxy", fmt(med.get("proxy")) + "%",
-                             fmt(med.get("proxy busiest")) + "%", fmt(med.get("tool")) + "%",
-                             fmt(med.get("origin")) + "%", fmt(med.get("softirq")) + "%",
-                             fmt(med.get("others")) + "%", fmt(med.get("machine")) + "%", neck])
-    text = (text_table(headers, rows) + "\n\nCPU, medians, % of one core (machine: % of all CPUs)\n"
-            + text_table(cpu_headers, cpu_rows))
-    md = (md_table(headers, rows) + f"\n\nCPU during the runs (medians; % of one core; machine: % of all {ncpu} "
-          "CPUs; 'others' is everything else on the machine):\n\n" + md_table(cpu_headers, cpu_rows))
-    return text, md, verdicts
-
-
 # ---------------------------------------------------------------- main
 
 def check_tools() -> None:
@@ -351,40 +319,65 @@ def check_tools() -> None:
         sys.exit(f"missing {', '.join(missing)}: apt-get install haproxy iperf3 wrk nginx-light")
 
 
+def life_seconds(args: argparse.Namespace) -> float:
+    """About how long one proxy life takes: the warm-up, three wrk runs, two iperf3 runs, the memory sample
+    (10,000 connections opened, settled, checked: ~8 s) and the start and stop (~4 s)."""
+    return float(args.warmup + 3 * args.duration + 2 * (args.iperf_seconds + 0.5) + 12)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, sides=SIDES, rounds=3, duration=6.0, warmup=2.0, quiet_wait=10.0, max_seconds=900,
-                     quick="1 round, 3 s runs: a smoke test")
+    common_arguments(parser, sides=SIDES, rounds=3, duration=6.0, warmup=2.0, quiet_wait=10.0, max_seconds=2400,
+                     quick="1 round, 3 s runs: a smoke test (both comparisons: about 2 minutes)")
     parser.add_argument("--iperf-seconds", type=float, default=5.0, help="seconds per iperf3 run (default 5)")
     parser.add_argument("--idle", type=int, default=0,
                         help="idle connections for the memory figure (default 10,000, or 9,000 where the "
                         "open files limit is below 21,000: haproxy holds two descriptors per connection "
                         "in one process)")
-    parser.add_argument("--workers", type=int, help="ours' EGRESS_DNS_PROXY_WORKERS = haproxy's nbthread "
-                        "(default: the CPUs available, what 'auto' picks)")
+    parser.add_argument("--compare", choices=(*COMPARISONS, "both"), default="both",
+                        help="one: one process of ours against haproxy nbthread 1; defaults: both at their "
+                        "defaults; both (default): the two in the same rounds")
+    parser.add_argument("--workers", type=int, default=1, help="the 'one' comparison with N workers of ours "
+                        "(EGRESS_DNS_PROXY_WORKERS=N) against haproxy nbthread N (default 1)")
+    parser.add_argument("--baseline", metavar="TREE", type=Path, help=BASELINE_HELP)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.iperf_seconds, args.warmup = 1, 3.0, 3.0, 1.0
     args.rounds = max(1, min(args.rounds, 20))
+    args.workers = max(1, args.workers)
 
     require_root()
     check_tools()
     sides = [args.only] if args.only else list(SIDES)
+    baseline = load_baseline(args.baseline)
+    if baseline is not None:
+        sides.insert(sides.index("ours") + 1 if "ours" in sides else 0, "baseline")
+    comparisons = list(COMPARISONS) if args.compare == "both" else [args.compare]
+    counts: dict[str, int | None] = {"one": args.workers, "defaults": None}
+    n = args.workers
+    titles = {"one": "one process of ours against haproxy nbthread 1" if n == 1 else
+              f"{n} workers of ours against haproxy nbthread {n}",
+              "defaults": "both at their defaults (ours: EGRESS_DNS_PROXY_WORKERS unset; haproxy: no nbthread)"}
     began = time.monotonic()
     fd_limit = raise_fd_limit()
     if args.idle <= 0:
         args.idle = 10000 if fd_limit >= 21000 else 9000
     from egress_router.proxy.server import available_cpus
 
-    workers = args.workers or available_cpus()  # ours' workers; haproxy gets as many threads
-    extra = {"ours' workers (EGRESS_DNS_PROXY_WORKERS) = haproxy nbthread": str(workers)}
+    extra = {"comparisons": "; ".join(titles[c] for c in comparisons),
+             "CPUs this process may use (what ours' auto counts from)": str(available_cpus())}
+    if baseline is not None:
+        extra["baseline"] = baseline.facts
     if haproxy_maxconn() < HAPROXY_MAXCONN:
         extra["haproxy maxconn"] = (f"{haproxy_maxconn()}, not the legacy {HAPROXY_MAXCONN}: the open files hard "
                                     f"limit is {fd_limit}, haproxy 2.6 needs {HAPROXY_WANTS_FDS} for maxconn "
                                     f"{HAPROXY_MAXCONN} and refuses to start without them")
     info = describe_machine(fd_limit, tool_versions("haproxy", "iperf3", "nginx", "wrk"), extra)
+    lives = args.rounds * len(comparisons) * len(sides)
+    print(f"{lives} proxy lives: about {lives * life_seconds(args) / 60:.0f} minutes")
     deadline = Deadline(args.max_seconds)
-    results = Results()
+    results = {c: Results() for c in comparisons}
+    notes: list[str] = []
     nginx: Origin | None = None
     iperf: Managed | None = None
     proxies: dict[str, Proxy] = {}
@@ -397,23 +390,27 @@ def main() -> int:
                                 tmp / "iperf3-server.out")
                 bench = Bench(lab, nginx, iperf, args)
                 wait_for_backends(lab, BACKEND_IP, [80, IPERF_PORT], [nginx.proc, iperf])
-                if "ours" in sides:
-                    proxies["ours"] = Ours(lab, tmp, workers)
-                if "haproxy" in sides:
-                    proxies["haproxy"] = Haproxy(lab, tmp, workers)
+                for c in comparisons:
+                    (tmp / c).mkdir()  # each comparison's proxies keep their logs and configs apart
+                    for side in sides:
+                        proxies[f"{c}/{side}"] = make_proxy(side, lab, tmp / c, counts[c], baseline)
                 print(f"\nlab {lab.suffix}: nginx (1 worker) on {BACKEND_IP}:80, iperf3 -s on {BACKEND_IP}:"
                       f"{IPERF_PORT}; proxies on {ROUTER_POD_IP}:{HTTP_PORT},{IPERF_PORT}")
                 # the ceiling the lab allows: from the router namespace straight to the backends
-                results.add("direct", "keepalive", bench.wrk(None, args.duration, role="router"))
-                results.add("direct", "bulk1", bench.iperf3(None, 1, role="router"))
-                results.add("direct", "bulk4", bench.iperf3(None, 4, role="router"))
-                print(f"  direct from the router namespace: keep-alive {results.median('direct', 'keepalive'):,.0f} "
-                      f"req/s, bulk {results.median('direct', 'bulk1'):.2f} / "
-                      f"{results.median('direct', 'bulk4'):.2f} Gbit/s (1 / 4 streams)", flush=True)
-                print(f"\n{args.rounds} round(s), alternating order")
+                direct = {"keepalive": bench.wrk(None, args.duration, role="router"),
+                          "bulk1": bench.iperf3(None, 1, role="router"), "bulk4": bench.iperf3(None, 4, role="router")}
+                for c in comparisons:
+                    for test, measured in direct.items():
+                        results[c].add("direct", test, measured)
+                print(f"  direct from the router namespace: keep-alive {direct['keepalive'].value:,.0f} req/s, bulk "
+                      f"{direct['bulk1'].value:.2f} / {direct['bulk4'].value:.2f} Gbit/s (1 / 4 streams)", flush=True)
+                print(f"\n{args.rounds} round(s), alternating order: " + ", ".join(proxies))
                 small = nginx.small
-                alternate_rounds(args.rounds, sides, deadline, results.notes,
-                                 lambda index, side: one_life(bench, proxies[side], results, small))
+
+                def life(index: int, entry: str) -> str:
+                    return one_life(bench, proxies[entry], results[entry.split("/")[0]], small)
+
+                alternate_rounds(args.rounds, list(proxies), deadline, notes, life)
         finally:
             for proxy in proxies.values():
                 proxy.stop()
@@ -422,6 +419,37 @@ def main() -> int:
             if nginx is not None:
                 nginx.stop()
 
+    quiet_note = bench.quiet.note()
+    notes += [quiet_note] if quiet_note else []
+    every: list[str] = []
+    sections: dict[str, list[str]] = {}
+    for c in comparisons:
+        sections[c], verdicts = comparison_report(results[c], args, sides, bench.ncpu, titles[c], notes,
+                                                   defaults=c == "defaults")
+        every += verdicts
+    print("\nTargets (issue 16; bulk: this benchmark's own bound):\n" + "\n".join(every))
+    end_facts(info, began)
+    if not args.no_results:
+        for c in comparisons:
+            heading = ("## dns_proxy.py: DNS proxy mode (TCP forwarding), ours vs haproxy (legacy image's config)"
+                       if c == "one" else "## dns_proxy.py --compare defaults: DNS proxy mode, both at their defaults")
+            write_results("dns_proxy" if c == "one" else "dns_proxy_defaults",
+                          "\n".join([heading, "", *machine_lines(info), "", *sections[c]]))
+    return 0
+
+
+def make_proxy(side: str, lab: Lab, tmp: Path, workers: int | None, baseline: Baseline | None) -> Proxy:
+    if side == "haproxy":
+        return Haproxy(lab, tmp, workers)
+    if side == "baseline":
+        assert baseline is not None
+        return BaselineOurs(lab, tmp, workers, baseline)
+    return Ours(lab, tmp, workers)
+
+
+def comparison_report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncpu: int, title: str,
+                      notes: Sequence[str], defaults: bool) -> tuple[list[str], list[str]]:
+    """Print one comparison's tables and notes; return its RESULTS.md lines and its verdicts."""
     results.notes += wrk_error_notes(results, sides, ("keepalive", "close", "latency"))
     for side in sides:
         for m in results.samples.get((side, "memory"), []):
@@ -430,35 +458,30 @@ def main() -> int:
                     or e["sockets"] < 2 * e["connected"]:
                 results.notes.append(f"{side} memory: {e['connected']} connected, {e['failed']} failed, "
                                      f"{e['sockets']} new sockets in the proxy, {e['alive']} still open at the end")
-    quiet_note = bench.quiet.note()
-    if quiet_note:
-        results.notes.append(quiet_note)
-    text, md, verdicts = report(results, args, sides, bench.ncpu)
-    print("\n" + text + "\n")
-    print("\n".join(verdicts))
+    short = "defaults" if defaults else ("one process" if args.workers == 1 else f"{args.workers} workers")
+    text, md, verdicts = report(results, args, sides, ncpu, f"[{short}]")
+    print(f"\n=== {title}\n\n{text}\n\n" + "\n".join(verdicts))
     per_process = per_process_lines(
         results, sides, lambda side: f"{side} with idle connections ({results.workers.get(side, '?')} processes)")
     direct = (f"direct from the router namespace (no proxy): keep-alive "
               f"{results.median('direct', 'keepalive'):,.0f} req/s; bulk {results.median('direct', 'bulk1'):.2f} / "
               f"{results.median('direct', 'bulk4'):.2f} Gbit/s (1 / 4 streams)")
-    print("\n".join(["", *per_process, direct, *results.notes]))
-    end_facts(info, began)
-    if not args.no_results:
-        rounds = len(results.samples.get((sides[0], "keepalive"), []))
-        lines = ["## dns_proxy.py: DNS proxy mode (TCP forwarding), ours vs haproxy (legacy image's config)", "",
-                 *machine_lines(info), "",
-                 f"{rounds} round(s), alternating order, medians; one proxy life per side and round, warmed up "
-                 f"with {args.warmup:g} s of keep-alive traffic. iperf3 -t {args.iperf_seconds:g} (1 and 4 streams) "
-                 f"through 5201; wrk -t1 -c{CONNECTIONS}, {args.duration:g} s runs, GET /1k through 8080; "
-                 f"latency paced to ~{args.rate:g} req/s; memory: {args.idle:,} idle connections (each also "
-                 f"opens a backend connection). Forwards to IP addresses: no DNS lookup is measured. Ours: "
-                 f"EGRESS_DNS_PROXY_WORKERS={workers}, EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; "
-                 f"haproxy: nbthread "
-                 f"{workers}, maxconn {haproxy_maxconn()}. Lab sysctls: ip_local_port_range 1024-65000 "
-                 f"(client, router), tcp_tw_reuse=1 (client).", "", md, "", *[f"- {v}" for v in verdicts],
-                 *[f"- {line}" for line in per_process], f"- {direct}", *[f"- note: {n}" for n in results.notes]]
-        write_results("dns_proxy", "\n".join(lines))
-    return 0
+    all_notes = [*results.notes, *notes]
+    print("\n".join(["", *per_process, direct, *all_notes]))
+    rounds = len(results.samples.get((sides[0], "keepalive"), []))
+    workers = {"ours": "EGRESS_DNS_PROXY_WORKERS unset (its default)", "haproxy": "no nbthread (its default)"} \
+        if defaults else {"ours": f"EGRESS_DNS_PROXY_WORKERS={args.workers}", "haproxy": f"nbthread {args.workers}"}
+    lines = [f"{title}: {rounds} round(s), alternating order, medians; one proxy life per side and round, "
+             f"warmed up with {args.warmup:g} s of keep-alive traffic. iperf3 -t {args.iperf_seconds:g} (1 and 4 "
+             f"streams) through 5201; wrk -t1 -c{CONNECTIONS}, {args.duration:g} s runs, GET /1k through 8080; "
+             f"latency paced to ~{args.rate:g} req/s; memory: {args.idle:,} idle connections (each also "
+             f"opens a backend connection). Forwards to IP addresses: no DNS lookup is measured. Ours: "
+             f"{workers['ours']}, EGRESS_DNS_PROXY_MAX_CONNECTIONS=16000; haproxy: {workers['haproxy']}, "
+             f"maxconn {haproxy_maxconn()}. Lab sysctls: ip_local_port_range 1024-65000 (client, router), "
+             "tcp_tw_reuse=1 (client).", "", md, "", "Targets (issue 16; bulk: this benchmark's own bound):", "",
+             *[f"- {v}" for v in verdicts], "", *[f"- {line}" for line in per_process], f"- {direct}",
+             *[f"- note: {n}" for n in all_notes]]
+    return lines, verdicts
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def thread_count(pids: Sequence[int]) -> int:
+    """Threads of the processes `pids` (from /proc/<pid>/task)."""
+    count = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            count += len(os.listdir(f"/proc/{pid}/task"))
+    return count
+
+
 def socket_fds(pids: Sequence[int]) -> int:
     count = 0
     for pid in pids:
@@ -277,17 +286,21 @@ def bottleneck(cpu: Mapping[str, float], tool: str, ncpu: int) -> str:
 # ---------------------------------------------------------------- the origin (nginx in the dest namespace)
 
 class Origin:
-    def __init__(self, lab: Lab, tmp: Path, workers: int, big_bytes: int):
+    """nginx serving SMALL (1 KiB), BIG (`big_bytes`) and any `more` objects (path: size in bytes)."""
+
+    def __init__(self, lab: Lab, tmp: Path, workers: int, big_bytes: int, more: Mapping[str, int] | None = None):
         self.dir = tmp / "origin"
         (self.dir / "www").mkdir(parents=True)
         self.small = bytes((i * 7 + 13) % 256 for i in range(1024))
         (self.dir / "www" / SMALL.lstrip("/")).write_bytes(self.small)
         chunk = bytes(range(256)) * 32768  # 8 MiB
-        with open(self.dir / "www" / BIG.lstrip("/"), "wb") as handle:
-            left = big_bytes
-            while left > 0:
-                handle.write(chunk[:left])
-                left -= len(chunk)
+        self.sizes = {BIG: big_bytes, **(more or {})}
+        for path, size in self.sizes.items():
+            with open(self.dir / "www" / path.lstrip("/"), "wb") as handle:
+                left = size
+                while left > 0:
+                    handle.write(chunk[:left])
+                    left -= len(chunk)
         self.big_bytes = big_bytes
         conf = string.Template((HTTP_PROXY_DIR / "nginx.conf.in").read_text()).substitute(
             dir=self.dir, workers=workers, listen=f"{ORIGIN_IP}:80")
@@ -413,6 +426,7 @@ class Results:
     start_ups: dict[str, list[float]] = field(default_factory=dict)
     fd_limits: dict[str, str] = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)
     probe: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
 
     def add(self, side: str, test: str, measured: Measured) -> None:

@@ -2,6 +2,8 @@
 """CONNECT through a proxy, GET one object inside the tunnel, read its body as fast as possible.
 
 With --direct it skips the proxy and GETs from the target itself (the ceiling without a tunnel).
+With --plain it sends no CONNECT: a plain GET in absolute form (http://target/path) to the proxy,
+which the proxy forwards as an HTTP request (its HTTP path, not its tunnel).
 
 Used by benchmarks/http_proxy.py (run inside the lab's client namespace). Prints one JSON line:
 the CONNECT status, body bytes read, seconds from sending CONNECT to the last byte, and this
@@ -44,6 +46,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proxy", help="host:port of the proxy")
     parser.add_argument("--direct", action="store_true", help="no proxy: connect to the target itself")
+    parser.add_argument("--plain", action="store_true",
+                        help="no CONNECT: a plain GET in absolute form through the proxy")
     parser.add_argument("--target", required=True, help="host:port to CONNECT to")
     parser.add_argument("--path", default="/big", help="what to GET inside the tunnel")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
@@ -60,7 +64,12 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
     try:
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            if not args.direct:
+            target_host = args.target.rsplit(":", 1)[0]
+            target = args.path
+            if args.plain and not args.direct:
+                port_part = "" if args.target.endswith(":80") else ":" + args.target.rsplit(":", 1)[1]
+                target = f"http://{target_host}{port_part}{args.path}"
+            elif not args.direct:
                 sock.sendall(f"CONNECT {args.target} HTTP/1.1\r\nHost: {args.target}\r\n\r\n".encode())
                 head, rest = read_head(sock, deadline)
                 status = int(head.split(b" ", 2)[1])
@@ -69,12 +78,13 @@ def main() -> int:
                     raise ConnectionError(f"CONNECT answered {head.splitlines()[0]!r}")
                 if rest:
                     raise ConnectionError("bytes arrived in the tunnel before the request was sent")
-            target_host = args.target.rsplit(":", 1)[0]
-            sock.sendall(f"GET {args.path} HTTP/1.1\r\nHost: {target_host}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {target_host}\r\nConnection: close\r\n\r\n".encode())
             head, rest = read_head(sock, deadline)
             lines = head.decode("latin-1").split("\r\n")
+            if args.plain:
+                result["status"] = int(lines[0].split(" ", 2)[1])
             if lines[0].split(" ", 2)[1] != "200":
-                raise ConnectionError(f"origin answered {lines[0]!r} inside the tunnel")
+                raise ConnectionError(f"the GET was answered {lines[0]!r}")
             length = next(int(line.split(":", 1)[1]) for line in lines[1:]
                           if line.lower().startswith("content-length:"))
             result["expected"] = length

@@ -60,7 +60,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         self.head_size = self.head_raw = 0
         self.read_done = False
         self.connecting = None
-        self.tunnel = None  # see TunnelSide
+        self.tunnel = self.relay = None  # see TunnelSide
         self.client_eof = self.upstream_eof = False
         self.holds = 0  # see FlowControl
         self.write_full = False
@@ -85,6 +85,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             self.worker.clients.discard(self)
             self.worker.counters.sub(metrics.OPEN)
         self.closing = True
+        self.stop_relay("the client connection closed")
         if self.tunnel is not None:
             if exc is not None:
                 reset(self.tunnel)  # the client reset its side: so does the tunnel
@@ -376,6 +377,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         if self.worker.settings.access_log:
             log.info("%s connection closed: %s", self.peer, reason)
         self.closing = True
+        self.stop_relay(reason)
         if self.tunnel is not None:
             self.tunnel.abort()
         if hard:

@@ -13,6 +13,7 @@ QUEUED = 1  # pipelined requests wait behind the current one
 BUFFERED = 2  # BUFFER_LIMIT bytes of body or tunnel data wait for an upstream connection
 UPSTREAM_FULL = 4  # the upstream connection or tunnel does not drain what the proxy writes to it
 WRITE_FULL = 8  # the client does not read the proxy's answers, and no upstream feeds it to pause instead
+SPLICED = 16  # a splice relay (proxy/splice.py) reads the socket now, the transport must not: never released
 
 BUFFER_LIMIT = 256 * 1024  # as in the DNS proxy: what is held for an upstream that is not connected yet
 

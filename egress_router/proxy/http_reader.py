@@ -88,6 +88,7 @@ class RequestReader(TunnelSide):
             self.worker.counters.add(metrics.BYTES_UP, len(data))
             if self.current is not None:
                 self.current.bytes_up += len(data)
+            self.try_splice()  # see TunnelSide.try_splice
             return
         if self.closing:
             return
