@@ -27,14 +27,13 @@ from .http_rules import (
     ends_connection,
     error_response,
     final_head,
-    host_text,
     interim_head,
     keeps_connection,
     local_page,
-    parse_absolute_form,
+    parse_target,
     simple_response,
 )
-from .http_upstream import Upstream
+from .http_upstream import Upstream, pool_key
 from .http_worker import Worker
 from .metrics import SharedCounters
 from .reload import Reloader, acl_changes, rule_source
@@ -140,14 +139,13 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             if request.url[:1] == b"/":
                 self.origin_form(request)
                 return
-            host, port, request.url = parse_absolute_form(request.url)
+            host, request.host_text, port, request.url = parse_target(request.url)
             request.host = host
-            request.host_text = host_text(host)
             request.port = port
             request.head_only = request.method == b"HEAD"
-            addresses = self.worker.addresses_for(host)
+            addresses = self.worker.addresses_of(host, request.host_text)
             if addresses is not None:
-                upstream = self.worker.pool.take((addresses[0], port))
+                upstream = self.worker.pool.take(pool_key(addresses[0], port))
                 if upstream is not None:
                     upstream.send_request(self, request)
                     return

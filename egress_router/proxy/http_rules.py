@@ -33,6 +33,29 @@ HEALTHZ, METRICS = b"/healthz", b"/metrics"  # the proxy's own pages (origin-for
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
+# What a header name is to the proxy (header_kind), by its lower-case spelling; PLAIN: anything else (end-to-end).
+PLAIN, HOP, CONNECTION, TRANSFER_ENCODING, UPGRADE_FIELD, HOST, VIA_FIELD, CONTENT_LENGTH = range(8)
+_KINDS = {name: HOP for name in HOP_BY_HOP} | {b"connection": CONNECTION, b"transfer-encoding": TRANSFER_ENCODING,
+                                               b"upgrade": UPGRADE_FIELD, b"host": HOST, b"via": VIA_FIELD,
+                                               b"content-length": CONTENT_LENGTH}
+# The kinds of names as they were received (case kept): clients and servers repeat a few spellings, and a dict
+# probe on the name is cheaper than lowering it and probing sets per header. Bounded: names past the bound are
+# lowered each time.
+_KIND_OF: dict[bytes, int] = {}
+_KIND_OF_MAX = 2048
+
+
+def header_kind(name: bytes) -> int:
+    """PLAIN, HOP (hop-by-hop, none of the following), CONNECTION, TRANSFER_ENCODING, UPGRADE_FIELD, HOST,
+    VIA_FIELD or CONTENT_LENGTH, whatever the name's case."""
+    kind = _KIND_OF.get(name)
+    if kind is None:
+        kind = _KINDS.get(name.lower(), PLAIN)
+        if len(_KIND_OF) < _KIND_OF_MAX:
+            _KIND_OF[name] = kind
+    return kind
+
+
 # request_framing's answer: bits
 CHUNKED = 1  # the body is chunked
 BODY = 2  # there is a body (chunked, or a Content-Length above 0)
@@ -105,28 +128,50 @@ def checked_host(text: str) -> Host:
         raise ProxyError(400, f"bad host {text!r}: {exc}", BAD) from None
 
 
+# The hosts of request targets as written (bytes) -> (normalized host, host_text of it): a request to a host
+# seen before skips the decoding, the normalization and host_text (whose cache hashes an address, which
+# ipaddress does in Python). Refused hosts are not kept; cleared when full.
+_HOSTS: dict[bytes, tuple[Host, str]] = {}
+_HOSTS_MAX = 4096
+
+
 def parse_absolute_form(target: bytes) -> tuple[Host, int, bytes]:
     """An absolute-form target (http://host[:port][/path][?query]): the host, the port and the target
     to send upstream in origin form (the path, '/' if none, and the query; a fragment is dropped)."""
+    host, _, port, path = parse_target(target)
+    return host, port, path
+
+
+def parse_target(target: bytes) -> tuple[Host, str, int, bytes]:
+    """parse_absolute_form's answer with the host as host_text writes it: (host, text, port, path)."""
     try:
         parsed = httptools.parse_url(target)
         raw_host = parsed.host or b""
     except httptools.HttpParserInvalidURLError:
         parsed, raw_host = parse_url_with_underscores(target)
-    if parsed.schema is None or parsed.schema.lower() != b"http":
+    schema = parsed.schema
+    if schema is None or (schema != b"http" and schema.lower() != b"http"):
         raise ProxyError(400, "only http:// URLs are proxied; use CONNECT for https", BAD)
     if parsed.userinfo:
         raise ProxyError(400, "user information in the URL is not accepted", BAD)
-    if b":" not in raw_host and b"[" in target.split(b"/", 3)[2]:
+    # (the first `in` is only a quicker way to the same answer: no '[' in the target, none in its authority)
+    if b":" not in raw_host and b"[" in target and b"[" in target.split(b"/", 3)[2]:
         raise ProxyError(400, "only IPv6 addresses may be written in brackets", BAD)
-    host = checked_host(raw_host.decode("latin-1"))
+    known = _HOSTS.get(raw_host)
+    if known is None:
+        normalized = checked_host(raw_host.decode("latin-1"))
+        known = normalized, host_text(normalized)
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[raw_host] = known
+    host, text = known
     port = 80 if parsed.port is None else parsed.port
     if not 1 <= port <= 65535:
         raise ProxyError(400, f"port {port} is not a port number (1-65535)", BAD)
     path = parsed.path or b"/"
     if parsed.query is not None:
         path += b"?" + parsed.query
-    return host, port, path
+    return host, text, port, path
 
 
 def parse_url_with_underscores(target: bytes) -> tuple[URL, bytes]:
@@ -186,14 +231,16 @@ def request_framing(headers: list[tuple[bytes, bytes]]) -> int:
     complete with its head), UPGRADE (it has an Upgrade header)."""
     framing = 0
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind == TRANSFER_ENCODING:
             if b"chunked" in value.lower():
                 framing |= CHUNKED | BODY
-        elif lower == b"content-length":
+        elif kind == CONTENT_LENGTH:
             if value.strip(b" \t0"):  # the parser has checked that it is a number
                 framing |= BODY
-        elif lower == b"upgrade":
+        elif kind == UPGRADE_FIELD:
             framing |= UPGRADE
     return framing
 
@@ -227,17 +274,17 @@ def request_head(method: bytes, target: bytes, host: str, port: int, headers: li
     """The request head for the upstream server: origin-form `target`, HTTP/1.1, a Host header made from
     the request target's `host` (as host_text writes it) and `port` (the client's Host header is not
     used), the end-to-end headers, Via, and Transfer-Encoding when the body is chunked."""
-    host_header = host.encode() + (b"" if port == 80 else b":%d" % port)
-    lines = [method + b" " + target + b" HTTP/1.1\r\nHost: " + host_header + b"\r\n"]
-    fields = request_fields(headers, chunked, _NO_TOKENS)
-    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-        fields = request_fields(headers, chunked, drop_tokens(headers))
-    assert fields is not None
-    lines += fields
+    first = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host.encode(),
+             b"\r\n" if port == 80 else b":%d\r\n" % port]
+    pieces = first.copy()
+    if not request_pieces(headers, chunked, _NO_TOKENS, pieces):
+        # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        pieces = first
+        request_pieces(headers, chunked, drop_tokens(headers), pieces)
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        pieces.append(b"Transfer-Encoding: chunked\r\n")
+    pieces.append(b"\r\n")
+    return b"".join(pieces)
 
 
 # ------------------------------------------------------------ responses: head and framing
@@ -255,11 +302,12 @@ def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
         raise ProxyError(502, "the upstream server switched protocols, which the proxy did not ask for")
     if version == "1.0":
         return None
-    fields = response_fields(headers, _NO_TOKENS)
-    if fields is None:
-        fields = response_fields(headers, drop_tokens(headers))
-    assert fields is not None
-    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(fields[0]))
+    pieces = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    if response_pieces(headers, _NO_TOKENS, pieces) is None:
+        del pieces[1:]
+        response_pieces(headers, drop_tokens(headers), pieces)
+    pieces.append(b"\r\n")
+    return b"".join(pieces)
 
 
 def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str,
@@ -273,12 +321,13 @@ def final_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], v
     (`until_close`) is re-chunked for an HTTP/1.1 client (`rechunk`); an HTTP/1.0 client gets it as
     it comes and the end of its connection ends it (so `keep_alive` comes back False).
     """
-    fields = response_fields(headers, _NO_TOKENS)
-    if fields is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
-        fields = response_fields(headers, drop_tokens(headers))
-    assert fields is not None
-    lines, has_length, chunked_upstream = fields
-    lines[:0] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    facts = response_pieces(headers, _NO_TOKENS, lines)
+    if facts is None:  # Connection: names more hop-by-hop headers (rare): a second pass drops them
+        del lines[1:]
+        facts = response_pieces(headers, drop_tokens(headers), lines)
+        assert facts is not None
+    has_length, chunked_upstream = facts
     no_body = head_only or status in NO_BODY_STATUS  # response_ends_at_head, without a call on the hot path
     rechunk = False
     until_close = not no_body and not chunked_upstream and not has_length
@@ -310,51 +359,81 @@ def request_fields(headers: list[tuple[bytes, bytes]], chunked: bool,
                    tokens: frozenset[bytes]) -> list[bytes] | None:
     """The request's end-to-end header lines (Host is written apart) and Via; None when the first pass
     (`tokens` empty) meets a Connection header that names more headers to drop."""
-    lines = []
+    pieces: list[bytes] = []
+    return _lines(pieces) if request_pieces(headers, chunked, tokens, pieces) else None
+
+
+def _lines(pieces: list[bytes]) -> list[bytes]:
+    """request_pieces' or response_pieces' output as one item per header line."""
+    return [b"".join(pieces[i:i + 4]) for i in range(0, len(pieces), 4)]
+
+
+def request_pieces(headers: list[tuple[bytes, bytes]], chunked: bool, tokens: frozenset[bytes],
+                   pieces: list[bytes]) -> bool:
+    """request_fields' lines appended to `pieces`, four pieces a line (name, ': ', value, CRLF: one join
+    for the whole head is cheaper than one per line); False where request_fields answers None."""
     via = VIA
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection" and not tokens and lists_tokens(value):
-                return None
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind:  # one of the names the proxy acts on
+            if kind <= UPGRADE_FIELD:  # hop-by-hop
+                if kind == CONNECTION and not tokens and lists_tokens(value):
+                    return False
+                continue
+            if kind == HOST or (tokens and name.lower() in tokens):
+                continue
+            if kind == VIA_FIELD:
+                via = value + b", " + VIA
+                continue
+            if chunked:  # CONTENT_LENGTH
+                continue
+        elif tokens and name.lower() in tokens:
             continue
-        if lower == b"host" or lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if chunked and lower == b"content-length":
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines
+        pieces += (name, b": ", value, b"\r\n")
+    pieces += (b"Via", b": ", via, b"\r\n")
+    return True
 
 
 def response_fields(headers: list[tuple[bytes, bytes]],
                     tokens: frozenset[bytes]) -> tuple[list[bytes], bool, bool] | None:
     """The response's end-to-end header lines and Via, whether it has a Content-Length, whether the
     upstream sent it chunked; None as for request_fields."""
-    lines = []
+    pieces: list[bytes] = []
+    facts = response_pieces(headers, tokens, pieces)
+    return None if facts is None else (_lines(pieces), *facts)
+
+
+def response_pieces(headers: list[tuple[bytes, bytes]], tokens: frozenset[bytes],
+                    pieces: list[bytes]) -> tuple[bool, bool] | None:
+    """response_fields' lines appended to `pieces` as request_pieces does, and its two facts: (has a
+    Content-Length, sent chunked); None where response_fields answers None."""
     has_length = chunked = False
     via = VIA
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection" and not tokens and lists_tokens(value):
-                return None
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = header_kind(name)
+        if kind:  # one of the names the proxy acts on
+            if kind <= UPGRADE_FIELD:  # hop-by-hop
+                if kind == TRANSFER_ENCODING:
+                    chunked = b"chunked" in value.lower()
+                elif kind == CONNECTION and not tokens and lists_tokens(value):
+                    return None
+                continue
+            if tokens and name.lower() in tokens:
+                continue
+            if kind == VIA_FIELD:
+                via = value + b", " + VIA
+                continue
+            if kind == CONTENT_LENGTH:
+                has_length = True
+        elif tokens and name.lower() in tokens:
             continue
-        if lower in tokens:
-            continue
-        if lower == b"via":
-            via = value + b", " + VIA
-            continue
-        if lower == b"content-length":
-            has_length = True
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + via + b"\r\n")
-    return lines, has_length, chunked
+        pieces += (name, b": ", value, b"\r\n")
+    pieces += (b"Via", b": ", via, b"\r\n")
+    return has_length, chunked
 
 
 def drop_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import httptools
 
 from ..core.hosts import Address
 from . import metrics, splice
 from .http_flow import UPSTREAM_FULL, Endpoint
-from .http_rules import last_chunk, may_retry, request_head, response_ends_at_head
+from .http_rules import NO_BODY_STATUS, last_chunk, may_retry, request_head
 
 if TYPE_CHECKING:
     from .http import ClientConnection
@@ -20,11 +20,21 @@ if TYPE_CHECKING:
     from .http_worker import Worker
 
 _SPLICE = splice.available()
-__all__ = ["POOL_IDLE_SECONDS", "POOL_MAX_PER_KEY", "SPLICE_BODY_MIN", "Endpoint", "Upstream",
-           "UpstreamPool"]  # Endpoint: from http_flow
+__all__ = ["POOL_IDLE_SECONDS", "POOL_MAX_PER_KEY", "SPLICE_BODY_MIN", "Endpoint", "PoolKey", "Upstream",
+           "UpstreamPool", "pool_key"]  # Endpoint: from http_flow
 
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 POOL_MAX_PER_KEY = 256
+# The pool's key for an (address, port): ipaddress hashes an address in Python (hash(hex(int))), on every take
+# and put; an IPv4 address is keyed by its integer instead. IPv6 keeps the address (its int could be an IPv4
+# one's), so keys of the two families never meet.
+PoolKey: TypeAlias = tuple[int | Address, int]
+
+
+def pool_key(address: Address, port: int) -> PoolKey:
+    return (int(address), port) if type(address) is IPv4Address else (address, port)
+
+
 # The rest of a Content-Length body at least this long goes upstream -> client with splice(2): setting the
 # relay up costs ~10 syscalls (dups, pipes, epoll), what copying ~30 KB through Python costs; 1 MiB keeps
 # that under 1% of the copying it saves, and leaves the small responses of the request path untouched.
@@ -47,7 +57,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     __slots__ = ("worker", "transport", "parser", "client", "request", "key", "closed", "idle_since", "rechunk",
                  "headers", "reason", "done_early", "until_close", "reused",
-                 "answered", "body_left", "keep", "relay")
+                 "answered", "body_left", "keep", "relay", "pool_key")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -65,6 +75,7 @@ class Upstream(Endpoint, asyncio.Protocol):
         self.until_close = False
         self.reused = False  # taken from the pool: the server may have closed it just now
         self.answered = False  # some of the current response has arrived
+        self.pool_key: PoolKey | None = None  # pool_key(*key), made when first pooled (key is set once connected)
         self.out = None
         self.body_left = -1  # of a body that may be spliced (Content-Length, passed on as it is); -1: none
         self.keep = False  # that response's keep-alive, as its head said
@@ -178,7 +189,7 @@ class Upstream(Endpoint, asyncio.Protocol):
             self.headers = []
             self.reason = b""
             return
-        if response_ends_at_head(status, request.head_only):
+        if request.head_only or status in NO_BODY_STATUS:  # response_ends_at_head, without a call per response
             # httptools would wait for a body the server will not send: the response ends here.
             self.done_early = True
             self._complete(self.parser.should_keep_alive())
@@ -300,10 +311,10 @@ class UpstreamPool:
     __slots__ = ("conns",)
 
     def __init__(self) -> None:
-        self.conns: dict[tuple[Address, int], list[Upstream]] = {}
+        self.conns: dict[PoolKey, list[Upstream]] = {}
 
-    def take(self, key: tuple[Address, int]) -> Upstream | None:
-        """An open idle connection to `key`, marked as reused; None if there is none."""
+    def take(self, key: PoolKey) -> Upstream | None:
+        """An open idle connection to `key` (pool_key), marked as reused; None if there is none."""
         conns = self.conns.get(key)
         while conns:
             upstream = conns.pop()
@@ -314,8 +325,13 @@ class UpstreamPool:
 
     def put(self, upstream: Upstream, now: float) -> None:
         """Keep an upstream connection whose response is complete for the next request (closed if full)."""
-        conns = self.conns.setdefault(upstream.key, [])
-        if len(conns) >= POOL_MAX_PER_KEY:
+        key = upstream.pool_key
+        if key is None:
+            key = upstream.pool_key = pool_key(*upstream.key)
+        conns = self.conns.get(key)
+        if conns is None:
+            conns = self.conns[key] = []
+        elif len(conns) >= POOL_MAX_PER_KEY:
             upstream.close()
             return
         upstream.client = None

@@ -15,7 +15,7 @@ from ..core.hosts import Address
 from ..ha_view import SharedRole
 from . import metrics
 from .http_rules import Host, ProxyError
-from .http_upstream import Endpoint, Upstream, UpstreamPool
+from .http_upstream import Endpoint, Upstream, UpstreamPool, pool_key
 from .lookup import Names, NotResolved
 from .metrics import SharedCounters, WorkerCounters, http_families
 from .reload import Reloader, WorkerReloads
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .http import ClientConnection, Request
 
 HEADER_TIMEOUT = 30.0  # a client has this long to send a complete request head
+LITERALS_MAX = 4096  # allowed IP-literal hosts whose verdict is kept (Worker.literals)
 
 
 class Worker:
@@ -42,6 +43,9 @@ class Worker:
         # address), so it is tried last.
         self.versions = versions
         self.acl = settings.acl
+        # IP-literal hosts the rules in force allow, by host_text -> [the address]: the verdict cannot change
+        # until the rules do (apply_rules empties it), and a str probe is cheaper than judging the address again.
+        self.literals: dict[str, list[Address]] = {}
         self.shared = shared
         self.counters: WorkerCounters = shared.row(index)
         self.index = index
@@ -92,6 +96,7 @@ class Worker:
         for sock in sockets:  # the HTTP proxy's port is not in its rules: nothing to listen on
             sock.close()
         self.acl = acl
+        self.literals = {}
         self.settings = dataclasses.replace(self.settings, acl=acl)
 
     async def drain(self) -> None:
@@ -140,6 +145,20 @@ class Worker:
         if cached is None or (cached[0] < self.now and not self.names.usable_stale(host, cached, self.now)):
             return None
         return self._allowed(host, cached[1], verdict)
+
+    def addresses_of(self, host: Host, text: str) -> list[Address] | None:
+        """addresses_for(host), `text` being host_text(host): an allowed IP literal's answer is kept."""
+        if isinstance(host, str):
+            return self.addresses_for(host)
+        allowed = self.literals.get(text)
+        if allowed is None:
+            allowed = [host]
+            if not self.acl.address_allowed(None, host):
+                raise ProxyError(403, f"access to {host} is denied by the egress policy", metrics.DENIED)
+            if len(self.literals) >= LITERALS_MAX:
+                self.literals.clear()
+            self.literals[text] = allowed
+        return allowed
 
     def _allowed(self, host: str, addresses: list[Address], verdict: bool | None) -> list[Address]:
         allowed = addresses if verdict else self.acl.allowed_addresses(host, addresses)
@@ -192,7 +211,7 @@ class Worker:
         try:
             if addresses is None:
                 addresses = await self.resolve(host) if isinstance(host, str) else [host]
-                upstream = None if fresh else self.pool.take((addresses[0], port))
+                upstream = None if fresh else self.pool.take(pool_key(addresses[0], port))
                 if upstream is not None:
                     upstream.send_request(client, request)
                     self.flush()

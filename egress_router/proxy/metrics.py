@@ -36,7 +36,8 @@ class SharedCounters:
         return WorkerCounters(self, worker * WIDTH)
 
     def total(self, index: int) -> int:
-        return sum(self.cells[w * WIDTH + index] for w in range(self.workers))
+        # a strided view of the column, summed in C: called per accepted connection (the connection limit)
+        return sum(self.cells[index:self.workers * WIDTH:WIDTH])
 
     def reset_row(self, worker: int) -> None:
         """A replaced worker starts with no open connections (its counts are kept)."""
@@ -44,25 +45,29 @@ class SharedCounters:
 
 
 class WorkerCounters:
+    """One worker's row. `cells` is a view of the row alone (the same shared memory), so that the per-request
+    updates index it directly, without adding the row's offset each time."""
+
     __slots__ = ("cells", "base", "shared")
 
     def __init__(self, shared: SharedCounters, base: int):
         self.shared = shared
-        self.cells = shared.cells
+        self.cells = shared.cells[base:base + WIDTH]
         self.base = base
 
     def add(self, index: int, amount: int = 1) -> None:
-        self.cells[self.base + index] += amount
+        self.cells[index] += amount
 
     def sub(self, index: int, amount: int = 1) -> None:
-        cell = self.base + index
-        self.cells[cell] = max(0, self.cells[cell] - amount)
+        cells = self.cells
+        cells[index] = max(0, cells[index] - amount)
 
     def observe(self, kind: int, seconds: float) -> None:
         """One request of `kind` (REQUEST, CONNECT) that took `seconds`, into its duration histogram."""
-        base = self.base + DURATIONS + kind * SERIES
-        self.cells[base + bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.cells[base + BUCKETS] += int(seconds * 1_000_000)
+        base = DURATIONS + kind * SERIES
+        cells = self.cells
+        cells[base + bisect_left(DURATION_BUCKETS, seconds)] += 1
+        cells[base + BUCKETS] += int(seconds * 1_000_000)
 
 
 def prometheus_http(shared: SharedCounters) -> str:
