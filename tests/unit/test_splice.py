@@ -229,6 +229,55 @@ def test_slow_reader_is_bounded_and_loses_nothing(loop: asyncio.AbstractEventLoo
     s.client.close()
 
 
+def test_a_destination_that_does_not_drain_makes_the_relay_wait_not_spin(loop: asyncio.AbstractEventLoop,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the server not reading and the pipe full, the relay's callbacks stop: no reader stays on a source
+    whose pipe has no room (it would fire on every loop turn), and every byte still arrives once it reads."""
+    calls = [0]
+    pump = Relay._pump
+
+    def counted(self: Relay, flow: Any) -> None:
+        calls[0] += 1
+        pump(self, flow)
+
+    monkeypatch.setattr(Relay, "_pump", counted)
+    s = Setup(loop)
+    s.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    data = payload(32 << 20, b"spin")
+    stuck = threading.Event()
+    sent = [0]
+
+    def client() -> None:
+        s.client.settimeout(1.0)
+        view = memoryview(data)
+        try:
+            while sent[0] < len(data):
+                sent[0] += s.client.send(view[sent[0]:sent[0] + 65536])
+        except TimeoutError:
+            stuck.set()
+            s.client.settimeout(TIMEOUT)
+            s.client.sendall(view[sent[0]:])
+        s.client.shutdown(socket.SHUT_WR)
+        recv_all(s.client)
+
+    got = bytearray()
+    during = [0]
+
+    def server() -> None:
+        assert stuck.wait(TIMEOUT), "the client was never held back"
+        before = calls[0]
+        threading.Event().wait(1.0)  # a window to count callbacks in, not a synchronisation
+        during[0] = calls[0] - before
+        while chunk := s.server.recv(1 << 20):
+            got.extend(chunk)
+        s.server.close()
+
+    s.run(client, server)
+    assert during[0] < 20, f"{during[0]} relay callbacks in 1 s of a blocked destination"
+    assert bytes(got) == data
+    s.client.close()
+
+
 def test_abort_closes_both_without_on_end(loop: asyncio.AbstractEventLoop) -> None:
     """abort (grace, idle): both peers see the end (a clean one without `hard`), on_end is not called."""
     s = Setup(loop)
