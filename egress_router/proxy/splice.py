@@ -29,10 +29,9 @@ API (Linux only: `available()` says whether os.splice exists):
   idle timeouts and reloads. `relay.ended` is then `reason`.
 
 Flow control: the pipe is each direction's only buffer (at most PIPE_SIZE bytes, F_SETPIPE_SZ where the
-system allows, the default 64 KiB otherwise). A direction reads its source while its pipe has room and writes
-the pipe out while its destination takes it, both in the same turn; with the pipe full and the destination
-blocked it waits for the destination and reads nothing: a peer that does not read stops the other peer
-(through TCP's window), nothing piles up beyond the pipe.
+system allows, the default 64 KiB otherwise). A direction reads its source only when its pipe is empty, and
+while its destination would block it waits for the destination to become writable and reads nothing: a peer
+that does not read stops the other peer (through TCP's window), nothing piles up.
 
 Descriptors: two pipes (four descriptors) per relay, taken when it starts (`start` raises OSError, having
 changed nothing, when none can be made: EMFILE; the caller goes on without the relay) and given back when it
@@ -172,75 +171,68 @@ class Relay:
 
     # ------------------------------------------------------------ moving bytes
     def _pump(self, flow: _Flow) -> None:
-        """Move what can move now, both ends at once: the pipe is refilled while the destination still drains it
-        (a pipe that had to empty before the next read made each direction stop and wait: measured slower)."""
         splice = _SPLICE
         assert splice is not None
-        pipe = flow.pipe
-        if pipe is None or self.ended is not None:  # done meanwhile (both ends were ready in one turn)
-            return
-        dry = False  # the last read of the source would block
-        for _ in range(ROUNDS):
-            moved = False
+        rounds = 0
+        while True:
             if flow.held:
+                pipe = flow.pipe
+                assert pipe is not None
                 try:
                     n = splice(pipe[0], flow.dst, flow.held, flags=_FLAGS)
                 except BlockingIOError:
-                    pass  # the destination is full: its writer waits below
+                    self._wait_writable(flow)
+                    return
                 except OSError as exc:
                     self._failed(flow.dst, exc)
                     return
-                else:
-                    flow.held -= n
-                    moved = True
-                    self.last = self.loop.time()
-                    self.on_bytes(flow.index, n)
-                    if self.ended is not None:  # the callback aborted the relay
-                        return
-            if not flow.eof and flow.left != 0 and flow.held < pipe[2]:
-                room = pipe[2] - flow.held
-                try:
-                    n = splice(flow.src, pipe[1], room if flow.left < 0 else min(room, flow.left), flags=_FLAGS)
-                except BlockingIOError:  # the socket has nothing now, or the pipe has no slot left (see below)
-                    dry = True
-                except OSError as exc:
-                    self._failed(flow.src, exc)
+                flow.held -= n
+                self.last = self.loop.time()
+                self.on_bytes(flow.index, n)
+                if self.ended is not None:  # the callback aborted the relay
                     return
-                else:
-                    dry = False
-                    moved = True
-                    if n == 0:
-                        flow.eof = True
-                    else:
-                        flow.held += n
-                        if flow.left > 0:
-                            flow.left -= n
-            if not flow.held and (flow.eof or flow.left == 0):
+                continue
+            if flow.writing:
+                flow.writing = False
+                self.loop.remove_writer(flow.dst)
+            if flow.eof or flow.left == 0:
                 self._flow_done(flow)
                 return
-            if not moved:
-                break
-        # Wait for what lets bytes move: the destination while the pipe holds bytes (refused, or left after this
-        # turn's rounds: level-triggered, that writer fires at once), the source while the pipe has room. A pipe
-        # counts slots, not bytes (a socket's splice fills a slot per fragment): a read that would block while the
-        # pipe holds bytes may mean a full pipe, and a reader then would fire at once, again and again, while the
-        # destination does not drain; so then only the writer waits, and the source is read again after it.
-        self._watch(flow, read=not flow.eof and flow.left != 0 and flow.held < pipe[2] and not (dry and flow.held),
-                    write=flow.held > 0)
+            rounds += 1
+            if rounds > ROUNDS:  # more to read, later: the reader stays registered
+                self._wait_readable(flow)
+                return
+            pipe = flow.pipe
+            assert pipe is not None  # taken in start, kept to the end
+            want = pipe[2] if flow.left < 0 else min(pipe[2], flow.left)
+            try:
+                n = splice(flow.src, pipe[1], want, flags=_FLAGS)
+            except BlockingIOError:  # the pipe is empty, so it is the socket that has nothing now
+                self._wait_readable(flow)
+                return
+            except OSError as exc:
+                self._failed(flow.src, exc)
+                return
+            if n == 0:
+                flow.eof = True
+            else:
+                flow.held = n
+                if flow.left > 0:
+                    flow.left -= n
 
-    def _watch(self, flow: _Flow, *, read: bool, write: bool) -> None:
-        if read != flow.reading:
-            flow.reading = read
-            if read:
-                self.loop.add_reader(flow.src, self._pump, flow)
-            else:
-                self.loop.remove_reader(flow.src)
-        if write != flow.writing:
-            flow.writing = write
-            if write:
-                self.loop.add_writer(flow.dst, self._pump, flow)
-            else:
-                self.loop.remove_writer(flow.dst)
+    def _wait_readable(self, flow: _Flow) -> None:
+        if not flow.reading:
+            flow.reading = True
+            self.loop.add_reader(flow.src, self._pump, flow)
+
+    def _wait_writable(self, flow: _Flow) -> None:
+        """The destination is full: read nothing until it takes what the pipe holds."""
+        if flow.reading:
+            flow.reading = False
+            self.loop.remove_reader(flow.src)
+        if not flow.writing:
+            flow.writing = True
+            self.loop.add_writer(flow.dst, self._pump, flow)
 
     def _unregister(self, flow: _Flow) -> None:
         if flow.reading:
