@@ -191,17 +191,14 @@ def test_reset_is_passed_on(loop: asyncio.AbstractEventLoop, side: str) -> None:
     other.close()
 
 
-def test_slow_reader_is_bounded_and_loses_nothing(loop: asyncio.AbstractEventLoop) -> None:
-    """The server does not read: the client is stopped by TCP (its send blocks), the relay holds at most one
-    pipe's worth; once the server reads, every byte arrives, in order."""
-    s = Setup(loop)
-    s.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    data = payload(64 << 20, b"slow")
+def held_back_client(s: Setup, data: bytes, patience: float) -> tuple[threading.Event, list[int], Callable[[], None]]:
+    """A client thread's body that sends `data` until a send makes no progress for `patience` s (it is held
+    back: `stuck` is set, `sent` says how far it got), then sends the rest, half-closes and reads to the end."""
     stuck = threading.Event()
     sent = [0]
 
     def client() -> None:
-        s.client.settimeout(2.0)  # a send that makes no progress for 2 s: the client is held back
+        s.client.settimeout(patience)
         view = memoryview(data)
         try:
             while sent[0] < len(data):
@@ -212,6 +209,17 @@ def test_slow_reader_is_bounded_and_loses_nothing(loop: asyncio.AbstractEventLoo
             s.client.sendall(view[sent[0]:])
         s.client.shutdown(socket.SHUT_WR)
         recv_all(s.client)
+
+    return stuck, sent, client
+
+
+def test_slow_reader_is_bounded_and_loses_nothing(loop: asyncio.AbstractEventLoop) -> None:
+    """The server does not read: the client is stopped by TCP (its send blocks), the relay holds at most one
+    pipe's worth; once the server reads, every byte arrives, in order."""
+    s = Setup(loop)
+    s.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    data = payload(64 << 20, b"slow")
+    stuck, sent, client = held_back_client(s, data, 2.0)
 
     got = bytearray()
 
@@ -244,21 +252,7 @@ def test_a_destination_that_does_not_drain_makes_the_relay_wait_not_spin(loop: a
     s = Setup(loop)
     s.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     data = payload(32 << 20, b"spin")
-    stuck = threading.Event()
-    sent = [0]
-
-    def client() -> None:
-        s.client.settimeout(1.0)
-        view = memoryview(data)
-        try:
-            while sent[0] < len(data):
-                sent[0] += s.client.send(view[sent[0]:sent[0] + 65536])
-        except TimeoutError:
-            stuck.set()
-            s.client.settimeout(TIMEOUT)
-            s.client.sendall(view[sent[0]:])
-        s.client.shutdown(socket.SHUT_WR)
-        recv_all(s.client)
+    stuck, sent, client = held_back_client(s, data, 1.0)
 
     got = bytearray()
     during = [0]
