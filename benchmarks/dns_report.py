@@ -5,11 +5,10 @@ the package."""
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 from collections.abc import Sequence
 
-from benchlib import AB_HEADERS, ab_compare, md_table, text_table
+from benchlib import AB_HEADERS, md_table, text_table
 from proxybench import Results, bottleneck, ratio_digits
 
 CONNECTIONS = 64  # wrk -c, as dns_proxy.py runs it
@@ -125,10 +124,4 @@ def ab_table(results: Results) -> list[list[str]]:
         ("p99 latency, ms", "latency", "p99_us", 1e-3, 2, False),
         ("RSS per idle connection, KiB", "memory", "rss_per_conn", 1.0, 1, False),
     ]
-    rows = []
-    for label, test, key, scale, digits, higher in tests:
-        ours, base = results.values("ours", test, key), results.values("baseline", test, key)
-        if ours and base:
-            rows.append(ab_compare(label, [v * scale for v in ours], [v * scale for v in base],
-                                   functools.partial(fmt, digits=digits), higher_better=higher))
-    return rows
+    return results.ab_rows(tests)

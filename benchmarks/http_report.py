@@ -5,11 +5,10 @@ the cold probe's lines. Not part of the package."""
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 from collections.abc import Sequence
 
-from benchlib import AB_HEADERS, ab_compare, md_table, text_table
+from benchlib import AB_HEADERS, md_table, text_table
 from proxybench import Results, bottleneck, ratio_digits
 
 # issue 16's targets: ours/squid for the rates, ours/direct for the plain GET, ours/squid for p99 and memory
@@ -145,13 +144,7 @@ def ab_table(results: Results) -> list[list[str]]:
         ("p99 latency, ms", "latency", "p99_us", 1e-3, 2, False),
         ("RSS with idle connections, MiB", "memory", "rss", 1 / 1024, 1, False),
     ]
-    rows = []
-    for label, test, key, scale, digits, higher in tests:
-        ours, base = results.values("ours", test, key), results.values("baseline", test, key)
-        if ours and base:
-            rows.append(ab_compare(label, [v * scale for v in ours], [v * scale for v in base],
-                                   functools.partial(fmt, digits=digits), higher_better=higher))
-    return rows
+    return results.ab_rows(tests)
 
 
 def probe_lines(results: Results, args: argparse.Namespace) -> list[str]:

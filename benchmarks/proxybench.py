@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from benchlib import (
     WORK,
     BenchError,
     Deadline,
+    ab_compare,
     busy_warning,
     command_output,
     cpu_busy,
@@ -439,6 +441,21 @@ class Results:
         values = self.values(side, test, key)
         return statistics.median(values) if values else None
 
+    def ab_rows(self, tests: Sequence[tuple[str, str, str | None, float, int, bool]]) -> list[list[str]]:
+        """The A/B table's rows, ours against the baseline over the rounds, for (label, test, key, scale, digits,
+        higher is better) of each measurement both sides have."""
+        rows = []
+        for label, test, key, scale, digits, higher in tests:
+            ours, base = self.values("ours", test, key), self.values("baseline", test, key)
+            if ours and base:
+                rows.append(ab_compare(label, [v * scale for v in ours], [v * scale for v in base],
+                                       functools.partial(_number, digits=digits), higher_better=higher))
+        return rows
+
+
+
+def _number(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
 
 
 def run_tool(lab: Lab, role: str, argv: Sequence[str], env: Mapping[str, str] | None, timeout: float,
