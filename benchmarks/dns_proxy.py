@@ -87,6 +87,7 @@ from proxybench import (
     end_facts,
     idle_memory,
     per_process_lines,
+    per_unit,
     prepare_lab,
     raise_fd_limit,
     run_tool,
@@ -260,7 +261,9 @@ class Bench:
         if "error" in result:
             raise BenchError(f"iperf3 through {proxy.name if proxy else 'nothing'}: {result['error']}")
         received = result["end"]["sum_received"]
-        return Measured(received["bits_per_second"] / 1e9, cpu, {"bytes": received["bytes"],
+        user_us, sys_us = per_unit(cpu, cpu.get("wall", 0.0), received["bytes"] / 1e6)  # per MB
+        return Measured(received["bits_per_second"] / 1e9, cpu, {"bytes": received["bytes"], "user_us": user_us,
+                                                                  "sys_us": sys_us,
                                                                   "retransmits": result["end"]["sum_sent"].get(
                                                                       "retransmits", 0)})
 

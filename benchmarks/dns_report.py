@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 
 from benchlib import AB_HEADERS, md_table, text_table
-from proxybench import Results, bottleneck, ratio_digits
+from proxybench import Results, bottleneck, cpu_per_unit, ratio_digits
 
 CONNECTIONS = 64  # wrk -c, as dns_proxy.py runs it
 
@@ -79,8 +79,9 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
     ]
     headers = ["", "ours", "haproxy", "ours/haproxy", "target", "", *(["baseline", "ours/baseline"] if baseline
                                                                        else [])]
-    cpu_headers = ["test", "side", "proxy", "busiest proxy thread", "load tool", "backend", "softirq", "others",
-                   "machine (all CPUs)", "bottleneck"]
+    cpu_headers = ["test", "side", "proxy", "busiest proxy thread", "proxy user/kernel, µs per unit",
+                   "proxy waited for a CPU", "load tool", "backend", "softirq", "others", "machine (all CPUs)",
+                   "bottleneck"]
     cpu_rows = []
     tools = {"keepalive": "wrk", "close": "wrk", "latency": "wrk", "bulk1": "iperf3 client",
              "bulk4": "iperf3 client"}
@@ -93,8 +94,12 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
             neck = "- (paced)" if test == "latency" else bottleneck(med, tools[test], ncpu).replace(
                 "origin (nginx worker", "backend (" + ("iperf3 server" if test.startswith("bulk") else "nginx worker")
             ).replace("a process at", "a thread at")
+            unit = "MB" if test.startswith("bulk") else "connection" if test == "close" else "request"
             cpu_rows.append([test, side if side != "direct" else "no proxy", fmt(med.get("proxy")) + "%",
-                             fmt(med.get("proxy busiest")) + "%", fmt(med.get("tool")) + "%",
+                             fmt(med.get("proxy busiest")) + "%",
+                             cpu_per_unit(samples, unit) if side != "direct" else "-",
+                             fmt(med.get("proxy waited")) + "%" if side != "direct" else "-",
+                             fmt(med.get("tool")) + "%",
                              fmt(med.get("origin")) + "%", fmt(med.get("softirq")) + "%",
                              fmt(med.get("others")) + "%", fmt(med.get("machine")) + "%", neck])
     ran = "; ".join(f"{side}: {shape(results, side)}" for side in sides)

@@ -94,6 +94,7 @@ from proxybench import (
     end_facts,
     idle_memory,
     per_process_lines,
+    per_unit,
     prepare_lab,
     raise_fd_limit,
     run_tool,
@@ -290,6 +291,7 @@ class Bench:
         for key in [k for k in cpu if k not in ("machine", "wall")]:
             cpu[key] *= scale
         cpu["tool"] = 100 * (result["cpu_user"] + result["cpu_system"]) / result["seconds"]
+        result["user_us"], result["sys_us"] = per_unit(cpu, result["seconds"], result["bytes"] / 1e6)  # per MB
         return Measured(result["bytes"] / result["seconds"] / 1e6, cpu, result)
 
     def check(self, proxy: Proxy) -> None:

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 
 from benchlib import AB_HEADERS, md_table, text_table
-from proxybench import Results, bottleneck, ratio_digits
+from proxybench import Results, bottleneck, cpu_per_unit, ratio_digits
 
 # issue 16's targets: ours/squid for the rates, ours/direct for the plain GET, ours/squid for p99 and memory
 TARGETS = {"keepalive": 2.5, "close": 2.0, "connect": 2.5, "get_direct": 0.6, "p99": 1.0, "memory": 0.3}
@@ -70,8 +70,9 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str],
         row("RSS after the close run, MiB", "close", "rss_after", 1 / 1024, "", 1, None, False),
     ]
     headers = ["", "ours", "squid", "ours/squid", "target", "", *(["baseline", "ours/baseline"] if baseline else [])]
-    cpu_headers = ["test", "side", "proxy", "busiest proxy proc", "load tool", "origin", "softirq", "others",
-                   "machine (all CPUs)", "bottleneck"]
+    cpu_headers = ["test", "side", "proxy", "busiest proxy proc", "proxy user/kernel, µs per unit",
+                   "proxy waited for a CPU", "load tool", "origin", "softirq", "others", "machine (all CPUs)",
+                   "bottleneck"]
     cpu_rows = []
     tools = {"keepalive": "wrk", "close": "wrk", "latency": "wrk", "connect": "tunnel client", "get": "GET client"}
     for test in ("keepalive", "close", "latency", "connect", "get"):
@@ -80,8 +81,11 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str],
             if not samples or not samples[0].cpu:
                 continue
             med = {k: statistics.median(m.cpu.get(k, 0.0) for m in samples) for k in samples[0].cpu}
-            cpu_rows.append([test, side if side != "origin" else "no proxy", fmt(med.get("proxy"), "%"),
-                             fmt(med.get("proxy busiest"), "%"), fmt(med.get("tool"), "%"),
+            unit = "MB" if test in ("connect", "get") else "request"
+            proxied = side != "origin"
+            cpu_rows.append([test, side if proxied else "no proxy", fmt(med.get("proxy"), "%"),
+                             fmt(med.get("proxy busiest"), "%"), cpu_per_unit(samples, unit) if proxied else "-",
+                             fmt(med.get("proxy waited"), "%") if proxied else "-", fmt(med.get("tool"), "%"),
                              fmt(med.get("origin"), "%"), fmt(med.get("softirq"), "%"), fmt(med.get("others"), "%"),
                              fmt(med.get("machine"), "%"),
                              "-" if test == "latency" else bottleneck(med, tools[test], ncpu)])

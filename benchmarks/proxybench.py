@@ -55,6 +55,7 @@ SMALL = "/1k"
 BIG = "/big"
 CLK = os.sysconf("SC_CLK_TCK")
 MAIN_PID = os.getpid()
+CONTENDED = 15.0  # % of the wall time a process waited for a CPU that makes "CPU contention" the bottleneck
 BUSY = 0.25  # a run that starts with the machine busier than this (share of all CPUs) is noted
 
 
@@ -204,6 +205,24 @@ def raise_fd_limit() -> int:
 
 # ---------------------------------------------------------------- CPU accounting
 
+def task_times(pid: int) -> tuple[int, int, int]:
+    """(user ticks, system ticks, ns spent runnable but waiting for a CPU) over every thread of `pid`, from
+    /proc/PID/task/*/stat and schedstat; zeros for what is gone. Threads that exited are not in the listing
+    any more (their times are not counted): for long-lived servers, whose threads stay."""
+    user = system = waited = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as handle:
+                    rest = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as handle:
+                    sched = handle.read().split()
+                user += int(rest[11])
+                system += int(rest[12])
+                waited += int(sched[1])
+    return user, system, waited
+
+
 def machine_ticks() -> dict[str, int]:
     with open("/proc/stat", encoding="ascii") as handle:
         values = [int(v) for v in handle.readline().split()[1:9]]
@@ -219,8 +238,12 @@ class CpuWatch:
     def __init__(self, groups: Mapping[str, Callable[[], list[int]]]):
         self.groups = groups
         self.start_ticks: dict[str, dict[int, int]] = {}
+        self.start_times: dict[str, dict[int, tuple[int, int, int]]] = {}
         self.start_machine: dict[str, int] = {}
         self.started = 0.0
+
+    def _times(self) -> dict[str, dict[int, tuple[int, int, int]]]:
+        return {name: {pid: task_times(pid) for pid in pids()} for name, pids in self.groups.items()}
 
     def _sample(self) -> dict[str, dict[int, int]]:
         sample: dict[str, dict[int, int]] = {}
@@ -234,13 +257,17 @@ class CpuWatch:
 
     def begin(self) -> None:
         self.start_ticks = self._sample()
+        self.start_times = self._times()
         self.start_machine = machine_ticks()
         self.started = time.monotonic()
 
     def end(self, tool_seconds: float) -> dict[str, float]:
-        """Percent of one core per group (and its busiest process), the load tool, kernel softirq,
-        everything else on the machine ('others'), and the machine's busy share of all its CPUs."""
+        """Percent of one core per group (and its busiest process; NAME user and NAME sys: its user and kernel
+        time; NAME waited: its threads' time runnable without a CPU, added up, % of the wall time), the load
+        tool, kernel softirq, everything else on the machine ('others'), and the machine's busy share of all
+        its CPUs."""
         after = self._sample()
+        times = self._times()
         machine = machine_ticks()
         wall = max(1e-6, time.monotonic() - self.started)
         out: dict[str, float] = {}
@@ -251,6 +278,12 @@ class CpuWatch:
             ours_ticks += sum(deltas)
             out[name] = 100 * sum(deltas) / CLK / wall
             out[f"{name} busiest"] = 100 * max(deltas, default=0) / CLK / wall
+            was = self.start_times.get(name, {})
+            spent = [tuple(b - a for a, b in zip(was.get(pid, (0, 0, 0)), now_times, strict=True))
+                     for pid, now_times in times.get(name, {}).items()]
+            out[f"{name} user"] = 100 * sum(t[0] for t in spent) / CLK / wall
+            out[f"{name} sys"] = 100 * sum(t[1] for t in spent) / CLK / wall
+            out[f"{name} waited"] = 100 * sum(t[2] for t in spent) / 1e9 / wall
         out["tool"] = 100 * tool_seconds / wall
         busy = machine["busy"] - self.start_machine["busy"]
         soft = machine["softirq"] - self.start_machine["softirq"]
@@ -280,7 +313,20 @@ def bottleneck(cpu: Mapping[str, float], tool: str, ncpu: int) -> str:
                  "kernel softirq": cpu.get("softirq", 0), "others": cpu.get("others", 0)}
         top = max(parts, key=lambda k: parts[k])
         return f"CPU: all {ncpu} cores busy (largest: {top})"
+    waited = {"proxy": cpu.get("proxy waited", 0), "origin": cpu.get("origin waited", 0)}
+    who = max(waited, key=lambda k: waited[k])
+    if waited[who] >= CONTENDED and cpu.get("machine", 0) >= 60:
+        return (f"CPU contention: the {who} waited for a CPU {waited[who]:.0f}% of the time "
+                f"(machine {cpu.get('machine', 0):.0f}% busy)")
     return "none (no process at one core, CPUs not all busy)"
+
+
+def per_unit(cpu: Mapping[str, float], seconds: float, count: float) -> tuple[float, float]:
+    """The proxy's user and kernel CPU per unit (µs), from its shares over `seconds` and `count` units."""
+    if count <= 0:
+        return 0.0, 0.0
+    return (cpu.get("proxy user", 0) / 100 * seconds * 1e6 / count,
+            cpu.get("proxy sys", 0) / 100 * seconds * 1e6 / count)
 
 
 
@@ -409,6 +455,15 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cpu_per_unit(samples: Sequence[Measured], unit: str) -> str:
+    """The proxy's user and kernel CPU per request, connection or MB: medians over the samples."""
+    if not samples or "user_us" not in samples[0].extra:
+        return "-"
+    user = statistics.median(float(m.extra["user_us"]) for m in samples)
+    kernel = statistics.median(float(m.extra["sys_us"]) for m in samples)
+    return f"{user:.1f} / {kernel:.1f} per {unit}"
+
+
 def wrk_measured(out: str, cpu: dict[str, float]) -> Measured:
     """requests/s from the WRKJSON line the Lua scripts print, with the whole summary (errors added up)."""
     line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
@@ -418,6 +473,7 @@ def wrk_measured(out: str, cpu: dict[str, float]) -> Measured:
     summary["rate"] = summary["requests"] / (summary["duration_us"] / 1e6)
     summary["errors"] = sum(summary[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
                                                  "timeouts"))
+    summary["user_us"], summary["sys_us"] = per_unit(cpu, cpu.get("wall", 0.0), summary["requests"])
     return Measured(summary["rate"], cpu, summary)
 
 

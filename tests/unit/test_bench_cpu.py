@@ -1,0 +1,83 @@
+"""The benchmarks' CPU accounting: per-thread user/kernel time and CPU waits, and how they name a bottleneck."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from proxybench import CpuWatch, Measured, bottleneck, cpu_per_unit, per_unit, task_times  # noqa: E402
+
+
+def spin(seconds: float) -> None:
+    """User time: a Python loop that looks at the (vDSO) clock now and then."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(10_000):
+            pass
+
+
+def test_task_times_add_up_every_thread_of_a_process() -> None:
+    """Threads that are still there when sampled (as a proxy's are; an exited thread's times leave the listing)."""
+    done = threading.Event()
+
+    def work() -> None:
+        spin(0.3)
+        done.wait(10)
+
+    before = task_times(os.getpid())
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # this thread sleeps: what is counted is the other two's
+    after = task_times(os.getpid())
+    done.set()
+    for thread in threads:
+        thread.join()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # the GIL lets one of them run at a time: about 0.3 s of user time in all
+    assert (after[0] - before[0]) / ticks >= 0.2, (before, after)
+    assert after[1] >= before[1] and after[2] >= before[2]
+
+
+def test_task_times_of_a_process_that_is_gone_are_zero() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert task_times(pid) == (0, 0, 0)
+
+
+def test_cpu_watch_reports_user_kernel_and_waits_of_a_group() -> None:
+    watch = CpuWatch({"proxy": lambda: [os.getpid()]})
+    watch.begin()
+    spin(0.3)
+    os.stat("/")  # a syscall or two: kernel time may stay under a tick, but the key is there
+    cpu = watch.end(0.0)
+    assert cpu["proxy user"] > 50, cpu  # 0.3 s of user time in about as much wall time
+    assert {"proxy sys", "proxy waited", "proxy busiest"} <= cpu.keys()
+
+
+def test_a_proxy_waiting_for_a_cpu_on_a_busy_machine_is_named_contention() -> None:
+    shares = {"proxy": 52, "proxy busiest": 52, "origin": 47, "origin busiest": 47, "tool": 35, "machine": 78,
+              "proxy waited": 21, "origin waited": 9}
+    assert bottleneck(shares, "tunnel client", 2).startswith("CPU contention: the proxy waited for a CPU 21%")
+    idle = dict(shares, machine=40)
+    assert bottleneck(idle, "tunnel client", 2).startswith("none")
+    calm = dict(shares, **{"proxy waited": 5})
+    assert bottleneck(calm, "tunnel client", 2).startswith("none")
+    at_core = dict(shares, **{"proxy busiest": 95})
+    assert bottleneck(at_core, "tunnel client", 2).startswith("proxy")
+
+
+def test_cpu_per_unit_from_shares() -> None:
+    user, kernel = per_unit({"proxy user": 20.0, "proxy sys": 80.0}, 10.0, 100_000)
+    assert (round(user, 3), round(kernel, 3)) == (20.0, 80.0)  # 2 s and 8 s over 100,000 units
+    assert per_unit({"proxy user": 20.0}, 10.0, 0) == (0.0, 0.0)
+    samples = [Measured(1.0, {}, {"user_us": u, "sys_us": k}) for u, k in ((10, 100), (12, 90), (30, 95))]
+    assert cpu_per_unit(samples, "request") == "12.0 / 95.0 per request"
+    assert cpu_per_unit([Measured(1.0, {}, {})], "MB") == "-"
