@@ -205,11 +205,12 @@ def raise_fd_limit() -> int:
 
 # ---------------------------------------------------------------- CPU accounting
 
-def task_times(pid: int) -> tuple[int, int, int]:
-    """(user ticks, system ticks, ns spent runnable but waiting for a CPU) over every thread of `pid`, from
-    /proc/PID/task/*/stat and schedstat; zeros for what is gone. Threads that exited are not in the listing
-    any more (their times are not counted): for long-lived servers, whose threads stay."""
-    user = system = waited = 0
+def task_times(pid: int) -> tuple[int, int, dict[int, int]]:
+    """(user ticks, system ticks) over every thread of `pid`, and each thread's ns spent runnable but waiting
+    for a CPU, from /proc/PID/task/*/stat and schedstat; zeros for what is gone. Threads that exited are not
+    in the listing any more (their times are not counted): for long-lived servers, whose threads stay."""
+    user = system = 0
+    waits: dict[int, int] = {}
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError, IndexError, ValueError):
@@ -219,8 +220,8 @@ def task_times(pid: int) -> tuple[int, int, int]:
                     sched = handle.read().split()
                 user += int(rest[11])
                 system += int(rest[12])
-                waited += int(sched[1])
-    return user, system, waited
+                waits[int(tid)] = int(sched[1])
+    return user, system, waits
 
 
 def machine_ticks() -> dict[str, int]:
@@ -238,11 +239,11 @@ class CpuWatch:
     def __init__(self, groups: Mapping[str, Callable[[], list[int]]]):
         self.groups = groups
         self.start_ticks: dict[str, dict[int, int]] = {}
-        self.start_times: dict[str, dict[int, tuple[int, int, int]]] = {}
+        self.start_times: dict[str, dict[int, tuple[int, int, dict[int, int]]]] = {}
         self.start_machine: dict[str, int] = {}
         self.started = 0.0
 
-    def _times(self) -> dict[str, dict[int, tuple[int, int, int]]]:
+    def _times(self) -> dict[str, dict[int, tuple[int, int, dict[int, int]]]]:
         return {name: {pid: task_times(pid) for pid in pids()} for name, pids in self.groups.items()}
 
     def _sample(self) -> dict[str, dict[int, int]]:
@@ -263,7 +264,7 @@ class CpuWatch:
 
     def end(self, tool_seconds: float) -> dict[str, float]:
         """Percent of one core per group (and its busiest process; NAME user and NAME sys: its user and kernel
-        time; NAME waited: its threads' time runnable without a CPU, added up, % of the wall time), the load
+        time; NAME waited: the time its thread that waited longest was runnable without a CPU), the load
         tool, kernel softirq, everything else on the machine ('others'), and the machine's busy share of all
         its CPUs."""
         after = self._sample()
@@ -279,11 +280,15 @@ class CpuWatch:
             out[name] = 100 * sum(deltas) / CLK / wall
             out[f"{name} busiest"] = 100 * max(deltas, default=0) / CLK / wall
             was = self.start_times.get(name, {})
-            spent = [tuple(b - a for a, b in zip(was.get(pid, (0, 0, 0)), now_times, strict=True))
-                     for pid, now_times in times.get(name, {}).items()]
-            out[f"{name} user"] = 100 * sum(t[0] for t in spent) / CLK / wall
-            out[f"{name} sys"] = 100 * sum(t[1] for t in spent) / CLK / wall
-            out[f"{name} waited"] = 100 * sum(t[2] for t in spent) / 1e9 / wall
+            user = system = longest = 0
+            for pid, (pid_user, pid_system, waits) in times.get(name, {}).items():
+                old_user, old_system, old_waits = was.get(pid, (0, 0, {}))
+                user += pid_user - old_user
+                system += pid_system - old_system
+                longest = max([longest, *(ns - old_waits.get(tid, 0) for tid, ns in waits.items())])
+            out[f"{name} user"] = 100 * user / CLK / wall
+            out[f"{name} sys"] = 100 * system / CLK / wall
+            out[f"{name} waited"] = 100 * longest / 1e9 / wall  # its thread that waited longest
         out["tool"] = 100 * tool_seconds / wall
         busy = machine["busy"] - self.start_machine["busy"]
         soft = machine["softirq"] - self.start_machine["softirq"]
