@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 
 from benchlib import AB_HEADERS, md_table, text_table
-from proxybench import Results, bottleneck, cpu_per_unit, ratio_digits
+from proxybench import Results, bottleneck, cpu_per_unit, judged, ratio_digits, round_ratios
 
 CONNECTIONS = 64  # wrk -c, as dns_proxy.py runs it
 
@@ -52,9 +52,10 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
             bound, higher, whose = targets[(test, key)]
             goal = f">= {bound:g}x" if higher else f"<= {bound:g}x"
             if ratio is not None:
-                verdict = "MET" if (ratio >= bound if higher else ratio <= bound) else "NOT MET"
+                per_round = round_ratios(results.values("ours", test, key), results.values("haproxy", test, key))
+                verdict, line = judged(ratio, per_round, bound, higher)
                 verdicts.append(f"{title}: {label}: ours/haproxy {ratio:.{ratio_digits(ratio, bound)}f} "
-                                f"({goal}, {whose}): {verdict}")
+                                f"({goal}, {whose}): {line}")
         cells = [label, fmt(ours and ours * scale, digits), fmt(ref and ref * scale, digits),
                  fmt(ratio, ratio_digits(ratio, bound_of)), goal, verdict]
         if baseline:

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 
 from benchlib import AB_HEADERS, md_table, text_table
-from proxybench import Results, bottleneck, cpu_per_unit, ratio_digits
+from proxybench import Results, bottleneck, cpu_per_unit, judged, ratio_digits, round_ratios
 
 # issue 16's targets: ours/squid for the rates, ours/direct for the plain GET, ours/squid for p99 and memory
 TARGETS = {"keepalive": 2.5, "close": 2.0, "connect": 2.5, "get_direct": 0.6, "p99": 1.0, "memory": 0.3}
@@ -31,22 +31,20 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str],
         a, b = results.median("ours", test, key), results.median(other, test, key)
         return a / b if other in sides and a is not None and b else None
 
-    def verdict(value: float | None, target: float, higher_better: bool = True) -> str:
-        if value is None:
-            return "-"
-        good = value >= target if higher_better else value <= target
-        return "MET" if good else "NOT MET"
-
     def row(label: str, test: str, key: str | None, scale: float, unit: str, digits: int, target: float | None,
             higher: bool = True) -> list[str]:
         ours = results.median("ours", test, key)
         squid = results.median("squid", test, key)
         r = ratio(test, key) if both else None
         goal = "-" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
+        cell, line = "", ""
+        if target is not None:
+            per_round = round_ratios(results.values("ours", test, key), results.values("squid", test, key))
+            cell, line = judged(r, per_round, target, higher)
         cells = [label, fmt(ours and ours * scale, unit, digits), fmt(squid and squid * scale, unit, digits),
-                 fmt(r, "", ratio_digits(r, target)), goal, verdict(r, target, higher) if target is not None else ""]
+                 fmt(r, "", ratio_digits(r, target)), goal, cell]
         if target is not None and r is not None:
-            verdicts.append(f"{label.strip()}: ours/squid {cells[3]} (target {goal}): {cells[5]}")
+            verdicts.append(f"{label.strip()}: ours/squid {cells[3]} (target {goal}): {line}")
         if baseline:
             base = results.median("baseline", test, key)
             cells += [fmt(base and base * scale, unit, digits), fmt(ratio(test, key, "baseline"), "", 3)]
@@ -116,12 +114,13 @@ def get_row(results: Results, sides: Sequence[str], verdicts: list[str]) -> list
 
     target = TARGETS["get_direct"]
     ours = over_direct("ours")
-    verdict = "-" if ours is None else ("MET" if ours >= target else "NOT MET")
+    per_life = [m.value / m.extra["direct"] for m in results.samples.get(("ours", "get"), []) if m.extra.get("direct")]
+    cell, line = judged(ours, per_life, target)
     cells = [f"  plain GET / direct ({fmt(direct)} MB/s, router namespace)", fmt(ours, "x", 2),
-             fmt(over_direct("squid"), "x", 2), "-", f">= {target:g}x direct", verdict]
+             fmt(over_direct("squid"), "x", 2), "-", f">= {target:g}x direct", cell]
     if ours is not None:
         verdicts.append(f"plain GET: ours/direct {ours:.{ratio_digits(ours, target)}f} (target >= {target:g}x; "
-                        f"squid/direct {fmt(over_direct('squid'), '', 2)}): {verdict}")
+                        f"squid/direct {fmt(over_direct('squid'), '', 2)}): {line}")
     if "baseline" in sides:
         cells += [fmt(over_direct("baseline"), "x", 2), "-"]
     return cells

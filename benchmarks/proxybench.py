@@ -641,6 +641,33 @@ def ratio_digits(ratio: float | None, target: float | None) -> int:
     return 3 if ratio is not None and target is not None and abs(ratio - target) < 0.005 else 2
 
 
+def round_ratios(ours: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Ours over the reference, sample by sample in the order they were taken (the same round, or the same
+    proxy life, for both): how the ratio moved over the run."""
+    return [a / b for a, b in zip(ours, reference, strict=False) if b]
+
+
+def judged(ratio: float | None, per_round: Sequence[float], bound: float, higher: bool = True) -> tuple[str, str]:
+    """The verdict on a target (the table's cell, the verdict line's end): MET only when the median ratio meets
+    `bound` and so does every round's; a median that meets it while some round does not has the target inside
+    the run-to-run spread, which does not count as met."""
+    if ratio is None:
+        return "-", "-"
+
+    def meets(value: float) -> bool:
+        return value >= bound if higher else value <= bound
+
+    if not meets(ratio):
+        return "NOT MET", "NOT MET"
+    if per_round and not all(meets(value) for value in per_round):
+        low, high = min(per_round), max(per_round)
+        return "NOT MET (spread)", (f"NOT MET: the median meets it, but the rounds' ratios ran {low:.2f}-{high:.2f}, "
+                                    "the target inside that spread")
+    if len(per_round) < 2:
+        return "MET", "MET (one round: no spread to judge it by)"
+    return "MET", f"MET (every round: {min(per_round):.2f}-{max(per_round):.2f})"
+
+
 def describe_machine(fd_limit: int, tools: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The machine facts every results section starts with, printed (with a warning if it is busy)."""
     info = machine_info()

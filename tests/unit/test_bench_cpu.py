@@ -82,3 +82,19 @@ def test_cpu_per_unit_from_shares() -> None:
     samples = [Measured(1.0, {}, {"user_us": u, "sys_us": k}) for u, k in ((10, 100), (12, 90), (30, 95))]
     assert cpu_per_unit(samples, "request") == "12.0 / 95.0 per request"
     assert cpu_per_unit([Measured(1.0, {}, {})], "MB") == "-"
+
+
+def test_a_target_inside_the_rounds_spread_is_not_met() -> None:
+    from proxybench import judged, round_ratios
+
+    per_round = round_ratios([21.0, 30.0, 26.0], [10.0, 10.0, 10.0])
+    assert per_round == [2.1, 3.0, 2.6]
+    assert judged(2.6, per_round, 2.5)[0] == "NOT MET (spread)"  # the median meets 2.5, one round does not
+    assert "2.10-3.00" in judged(2.6, per_round, 2.5)[1]
+    assert judged(2.6, per_round, 2.0) == ("MET", "MET (every round: 2.10-3.00)")
+    assert judged(1.9, per_round, 2.0)[0] == "NOT MET"
+    assert judged(0.9, [0.8, 0.95], 1.0, higher=False)[0] == "MET"  # lower is better: p99, memory
+    assert judged(0.9, [0.8, 1.05], 1.0, higher=False)[0] == "NOT MET (spread)"
+    assert judged(None, [], 1.0) == ("-", "-")
+    assert judged(1.2, [1.2], 1.0) == ("MET", "MET (one round: no spread to judge it by)")
+    assert round_ratios([1.0, 2.0], [0.0, 4.0]) == [0.5]  # a reference that measured nothing is left out
