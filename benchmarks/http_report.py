@@ -114,8 +114,7 @@ def get_row(results: Results, sides: Sequence[str], verdicts: list[str]) -> list
 
     target = TARGETS["get_direct"]
     ours = over_direct("ours")
-    per_life = [m.value / m.extra["direct"] for m in results.samples.get(("ours", "get"), []) if m.extra.get("direct")]
-    cell, line = judged(ours, per_life, target)
+    cell, line = judged(ours, per_life_ratios(results, "ours"), target)
     cells = [f"  plain GET / direct ({fmt(direct)} MB/s, router namespace)", fmt(ours, "x", 2),
              fmt(over_direct("squid"), "x", 2), "-", f">= {target:g}x direct", cell]
     if ours is not None:
@@ -126,11 +125,16 @@ def get_row(results: Results, sides: Sequence[str], verdicts: list[str]) -> list
     return cells
 
 
+def per_life_ratios(results: Results, side: str) -> list[float]:
+    """The ratio of each plain GET of `side` to the direct GET of the same proxy life (the spread)."""
+    return [m.value / m.extra["direct"] for m in results.samples.get((side, "get"), []) if m.extra.get("direct")]
+
+
 def get_lines(results: Results, sides: Sequence[str]) -> list[str]:
     """Per side, the ratio of each plain GET to the direct GET of the same proxy life (the spread)."""
     lines = []
     for side in sides:
-        ratios = [m.value / m.extra["direct"] for m in results.samples.get((side, "get"), []) if m.extra["direct"]]
+        ratios = per_life_ratios(results, side)
         if ratios:
             lines.append(f"plain GET / direct GET of the same life, {side}: " + ", ".join(f"{r:.2f}" for r in ratios))
     return lines

@@ -514,7 +514,6 @@ class Results:
         return rows
 
 
-
 def _number(value: float, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
