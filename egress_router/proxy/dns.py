@@ -17,25 +17,22 @@ import socket
 import time
 import weakref
 from collections.abc import Mapping
-from typing import cast
 
 from ..admin import bind, serve_in_worker
 from ..core.config import DnsProxySettings
 from ..core.forwards import Forward
-from ..ha_view import ACTIVE, STANDBY_REFUSAL, SharedRole
-from . import dns_metrics as cells
-from . import metrics
-from .dns_connect import Connecting
+from ..ha_view import SharedRole
+from .dns_conn import Connection, Deadlines, Listener, Poller
 from .dns_metrics import ForwardTable, dns_families, stable_hash
-from .dns_targets import Backend, Target
+from .dns_targets import Target
 from .lookup import NameResolver
 from .metrics import SharedCounters, WorkerCounters
 from .reload import Reloader, WorkerReloads, forward_changes, forward_listeners, rule_source
-from .server import handle_stop_signals, reset
+from .server import handle_stop_signals
 
 log = logging.getLogger(__name__)
 
-PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
+
 class DnsWorker:
     """One process's forwards and connections."""
 
@@ -55,8 +52,10 @@ class DnsWorker:
         self.loop = asyncio.get_event_loop()
         self.names = NameResolver()  # one per process, shared by its forwards: one parsed hosts file
         self.targets = {f.port: self.new_target(f) for f in settings.forwards}
-        self.servers: dict[int, list[asyncio.AbstractServer]] = {}  # port -> its listeners (IPv4, IPv6)
-        self.connections: set[Relay] = set()
+        self.poller = Poller(self.loop)  # the client and backend sockets, listeners too (proxy/dns_conn.py)
+        self.deadlines = Deadlines(self.loop, settings.connect_timeout)
+        self.servers: dict[int, list[Listener]] = {}  # port -> its listeners (IPv4, IPv6)
+        self.connections: set[Connection] = set()
         self.retired: weakref.WeakSet[Target] = weakref.WeakSet()  # targets a reload took away, while in use
         self.stopped = asyncio.Event()
         self.draining = False
@@ -90,7 +89,8 @@ class DnsWorker:
         for target in {*self.targets.values(), *self.retired}:
             for connecting in list(target.connecting):
                 connecting.stop_connecting()
-        await asyncio.sleep(0)  # a turn of the loop: the sockets closed just now are released while it runs
+        self.deadlines.close()
+        self.poller.close()
         sweeper.cancel()
         return 0
 
@@ -105,14 +105,9 @@ class DnsWorker:
 
     async def listen(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
-            port = sock.getsockname()[1]
             # the target is looked up per connection: a reload that changes the forward moves new connections
-            server = await self.loop.create_server(lambda p=port: self.accept(p), sock=sock,  # type: ignore[misc]
-                                                   backlog=4096)
-            self.servers.setdefault(port, []).append(server)
-
-    def accept(self, port: int) -> Relay:
-        return Relay(self, self.targets[port])
+            listener = Listener(self, sock)
+            self.servers.setdefault(listener.port, []).append(listener)
 
     def new_target(self, forward: Forward) -> Target:
         return Target(self, forward, self.slots.claim(forward.port, forward.target()))
@@ -174,236 +169,7 @@ class DnsWorker:
             now = self.loop.time()
             for relay in list(self.connections):
                 if now - relay.last > idle:
-                    relay.abort(f"idle for {idle:g} s")
-
-
-class Relay(Connecting):
-    """A client connection and, once connected (dns_connect.Connecting), its backend connection; bytes both ways,
-    half-close kept."""
-
-    __slots__ = ("worker", "target", "transport", "upstream", "backend", "pending", "pending_size", "eof", "last",
-                 "started", "up", "down", "ended", "closing", "upstream_full", "client_full")
-
-    def __init__(self, worker: DnsWorker, target: Target):
-        self.worker = worker
-        self.target = target
-        self.transport: asyncio.Transport | None = None
-        self.upstream: asyncio.Transport | None = None
-        self.backend: Backend | None = None
-        self.pending: list[bytes] | None = []  # client bytes before the backend connection is up
-        self.pending_size = 0
-        self.upstream_full = False  # the backend's write buffer is above its high-water mark
-        self.client_full = False  # the client's write buffer is above its high-water mark
-        self.eof = [False, False]  # client finished sending, backend finished sending
-        self.last = worker.loop.time()
-        self.started = self.last
-        self.up = 0
-        self.down = 0
-        self.ended = ""
-        self.closing = False
-        super().__init__()
-
-    # client side
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        worker, target = self.worker, self.target
-        if worker.role is not None and not worker.role.cells[ACTIVE]:
-            target.slot.add(cells.REJECTED)
-            self.end(f"refused: {STANDBY_REFUSAL}", abort=True)
-            return
-        if worker.shared.total(metrics.OPEN) >= worker.settings.max_connections:
-            target.slot.add(cells.REJECTED)
-            self.end("refused: connection limit reached", abort=True)
-            return
-        if not target.ready:
-            target.slot.add(cells.UNRESOLVED)
-            self.end(f"refused: {target.forward.host} has not resolved yet", abort=True)
-            return
-        worker.counters.add(metrics.OPEN)
-        target.slot.add(cells.OPEN)
-        target.relays += 1
-        worker.connections.add(self)
-        self.transport.pause_reading()  # until the backend is connected
-        self.tries_left = worker.settings.tries
-        self.connect()
-
-    def backend_side(self) -> BackendSide:
-        return BackendSide(self)
-
-    def gave_up(self) -> None:
-        self.target.slot.add(cells.ABANDONED if self.closing else cells.FAILED)  # closing: the client left meanwhile
-        self.end(f"failed: {self.reason}", abort=True)
-
-    def connected(self, transport: asyncio.Transport) -> bool:
-        """The backend accepted (BackendSide.connection_made: nothing has been read from it yet); False: the
-        transport is not taken (its end is not the relay's)."""
-        if self.expired:  # the timeout fired first, in the same turn of the loop: it wins (the socket is closed)
-            return False
-        self.connect_started()
-        backend, self.trying = self.trying, None
-        assert backend is not None
-        # relayed once the backend connected, whatever happens next
-        self.target.slot.add(cells.RELAYED)
-        if self.closing:  # the client went away while we were connecting
-            backend.open -= 1
-            transport.close()
-            return False
-        self.backend = backend
-        self.upstream = transport
-        pending, self.pending = self.pending, None
-        for chunk in pending or ():
-            transport.write(chunk)
-        if self.eof[0] and transport.can_write_eof():
-            transport.write_eof()
-        if self.transport is not None and not self.upstream_full:  # else resume_writing resumes it
-            self.transport.resume_reading()
-        return True
-
-    def data_received(self, data: bytes) -> None:
-        self.last = self.worker.loop.time()
-        self.up += len(data)
-        slot = self.target.slot  # counted as they flow: a connection that lasts for days shows its bytes
-        slot.cells[slot.base + cells.BYTES_UP] += len(data)
-        if self.upstream is not None:
-            self.upstream.write(data)
-        elif self.pending is not None:
-            self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size >= PENDING_LIMIT and self.transport is not None:
-                self.transport.pause_reading()  # hold the rest in the kernel until the backend is up
-
-    def eof_received(self) -> bool:
-        self.eof[0] = True
-        if self.eof[1] and self.upstream is not None:
-            # both sides have ended: closing sends the backend its FIN (after what is still buffered), as a
-            # shutdown would, one syscall fewer
-            self.end("closed by both sides")
-            return False
-        if self.upstream is not None and self.upstream.can_write_eof():
-            self.upstream.write_eof()  # half-close: the backend may still answer
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            reset(self.upstream)  # the client reset: the backend must not see a clean end
-        if not self.ended:
-            self.end(f"client connection lost{f' ({exc})' if exc else ''}", abort=exc is not None)
-        self.finish()
-
-    def pause_writing(self) -> None:
-        self.client_full = True
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.client_full = False
-        if self.upstream is not None:
-            self.upstream.resume_reading()
-
-    # backend side (called by BackendSide)
-    def backend_data(self, data: bytes) -> None:
-        self.last = self.worker.loop.time()
-        self.down += len(data)
-        slot = self.target.slot
-        slot.cells[slot.base + cells.BYTES_DOWN] += len(data)
-        if self.transport is not None:
-            self.transport.write(data)
-
-    def backend_eof(self) -> bool:
-        self.eof[1] = True
-        if self.eof[0] and self.upstream is not None:  # both ended: close, no shutdown first (see eof_received)
-            self.end("closed by both sides")
-            return False
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()  # half-close: the client may still send
-        return True
-
-    def backend_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            reset(self.transport)  # the backend reset: a cut-off transfer must not look complete
-        if not self.ended:
-            self.end(f"backend connection lost{f' ({exc})' if exc else ''}", abort=exc is not None)
-        if self.transport is not None:
-            self.transport.close()
-
-    # ending
-    def end(self, how: str, *, abort: bool = False) -> None:
-        if self.ended:
-            return
-        self.ended = how
-        self.closing = True
-        if abort:
-            if self.transport is not None:
-                self.transport.abort()
-            if self.upstream is not None:
-                self.upstream.abort()
-        else:
-            if self.transport is not None:
-                self.transport.close()
-            if self.upstream is not None:
-                self.upstream.close()
-        if self.worker.settings.debug or how.startswith(("refused", "failed")):
-            self.log_line()
-
-    def abort(self, reason: str) -> None:
-        self.end(reason, abort=True)
-
-    def finish(self) -> None:
-        worker = self.worker
-        if self in worker.connections:
-            worker.connections.discard(self)
-            worker.counters.sub(metrics.OPEN)
-            self.target.slot.sub(cells.OPEN)
-            self.target.relays -= 1
-            worker.release_if_done(self.target)
-        if self.backend is not None:
-            self.backend.open -= 1
-            self.backend = None
-        if self.upstream is not None:
-            self.upstream.close()
-
-    @property
-    def client(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return f"{peer[0]}:{peer[1]}" if peer else "-"
-
-    def log_line(self) -> None:
-        duration = (self.worker.loop.time() - self.started) * 1000
-        backend = self.backend.text if self.backend is not None else "-"
-        level = logging.INFO if self.worker.settings.debug else logging.WARNING
-        log.log(level, "%s -> :%d %s -> %s up=%d down=%d %.1fms %s", self.client, self.target.forward.port,
-                self.target.forward.target(), backend, self.up, self.down, duration, self.ended)
-
-
-class BackendSide(asyncio.Protocol):
-    __slots__ = ("relay", "taken")
-
-    def __init__(self, relay: Relay):
-        self.relay = relay
-        self.taken = False  # the relay took the transport (connected)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.taken = self.relay.connected(cast(asyncio.Transport, transport))
-
-    def data_received(self, data: bytes) -> None:
-        self.relay.backend_data(data)
-
-    def eof_received(self) -> bool:
-        return self.relay.backend_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.taken:
-            self.relay.backend_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.relay.upstream_full = True
-        if self.relay.transport is not None:
-            self.relay.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.relay.upstream_full = False
-        if self.relay.transport is not None:
-            self.relay.transport.resume_reading()
+                    relay.expire(f"idle for {idle:g} s")
 
 
 def run_dns_proxy(settings: DnsProxySettings, env: Mapping[str, str] | None = None,

@@ -17,7 +17,7 @@ from .lookup import NoAddresses, describe_dns_error
 
 if TYPE_CHECKING:
     from .dns import DnsWorker
-    from .dns_connect import Connecting
+    from .dns_conn import Connection
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Target:
         self.forward = forward
         self.slot = Slot.detached() if slot is None else slot  # its cells in the worker's table (metrics)
         self.relays = 0  # client connections that hold the slot (see DnsWorker.release_if_done)
-        self.connecting: set[Connecting] = set()  # backend connects in progress (a client that left may have one)
+        self.connecting: set[Connection] = set()  # backend connects in progress (a client that left may have one)
         self.backends: list[Backend] = []
         self.resolved_once = False
         self.failing = False

@@ -148,5 +148,9 @@ def test_sigterm_while_a_connect_is_pending_ends_cleanly(lab: Lab, dns: DnsServe
         started = time.monotonic()
         assert proxy.stop() == 0
         assert time.monotonic() - started < 3
-        assert conn.sock.recv(10) == b""  # closed by the proxy (the grace period ended), not left open
+        try:  # closed by the proxy (the grace period ended), not left open; with a reset: the client was cut
+            ending = conn.sock.recv(10)
+        except ConnectionResetError:
+            ending = b"(reset)"
+        assert ending == b"(reset)"
     assert [m["how"] for m in proxy.wait_connection_lines(1, 7000)] == ["the grace period ended"]

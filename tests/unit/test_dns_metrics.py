@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from types import SimpleNamespace
 
 from egress_router.core.exposition import render
 from egress_router.core.forwards import Forward
 from egress_router.proxy import dns_metrics as m
-from egress_router.proxy.dns import Relay
 from egress_router.proxy.dns_metrics import ForwardRow, ForwardTable, forward_families, forward_rows, stable_hash
 from egress_router.proxy.dns_targets import Target
 from egress_router.proxy.metrics import RELOADS, SharedCounters
@@ -232,112 +229,3 @@ def test_the_rows_are_worker_0_s_forwards_with_every_worker_s_counts_and_health(
     text = render(m.dns_families(shared, table, [mine, ipv6]))
     assert 'egress_router_dns_proxy_healthy_backends{port="7000",target="203.0.113.10:7000"} 0' in text
     assert 'egress_router_dns_proxy_reloads_total{result="applied"} 1' in text
-
-
-# ------------------------------------------------------------------ a relay's count when its backend is quick
-
-class FakeTransport:
-    """A transport that records what is written to it."""
-
-    def __init__(self) -> None:
-        self.written = b""
-        self.eof = self.closed = self.aborted = self.paused = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "written after close"
-        self.written += data
-
-    def write_eof(self) -> None:
-        self.eof = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
-def quick_backend(loop: asyncio.AbstractEventLoop, early: Callable[[asyncio.Protocol, Relay], None]
-                  ) -> tuple[Relay, Target, FakeTransport, FakeTransport]:
-    """A relay whose backend connection calls `early(backend protocol, relay)` before the connect returns (as
-    when the loop reads the new socket before the connecting coroutine runs again); it is connected already."""
-    from egress_router.proxy.dns import Relay
-
-    backend = FakeTransport()
-
-    async def create_connection(factory: Callable[[], asyncio.Protocol], host: str, port: int) -> object:
-        protocol = factory()
-        protocol.connection_made(backend)  # type: ignore[arg-type]
-        early(protocol, relay)
-        return backend, protocol
-
-    shared = SharedCounters(1)
-    worker = SimpleNamespace(loop=loop, role=None, shared=shared, counters=shared.row(0), connections=set(),
-                             release_if_done=lambda target: None,
-                             settings=SimpleNamespace(max_connections=10, tries=3, connect_timeout=5.0,
-                                                      debug=False, check_interval=2.0))
-    target = Target(worker, Forward(7000, IPv4Address("203.0.113.10"), 7000))  # type: ignore[arg-type]
-    relay = Relay(worker, target)  # type: ignore[arg-type]
-    client = FakeTransport()
-    loop.create_connection = create_connection  # type: ignore[method-assign,assignment]
-    relay.connection_made(client)  # type: ignore[arg-type]
-    return relay, target, client, backend
-
-
-def test_a_backend_that_answers_and_ends_before_the_connect_returns_still_gets_the_client_s_bytes() -> None:
-    """The backend's answer and end can arrive before the connecting coroutine runs again: the client's bytes
-    held meanwhile still reach the backend, and the connection counts as relayed, not abandoned."""
-    def early(protocol: asyncio.Protocol, relay: Relay) -> None:
-        protocol.data_received(b"greeting\n")  # type: ignore[attr-defined]
-        protocol.eof_received()  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        relay, target, client, backend = quick_backend(asyncio.get_running_loop(), early)
-        relay.data_received(b"hello")
-        relay.eof_received()
-        async with asyncio.timeout(2):
-            while not relay.ended:
-                await asyncio.sleep(0)
-        # the backend's FIN by close(), no shutdown first: both sides had ended (a clean close, not an abort)
-        assert (backend.written, backend.eof, backend.closed, backend.aborted) == (b"hello", False, True, False)
-        assert (client.written, client.eof) == (b"greeting\n", True)
-        assert relay.ended == "closed by both sides"
-        assert [target.slot.cells[target.slot.base + c] for c in (m.RELAYED, m.ABANDONED, m.BYTES_UP, m.BYTES_DOWN)] \
-            == [1, 0, 5, 9]
-
-    asyncio.run(main())
-
-
-def test_a_client_buffer_filled_before_the_connect_returns_still_pauses_the_backend() -> None:
-    """A backend that sends at once can fill the client's buffer before the connecting coroutine runs again:
-    the backend must be paused then too, or a client that reads nothing makes the proxy buffer everything."""
-    def early(protocol: asyncio.Protocol, relay: Relay) -> None:
-        protocol.data_received(b"x" * 1000)  # type: ignore[attr-defined]
-        relay.pause_writing()  # what the client transport says once its buffer is above the high-water mark
-
-    async def main() -> None:
-        relay, _, client, backend = quick_backend(asyncio.get_running_loop(), early)
-        async with asyncio.timeout(2):
-            while relay.upstream is None:
-                await asyncio.sleep(0)
-        assert backend.paused and client.written == b"x" * 1000
-        relay.resume_writing()
-        assert not backend.paused
-        relay.abort("test over")
-
-    asyncio.run(main())

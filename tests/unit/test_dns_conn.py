@@ -1,0 +1,331 @@
+"""proxy/dns_conn.py: the DNS proxy's connections on plain sockets, in a real DnsWorker, on the loopback.
+
+The worker runs on the test's event loop (asyncio's and uvloop), with its listener and its backend on
+127.0.0.1; clients and backends are asyncio streams on the same loop, or plain sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import resource
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from egress_router.core.config import DnsProxySettings
+from egress_router.core.forwards import Forward
+from egress_router.proxy import dns_conn
+from egress_router.proxy import dns_metrics as m
+from egress_router.proxy.dns import DnsWorker
+from egress_router.proxy.dns_metrics import ForwardTable
+from egress_router.proxy.metrics import SharedCounters
+
+TIMEOUT = 20.0
+LOCAL = "127.0.0.1"
+SMALL = 256 * 1024
+
+
+def kernel_max(name: str) -> int:
+    """The maximum a TCP buffer may autotune to (the third field of /proc/sys/net/ipv4/tcp_rmem or tcp_wmem)."""
+    with open(f"/proc/sys/net/ipv4/{name}") as handle:
+        return int(handle.read().split()[2])
+
+
+def loops() -> list[str]:
+    names = ["asyncio"]
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+        names.append("uvloop")
+    return names
+
+
+@pytest.fixture(params=loops())
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    new: asyncio.AbstractEventLoop
+    if request.param == "uvloop":
+        import uvloop
+
+        new = uvloop.new_event_loop()
+    else:
+        new = asyncio.new_event_loop()
+    asyncio.set_event_loop(new)
+    yield new
+    asyncio.set_event_loop(None)
+    new.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy_to(backend_port: int, rcvbuf: int = 0, **changes: object) -> AsyncIterator[tuple[DnsWorker, int]]:
+    """A worker forwarding a fresh loopback port to `backend_port`; its listen socket's port."""
+    listener = socket.create_server((LOCAL, 0), backlog=64)
+    listener.setblocking(False)
+    if rcvbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    port = listener.getsockname()[1]
+    settings = DnsProxySettings(forwards=(Forward(port, IPv4Address(LOCAL), backend_port),), debug=True, workers=1,
+                                connect_timeout=2.0, idle_timeout=60.0, max_connections=1000, ttl_min=1.0,
+                                ttl_max=300.0, grace_seconds=1.0)
+    for name, value in changes.items():
+        object.__setattr__(settings, name, value)
+    worker = DnsWorker(settings, SharedCounters(1), ForwardTable(1), 0)
+    await worker.listen([listener])
+    try:
+        yield worker, port
+    finally:
+        for connection in list(worker.connections):
+            connection.abort("test over")
+        for listeners in worker.servers.values():
+            for each in listeners:
+                each.close()
+        worker.deadlines.close()
+        worker.poller.close()
+
+
+def listening() -> socket.socket:
+    """A loopback listener (given to the loop as a socket: no name to resolve, so no resolver thread; uvloop's
+    would outlive the test, and take signals that other tests block in their own thread only)."""
+    sock = socket.create_server((LOCAL, 0), backlog=64)
+    sock.setblocking(False)
+    return sock
+
+
+def connected(port: int, sndbuf: int = 0) -> socket.socket:
+    sock = socket.socket()
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.connect((LOCAL, port))  # the loopback's handshake completes at once
+    sock.setblocking(False)
+    return sock
+
+
+def cell(worker: DnsWorker, port: int, which: int) -> int:
+    slot = worker.targets[port].slot
+    return slot.cells[slot.base + which]
+
+
+async def until(check: object, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_bytes_and_fins_of_both_sides_before_the_connect_is_seen_reach_the_other_side(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The client's bytes and FIN arrive before the proxy has seen its backend connect complete, and the backend
+    answers and ends at once: everything reaches the other side, the FINs as FINs, counted once."""
+    got: list[bytes] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"greeting\n")
+        writer.write_eof()
+        got.append(await reader.read())
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(backend, sock=listening())
+        async with server, proxy_to(server.sockets[0].getsockname()[1]) as (worker, port):
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            writer.write(b"hello")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"greeting\n"
+            writer.close()
+            await until(lambda: not worker.connections and got, "the connection to end")
+            assert got == [b"hello"]
+            assert [cell(worker, port, c) for c in (m.RELAYED, m.ABANDONED, m.FAILED, m.BYTES_UP, m.BYTES_DOWN,
+                                                    m.OPEN)] == [1, 0, 0, 5, 9, 0]
+            assert worker.targets[port].backends[0].open == 0
+
+    loop.run_until_complete(main())
+
+
+def test_a_backend_that_does_not_read_stops_the_client_and_the_relay_holds_one_buffer(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A backend that reads nothing for a while: the proxy stops reading the client (the client's own write
+    buffer fills), holds at most one read's worth itself, and then delivers every byte in order."""
+    body = os.urandom(48 << 20)
+    start_reading = asyncio.Event()
+    digests: list[str] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await start_reading.wait()
+        digests.append(hashlib.sha256(await reader.read()).hexdigest())
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(backend, sock=listening())
+        # the kernel's buffers, fixed where the test owns the socket (autotuning would grow them toward
+        # tcp_rmem's maximum): the client's send buffer, the backend's receive buffer, and the proxy's receive
+        # buffer on the client side through the listener (accepted sockets inherit it)
+        server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
+        async with server, proxy_to(server.sockets[0].getsockname()[1], rcvbuf=SMALL) as (worker, port):
+            _, writer = await asyncio.open_connection(sock=connected(port, sndbuf=SMALL))
+            writer.write(body)
+            writer.write_eof()
+            sizes = [-1]
+            while sizes[-1] != (now := writer.transport.get_write_buffer_size()) or not worker.connections:
+                sizes.append(now)  # until it stops moving: the proxy and the kernel hold what they will hold
+                await asyncio.sleep(0.3)
+            taken = len(body) - now
+            # each fixed buffer is doubled by the kernel; the proxy's send buffer toward the backend autotunes
+            bound = 3 * 2 * SMALL + kernel_max("tcp_wmem") + dns_conn.BUFFER
+            assert taken <= bound, f"{taken} bytes taken from a client whose backend reads nothing (bound {bound})"
+            [connection] = worker.connections
+            held = len(connection.buf_up or b"")
+            assert held <= dns_conn.BUFFER
+            start_reading.set()
+            await until(lambda: digests, "the backend to read it all")
+            assert digests == [hashlib.sha256(body).hexdigest()]
+            assert cell(worker, port, m.BYTES_UP) == len(body)
+            writer.close()
+
+    loop.run_until_complete(main())
+
+
+def test_a_reset_on_either_side_reaches_the_other_as_a_reset(loop: asyncio.AbstractEventLoop) -> None:
+    endings: list[str] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        if line == b"reset me\n":  # the backend resets
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        writer.write(b"ok\n")
+        try:
+            endings.append("eof" if await reader.read() == b"" else "data")
+        except ConnectionResetError:
+            endings.append("reset")
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(backend, sock=listening())
+        async with server, proxy_to(server.sockets[0].getsockname()[1]) as (worker, port):
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            writer.write(b"reset me\n")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), TIMEOUT)
+            writer.close()
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            writer.write(b"hi\n")
+            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"ok\n"
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                       struct.pack("ii", 1, 0))
+            writer.transport.abort()  # the client resets
+            await until(lambda: endings, "the backend to see the end")
+            assert endings == ["reset"]
+            await until(lambda: not worker.connections, "the connections to end")
+
+    loop.run_until_complete(main())
+
+
+def fill_descriptors() -> list[int]:
+    """Descriptors opened until there is none left under the current limit."""
+    taken = []
+    while True:
+        try:
+            taken.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            return taken
+
+
+def test_out_of_descriptors_the_listener_rests_and_takes_the_waiting_connections_later(
+        loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    """With no descriptor left, accept fails while the listener stays readable: the worker must neither spin
+    nor drop what waits in the backlog. With two back, one connection is served (its client and backend
+    sockets); with one, a connection is accepted but gets no backend socket: it is refused and counted as
+    failed, and the backend is not blamed. The backend never accepts (its backlog completes the connects), so
+    only the proxy takes descriptors."""
+    caplog.set_level(logging.INFO)
+    backend = socket.create_server((LOCAL, 0), backlog=64)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients = [socket.socket() for _ in range(12)]  # made before the descriptors run out
+    spare: list[int] = []
+
+    async def settle() -> None:
+        await asyncio.sleep(3 * dns_conn.STARVED_PAUSE)
+
+    async def main() -> None:
+        async with proxy_to(backend.getsockname()[1]) as (worker, port):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+            try:
+                spare.extend(fill_descriptors())
+                for client in clients:
+                    client.setblocking(False)
+                    client.connect_ex((LOCAL, port))
+                await until(lambda: "cannot accept connections: Too many open files" in caplog.text,
+                            "the worker to run out of descriptors")
+                cpu = time.process_time()
+                await asyncio.sleep(1.0)
+                spent = time.process_time() - cpu
+                assert spent < 0.5, f"the worker spun on a listener it could not accept from: {spent:.2f} s of CPU"
+                assert not worker.connections
+                os.close(spare.pop())
+                os.close(spare.pop())
+                await until(lambda: cell(worker, port, m.RELAYED) == 1, "one connection to be served")
+                await settle()
+                assert (cell(worker, port, m.RELAYED), cell(worker, port, m.FAILED)) == (1, 0)
+                os.close(spare.pop())
+                await until(lambda: cell(worker, port, m.FAILED) == len(clients) - 1, "the rest to be refused")
+                assert "failed: cannot connect to" in caplog.text and "Too many open files" in caplog.text
+            finally:
+                for fd in spare:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert (cell(worker, port, m.UNREACHABLE), cell(worker, port, m.OPEN)) == (0, 1)
+            assert worker.targets[port].backends[0].down_until == 0.0  # not the backend's fault
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        for client in clients:
+            client.close()
+        backend.close()
+
+
+def test_a_connect_that_times_out_tries_the_next_backend_and_the_client_that_left_is_not_retried(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The connect deadline queue: a backend that does not answer (a listener whose backlog is full, so its
+    SYNs go unanswered) times out; with one backend the client is closed after the timeout, counted failed."""
+    full = socket.socket()
+    full.bind((LOCAL, 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: the next SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+        fillers.append(filler)
+
+    async def main() -> None:
+        await asyncio.sleep(0.2)
+        async with proxy_to(full.getsockname()[1], connect_timeout=0.5) as (worker, port):
+            started = time.monotonic()
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            writer.write(b"query")
+            try:
+                data = await asyncio.wait_for(reader.read(), TIMEOUT)
+            except ConnectionResetError:
+                data = b""
+            elapsed = time.monotonic() - started
+            assert data == b""
+            assert 0.4 < elapsed < 3.0, elapsed
+            assert cell(worker, port, m.TIMED_OUT) == 1 and cell(worker, port, m.FAILED) == 1
+            assert worker.targets[port].backends[0].open == 0
+            writer.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
