@@ -10,7 +10,9 @@ callbacks, the connect coroutine, a timer per connect) cost more CPU than relayi
   listener is left alone for STARVED_PAUSE seconds instead of spinning on a socket that stays readable; the
   connections wait in the backlog meanwhile, and a warning says so (once per STARVED_LOG seconds).
 - `Connection`: the client socket, then the backend's (a non-blocking connect, its outcome read with SO_ERROR
-  when the socket turns writable; the next backend on failure, up to `settings.tries`); then bytes both ways
+  when the socket turns writable; the next backend on failure, up to `settings.tries`). While it connects, the
+  client is read up to PENDING_LIMIT bytes (then the kernel holds the rest), so a client that leaves is seen at
+  once and its query goes out with the connect's completion. Then bytes both ways
   through one buffer per worker (recv_into, send), copied only when a send is short. A direction reads its
   source only when nothing of it waits to be sent: a peer that does not read stops the other one through TCP's
   window, nothing piles up here. Half-close: an EOF is passed on as shutdown(SHUT_WR) once what came before it
