@@ -193,11 +193,12 @@ class Listener:
         worker.loop.call_later(STARVED_PAUSE, self.resume)
 
     def resume(self) -> None:
-        if self.paused and self.fd in self.worker.poller.handlers:
+        if self.paused:  # not closed meanwhile (close clears it: the descriptor may belong to a new socket)
             self.paused = False
             self.worker.poller.modify(self.fd, IN)
 
     def close(self) -> None:
+        self.paused = False
         self.worker.poller.remove(self.fd)
         self.sock.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -73,8 +74,7 @@ async def proxy_to(backend_port: int, rcvbuf: int = 0, **changes: object) -> Asy
     settings = DnsProxySettings(forwards=(Forward(port, IPv4Address(LOCAL), backend_port),), debug=True, workers=1,
                                 connect_timeout=2.0, idle_timeout=60.0, max_connections=1000, ttl_min=1.0,
                                 ttl_max=300.0, grace_seconds=1.0)
-    for name, value in changes.items():
-        object.__setattr__(settings, name, value)
+    settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
     worker = DnsWorker(settings, SharedCounters(1), ForwardTable(1), 0)
     await worker.listen([listener])
     try:
