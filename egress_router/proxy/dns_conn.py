@@ -64,6 +64,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
+PARKED = -1  # a connection's mask for a socket taken out of the epoll set (see Connection.side_failed)
 
 
 class Poller:
@@ -404,12 +405,19 @@ class Connection:
             mask_a = IN if not self.eof_up and (self.buf_up is None or len(self.buf_up) < PENDING_LIMIT) else 0
             mask_b = OUT
         poller = self.worker.poller
-        if mask_a != self.mask_a and self.sock_a is not None:
+        # a parked socket stays out of the set until it is to be read or written again
+        if mask_a != self.mask_a and self.sock_a is not None and not (mask_a == 0 and self.mask_a == PARKED):
+            if self.mask_a == PARKED:
+                poller.add(self.fd_a, mask_a, self.on_a)
+            else:
+                poller.modify(self.fd_a, mask_a)
             self.mask_a = mask_a
-            poller.modify(self.fd_a, mask_a)
-        if mask_b != self.mask_b and self.sock_b is not None:
+        if mask_b != self.mask_b and self.sock_b is not None and not (mask_b == 0 and self.mask_b == PARKED):
+            if self.mask_b == PARKED:
+                poller.add(self.fd_b, mask_b, self.on_b)
+            else:
+                poller.modify(self.fd_b, mask_b)
             self.mask_b = mask_b
-            poller.modify(self.fd_b, mask_b)
 
     def on_a(self, events: int) -> None:
         if not self.connected:
@@ -420,7 +428,7 @@ class Connection:
             self.flush_down()
         if events & (IN | ERR | HUP) and not self.ended:
             if self.eof_up or self.buf_up is not None:
-                self.side_failed("client", self.sock_a)  # not read: only an error or a hang-up gets here
+                self.side_failed("client")  # not read: only an error or a hang-up gets here
             else:
                 self.pump_up()
 
@@ -432,7 +440,7 @@ class Connection:
             self.flush_up()
         if events & (IN | ERR | HUP) and not self.ended:
             if self.eof_down or self.buf_down is not None:
-                self.side_failed("backend", self.sock_b)
+                self.side_failed("backend")
             else:
                 self.pump_down()
 
@@ -441,7 +449,7 @@ class Connection:
         a, held = self.sock_a, self.buf_up
         assert a is not None
         if self.eof_up or (held is not None and len(held) >= PENDING_LIMIT):
-            return self.side_failed("client", a)  # not read: only an error or a hang-up gets here
+            return self.side_failed("client")  # not read: only an error or a hang-up gets here
         try:
             data = a.recv(PENDING_LIMIT - (0 if held is None else len(held)), _DONTWAIT)
         except BlockingIOError:
@@ -570,12 +578,23 @@ class Connection:
             return self.lost("client", exc)
         self.rearm()
 
-    def side_failed(self, side: str, sock: socket.socket | None) -> None:
-        """An error or a hang-up on a socket that is not being read: what went wrong, from SO_ERROR."""
+    def side_failed(self, side: str) -> None:
+        """An error or a hang-up on a socket that is not being read: what went wrong, from SO_ERROR. A hang-up
+        without an error is no failure: the peer's FIN came while this side is held back (its bytes wait for
+        the other side to take the ones before) and ours went out already. epoll reports a hang-up whatever the
+        mask, so the socket leaves the set (PARKED) until it is to be read again; its FIN is read then."""
+        client = side == "client"
+        sock = self.sock_a if client else self.sock_b
         if sock is None:
             return
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.lost(side, OSError(code, os.strerror(code)) if code else None)
+        if code:
+            return self.lost(side, OSError(code, os.strerror(code)))
+        self.worker.poller.remove(self.fd_a if client else self.fd_b)
+        if client:
+            self.mask_a = PARKED
+        else:
+            self.mask_b = PARKED
 
     def lost(self, side: str, exc: OSError | None) -> None:
         """A side failed (a reset, mostly): the other side is reset too, so that a cut-off never looks like a

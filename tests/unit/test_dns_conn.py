@@ -190,6 +190,41 @@ def test_a_backend_that_does_not_read_stops_the_client_and_the_relay_holds_one_b
     loop.run_until_complete(main())
 
 
+def test_a_client_that_ends_while_held_back_after_the_backend_ended_is_not_taken_for_a_failure(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The backend sends its greeting and FIN at once (the proxy shuts the client's side), then reads slowly;
+    the client sends more than the buffers hold, then its FIN. With the client's FIN queued behind bytes the
+    proxy holds back, the client socket is hung up both ways (epoll reports it whatever the mask) without
+    any error: every byte must still reach the backend, and the connection end cleanly."""
+    body = os.urandom(24 << 20)
+    start_reading = asyncio.Event()
+    got: list[bytes] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"greeting\n")
+        writer.write_eof()
+        await start_reading.wait()
+        got.append(await reader.read())
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(backend, sock=listening())
+        async with server, proxy_to(server.sockets[0].getsockname()[1]) as (worker, port):
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"greeting\n"
+            writer.write(body)
+            writer.write_eof()
+            await asyncio.sleep(1.0)  # the FIN arrives behind bytes the proxy cannot pass on yet
+            start_reading.set()
+            await until(lambda: got, "the backend to read everything")
+            assert len(got[0]) == len(body) and got[0] == body
+            await until(lambda: not worker.connections, "the connection to end")
+            assert cell(worker, port, m.BYTES_UP) == len(body)
+            writer.close()
+
+    loop.run_until_complete(main())
+
+
 def test_a_reset_on_either_side_reaches_the_other_as_a_reset(loop: asyncio.AbstractEventLoop) -> None:
     endings: list[str] = []
 
