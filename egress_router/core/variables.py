@@ -65,12 +65,13 @@ class Variable(Generic[T]):
         return "all" if self.modes == MODES else ", ".join(self.modes)
 
 
-def _workers(variable: str, mode: str, serving: str) -> Variable[int | None]:
-    # One process by default: a proxy for a handful of external services rarely needs more than the
-    # ~18k requests/s one process serves, and one per CPU of a large node without a CPU limit would
-    # cost ~20 MiB each for nothing.
-    return Variable(variable, 1, "1", f"processes serving the {serving}; 'auto': one per CPU available (cgroup "
-                    "quota respected); each costs ~20 MiB", (mode,), values.worker_count, "N|auto")
+def _workers(variable: str, mode: str, serving: str, auto: bool) -> Variable[int | None]:
+    # 'auto' (one per CPU available, at most 4) is the DNS proxy's default: its targets are set against haproxy's
+    # default of one thread per CPU. The HTTP proxy keeps one process: a proxy for a handful of external services
+    # rarely needs more than the ~18k requests/s one process serves, and each worker costs ~20-30 MiB.
+    return Variable(variable, None if auto else 1, "auto" if auto else "1", f"processes serving the {serving}; "
+                    "'auto': one per CPU available (cgroup quota respected), at most 4; each costs ~20-30 MiB",
+                    (mode,), values.worker_count, "N|auto")
 
 
 SOURCE: Variable[str] = Variable(
@@ -148,7 +149,7 @@ HTTP_DESTINATION_FILE: Variable[str] = Variable(
 HTTP_PORT: Variable[int] = Variable(
     "EGRESS_HTTP_PROXY_PORT", 8080, "8080", "port the HTTP proxy listens on (IPv4 and IPv6)", ("http-proxy",),
     values.whole_number(1, 65535), "PORT")
-HTTP_WORKERS = _workers("EGRESS_HTTP_PROXY_WORKERS", "http-proxy", "port")
+HTTP_WORKERS = _workers("EGRESS_HTTP_PROXY_WORKERS", "http-proxy", "port", auto=False)
 
 
 def access_log(value: str, variable: str) -> str:
@@ -190,7 +191,7 @@ DNS_DESTINATION_FILE: Variable[str] = Variable(
     "proxy, which reloads the file when it changes", ("dns-proxy",), values.path, "PATH")
 DNS_DEBUG: Variable[bool] = Variable(
     "EGRESS_DNS_PROXY_DEBUG", False, "(off)", "1: one log line per connection", ("dns-proxy",), values.flag, "BOOL")
-DNS_WORKERS = _workers("EGRESS_DNS_PROXY_WORKERS", "dns-proxy", "ports")
+DNS_WORKERS = _workers("EGRESS_DNS_PROXY_WORKERS", "dns-proxy", "ports", auto=True)
 DNS_CONNECT_TIMEOUT: Variable[float] = Variable(
     "EGRESS_DNS_PROXY_CONNECT_TIMEOUT", 10.0, "10", "seconds to connect to a backend", ("dns-proxy",),
     values.seconds(), "SECONDS")

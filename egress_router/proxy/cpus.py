@@ -10,9 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-__all__ = ["CpuChoice", "auto_workers", "available_cpus", "choose", "cpu_quota"]
+__all__ = ["AUTO_CAP", "CpuChoice", "auto_workers", "available_cpus", "choose", "cpu_quota"]
 
 log = logging.getLogger(__name__)
+
+# `auto` stops here: four workers carry ~70k requests/s, more than an egress router for a handful of services
+# needs, while one per CPU of a 64-CPU node without a CPU limit would cost ~2 GiB. A number asks for more.
+AUTO_CAP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +72,13 @@ def available_cpus(root: Path = Path("/")) -> int:
 
 
 def auto_workers(name: str, root: Path = Path("/")) -> int:
-    """The worker count `auto` means, said in the log with its reason."""
+    """The worker count `auto` means (the CPUs available, at most AUTO_CAP), said in the log with its reason."""
     choice = choose(len(os.sched_getaffinity(0)), root)
-    log.info("%s: auto: %d worker%s (%s)", name, choice.cpus, "" if choice.cpus == 1 else "s", choice.describe())
-    return choice.cpus
+    count = min(choice.cpus, AUTO_CAP)
+    reason = choice.describe() + (f"; at most {AUTO_CAP} by auto, a number asks for more" if count < choice.cpus
+                                  else "")
+    log.info("%s: auto: %d worker%s (%s)", name, count, "" if count == 1 else "s", reason)
+    return count
 
 
 def cpu_quota(root: Path = Path("/")) -> Quota | None:

@@ -208,14 +208,20 @@ def test_auto_says_how_many_workers_and_why(tmp_path: Path, caplog: pytest.LogCa
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
     with caplog.at_level(logging.INFO, logger=cpus.__name__):
         assert cpus.auto_workers("HTTP proxy", v1(tmp_path / "a", "150000\n")) == 2
-        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "b", "-1\n")) == 8
-        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "c", "1200000\n")) == 8
+        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "b", "-1\n")) == 4
+        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "c", "1200000\n")) == 4
         assert cpus.auto_workers("DNS proxy", v1(tmp_path / "d", "20000\n")) == 1
+        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "e", "300000\n")) == 3
+        assert cpus.auto_workers("DNS proxy", v1(tmp_path / "f", "400000\n")) == 4
     assert [record.getMessage() for record in caplog.records] == [
         "HTTP proxy: auto: 2 workers (cgroup v1 CPU quota 1.5 CPUs of 8)",
-        "DNS proxy: auto: 8 workers (8 CPU(s) in the affinity mask, no cgroup CPU quota)",
-        "DNS proxy: auto: 8 workers (8 CPU(s) in the affinity mask; the cgroup v1 CPU quota 12 CPUs allows them all)",
-        "DNS proxy: auto: 1 worker (cgroup v1 CPU quota 0.2 CPUs of 8)"]
+        "DNS proxy: auto: 4 workers (8 CPU(s) in the affinity mask, no cgroup CPU quota; at most 4 by auto, a number "
+        "asks for more)",
+        "DNS proxy: auto: 4 workers (8 CPU(s) in the affinity mask; the cgroup v1 CPU quota 12 CPUs allows them all; "
+        "at most 4 by auto, a number asks for more)",
+        "DNS proxy: auto: 1 worker (cgroup v1 CPU quota 0.2 CPUs of 8)",
+        "DNS proxy: auto: 3 workers (cgroup v1 CPU quota 3 CPUs of 8)",
+        "DNS proxy: auto: 4 workers (cgroup v1 CPU quota 4 CPUs of 8)"]
 
 
 def test_this_machine(tmp_path: Path) -> None:

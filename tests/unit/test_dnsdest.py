@@ -267,7 +267,7 @@ def test_settings_defaults() -> None:
         "EGRESS_DNS_PROXY_WORKERS"] and settings_.ttl_max == defaults["EGRESS_DNS_PROXY_TTL_MAX"]
     assert (settings_.debug, settings_.workers, settings_.connect_timeout, settings_.idle_timeout,
             settings_.max_connections, settings_.ttl_min, settings_.ttl_max, settings_.grace_seconds) == \
-        (False, 1, 10.0, 60.0, 10_000, 1.0, 30.0, 10.0)
+        (False, None, 10.0, 60.0, 10_000, 1.0, 30.0, 10.0)
 
 
 def test_settings_from_the_environment() -> None:
