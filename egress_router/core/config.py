@@ -38,7 +38,7 @@ class HttpProxySettings:
 
     acl: AccessList
     port: int
-    workers: int | None  # None: one per CPU available to the process ('auto')
+    workers: int | None  # None: one per CPU available to the process, at most 4 ('auto')
     access_log: str  # '' (off), 'text' or 'squid'
     connect_timeout: float
     max_connections: int
@@ -55,7 +55,7 @@ class DnsProxySettings:
 
     forwards: tuple[Forward, ...]
     debug: bool
-    workers: int | None  # None: one per CPU available to the process ('auto')
+    workers: int | None  # None: one per CPU available to the process, at most 4 ('auto')
     connect_timeout: float
     idle_timeout: float
     max_connections: int

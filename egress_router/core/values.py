@@ -18,6 +18,9 @@ _IFNAME_BAD = re.compile(r"[/:\s]")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 MAX_WORKERS = 256
+# 'auto' stops here: four workers carry ~70k requests/s, more than an egress router for a handful of services
+# needs, while one per CPU of a 64-CPU node without a CPU limit would cost ~2 GiB. A number asks for more.
+AUTO_WORKERS_CAP = 4
 
 
 def parse_ipv4(value: str, variable: str, *, line: int | None = None, text: str | None = None,

@@ -66,12 +66,14 @@ class Variable(Generic[T]):
 
 
 def _workers(variable: str, mode: str, serving: str, auto: bool) -> Variable[int | None]:
-    # 'auto' (one per CPU available, at most 4) is the DNS proxy's default: its targets are set against haproxy's
-    # default of one thread per CPU. The HTTP proxy keeps one process: a proxy for a handful of external services
-    # rarely needs more than the ~18k requests/s one process serves, and each worker costs ~20-30 MiB.
-    return Variable(variable, None if auto else 1, "auto" if auto else "1", f"processes serving the {serving}; "
-                    "'auto': one per CPU available (cgroup quota respected), at most 4; each costs ~20-30 MiB",
-                    (mode,), values.worker_count, "N|auto")
+    # 'auto' (one per CPU available, at most values.AUTO_WORKERS_CAP) is the DNS proxy's default: its targets
+    # are set against haproxy's default of one thread per CPU. The HTTP proxy keeps one process: a proxy for a
+    # handful of external services rarely needs more than the ~18k requests/s one process serves, and each
+    # worker costs ~20-30 MiB.
+    meaning = (f"processes serving the {serving}; 'auto': one per CPU available (cgroup quota respected), at most "
+               f"{values.AUTO_WORKERS_CAP}; each costs ~20-30 MiB")
+    return Variable(variable, None if auto else 1, "auto" if auto else "1", meaning, (mode,), values.worker_count,
+                    "N|auto")
 
 
 SOURCE: Variable[str] = Variable(

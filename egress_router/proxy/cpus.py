@@ -10,13 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-__all__ = ["AUTO_CAP", "CpuChoice", "auto_workers", "available_cpus", "choose", "cpu_quota"]
+from ..core.values import AUTO_WORKERS_CAP
+
+__all__ = ["CpuChoice", "auto_workers", "available_cpus", "choose", "cpu_quota"]
 
 log = logging.getLogger(__name__)
-
-# `auto` stops here: four workers carry ~70k requests/s, more than an egress router for a handful of services
-# needs, while one per CPU of a 64-CPU node without a CPU limit would cost ~2 GiB. A number asks for more.
-AUTO_CAP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +70,12 @@ def available_cpus(root: Path = Path("/")) -> int:
 
 
 def auto_workers(name: str, root: Path = Path("/")) -> int:
-    """The worker count `auto` means (the CPUs available, at most AUTO_CAP), said in the log with its reason."""
+    """The worker count `auto` means (the CPUs available, at most AUTO_WORKERS_CAP), said in the log with its
+    reason."""
     choice = choose(len(os.sched_getaffinity(0)), root)
-    count = min(choice.cpus, AUTO_CAP)
-    reason = choice.describe() + (f"; at most {AUTO_CAP} by auto, a number asks for more" if count < choice.cpus
-                                  else "")
+    count = min(choice.cpus, AUTO_WORKERS_CAP)
+    reason = choice.describe() + (f"; at most {AUTO_WORKERS_CAP} by auto, a number asks for more"
+                                  if count < choice.cpus else "")
     log.info("%s: auto: %d worker%s (%s)", name, count, "" if count == 1 else "s", reason)
     return count
 
