@@ -27,6 +27,7 @@ recv and send on them passes MSG_DONTWAIT.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import contextlib
 import errno
@@ -91,11 +92,19 @@ class Poller:
         self.epoll.modify(fd, mask)
 
     def remove(self, fd: int) -> None:
-        """Before `fd` is closed (explicitly: a descriptor shared with another process would stay in the set)."""
+        """Before `fd` is closed or left out of the set (explicitly: a descriptor shared with another process,
+        a listener's, would stay in the set after its close)."""
         if self.handlers.pop(fd, None) is not None:
             self.dropped.add(fd)
             with contextlib.suppress(OSError):
                 self.epoll.unregister(fd)
+
+    def forget(self, fd: int) -> None:
+        """Before `fd`, a socket of this worker alone, is closed: its close takes it out of the epoll set (the
+        kernel drops an entry when the last reference to the socket goes; a worker neither forks nor starts
+        processes, and its sockets are not duplicated), so no epoll_ctl here."""
+        if self.handlers.pop(fd, None) is not None:
+            self.dropped.add(fd)
 
     def poll(self) -> None:
         self.dropped.clear()
@@ -149,13 +158,14 @@ class Deadlines:
 class Listener:
     """A listening socket of a forward's port: new connections for the target in force on that port."""
 
-    __slots__ = ("worker", "sock", "port", "fd", "paused", "warned")
+    __slots__ = ("worker", "sock", "port", "fd", "family", "paused", "warned")
 
     def __init__(self, worker: DnsWorker, sock: socket.socket):
         self.worker = worker
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.fd = sock.fileno()
+        self.family = sock.family
         self.paused = False
         self.warned = -STARVED_LOG
         # inherited by every accepted socket (Linux): no setsockopt per connection
@@ -163,10 +173,12 @@ class Listener:
         worker.poller.add(self.fd, IN, self.ready)
 
     def ready(self, events: int) -> None:
-        worker, accept = self.worker, self.sock.accept
+        worker, accept, family = self.worker, self.sock._accept, self.family  # type: ignore[attr-defined]
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = accept()  # accept4; no syscall more: the listener has no timeout, nor its copies
+                # accept4, then a socket object of the C type (what socket.accept makes, less its Python frames;
+                # the object's getsockname validates the descriptor); the listener has no timeout, nor its copies
+                fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -177,6 +189,11 @@ class Listener:
                     continue  # that connection is gone (or a firewall said no): the next one
                 log.warning("Port %d: accept failed: %s", self.port, exc.strerror or exc)
                 return
+            try:
+                sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             Connection(worker, worker.targets[self.port], sock, peer)
 
     def starved(self, exc: OSError) -> None:
@@ -204,7 +221,7 @@ class Listener:
         self.sock.close()
 
 
-def reset_close(sock: socket.socket) -> None:
+def reset_close(sock: _socket.socket) -> None:
     """Close with a TCP reset: the peer sees a cut-off, not a clean end."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -218,12 +235,12 @@ class Connection:
                  "tries_left", "attempt", "reason", "connected", "buf_up", "buf_down", "eof_up", "eof_down",
                  "mask_a", "mask_b", "last", "started", "up", "down", "ended", "closing")
 
-    def __init__(self, worker: DnsWorker, target: Target, sock: socket.socket, peer: object):
+    def __init__(self, worker: DnsWorker, target: Target, sock: _socket.socket, peer: object):
         self.worker = worker
         self.target = target
-        self.sock_a: socket.socket | None = sock  # the client's
+        self.sock_a: _socket.socket | None = sock  # the client's
         self.fd_a = sock.fileno()
-        self.sock_b: socket.socket | None = None  # the backend's (connecting or connected)
+        self.sock_b: _socket.socket | None = None  # the backend's (connecting or connected)
         self.fd_b = -1
         self.peer = peer
         self.backend: Backend | None = None  # connected to
@@ -301,7 +318,7 @@ class Connection:
     def start_connect(self, backend: Backend) -> OSError | None:
         family = socket.AF_INET6 if isinstance(backend.address, IPv6Address) else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, socket.IPPROTO_TCP)
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, socket.IPPROTO_TCP)
         except OSError as exc:
             return exc
         try:
@@ -325,14 +342,15 @@ class Connection:
     def drop_backend_socket(self) -> None:
         sock, self.sock_b = self.sock_b, None
         if sock is not None:
-            self.worker.poller.remove(self.fd_b)
+            self.worker.poller.forget(self.fd_b)
             sock.close()
         self.fd_b = -1
 
     def connect_done(self, events: int) -> None:
         sock, backend = self.sock_b, self.trying
         assert sock is not None and backend is not None
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # writable without an error: connected (a failed connect sets EPOLLERR), no getsockopt for it
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & (ERR | HUP) else 0
         if code == 0 and not events & OUT:
             return  # nothing decided yet
         self.target.connecting.discard(self)
@@ -611,14 +629,14 @@ class Connection:
         self.ended = how
         self.closing = True
         poller = self.worker.poller
-        close = reset_close if reset else socket.socket.close
+        close = reset_close if reset else _socket.socket.close
         sock, self.sock_a = self.sock_a, None
         if sock is not None:
-            poller.remove(self.fd_a)
+            poller.forget(self.fd_a)
             close(sock)
         if self.trying is None and self.sock_b is not None:
             sock, self.sock_b = self.sock_b, None
-            poller.remove(self.fd_b)
+            poller.forget(self.fd_b)
             close(sock)
         if self.worker.settings.debug or how.startswith(("refused", "failed")):
             self.log_line()
