@@ -9,11 +9,11 @@ callbacks, the connect coroutine, a timer per connect) cost more CPU than relayi
 - `Listener`: accept4 in batches of ACCEPT_BATCH. Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM), the
   listener is left alone for STARVED_PAUSE seconds instead of spinning on a socket that stays readable; the
   connections wait in the backlog meanwhile, and a warning says so (once per STARVED_LOG seconds).
-- `Connection`: the client socket, then the backend's (a non-blocking connect, its outcome read with SO_ERROR
-  when the socket turns writable; the next backend on failure, up to `settings.tries`). While it connects, the
-  client is read up to PENDING_LIMIT bytes (then the kernel holds the rest), so a client that leaves is seen at
-  once and its query goes out with the connect's completion. Then bytes both ways
-  through one buffer per worker (recv_into, send), copied only when a send is short. A direction reads its
+- `Connection`: the client socket, then the backend's (a non-blocking connect: writable means connected, SO_ERROR
+  is read only when epoll reports an error or a hang-up; the next backend on failure, up to `settings.tries`).
+  While it connects, the client is read up to PENDING_LIMIT bytes (then the kernel holds the rest), so a client
+  that leaves is seen at once and its query goes out with the connect's completion. Then bytes both ways through
+  one buffer per worker (recv_into, send), copied only when a send is short. A direction reads its
   source only when nothing of it waits to be sent: a peer that does not read stops the other one through TCP's
   window, nothing piles up here. Half-close: an EOF is passed on as shutdown(SHUT_WR) once what came before it
   is sent; when both directions have ended both sockets are closed (close() sends the FIN: one shutdown per
@@ -21,6 +21,8 @@ callbacks, the connect coroutine, a timer per connect) cost more CPU than relayi
 - `Deadlines`: the connect timeouts, one FIFO queue (the timeout is the same for every connect of a worker)
   and one timer for its head.
 
+Per connection the sockets are C-level `_socket.socket` objects (socket.py's accept and close add Python frames and
+nothing else here), and they leave the epoll set by their close (`Poller.forget`: one epoll_ctl fewer each).
 The client sockets stay in blocking mode (accept4 without SOCK_NONBLOCK: one fcntl fewer per connection); every
 recv and send on them passes MSG_DONTWAIT.
 """
