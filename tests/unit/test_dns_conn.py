@@ -364,3 +364,46 @@ def test_a_connect_that_times_out_tries_the_next_backend_and_the_client_that_lef
         for filler in fillers:
             filler.close()
         full.close()
+
+
+def epoll_targets(epfd: int) -> set[int]:
+    """The descriptors registered in the epoll set `epfd`, as the kernel lists them (its 'tfd:' lines)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as handle:
+        return {int(line.split()[1]) for line in handle if line.startswith("tfd:")}
+
+
+def test_the_sockets_of_ended_connections_leave_the_epoll_set_by_their_close(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Poller.forget makes no epoll_ctl: the close of a connection's sockets must take them out of the kernel's
+    set (and out of the handlers), clean ends and resets alike, while the listener stays registered."""
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(5))
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(backend, sock=listening())
+        async with server, proxy_to(server.sockets[0].getsockname()[1]) as (worker, port):
+            poller = worker.poller
+            before = epoll_targets(poller.epoll.fileno())
+            listener_fds = {each.fd for listeners in worker.servers.values() for each in listeners}
+            assert listener_fds and listener_fds <= before
+            seen: set[int] = set()
+            for n in range(20):
+                reader, writer = await asyncio.open_connection(sock=connected(port))
+                await until(lambda: worker.connections, "the connection to be accepted")
+                (connection,) = worker.connections
+                writer.write(b"hello")
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"hello"
+                seen |= {connection.fd_a, connection.fd_b}
+                assert {connection.fd_a, connection.fd_b} <= epoll_targets(poller.epoll.fileno())
+                if n % 2:
+                    writer.transport.abort()  # a reset: the backend's socket is reset-closed
+                else:
+                    writer.close()
+                await until(lambda: not worker.connections, "the connection to end")
+            assert epoll_targets(poller.epoll.fileno()) == before
+            assert not seen & set(poller.handlers)
+
+    loop.run_until_complete(main())
