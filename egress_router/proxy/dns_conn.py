@@ -96,17 +96,18 @@ class Poller:
     def remove(self, fd: int) -> None:
         """Before `fd` is closed or left out of the set (explicitly: a descriptor shared with another process,
         a listener's, would stay in the set after its close)."""
-        if self.handlers.pop(fd, None) is not None:
-            self.dropped.add(fd)
+        if self.forget(fd):
             with contextlib.suppress(OSError):
                 self.epoll.unregister(fd)
 
-    def forget(self, fd: int) -> None:
+    def forget(self, fd: int) -> bool:
         """Before `fd`, a socket of this worker alone, is closed: its close takes it out of the epoll set (the
         kernel drops an entry when the last reference to the socket goes; a worker neither forks nor starts
-        processes, and its sockets are not duplicated), so no epoll_ctl here."""
-        if self.handlers.pop(fd, None) is not None:
-            self.dropped.add(fd)
+        processes, and its sockets are not duplicated), so no epoll_ctl here. False: it was not registered."""
+        if self.handlers.pop(fd, None) is None:
+            return False
+        self.dropped.add(fd)
+        return True
 
     def poll(self) -> None:
         self.dropped.clear()
@@ -193,9 +194,9 @@ class Listener:
                 return
             try:
                 sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            except BaseException:
+            except OSError:  # its getsockname failed: that connection is gone, the descriptor is closed
                 os.close(fd)
-                raise
+                continue
             Connection(worker, worker.targets[self.port], sock, peer)
 
     def starved(self, exc: OSError) -> None:
