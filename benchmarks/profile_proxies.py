@@ -15,14 +15,18 @@ took the most CPU in the warm-up):
             (per connection for close, per MB for the transfers), user (Python, uvloop, libc) and
             system (syscalls and the network stack work done in its context); machine softirq beside it
   syscalls  perf stat on syscall tracepoints of that process (exact counts, little overhead): per unit
+  kernel    (--kernel) perf record -F 999 of that process: the share of samples per symbol, kernel and
+            user, self time (where the system time of the cpu pass goes)
   py-spy    py-spy record --function --nonblocking (Python frames; with --native also C frames):
             the share of busy samples per function, self and inclusive, top --top
 
 Paths: http-keepalive, http-close (a new client connection per request), http-connect (CONNECT, GET
 of the large object in the tunnel, spliced to /dev/null by the client), http-get-big (a plain GET of
 the large object through the proxy, curl writing it to /dev/null), dns-keepalive, dns-close (a
-new proxied TCP connection per request), dns-bulk (iperf3, 1 stream). Raw outputs (perf, py-spy
-stacks, a JSON of every figure) go to --out (default benchmarks/.work/profile-<time>/, kept).
+new proxied TCP connection per request), dns-paced (keep-alive paced to 2,000 requests/s, the
+latency run's load: the cost of a request when the proxy sleeps between them), dns-bulk (iperf3, 1
+stream). Raw outputs (perf, py-spy stacks, a JSON of every figure) go to --out (default
+benchmarks/.work/profile-<time>/, kept).
 Nothing in egress_router is changed; every process started is ended by pid; the lab always goes.
 """
 
@@ -64,7 +68,9 @@ from proxybench import (
 
 from egress_router.lab import ROUTER_POD_IP, Lab
 
-PATHS = ("http-keepalive", "http-close", "http-connect", "http-get-big", "dns-keepalive", "dns-close", "dns-bulk")
+PATHS = ("http-keepalive", "http-close", "http-connect", "http-get-big", "dns-keepalive", "dns-close", "dns-paced",
+         "dns-bulk")
+PACED = 2000.0  # requests/s of dns-paced: the rate of the benchmarks' latency run
 SYSCALLS = ("read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg", "epoll_wait",
             "epoll_pwait", "epoll_ctl", "accept4", "connect", "socket", "setsockopt", "getsockopt", "getsockname",
             "getpeername", "close", "shutdown", "splice", "fcntl", "ioctl", "futex", "mmap", "munmap", "brk",
@@ -115,8 +121,9 @@ class Loads:
         self.lab = lab
         self.args = args
 
-    def wrk(self, port: int, target: str, close: bool, seconds: float) -> tuple[float, dict[str, Any]]:
-        env = dict(os.environ, WRK_TARGET=target, WRK_HOST=ORIGIN_IP, WRK_CLOSE="1" if close else "0", WRK_RATE="0")
+    def wrk(self, port: int, target: str, close: bool, seconds: float, rate: float = 0) -> tuple[float, dict[str, Any]]:
+        env = dict(os.environ, WRK_TARGET=target, WRK_HOST=ORIGIN_IP, WRK_CLOSE="1" if close else "0",
+                   WRK_RATE=f"{rate:g}")
         argv = ["wrk", "-t1", "-c64", "-d", f"{seconds:g}s", "--timeout", "5s", "-s", str(HTTP_PROXY_DIR / "proxy.lua"),
                 f"http://{ROUTER_POD_IP}:{port}"]
         done = subprocess.run(ns_argv(self.lab, "client", argv), env=env, capture_output=True, text=True,
@@ -180,12 +187,12 @@ class Loads:
             return self.iperf(seconds)
         if path.startswith("http-"):
             return self.wrk(http_proxy.PORT, f"http://{ORIGIN_IP}{SMALL}", path == "http-close", seconds)
-        return self.wrk(dns_proxy.HTTP_PORT, SMALL, path == "dns-close", seconds)
+        return self.wrk(dns_proxy.HTTP_PORT, SMALL, path == "dns-close", seconds, PACED if path == "dns-paced" else 0)
 
 
 UNITS = {"http-keepalive": "request", "http-close": "connection", "http-connect": "MB", "http-get-big": "MB",
          "dns-keepalive": "request",
-         "dns-close": "connection", "dns-bulk": "MB"}
+         "dns-close": "connection", "dns-paced": "request", "dns-bulk": "MB"}
 
 
 def serving_pid(proxy: Proxy, warm: Callable[[], object]) -> int:
@@ -274,6 +281,27 @@ def spy_pass(loads: Loads, path: str, pid: int, seconds: float, out: Path, nativ
                           if c * share < 99.5][: top + 8]}
 
 
+SYMBOL = re.compile(r"^\s*(?P<share>[\d.]+)%\s+\[(?P<kind>[k.])\]\s+(?P<sym>\S.*?)\s*$")
+
+
+def kernel_pass(loads: Loads, path: str, pid: int, seconds: float, out: Path, top: int) -> dict[str, Any]:
+    """perf record of the process, kernel and user (sampled at 999 Hz): the share of samples per symbol, self."""
+    data = out / f"{path}-{pid}-perf.data"
+    watch = Watchers(["perf", "record", "-F", "999", "-o", str(data), "-p", str(pid)], out / f"{path}-record.log")
+    try:
+        units, extra = loads.run(path, seconds)
+    finally:
+        watch.stop()
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "sym"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    (out / f"{path}-{pid}-perf-report.txt").write_text(report.stdout)
+    symbols = [(m["sym"], m["kind"] == "k", float(m["share"]))
+               for m in map(SYMBOL.match, report.stdout.splitlines()) if m]
+    kernel = sum(share for _, k, share in symbols if k)
+    return {"units": units, "rate": extra.get("rate"), "kernel_share": round(kernel, 1),
+            "self": [(sym if k else f"{sym} (user)", share) for sym, k, share in symbols[:top]]}
+
+
 def profile_path(lab: Lab, loads: Loads, proxy: Proxy, ready: Callable[[], object], path: str,
                  args: argparse.Namespace, out: Path, ours: bool) -> dict[str, Any]:
     proxy.start()
@@ -287,6 +315,8 @@ def profile_path(lab: Lab, loads: Loads, proxy: Proxy, ready: Callable[[], objec
         found["cpu"] = cpu_pass(loads, path, pid, args.duration)
         if not args.no_syscalls:
             found["syscalls"] = syscall_pass(loads, path, pid, args.duration, out)
+        if args.kernel:
+            found["kernel"] = kernel_pass(loads, path, pid, args.duration, out, args.top)
         if ours and not args.no_py_spy:
             found["py"] = spy_pass(loads, path, pid, args.duration, out, False, args.top)
             if args.native:
@@ -311,6 +341,12 @@ def print_found(path: str, found: dict[str, Any], top: int) -> None:
         pairs = sorted(((k, v) for k, v in sc["per_unit"].items() if k != "ALL" and v >= 0.005), key=lambda kv: -kv[1])
         print(f"   syscalls per {unit}: {sc['per_unit'].get('ALL', 0):.2f} in all (pass at {sc['rate'] or 0:,.0f}/s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in pairs))
+    if "kernel" in found:
+        kern = found["kernel"]
+        print(f"   perf record (pass at {kern['rate'] or 0:,.0f}/s): {kern['kernel_share']}% of samples in the kernel; "
+              "self, by symbol:")
+        for sym, share in kern["self"]:
+            print(f"     {share:5.1f}%  {sym}")
     for key in ("py", "native"):
         if key in found:
             spy = found[key]
@@ -330,6 +366,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=10, help="functions listed per path (default 10)")
     parser.add_argument("--refs", action="store_true", help="also squid and haproxy (nbthread 1): cpu, syscalls")
     parser.add_argument("--native", action="store_true", help="a second py-spy pass with C frames (--native)")
+    parser.add_argument("--kernel", action="store_true", help="a perf record pass: self time by symbol")
     parser.add_argument("--no-py-spy", action="store_true", help="no py-spy passes")
     parser.add_argument("--no-syscalls", action="store_true", help="no perf stat pass")
     parser.add_argument("--out", type=Path, help="raw outputs (default benchmarks/.work/profile-<time>)")
