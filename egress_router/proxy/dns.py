@@ -168,7 +168,7 @@ class DnsWorker:
             await asyncio.sleep(1.0)
             now = self.loop.time()
             for relay in list(self.connections):
-                if now - relay.last > idle:
+                if now - relay.last > idle and not relay.still_sending(now):
                     relay.expire(f"idle for {idle:g} s")
 
 

@@ -33,11 +33,13 @@ import _socket
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
@@ -224,6 +226,16 @@ class Listener:
         self.sock.close()
 
 
+def unsent(sock: _socket.socket | None) -> int:
+    """Bytes in a socket's send queue (sent to the kernel, not yet acknowledged by the peer); 0 without one."""
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 def reset_close(sock: _socket.socket) -> None:
     """Close with a TCP reset: the peer sees a cut-off, not a clean end."""
     with contextlib.suppress(OSError):
@@ -236,7 +248,7 @@ class Connection:
 
     __slots__ = ("worker", "target", "sock_a", "sock_b", "fd_a", "fd_b", "peer", "backend", "trying", "tried",
                  "tries_left", "attempt", "reason", "connected", "buf_up", "buf_down", "eof_up", "eof_down",
-                 "mask_a", "mask_b", "last", "started", "up", "down", "ended", "closing")
+                 "mask_a", "mask_b", "last", "started", "up", "down", "ended", "closing", "queued")
 
     def __init__(self, worker: DnsWorker, target: Target, sock: _socket.socket, peer: object):
         self.worker = worker
@@ -264,6 +276,7 @@ class Connection:
         self.down = 0
         self.ended = ""
         self.closing = False
+        self.queued: tuple[float, int, int] | None = None  # see still_sending
         self.admit()
 
     # ------------------------------------------------------------------ accepting and connecting
@@ -553,6 +566,7 @@ class Connection:
             return
         except OSError as exc:
             return self.lost("backend", exc)
+        self.last = self.worker.poller.now  # bytes taken: the connection carries data (a slow reader is not idle)
         self.buf_up = data[sent:] if sent < len(data) else None
         if self.buf_up is None and self.eof_up:
             return self.passed_on_up()
@@ -568,6 +582,7 @@ class Connection:
             return
         except OSError as exc:
             return self.lost("client", exc)
+        self.last = self.worker.poller.now  # bytes taken: the connection carries data (a slow reader is not idle)
         self.buf_down = data[sent:] if sent < len(data) else None
         if self.buf_down is None and self.eof_down:
             return self.passed_on_down()
@@ -644,6 +659,24 @@ class Connection:
         if self.worker.settings.debug or how.startswith(("refused", "failed")):
             self.log_line()
         self.finish()
+
+    def still_sending(self, now: float) -> bool:
+        """Whether a connection that looks idle (no byte read or sent for the idle timeout) is in fact moving
+        bytes: what it sent may still sit in the kernel's send queues, leaving as slowly as the peer reads (a
+        slow reader's socket turns writable only once half of a large queue is gone, which can take longer
+        than the timeout). The queues' sizes (SIOCOUTQ) are noted at the first look and compared at the next
+        (a sweep later): changed, the bytes are moving and the connection is active now; unchanged (or empty),
+        it is idle. A stuck peer is so let go one sweep after the timeout."""
+        sizes = [unsent(sock) for sock in (self.sock_a, self.sock_b)]
+        queued_a, queued_b = sizes[0], sizes[1]
+        seen, self.queued = self.queued, (self.last, queued_a, queued_b)
+        if seen is None or seen[0] != self.last:  # a first look at this quiet spell
+            return bool(queued_a or queued_b)
+        if (queued_a, queued_b) != seen[1:]:
+            self.last = now
+            self.queued = None
+            return True
+        return False
 
     def abort(self, reason: str) -> None:
         """Cut (the grace period, a reload): with a reset, the peers must not take it for a clean end."""

@@ -124,6 +124,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         self.write_paused(source)
 
     def resume_writing(self) -> None:
+        self.last = self.worker.now  # the client took what waited for it: not stalled
         self.write_resumed()
 
     # ------------------------------------------------------------ requests

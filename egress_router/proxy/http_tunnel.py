@@ -213,4 +213,5 @@ class TunnelUpstream(asyncio.Protocol):
         self.client.hold(UPSTREAM_FULL)
 
     def resume_writing(self) -> None:
+        self.client.last = self.client.worker.now  # the destination took what waited for it: not stalled
         self.client.release(UPSTREAM_FULL)

@@ -137,9 +137,11 @@ class Upstream(Endpoint, asyncio.Protocol):
             self.worker.flush()
 
     def data_received(self, data: bytes) -> None:
-        if self.client is None:  # data on an idle pooled connection: the server broke protocol
+        client = self.client
+        if client is None:  # data on an idle pooled connection: the server broke protocol
             self.close()
             return
+        client.last = self.worker.now  # a response that flows is not stalled, however long it lasts
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # after a 101, which its client was answered 502 for
@@ -165,6 +167,7 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.client is not None:
+            self.client.last = self.worker.now  # the server took the request body that waited: not stalled
             self.client.release(UPSTREAM_FULL)
 
     def detach(self) -> None:
@@ -276,6 +279,8 @@ class Upstream(Endpoint, asyncio.Protocol):
 
     def body_bytes(self, direction: int, n: int) -> None:
         self.body_left -= n
+        if self.client is not None:
+            self.client.last = self.worker.now
         self.worker.counters.add(metrics.BYTES_DOWN, n)
         if self.request is not None:
             self.request.bytes_down += n

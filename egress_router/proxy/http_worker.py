@@ -127,7 +127,9 @@ class Worker:
                     elif quiet > settings.idle_timeout or self.draining:
                         client.close()
                 elif quiet > settings.tunnel_idle_timeout:
-                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s")
+                    # a response cut off midway ends with a reset: a close-delimited body must not look whole
+                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s",
+                                 hard=client.tunnel is None and client.current is not None)
             self.pool.expire(now)
             self.names.expire(now)
 

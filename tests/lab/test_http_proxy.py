@@ -4,6 +4,7 @@ namespace, origins (tests/lab/origin.py) behind the gateway, names from the rout
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -888,6 +889,76 @@ def test_a_slow_client_does_not_delay_others(lab: Lab, origin: Origin, start_pro
         idle.close()
 
 
+def test_a_response_that_keeps_flowing_outlasts_the_stall_timeout(lab: Lab, origin: Origin,
+                                                                  start_proxy: StartProxy) -> None:
+    """EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT is about a response that stalls, not one that lasts: a download that
+    takes longer than the timeout while its bytes keep coming is not cut (it was, with a clean end, until the
+    response's own bytes counted as activity). The client reads about 1.6 MB/s for 4.5 s against a 2 s timeout:
+    each second the proxy sees its bytes taken (the body is spliced: the relay's deliveries count)."""
+    proxy = start_proxy("*", EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT="2")
+    size = 24 * 1024 * 1024
+    digest = hashlib.sha256()
+    with Client(lab, timeout=IO_TIMEOUT) as client:
+        client.send(request_bytes("GET", f"http://www.example.com/blob?size={size}"))
+        head = read_head(client.reader)
+        assert head is not None and head.startswith(b"HTTP/1.1 200 "), head
+        got, slow_until = 0, time.monotonic() + 4.5
+        while time.monotonic() < slow_until:
+            chunk = client.reader.read1(65536)
+            assert chunk, f"the response ended after {got} of {size} bytes"
+            digest.update(chunk)
+            got += len(chunk)
+            time.sleep(0.04)
+        assert got < size // 2, got  # the slow phase really outlasted the timeout with most of the body to come
+        while got < size and (chunk := client.reader.read1(1 << 20)):
+            digest.update(chunk)
+            got += len(chunk)
+    assert (got, digest.hexdigest()) == (size, sha256(blob(size)))
+    assert eventually(lambda: any("blob?size" in line and "allowed 200" in line and f"down={size}" in line
+                                  for line in proxy.lines())), proxy.stderr
+    assert "no data for" not in proxy.stderr
+
+
+def test_a_response_that_stalls_midway_is_cut_with_a_reset(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """A close-delimited body that stops coming: after the stall timeout the client gets a reset, never a clean
+    end, which would make the part it got look like the whole body."""
+    with lab.entered("dest"):
+        server = socket.create_server((WWW, 7070))
+    server.settimeout(IO_TIMEOUT)
+    release = threading.Event()
+
+    def stall() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 1000)
+            release.wait(IO_TIMEOUT)  # the rest never comes while the test watches
+
+    thread = threading.Thread(target=stall, daemon=True)
+    thread.start()
+    proxy = start_proxy("*", EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT="2")
+    try:
+        with Client(lab, timeout=IO_TIMEOUT) as client:
+            # HTTP/1.0: the body reaches the client close-delimited too (an HTTP/1.1 client gets it chunked)
+            client.send(request_bytes("GET", f"http://{WWW}:7070/stalls", version="HTTP/1.0"))
+            head = read_head(client.reader)
+            assert head is not None and head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head, head
+            started, body, ending = time.monotonic(), b"", "eof"
+            try:
+                while chunk := client.reader.read1(65536):
+                    body += chunk
+            except ConnectionResetError:
+                ending = "reset"
+            waited = time.monotonic() - started
+        assert (ending, body) == ("reset", b"x" * 1000), (ending, len(body))
+        assert 1.0 < waited < 5.0, waited  # the 2 s timeout, on a clock of 1 s steps
+        assert eventually(lambda: "connection closed: no data for 2 s" in proxy.stderr), proxy.stderr
+    finally:
+        release.set()
+        thread.join(timeout=IO_TIMEOUT)
+        server.close()
+
+
 # ------------------------------------------------------------------ 7. the connection limit
 
 def test_connection_limit(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
@@ -1420,7 +1491,7 @@ def test_informational_responses_keep_their_headers_and_skip_http10_clients(
     with Client(lab) as client:
         client.send(request_bytes("GET", "http://www.example.com/early-hints", version="HTTP/1.0"))
         head = read_head(client.reader) or b""
-        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert head is not None and head.startswith(b"HTTP/1.1 200 "), head
 
 
 def test_a_request_pipelined_after_connection_close_is_ignored(lab: Lab, origin: Origin,
