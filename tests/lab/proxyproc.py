@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
@@ -145,6 +146,19 @@ class ClientConnection:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+def read_slowly(read: Callable[[int], bytes], seconds: float, size: int, pause: float, digest: Any) -> int:
+    """A slow reader: `read(size)` with `pause` s between reads for `seconds`, each piece into `digest`
+    (a hashlib object); the bytes read. The stream must not end meanwhile (an assertion says after how much)."""
+    got, until = 0, time.monotonic() + seconds
+    while time.monotonic() < until:
+        chunk = read(size)
+        assert chunk, f"the stream ended after {got} bytes, during the slow reading"
+        digest.update(chunk)
+        got += len(chunk)
+        time.sleep(pause)
+    return got
 
 
 def proxy_env(defaults: Mapping[str, str], *, network: bool, variables: Mapping[str, str]) -> dict[str, str]:

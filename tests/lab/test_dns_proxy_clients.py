@@ -37,7 +37,7 @@ import pytest
 from egress_router.lab import CLIENT_IP, ROUTER_POD_IP, Lab
 from tests.lab.dnsserver import DnsServer
 from tests.lab.origin import field, parse_fields, read_exact, read_head
-from tests.lab.proxyproc import PeakRss
+from tests.lab.proxyproc import PeakRss, read_slowly
 from tests.lab.test_dns_proxy import (  # noqa: F401 (dns, services, start_proxy: the fixtures)
     TAIL,
     A,
@@ -401,15 +401,9 @@ def test_a_slow_steady_reader_outlasts_the_idle_timeout_and_a_stopped_one_does_n
     services.listen("dest", A, SOURCE_PORT, "source")
     services.payload = payload = random.Random(6).randbytes(8 * 1024 * 1024)
     proxy = start_proxy(f"{SOURCE_PORT} {A}", EGRESS_DNS_PROXY_IDLE_TIMEOUT="2")
-    digest, got = hashlib.sha256(), 0
+    digest = hashlib.sha256()
     with Conn(lab, SOURCE_PORT, timeout=30) as steady:
-        slow_until = time.monotonic() + 6.0
-        while time.monotonic() < slow_until:
-            chunk = steady.sock.recv(8192)
-            assert chunk, f"the connection ended after {got} bytes"
-            digest.update(chunk)
-            got += len(chunk)
-            time.sleep(0.1)
+        got = read_slowly(steady.sock.recv, 6.0, 8192, 0.1, digest)  # about 80 KB/s
         assert got < len(payload) // 4, got  # the slow phase was slow: most of the payload was still to come
         buffer = bytearray(1 << 20)
         while size := steady.sock.recv_into(buffer):
