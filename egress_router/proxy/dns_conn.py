@@ -664,19 +664,19 @@ class Connection:
         """Whether a connection that looks idle (no byte read or sent for the idle timeout) is in fact moving
         bytes: what it sent may still sit in the kernel's send queues, leaving as slowly as the peer reads (a
         slow reader's socket turns writable only once half of a large queue is gone, which can take longer
-        than the timeout). The queues' sizes (SIOCOUTQ) are noted at the first look and compared at the next
-        (a sweep later): changed, the bytes are moving and the connection is active now; unchanged (or empty),
-        it is idle. A stuck peer is so let go one sweep after the timeout."""
-        sizes = [unsent(sock) for sock in (self.sock_a, self.sock_b)]
-        queued_a, queued_b = sizes[0], sizes[1]
-        seen, self.queued = self.queued, (self.last, queued_a, queued_b)
-        if seen is None or seen[0] != self.last:  # a first look at this quiet spell
-            return bool(queued_a or queued_b)
-        if (queued_a, queued_b) != seen[1:]:
-            self.last = now
-            self.queued = None
-            return True
-        return False
+        than the timeout). Non-empty queues (SIOCOUTQ) get one more timeout: their sizes are noted and the
+        quiet spell starts again; at its end, queues of other sizes mean the bytes moved (once more), the same
+        sizes that nothing left for a whole timeout: idle. A reader that stopped with bytes on the way is so
+        let go after at most twice the timeout; one that reads a little per timeout is kept."""
+        queued = (unsent(self.sock_a), unsent(self.sock_b))
+        seen, self.queued = self.queued, None
+        if seen is not None and seen[0] == self.last and seen[1:] == queued:
+            return False  # not a byte left for a whole timeout
+        if not (queued[0] or queued[1]):
+            return False  # nothing on the way either
+        self.last = now
+        self.queued = (now, *queued)
+        return True
 
     def abort(self, reason: str) -> None:
         """Cut (the grace period, a reload): with a reset, the peers must not take it for a clean end."""
