@@ -347,6 +347,20 @@ class ClientConnection(RequestReader, asyncio.Protocol):
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
 
+    def stalled(self, seconds: float) -> None:
+        """No data for `seconds` (EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT) with a request or a tunnel open. A request
+        whose upstream sent nothing yet is answered 504 (the connection may go on); a response cut off midway ends
+        with a reset (a close-delimited body must not look whole); an idle tunnel is closed."""
+        request = self.current
+        if self.tunnel is None and request is not None and not request.sent and self.transport is not None \
+                and not self.closing:
+            self.let_go(request)
+            self.fail(ProxyError(504, f"the upstream server sent no response for {seconds:g} s",
+                                 metrics.UPSTREAM_TIMEOUTS))
+            self.worker.flush()
+            return
+        self.abort(f"no data for {seconds:g} s", hard=self.tunnel is None and request is not None)
+
     def let_go(self, request: Request) -> None:
         """Nothing more goes to or comes from the request's upstream: its connection (which cannot be
         reused mid-request) is closed, or the connecting given up."""

@@ -127,9 +127,7 @@ class Worker:
                     elif quiet > settings.idle_timeout or self.draining:
                         client.close()
                 elif quiet > settings.tunnel_idle_timeout:
-                    # a response cut off midway ends with a reset: a close-delimited body must not look whole
-                    client.abort(f"no data for {settings.tunnel_idle_timeout:g} s",
-                                 hard=client.tunnel is None and client.current is not None)
+                    client.stalled(settings.tunnel_idle_timeout)
             self.pool.expire(now)
             self.names.expire(now)
 

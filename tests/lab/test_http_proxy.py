@@ -954,6 +954,24 @@ def test_a_response_that_stalls_midway_is_cut_with_a_reset(lab: Lab, origin: Ori
         server.close()
 
 
+def test_an_upstream_that_sends_no_response_is_answered_504_after_the_stall_timeout(
+        lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
+    """The origin waits 8 s before answering; the stall timeout is 2 s: the client gets a 504 that says why
+    (not a cut connection), counted as an upstream timeout, and its connection still serves the next request."""
+    proxy = start_proxy("*.example.com", EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT="2")
+    before = scrape(lab)['egress_router_http_upstream_errors_total{kind="timeout"}']
+    with Client(lab, timeout=IO_TIMEOUT) as client:
+        started = time.monotonic()
+        response = client.request("GET", "http://www.example.com/slow?delay=8")
+        waited = time.monotonic() - started
+        assert response.status == 504, response
+        assert response.text == "the upstream server sent no response for 2 s\n", response.text
+        assert 1.0 < waited < 5.0, waited  # the 2 s timeout, on a clock of 1 s steps
+        assert_hello(client.request("GET", "http://www.example.com/hello"), WWW)  # the connection goes on
+    assert scrape(lab)['egress_router_http_upstream_errors_total{kind="timeout"}'] == before + 1
+    assert eventually(lambda: any("slow?delay=8 error 504" in line for line in proxy.lines())), proxy.stderr
+
+
 # ------------------------------------------------------------------ 7. the connection limit
 
 def test_connection_limit(lab: Lab, origin: Origin, start_proxy: StartProxy) -> None:
