@@ -180,7 +180,7 @@ HTTP_IDLE_TIMEOUT: Variable[float] = Variable(
     ("http-proxy",), values.seconds(), "SECONDS")
 HTTP_TUNNEL_IDLE_TIMEOUT: Variable[float] = Variable(
     "EGRESS_HTTP_PROXY_TUNNEL_IDLE_TIMEOUT", 900.0, "900", "seconds a tunnel or response may stall before it is "
-    "closed", ("http-proxy",), values.seconds(), "SECONDS")
+    "closed (a request with no response yet: answered 504)", ("http-proxy",), values.seconds(), "SECONDS")
 GRACE: Variable[float] = Variable(
     "EGRESS_PROXY_GRACE_SECONDS", 10.0, "10", "on SIGTERM, how long open requests and tunnels may finish",
     PROXY_MODES, values.seconds(minimum=0.0), "SECONDS")
