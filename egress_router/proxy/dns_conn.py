@@ -236,6 +236,17 @@ def unsent(sock: _socket.socket | None) -> int:
         return 0
 
 
+def pending_error(sock: _socket.socket | None, exc: OSError) -> OSError:
+    """What really broke a socket that `exc` (ENOTCONN: a shutdown after the peer's reset, not yet read) hides:
+    the reset itself, from SO_ERROR; else `exc`."""
+    if exc.errno == errno.ENOTCONN and sock is not None:
+        with contextlib.suppress(OSError):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                return OSError(code, os.strerror(code))
+    return exc
+
+
 def reset_close(sock: _socket.socket) -> None:
     """Close with a TCP reset: the peer sees a cut-off, not a clean end."""
     with contextlib.suppress(OSError):
@@ -599,7 +610,7 @@ class Connection:
             assert self.sock_b is not None
             self.sock_b.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            return self.lost("backend", exc)
+            return self.lost("backend", pending_error(self.sock_b, exc))
         self.rearm()
 
     def passed_on_down(self) -> None:
@@ -611,7 +622,7 @@ class Connection:
             assert self.sock_a is not None
             self.sock_a.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            return self.lost("client", exc)
+            return self.lost("client", pending_error(self.sock_a, exc))
         self.rearm()
 
     def side_failed(self, side: str) -> None:

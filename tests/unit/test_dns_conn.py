@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -407,3 +408,31 @@ def test_the_sockets_of_ended_connections_leave_the_epoll_set_by_their_close(
             assert not seen & set(poller.handlers)
 
     loop.run_until_complete(main())
+
+
+def test_a_shutdown_after_the_peers_unread_reset_is_reported_as_the_reset() -> None:
+    """The FIN passed on to a side that reset meanwhile (its reset not read yet): shutdown() fails with ENOTCONN,
+    which says nothing; the connection's line must say what happened, the reset, kept in SO_ERROR."""
+    server = listening()
+    mine = socket.create_connection(server.getsockname())
+    theirs, _ = server.accept()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    theirs.close()  # a reset
+    server.close()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the reset has arrived once a shutdown fails
+            try:
+                mine.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                failure = exc
+                break
+            assert time.monotonic() < deadline, "the reset did not arrive"
+            time.sleep(0.01)
+        assert failure.errno == errno.ENOTCONN
+        told = dns_conn.pending_error(mine, failure)
+        assert told.errno == errno.ECONNRESET, told
+        other = OSError(errno.EPIPE, "broken pipe")
+        assert dns_conn.pending_error(mine, other) is other  # anything else is told as it is
+    finally:
+        mine.close()
