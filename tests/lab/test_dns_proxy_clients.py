@@ -21,10 +21,7 @@ import hashlib
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -36,7 +33,8 @@ import pytest
 
 from egress_router.lab import CLIENT_IP, ROUTER_POD_IP, Lab
 from tests.lab.dnsserver import DnsServer
-from tests.lab.origin import field, parse_fields, read_exact, read_head
+from tests.lab.httpserver import serving
+from tests.lab.origin import field, parse_fields, read_exact, read_head, sha256
 from tests.lab.proxyproc import PeakRss, read_slowly
 from tests.lab.test_dns_proxy import (  # noqa: F401 (dns, services, start_proxy: the fixtures)
     TAIL,
@@ -60,10 +58,6 @@ FILE_SIZE = 3 * 1024 * 1024
 PAGES = 100  # small files /p/000.txt ... /p/099.txt, each of its own size and content
 BIG_DOWNLOAD = 64 * 1024 * 1024
 CURL_OUT = "%{local_port} %{num_connects} %{size_request} %{size_header} %{size_download} %{http_code}\n"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -92,19 +86,6 @@ class Web:
         return self.log.read_text(errors="replace")
 
 
-def accepts(lab: Lab, role: str, ip: str, port: int) -> bool:
-    with lab.entered(role):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(0.5)
-        sock.connect((ip, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
 @pytest.fixture
 def web(lab: Lab, tmp_path: Path) -> Iterator[Web]:
     root = tmp_path / "www"
@@ -117,24 +98,8 @@ def web(lab: Lab, tmp_path: Path) -> Iterator[Web]:
     for i, page in enumerate(pages):
         (root / "p" / f"{i:03d}.txt").write_bytes(page)
     log = tmp_path / "http.server.log"
-    with open(log, "wb") as log_file:
-        # nsenter without --fork execs the program: the pid is http.server's own
-        process = subprocess.Popen([*lab.enter_argv("dest"), sys.executable, "-m", "http.server", "--bind", A,
-                                    "--directory", str(root), "--protocol", "HTTP/1.1", str(WEB_PORT)],
-                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=clean_env(home))
-    try:
-        if not eventually(lambda: process.poll() is None and accepts(lab, "dest", A, WEB_PORT), timeout=10):
-            pytest.fail(f"http.server did not listen on {A}:{WEB_PORT}:\n{log.read_text(errors='replace')}")
+    with serving(lab, "dest", A, WEB_PORT, root, log, env=clean_env(home)) as process:
         yield Web(root, log, home, blob, pages, process)
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
 
 
 def web_forward(dns: DnsServer, start_proxy: StartProxy) -> Proxy:

@@ -17,11 +17,9 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from egress_router.lab import ROUTER_POD_IP, SOURCE_IP, Lab
+from tests.lab.httpserver import serving
 from tests.lab.origin import Origin
 from tests.lab.test_http_proxy import (  # noqa: F401 (start_proxy: the fixture)
     ACCESS_LINE,
@@ -76,45 +75,15 @@ def free_port(lab: Lab, role: str, ip: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def listening(lab: Lab, role: str, ip: str, port: int) -> bool:
-    with lab.entered(role):
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-        except OSError:
-            return False
-    return True
-
-
-def end_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it outstays a few seconds: by the process's own pid, nothing else."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-
-
 @pytest.fixture
 def file_server(lab: Lab, tmp_path: Path) -> Iterator[FileServer]:
     root, log = tmp_path / "www", tmp_path / "http.server.log"
     root.mkdir()
     port = free_port(lab, "dest", MIRROR_IP)
-    with open(log, "wb") as sink:  # nsenter execs the server: the pid is the server's own
-        process = subprocess.Popen([*lab.enter_argv("dest"), sys.executable, "-u", "-m", "http.server",
-                                    "--bind", MIRROR_IP, "--directory", str(root), "--protocol", "HTTP/1.1",
-                                    str(port)], stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
     try:
-        deadline = time.monotonic() + 10
-        while not listening(lab, "dest", MIRROR_IP, port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"http.server did not listen on {MIRROR_IP}:{port} (exit {process.poll()}):\n"
-                            f"{log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        yield FileServer(root, port, log)
+        with serving(lab, "dest", MIRROR_IP, port, root, log):
+            yield FileServer(root, port, log)
     finally:
-        end_process(process)
         print(f"--- http.server log:\n{log.read_text(errors='replace')}")
 
 
