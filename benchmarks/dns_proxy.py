@@ -38,6 +38,12 @@ on one proxy life per side, comparison and round (after a short keep-alive warm-
 CPU time of the proxy, the load tool and the backend (nginx or iperf3 server) is recorded per run
 to name the bottleneck. Every process it starts is ended by pid; the lab always goes.
 
+With --floor, a side named floor runs in the same rounds: benchmarks/reference/floor_relay.c (built
+here with cc), the relay design of egress_router/proxy/dns_conn.py in C without any of its policy (no
+limits, timeouts, counters or logs): the floor a relay of that design pays, what a compiled engine of
+ours could at best reach. Its workers are ours' count in each comparison (the defaults: the CPUs this
+process may use). Each table gains floor and floor/haproxy; the verdicts stay ours'.
+
 With --baseline TREE, a third side, baseline (TREE's .venv/bin/egress-router: TREE's interpreter and
 code, ours' settings in each comparison), runs in the same rounds; each comparison's table gains
 baseline and ours/baseline, and an A/B table gives each side's IQR and min-max and the per-round
@@ -53,6 +59,7 @@ import os
 import resource
 import shutil
 import string
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -192,6 +199,35 @@ def haproxy_maxconn() -> int:
     return min(HAPROXY_MAXCONN, (soft - 18) // 2)
 
 
+class Floor(DnsProxy):
+    """benchmarks/reference/floor_relay.c, built once per run (see --floor)."""
+
+    name = "floor"
+    source = BENCH / "reference" / "floor_relay.c"
+
+    def __init__(self, lab: Lab, tmp: Path, workers: int | None, binary: Path):
+        super().__init__(lab, tmp, workers)
+        self.binary = binary
+
+    @classmethod
+    def build(cls, tmp: Path) -> Path:
+        binary = tmp / "floor_relay"
+        done = subprocess.run(["cc", "-O2", "-Wall", "-o", str(binary), str(cls.source)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"building {cls.source.name} failed:\n{done.stderr.strip()}")
+        return binary
+
+    def start(self) -> None:
+        from egress_router.proxy.server import available_cpus
+
+        self.lives += 1
+        workers = self.workers if self.workers is not None else available_cpus()
+        forwards = [f"0.0.0.0:{port}={host}:{remote}" for port, host, remote in FORWARDS]
+        self.proc = Managed(self.lab, "router", [str(self.binary), "-w", str(workers), *forwards],
+                            self.tmp / f"floor-{self.lives}.out")
+
+
 # ---------------------------------------------------------------- checks
 
 def wait_ready(lab: Lab, proxy: Proxy, expected: bytes, timeout: float = 30.0) -> float:
@@ -316,8 +352,10 @@ def one_life(bench: Bench, proxy: Proxy, results: Results, expected: bytes) -> s
 
 # ---------------------------------------------------------------- main
 
-def check_tools() -> None:
+def check_tools(floor: bool) -> None:
     missing = [t for t in ("nsenter", "ip", "wrk", "nginx", "haproxy", "iperf3") if not shutil.which(t)]
+    if floor and not shutil.which("cc"):
+        missing.append("cc")
     if missing:
         sys.exit(f"missing {', '.join(missing)}: apt-get install haproxy iperf3 wrk nginx-light")
 
@@ -343,6 +381,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="the 'one' comparison with N workers of ours "
                         "(EGRESS_DNS_PROXY_WORKERS=N) against haproxy nbthread N (default 1)")
     parser.add_argument("--baseline", metavar="TREE", type=Path, help=BASELINE_HELP)
+    parser.add_argument("--floor", action="store_true", help="a third side: benchmarks/reference/floor_relay.c, "
+                        "ours' relay design in C without its policy (built with cc; see above)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.iperf_seconds, args.warmup = 1, 3.0, 3.0, 1.0
@@ -350,11 +390,13 @@ def main() -> int:
     args.workers = max(1, args.workers)
 
     require_root()
-    check_tools()
+    check_tools(args.floor)
     sides = [args.only] if args.only else list(SIDES)
     baseline = load_baseline(args.baseline)
     if baseline is not None:
         sides.insert(sides.index("ours") + 1 if "ours" in sides else 0, "baseline")
+    if args.floor:
+        sides.append("floor")
     comparisons = list(COMPARISONS) if args.compare == "both" else [args.compare]
     counts: dict[str, int | None] = {"one": args.workers, "defaults": None}
     n = args.workers
@@ -385,6 +427,7 @@ def main() -> int:
     iperf: Managed | None = None
     proxies: dict[str, Proxy] = {}
     with scratch("dns-proxy-") as tmp:
+        floor = Floor.build(tmp) if args.floor else None
         try:
             with Lab() as lab:
                 prepare_lab(lab, "dns-proxy")
@@ -396,7 +439,7 @@ def main() -> int:
                 for c in comparisons:
                     (tmp / c).mkdir()  # each comparison's proxies keep their logs and configs apart
                     for side in sides:
-                        proxies[f"{c}/{side}"] = make_proxy(side, lab, tmp / c, counts[c], baseline)
+                        proxies[f"{c}/{side}"] = make_proxy(side, lab, tmp / c, counts[c], baseline, floor)
                 print(f"\nlab {lab.suffix}: nginx (1 worker) on {BACKEND_IP}:80, iperf3 -s on {BACKEND_IP}:"
                       f"{IPERF_PORT}; proxies on {ROUTER_POD_IP}:{HTTP_PORT},{IPERF_PORT}")
                 # the ceiling the lab allows: from the router namespace straight to the backends
@@ -441,9 +484,13 @@ def main() -> int:
     return 0
 
 
-def make_proxy(side: str, lab: Lab, tmp: Path, workers: int | None, baseline: Baseline | None) -> Proxy:
+def make_proxy(side: str, lab: Lab, tmp: Path, workers: int | None, baseline: Baseline | None,
+               floor: Path | None) -> Proxy:
     if side == "haproxy":
         return Haproxy(lab, tmp, workers)
+    if side == "floor":
+        assert floor is not None
+        return Floor(lab, tmp, workers, floor)
     if side == "baseline":
         assert baseline is not None
         return BaselineOurs(lab, tmp, workers, baseline)

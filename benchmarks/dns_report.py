@@ -40,6 +40,7 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
     """Text and markdown tables of one comparison, and one verdict line per target (prefixed with `title`)."""
     both = "ours" in sides and "haproxy" in sides
     baseline = "baseline" in sides
+    floor = "floor" in sides and "haproxy" in sides  # the floor relay (dns_proxy.py --floor): beside, not judged
     targets = {(t, k): (bound, higher, whose) for t, k, bound, higher, whose in TARGETS}
     verdicts = []
 
@@ -61,6 +62,10 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         if baseline:
             base = results.median("baseline", test, key)
             cells += [fmt(base and base * scale, digits), fmt(ours / base if ours is not None and base else None, 3)]
+        if floor:
+            low = results.median("floor", test, key)
+            cells += [fmt(low and low * scale, digits), fmt(low / ref if low is not None and ref else None, 2),
+                      fmt(ours / low if ours is not None and low else None, 2)]
         return cells
 
     rate = results.median("haproxy", "latency", "rate") or results.median("ours", "latency", "rate")
@@ -78,8 +83,9 @@ def report(results: Results, args: argparse.Namespace, sides: Sequence[str], ncp
         row("PSS before the idle connections, MiB", "memory", "base_pss", 1 / 1024, 1),
         row(f"PSS with {args.idle:,} idle connections, MiB", "memory", "pss", 1 / 1024, 1),
     ]
-    headers = ["", "ours", "haproxy", "ours/haproxy", "target", "", *(["baseline", "ours/baseline"] if baseline
-                                                                       else [])]
+    headers = ["", "ours", "haproxy", "ours/haproxy", "target", "",
+               *(["baseline", "ours/baseline"] if baseline else []),
+               *(["floor", "floor/haproxy", "ours/floor"] if floor else [])]
     cpu_headers = ["test", "side", "proxy", "busiest proxy thread", "proxy user/kernel, µs per unit",
                    "proxy waited for a CPU", "load tool", "backend", "softirq", "others", "machine (all CPUs)",
                    "bottleneck"]

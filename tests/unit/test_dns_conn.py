@@ -436,3 +436,73 @@ def test_a_shutdown_after_the_peers_unread_reset_is_reported_as_the_reset() -> N
         assert dns_conn.pending_error(mine, other) is other  # anything else is told as it is
     finally:
         mine.close()
+
+
+def test_what_the_client_sends_in_pieces_while_the_backend_connect_waits_reaches_it_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The early read (Connection.read_early): bytes that arrive in several pieces while the backend's SYNs go
+    unanswered (a listener whose accept queue is full) are held and, once the connect completes, sent whole and
+    in order, the client's FIN after them; counted once, the connection ends clean."""
+    full = socket.socket()
+    full.bind((LOCAL, 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: the next SYNs are dropped until it has room again
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+        fillers.append(filler)
+    pieces = [bytes([65 + i]) * size for i, size in enumerate((1000, 20000, 3, 70000))]
+    sent = b"".join(pieces)
+
+    async def main() -> None:
+        await asyncio.sleep(0.2)
+        async with proxy_to(full.getsockname()[1], connect_timeout=15.0) as (worker, port):
+            reader, writer = await asyncio.open_connection(sock=connected(port))
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write_eof()
+            await until(lambda: worker.connections and next(iter(worker.connections)).eof_up,
+                        "the pieces and the FIN to be held")
+            (connection,) = worker.connections
+            assert not connection.connected and connection.buf_up == sent and connection.eof_up
+            fillers_at = {f.getsockname() for f in fillers}
+            full.setblocking(False)
+            backend = None
+            deadline = time.monotonic() + TIMEOUT
+            while backend is None:  # make room; the proxy's SYN is answered on one of its retries
+                assert time.monotonic() < deadline, "the proxy's connect never reached the backend"
+                try:
+                    sock, peer = full.accept()
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+                    continue
+                if peer in fillers_at:
+                    sock.close()
+                else:
+                    backend = sock
+            with backend:
+                backend.setblocking(False)
+                got = b""
+                while True:
+                    chunk = await loop.sock_recv(backend, 65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                assert got == sent
+                await loop.sock_sendall(backend, b"answer")
+                backend.shutdown(socket.SHUT_WR)
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"answer"
+            writer.close()
+            await until(lambda: not worker.connections, "the connection to end")
+            assert [cell(worker, port, c) for c in (m.RELAYED, m.FAILED, m.BYTES_UP, m.BYTES_DOWN)] == \
+                [1, 0, len(sent), 6]
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
