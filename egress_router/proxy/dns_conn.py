@@ -18,6 +18,10 @@ callbacks, the connect coroutine, a timer per connect) cost more CPU than relayi
   window, nothing piles up here. Half-close: an EOF is passed on as shutdown(SHUT_WR) once what came before it
   is sent; when both directions have ended both sockets are closed (close() sends the FIN: one shutdown per
   connection). A reset (or any error) on one side is passed on as a reset (SO_LINGER 0) on the other.
+  The relayed sides are read with EPOLLRDHUP: when the peer's FIN is already in and one read takes all there
+  is, the bytes go on with MSG_MORE and the FIN right after them, in one segment (a short exchange like an
+  HTTP response with `Connection: close` sends one segment fewer, the way haproxy does, and the proxy wakes
+  up once fewer).
 - `Deadlines`: the connect timeouts, one FIFO queue (the timeout is the same for every connect of a worker)
   and one timer for its head.
 
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ACCEPT_BATCH", "BUFFER", "Connection", "Deadlines", "Listener", "Poller"]
 
 IN, OUT, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
+RDHUP = select.EPOLLRDHUP
+READ = IN | RDHUP  # a side being relayed (see the module's text: the FIN passed on with the last bytes)
 BUFFER = 256 * 1024  # one per worker: what one recv may take
 ACCEPT_BATCH = 64  # accepts per readiness of a listener before other sockets get their turn
 MAX_EVENTS = 1024
@@ -66,6 +72,7 @@ STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 STARVED_PAUSE = 0.25  # seconds a listener is left alone when no descriptor is left for a new connection
 STARVED_LOG = 10.0  # at most one warning about it per this many seconds
 _DONTWAIT = socket.MSG_DONTWAIT
+_LAST = socket.MSG_DONTWAIT | socket.MSG_MORE  # the last bytes before a FIN that follows at once
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 PENDING_LIMIT = 256 * 1024  # client bytes held while the backend connection is being made
@@ -442,9 +449,9 @@ class Connection:
     def rearm(self) -> None:
         """The epoll masks that what each direction waits for asks for."""
         if self.connected:
-            mask_a = (IN if not self.eof_up and self.buf_up is None else 0) | \
+            mask_a = (READ if not self.eof_up and self.buf_up is None else 0) | \
                 (OUT if self.buf_down is not None else 0)
-            mask_b = (IN if not self.eof_down and self.buf_down is None else 0) | \
+            mask_b = (READ if not self.eof_down and self.buf_down is None else 0) | \
                 (OUT if self.buf_up is not None else 0)
         else:  # connecting: the client is read up to PENDING_LIMIT
             mask_a = IN if not self.eof_up and (self.buf_up is None or len(self.buf_up) < PENDING_LIMIT) else 0
@@ -475,7 +482,7 @@ class Connection:
             if self.eof_up or self.buf_up is not None:
                 self.side_failed("client")  # not read: only an error or a hang-up gets here
             else:
-                self.pump_up()
+                self.pump_up(events)
 
     def on_b(self, events: int) -> None:
         if not self.connected:
@@ -487,7 +494,7 @@ class Connection:
             if self.eof_down or self.buf_down is not None:
                 self.side_failed("backend")
             else:
-                self.pump_down()
+                self.pump_down(events)
 
     def read_early(self) -> None:
         """What the client sends while the backend connection is being made, kept (up to PENDING_LIMIT)."""
@@ -514,8 +521,9 @@ class Connection:
             self.buf_up = bytes(view[:n]) if held is None else held + view[:n]
         self.rearm()
 
-    def pump_up(self) -> None:
-        """Client -> backend: one read, sent on at once."""
+    def pump_up(self, events: int) -> None:
+        """Client -> backend: one read, sent on at once. With RDHUP, a read short of the buffer took everything
+        before the client's FIN (TCP queues a FIN behind all the bytes before it), so the FIN is passed on now."""
         a, b = self.sock_a, self.sock_b
         assert a is not None and b is not None
         view = self.worker.poller.view
@@ -532,18 +540,23 @@ class Connection:
         self.up += n
         slot = self.target.slot  # counted as they flow: a connection that lasts for days shows its bytes
         slot.cells[slot.base + cells.BYTES_UP] += n
+        last = events & RDHUP and n < BUFFER
         try:
-            sent = b.send(view[:n], _DONTWAIT)
+            sent = b.send(view[:n], _LAST if last else _DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             return self.lost("backend", exc)
         if sent < n:
             self.buf_up = bytes(view[sent:n])
-            self.rearm()
+            if not last:
+                return self.rearm()
+        if last:
+            self.eof_up = True
+            self.passed_on_up()
 
-    def pump_down(self) -> None:
-        """Backend -> client."""
+    def pump_down(self, events: int) -> None:
+        """Backend -> client (see pump_up)."""
         a, b = self.sock_a, self.sock_b
         assert a is not None and b is not None
         view = self.worker.poller.view
@@ -560,15 +573,20 @@ class Connection:
         self.down += n
         slot = self.target.slot
         slot.cells[slot.base + cells.BYTES_DOWN] += n
+        last = events & RDHUP and n < BUFFER
         try:
-            sent = a.send(view[:n], _DONTWAIT)
+            sent = a.send(view[:n], _LAST if last else _DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             return self.lost("client", exc)
         if sent < n:
             self.buf_down = bytes(view[sent:n])
-            self.rearm()
+            if not last:
+                return self.rearm()
+        if last:
+            self.eof_down = True
+            self.passed_on_down()
 
     def flush_up(self) -> None:
         data, b = self.buf_up, self.sock_b

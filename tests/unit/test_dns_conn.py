@@ -65,12 +65,16 @@ def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @contextlib.asynccontextmanager
-async def proxy_to(backend_port: int, rcvbuf: int = 0, **changes: object) -> AsyncIterator[tuple[DnsWorker, int]]:
-    """A worker forwarding a fresh loopback port to `backend_port`; its listen socket's port."""
+async def proxy_to(backend_port: int, rcvbuf: int = 0, sndbuf: int = 0,
+                   **changes: object) -> AsyncIterator[tuple[DnsWorker, int]]:
+    """A worker forwarding a fresh loopback port to `backend_port`; its listen socket's port. `rcvbuf`,
+    `sndbuf`: the buffers of the client sockets it accepts (inherited from the listener)."""
     listener = socket.create_server((LOCAL, 0), backlog=64)
     listener.setblocking(False)
     if rcvbuf:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if sndbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     port = listener.getsockname()[1]
     settings = DnsProxySettings(forwards=(Forward(port, IPv4Address(LOCAL), backend_port),), debug=True, workers=1,
                                 connect_timeout=2.0, idle_timeout=60.0, max_connections=1000, ttl_min=1.0,
@@ -506,3 +510,166 @@ def test_what_the_client_sends_in_pieces_while_the_backend_connect_waits_reaches
         for filler in fillers:
             filler.close()
         full.close()
+
+
+# ---------------------------------------------------------------- a FIN that came with the last bytes
+
+class LoopbackSegments:
+    """The TCP segments the loopback carries between two ports, as the kernel sends them: an AF_PACKET socket on
+    `lo` (root), each frame taken once (as outgoing). `carrying(a, b)`: (payload length, FIN set) of those from
+    port a to port b that carry bytes or a FIN (not the SYNs and the bare ACKs)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+        self.sock.bind(("lo", 0))
+        self.sock.setblocking(False)
+        self.frames: list[bytes] = []
+
+    def take(self) -> None:
+        while True:
+            try:
+                frame, address = self.sock.recvfrom(65536 + 128)
+            except BlockingIOError:
+                return
+            if address[2] == socket.PACKET_OUTGOING:
+                self.frames.append(frame)
+
+    def carrying(self, source: int, dest: int) -> list[tuple[int, bool]]:
+        self.take()
+        found = []
+        for frame in self.frames:
+            ip = frame[14:]
+            if len(ip) < 40 or frame[12:14] != b"\x08\x00" or ip[9] != socket.IPPROTO_TCP:
+                continue
+            ihl = (ip[0] & 15) * 4
+            total = struct.unpack("!H", ip[2:4])[0]
+            tcp = ip[ihl:]
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            payload, fin = total - ihl - (tcp[12] >> 4) * 4, bool(tcp[13] & 1)
+            if (sport, dport) == (source, dest) and (payload or fin):
+                found.append((payload, fin))
+        return found
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def segments() -> Iterator[LoopbackSegments]:
+    capture = LoopbackSegments()
+    yield capture
+    capture.close()
+
+
+def data_and_fin(sock: socket.socket, data: bytes) -> None:
+    """`data` and the FIN in one segment: corked by MSG_MORE, pushed by the shutdown."""
+    assert sock.send(data, socket.MSG_MORE) == len(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+async def read_all(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    got = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT):
+        got += chunk
+    return got
+
+
+def test_a_reply_whose_fin_came_with_it_leaves_with_its_fin_in_one_segment_and_the_other_way_stays_open(
+        loop: asyncio.AbstractEventLoop, segments: LoopbackSegments) -> None:
+    """The backend's answer and FIN arrive in one segment: the proxy reads them in one wake-up (EPOLLRDHUP) and
+    sends them on as one segment, the half-close passed on at once; the client may still send, and its bytes
+    and FIN reach the backend after that."""
+    async def main() -> None:
+        backend_listener = listening()
+        async with proxy_to(backend_listener.getsockname()[1]) as (worker, port):
+            client = connected(port)
+            client_port = client.getsockname()[1]
+            await loop.sock_sendall(client, b"question")
+            backend, _ = await asyncio.wait_for(loop.sock_accept(backend_listener), TIMEOUT)
+            backend.setblocking(False)
+            assert await asyncio.wait_for(loop.sock_recv(backend, 100), TIMEOUT) == b"question"
+            data_and_fin(backend, b"answer " * 100)
+            assert await read_all(loop, client) == b"answer " * 100  # to its EOF
+            assert segments.carrying(port, client_port) == [(700, True)]
+            await loop.sock_sendall(client, b"afterwards")
+            client.shutdown(socket.SHUT_WR)
+            assert await read_all(loop, backend) == b"afterwards"
+            await until(lambda: not worker.connections, "the connection to end")
+            assert [cell(worker, port, c) for c in (m.RELAYED, m.FAILED, m.BYTES_UP, m.BYTES_DOWN)] == \
+                [1, 0, 18, 700]
+            client.close()
+            backend.close()
+        backend_listener.close()
+
+    loop.run_until_complete(main())
+
+
+def test_a_request_whose_fin_came_with_it_reaches_the_backend_in_one_segment_and_the_answer_still_comes_back(
+        loop: asyncio.AbstractEventLoop, segments: LoopbackSegments) -> None:
+    """The client's request and FIN in one segment reach the backend as one (the proxy half-closes at once); the
+    backend's answer and FIN, which end the connection, reach the client as one too (the close sends the FIN
+    behind the bytes held back by MSG_MORE)."""
+    async def main() -> None:
+        backend_listener = listening()
+        async with proxy_to(backend_listener.getsockname()[1]) as (worker, port):
+            client = connected(port)
+            client_port = client.getsockname()[1]
+            backend, _ = await asyncio.wait_for(loop.sock_accept(backend_listener), TIMEOUT)
+            backend.setblocking(False)
+            proxy_port = backend.getpeername()[1]
+            await asyncio.sleep(0.2)  # the connect seen: this is the relay's path, not the early read's
+            assert next(iter(worker.connections)).connected
+            data_and_fin(client, b"GET / HTTP/1.0\r\n\r\n")
+            assert await read_all(loop, backend) == b"GET / HTTP/1.0\r\n\r\n"
+            data_and_fin(backend, b"HTTP/1.0 200 OK\r\n\r\nbody")
+            assert await read_all(loop, client) == b"HTTP/1.0 200 OK\r\n\r\nbody"
+            assert segments.carrying(proxy_port, backend.getsockname()[1]) == \
+                [(18, True)]
+            assert segments.carrying(port, client_port) == [(23, True)]
+            await until(lambda: not worker.connections, "the connection to end")
+            assert [cell(worker, port, c) for c in (m.RELAYED, m.FAILED, m.BYTES_UP, m.BYTES_DOWN)] == \
+                [1, 0, 18, 23]
+            client.close()
+            backend.close()
+        backend_listener.close()
+
+    loop.run_until_complete(main())
+
+
+def test_a_large_answer_with_its_fin_behind_it_reaches_a_slow_client_whole_then_the_fin(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The backend sends 4 MiB and its FIN right behind them to a client that reads slowly through small buffers:
+    the last read, which sees the FIN already in, is not taken by the client at once; its bytes are held and
+    the FIN follows them, nothing lost or reordered."""
+    body = hashlib.sha256(b"seed").digest() * (4 * 1024 * 1024 // 32)
+
+    async def main() -> None:
+        backend_listener = listening()
+        async with proxy_to(backend_listener.getsockname()[1], sndbuf=SMALL // 4) as (worker, port):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL // 4)
+            client.connect((LOCAL, port))
+            client.setblocking(False)
+            backend, _ = await asyncio.wait_for(loop.sock_accept(backend_listener), TIMEOUT)
+            backend.setblocking(False)
+
+            async def send_and_end() -> None:
+                await loop.sock_sendall(backend, body)
+                backend.shutdown(socket.SHUT_WR)
+
+            sending = loop.create_task(send_and_end())
+            got, held_with_fin = bytearray(), False
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 16384), TIMEOUT):
+                got += chunk
+                held_with_fin |= any(c.eof_down and c.buf_down is not None for c in worker.connections)
+                await asyncio.sleep(0.001)
+            await asyncio.wait_for(sending, TIMEOUT)
+            assert held_with_fin, "the path meant: the last bytes held with the backend's FIN already read"
+            assert len(got) == len(body) and hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+            client.close()
+            await until(lambda: not worker.connections, "the connection to end")
+            assert [cell(worker, port, c) for c in (m.RELAYED, m.FAILED, m.BYTES_DOWN)] == [1, 0, len(body)]
+            backend.close()
+        backend_listener.close()
+
+    loop.run_until_complete(main())
