@@ -13,8 +13,10 @@
  * writability means connected, level-triggered epoll with a mask per socket changed only when what a
  * direction waits for changes, one shared read buffer, bytes copied only when a send is short, an EOF
  * passed on as shutdown(SHUT_WR) once what came before it is sent, both sockets closed when both
- * directions have ended, an error on one side passed on as a reset (SO_LINGER 0) on the other. With -w N
- * (N > 1) N forked workers each bind their own listeners with SO_REUSEPORT, as ours do.
+ * directions have ended, an error on one side passed on as a reset (SO_LINGER 0) on the other; relayed sides
+ * read with EPOLLRDHUP, a read that took all before the peer's FIN sent with MSG_MORE and the FIN passed on at
+ * once (one segment for both). With -w N (N > 1) N forked workers each bind their own listeners with
+ * SO_REUSEPORT, as ours do.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -64,8 +66,8 @@ static void rearm(struct conn *c)
 {
     int ma, mb;
     if (c->connected) {
-        ma = (!c->a.eof && !c->up.len ? EPOLLIN : 0) | (c->down.len ? EPOLLOUT : 0);
-        mb = (!c->b.eof && !c->down.len ? EPOLLIN : 0) | (c->up.len ? EPOLLOUT : 0);
+        ma = (!c->a.eof && !c->up.len ? EPOLLIN | EPOLLRDHUP : 0) | (c->down.len ? EPOLLOUT : 0);
+        mb = (!c->b.eof && !c->down.len ? EPOLLIN | EPOLLRDHUP : 0) | (c->up.len ? EPOLLOUT : 0);
     } else {
         ma = !c->a.eof && c->up.len < PENDING ? EPOLLIN : 0;
         mb = EPOLLOUT;
@@ -115,9 +117,10 @@ static void passed_on(struct conn *c, struct side *to, struct held *h, struct si
 }
 
 static void pump(struct conn *c, struct side *from, struct side *to, struct held *h, struct side *back,
-                 struct held *other)
+                 struct held *other, unsigned events)
 {
     ssize_t n = recv(from->fd, buffer, BUFFER, 0), sent;
+    int last;
     if (n < 0) {
         if (errno != EAGAIN)
             end(c, 1);
@@ -127,16 +130,21 @@ static void pump(struct conn *c, struct side *from, struct side *to, struct held
         from->eof = 1;
         return passed_on(c, to, h, back, other);
     }
-    sent = send(to->fd, buffer, (size_t)n, MSG_NOSIGNAL);
+    last = (events & EPOLLRDHUP) && n < BUFFER;             /* the peer's FIN came, and this read took all */
+    sent = send(to->fd, buffer, (size_t)n, MSG_NOSIGNAL | (last ? MSG_MORE : 0));
     if (sent < 0) {
         if (errno != EAGAIN)
             return end(c, 1);
         sent = 0;
     }
-    if (sent < n) {
+    if (sent < n)
         keep(h, buffer + sent, (size_t)(n - sent));
-        rearm(c);
+    if (last) {
+        from->eof = 1;
+        return passed_on(c, to, h, back, other);
     }
+    if (sent < n)
+        rearm(c);
 }
 
 static void flush(struct conn *c, struct side *from, struct side *to, struct held *h, struct side *back,
@@ -239,7 +247,7 @@ static void on_side(struct side *s, unsigned events)
         if (self->eof || in->len)
             side_failed(c, self);
         else
-            pump(c, self, peer, in, peer, out);
+            pump(c, self, peer, in, peer, out, events);
     }
 }
 
