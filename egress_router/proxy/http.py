@@ -246,7 +246,8 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         if self.holds:
             self.release(UPSTREAM_FULL | BUFFERED)  # those were for this request's upstream
         if not request.keep_alive or self.closing:
-            self.close()
+            # the request read whole: nothing of the client's is left unread, so the close ends with a FIN
+            self.close(corked=(request.complete or request.bodyless) and not self.closing)
         elif self.queue:
             self.next_request()
 
@@ -381,11 +382,23 @@ class ClientConnection(RequestReader, asyncio.Protocol):
             self.let_go(self.current)
         self.close()
 
-    def close(self) -> None:
+    def close(self, corked: bool = False) -> None:
+        """End the connection once what is queued for the client is written. `corked`: the last bytes and the
+        FIN in one segment, not two (TCP_CORK before the last write; the close pushes both): a short answer with
+        `Connection: close` costs the client and the proxy one segment and a wake-up fewer. Only where the
+        request was read whole: a close with unread input resets the connection, and a reset drops what the
+        cork still holds (not yet sent), where without it the answer would at least have gone out first."""
         self.closing = True
+        transport = self.transport
+        if corked and self.out is not None and transport is not None and not transport.is_closing() and \
+                not transport.get_write_buffer_size():
+            try:  # noqa: SIM105 (once per connection: no context manager made for it)
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            except (AttributeError, OSError):
+                pass
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        if transport is not None:
+            transport.close()
 
     def abort(self, reason: str, *, hard: bool = False) -> None:
         """End the connection now, unsent output dropped; `hard`: with a TCP reset."""

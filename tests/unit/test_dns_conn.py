@@ -28,6 +28,7 @@ from egress_router.proxy import dns_metrics as m
 from egress_router.proxy.dns import DnsWorker
 from egress_router.proxy.dns_metrics import ForwardTable
 from egress_router.proxy.metrics import SharedCounters
+from tests.unit.segments import LoopbackSegments
 
 TIMEOUT = 20.0
 LOCAL = "127.0.0.1"
@@ -513,53 +514,6 @@ def test_what_the_client_sends_in_pieces_while_the_backend_connect_waits_reaches
 
 
 # ---------------------------------------------------------------- a FIN that came with the last bytes
-
-class LoopbackSegments:
-    """The TCP segments the loopback carries between two ports, as the kernel sends them: an AF_PACKET socket on
-    `lo` (root), each frame taken once (as outgoing). `carrying(a, b)`: (payload length, FIN set) of those from
-    port a to port b that carry bytes or a FIN (not the SYNs and the bare ACKs)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-        self.sock.bind(("lo", 0))
-        self.sock.setblocking(False)
-        self.frames: list[bytes] = []
-
-    def take(self) -> None:
-        while True:
-            try:
-                frame, address = self.sock.recvfrom(65536 + 128)
-            except BlockingIOError:
-                return
-            if address[2] == socket.PACKET_OUTGOING:
-                self.frames.append(frame)
-
-    def carrying(self, source: int, dest: int) -> list[tuple[int, bool]]:
-        self.take()
-        found = []
-        for frame in self.frames:
-            ip = frame[14:]
-            if len(ip) < 40 or frame[12:14] != b"\x08\x00" or ip[9] != socket.IPPROTO_TCP:
-                continue
-            ihl = (ip[0] & 15) * 4
-            total = struct.unpack("!H", ip[2:4])[0]
-            tcp = ip[ihl:]
-            sport, dport = struct.unpack("!HH", tcp[:4])
-            payload, fin = total - ihl - (tcp[12] >> 4) * 4, bool(tcp[13] & 1)
-            if (sport, dport) == (source, dest) and (payload or fin):
-                found.append((payload, fin))
-        return found
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def segments() -> Iterator[LoopbackSegments]:
-    capture = LoopbackSegments()
-    yield capture
-    capture.close()
-
 
 def data_and_fin(sock: socket.socket, data: bytes) -> None:
     """`data` and the FIN in one segment: corked by MSG_MORE, pushed by the shutdown."""
