@@ -16,7 +16,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 
 import pytest
@@ -39,30 +39,6 @@ def kernel_max(name: str) -> int:
     """The maximum a TCP buffer may autotune to (the third field of /proc/sys/net/ipv4/tcp_rmem or tcp_wmem)."""
     with open(f"/proc/sys/net/ipv4/{name}") as handle:
         return int(handle.read().split()[2])
-
-
-def loops() -> list[str]:
-    names = ["asyncio"]
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
-
-        names.append("uvloop")
-    return names
-
-
-@pytest.fixture(params=loops())
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    new: asyncio.AbstractEventLoop
-    if request.param == "uvloop":
-        import uvloop
-
-        new = uvloop.new_event_loop()
-    else:
-        new = asyncio.new_event_loop()
-    asyncio.set_event_loop(new)
-    yield new
-    asyncio.set_event_loop(None)
-    new.close()
 
 
 @contextlib.asynccontextmanager

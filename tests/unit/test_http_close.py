@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,30 +22,6 @@ from tests.unit.segments import LoopbackSegments
 
 TIMEOUT = 20.0
 LOCAL = "127.0.0.1"
-
-
-def loops() -> list[str]:
-    names = ["asyncio"]
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
-
-        names.append("uvloop")
-    return names
-
-
-@pytest.fixture(params=loops())
-def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    new: asyncio.AbstractEventLoop
-    if request.param == "uvloop":
-        import uvloop
-
-        new = uvloop.new_event_loop()
-    else:
-        new = asyncio.new_event_loop()
-    asyncio.set_event_loop(new)
-    yield new
-    asyncio.set_event_loop(None)
-    new.close()
 
 
 def listening() -> socket.socket:
