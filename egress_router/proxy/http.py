@@ -246,7 +246,7 @@ class ClientConnection(RequestReader, asyncio.Protocol):
         if self.holds:
             self.release(UPSTREAM_FULL | BUFFERED)  # those were for this request's upstream
         if not request.keep_alive or self.closing:
-            # the request read whole: nothing of the client's is left unread, so the close ends with a FIN
+            # corked only after a request read whole (see close: a close with input unread is a reset)
             self.close(corked=(request.complete or request.bodyless) and not self.closing)
         elif self.queue:
             self.next_request()
