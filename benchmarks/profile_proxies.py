@@ -13,7 +13,9 @@ took the most CPU in the warm-up):
 
   cpu       utime and stime of that process over the run (/proc/<pid>/stat): us of CPU per request
             (per connection for close, per MB for the transfers), user (Python, uvloop, libc) and
-            system (syscalls and the network stack work done in its context); machine softirq beside it
+            system (syscalls and the network stack work done in its context); machine softirq beside it;
+            and the router namespace's TCP segments per unit (/proc/<pid>/net/snmp, netstat): out, of those
+            how many carried data, retransmitted, in (both legs: the client's and the upstream's)
   syscalls  perf stat on syscall tracepoints of that process (exact counts, little overhead): per unit
   kernel    (--kernel) perf record -F 999 of that process: the share of samples per symbol, kernel and
             user, self time (where the system time of the cpu pass goes)
@@ -86,6 +88,26 @@ def stat_ticks(pid: int) -> tuple[int, int]:
     except (OSError, IndexError):
         return 0, 0
     return int(rest[11]), int(rest[12])
+
+
+def tcp_counters(pid: int) -> dict[str, int]:
+    """The TCP counters of the network namespace `pid` is in (/proc/<pid>/net/snmp and netstat): segments in
+    and out, of those out how many carried data, and retransmitted ones ({} if the process is gone)."""
+    wanted = {("Tcp", "InSegs"): "in", ("Tcp", "OutSegs"): "out", ("Tcp", "RetransSegs"): "retrans",
+              ("TcpExt", "TCPOrigDataSent"): "data"}
+    found: dict[str, int] = {}
+    for name in ("snmp", "netstat"):
+        try:
+            with open(f"/proc/{pid}/net/{name}", encoding="ascii") as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            return {}
+        for head, values in zip(lines[::2], lines[1::2], strict=True):  # a line of names, then its line of values
+            group, _, names = head.partition(":")
+            for key, value in zip(names.split(), values.partition(":")[2].split(), strict=True):
+                if (group, key) in wanted:
+                    found[wanted[group, key]] = int(value)
+    return found
 
 
 def softirq_ticks() -> int:
@@ -205,16 +227,20 @@ def serving_pid(proxy: Proxy, warm: Callable[[], object]) -> int:
 
 def cpu_pass(loads: Loads, path: str, pid: int, seconds: float) -> dict[str, Any]:
     user0, sys0 = stat_ticks(pid)
+    tcp0 = tcp_counters(pid)
     soft0, began = softirq_ticks(), time.monotonic()
     units, extra = loads.run(path, seconds)
     wall = time.monotonic() - began
     user1, sys1 = stat_ticks(pid)
+    tcp1 = tcp_counters(pid)
     user, system = (user1 - user0) / CLK, (sys1 - sys0) / CLK
     soft = (softirq_ticks() - soft0) / CLK
     per = 1e6 / max(units, 1e-9)
     return {"units": units, "wall": wall, "rate": extra.get("rate"), "user_us": user * per, "sys_us": system * per,
             "cpu_us": (user + system) * per, "proxy_core": 100 * (user + system) / wall,
-            "softirq_us": soft * per, "errors": extra.get("errors", 0), "extra": extra}
+            "softirq_us": soft * per, "errors": extra.get("errors", 0), "extra": extra,
+            # the router namespace's TCP segments, every side of it (client leg and upstream leg) per unit
+            "segments": {key: (tcp1[key] - tcp0[key]) / max(units, 1e-9) for key in tcp0 if key in tcp1}}
 
 
 def syscall_pass(loads: Loads, path: str, pid: int, seconds: float, out: Path) -> dict[str, Any]:
@@ -336,6 +362,9 @@ def print_found(path: str, found: dict[str, Any], top: int) -> None:
           f"{found['busy_before']}%): {rate}, proxy at {cpu['proxy_core']:.0f}% of a core")
     print(f"   CPU per {unit}: {cpu['cpu_us']:.1f} us = user {cpu['user_us']:.1f} + sys {cpu['sys_us']:.1f} "
           f"(machine softirq {cpu['softirq_us']:.1f} us per {unit}; errors {cpu['errors']})")
+    if seg := cpu.get("segments"):
+        print(f"   TCP segments per {unit} in the router namespace: out {seg.get('out', 0):.2f} (carrying data "
+              f"{seg.get('data', 0):.2f}, retransmitted {seg.get('retrans', 0):.2f}), in {seg.get('in', 0):.2f}")
     if "syscalls" in found:
         sc = found["syscalls"]
         pairs = sorted(((k, v) for k, v in sc["per_unit"].items() if k != "ALL" and v >= 0.005), key=lambda kv: -kv[1])
